@@ -1,0 +1,235 @@
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and the DeepSeek-R1 chat template.
+
+Trained with the `tokenizers` library and saved as the three files Hugging Face tools read
+(`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`), so a trained directory loads in
+`transformers.AutoTokenizer` with identical ids and a working `apply_chat_template`.
+
+Special tokens keep DeepSeek-V3's spellings (fullwidth bars, U+2581 for spaces) and fixed ids: 0 bos,
+1 eos, 2 pad, then User, Assistant, System, `<think>`, `</think>`. Digits are split one per token
+before BPE: tiny models learn arithmetic far faster when every number is spelled digit by digit.
+
+The chat template follows DeepSeek-R1's: bos, the system text, `<｜User｜>` turns, `<｜Assistant｜>` turns
+closed by eos (earlier turns lose their reasoning), and a generation prompt that opens `<think>\n`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"  # DeepSeek-V3's own spelling of the pad token
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+SYSTEM = "<｜System｜>"
+THINK = "<think>"
+END_THINK = "</think>"
+# Order fixes the ids: bos=0, eos=1, pad=2, ...
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, THINK, END_THINK)
+
+# DeepSeek-R1 style. Whitespace control (`{%-`) keeps every literal newline explicit, so the template
+# renders the same under transformers' settings (trim_blocks, lstrip_blocks) and ours.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '" + USER + "' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if '" + END_THINK + "' in content -%}{%- set content = content.split('" + END_THINK + "')[-1].lstrip() -%}{%- endif -%}"
+    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + THINK + "\\n' -}}{%- endif -%}"
+)
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character map used by the byte-level pre-tokenizer."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` with the ids of DeepSeek's special tokens."""
+
+    def __init__(self, hf: _HFTokenizer, chat_template: str = CHAT_TEMPLATE, model_max_length: int = 4096):
+        self.hf = hf
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        missing = [t for t in (BOS, EOS) if hf.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks required special tokens {missing}")
+        self.bos_id: int = hf.token_to_id(BOS)
+        self.eos_id: int = hf.token_to_id(EOS)
+        pad = hf.token_to_id(PAD)
+        self.pad_id: int = self.eos_id if pad is None else pad
+        # Present in every tokenizer we train; may be None for a foreign tokenizer.json.
+        self.user_id: int | None = hf.token_to_id(USER)
+        self.assistant_id: int | None = hf.token_to_id(ASSISTANT)
+        self.system_id: int | None = hf.token_to_id(SYSTEM)
+        self.think_id: int | None = hf.token_to_id(THINK)
+        self.end_think_id: int | None = hf.token_to_id(END_THINK)
+        self.special_ids: frozenset[int] = frozenset(
+            i for i in (hf.token_to_id(t.content) for t in hf.get_added_tokens_decoder().values() if t.special)
+            if i is not None
+        )
+        self._id_bytes: list[bytes] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        # Special-token strings inside `text` become their single ids (chat rendering relies on it).
+        return self.hf.encode(text, add_special_tokens=add_bos).ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=add_bos)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (specials: their UTF-8 spelling)."""
+        if self._id_bytes is None:
+            dec = _byte_decoder()
+            added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+            table = []
+            for i in range(self.vocab_size):
+                tok = self.hf.id_to_token(i) or ""
+                if tok in added or any(c not in dec for c in tok):
+                    table.append(tok.encode("utf-8"))
+                else:
+                    table.append(bytes(dec[c] for c in tok))
+            self._id_bytes = table
+        if not 0 <= token_id < len(self._id_bytes):
+            raise ValueError(f"token id {token_id} out of range for vocab size {len(self._id_bytes)}")
+        return self._id_bytes[token_id]
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+        """Render messages to text exactly as transformers' `apply_chat_template(tokenize=False)` does."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {m!r}")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"message {i} has unknown role {m['role']!r} (system, user or assistant)")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS
+        )
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special=skip_special)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(out / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": self.hf.id_to_token(self.pad_id),
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": self.chat_template,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": config["pad_token"],
+                    "additional_special_tokens": [USER, ASSISTANT, SYSTEM, THINK, END_THINK]}
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class StreamDecoder:
+    """Incremental detokenizer for streaming: feed ids one at a time, get text once it is valid UTF-8.
+
+    Byte-level BPE splits multi-byte characters across tokens; decoding each token alone would print
+    replacement characters. Bytes are buffered until they form complete characters; a byte sequence
+    that can never be valid UTF-8 comes out as U+FFFD, as a full decode would.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if self.skip_special and token_id in self.tokenizer.special_ids:
+            return ""
+        return self._utf8.decode(self.tokenizer.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """Whatever is still buffered (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
+                    model_max_length: int = 4096, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; save the HF files to `out_dir` when given."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    hf = _HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    # encode(add_special_tokens=True) prepends bos, as DeepSeek's own tokenizer does.
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]
+    )
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if hf.token_to_id(t) != i:
+            raise RuntimeError(f"special token {t!r} got id {hf.token_to_id(t)}, expected {i}")
+    tok = Tokenizer(hf, model_max_length=model_max_length)
+    if out_dir is not None:
+        tok.save(out_dir)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {p}")
+    hf = _HFTokenizer.from_file(str(file))
+    template, max_len = CHAT_TEMPLATE, 4096
+    cfg_file = file.parent / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+        template = cfg.get("chat_template") or template
+        max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
+    return Tokenizer(hf, chat_template=template, model_max_length=max_len)
