@@ -128,3 +128,26 @@ def test_unknown_task_and_bad_split():
         get_task("nope")
     with pytest.raises(ValueError, match="split"):
         get_task("arithmetic").examples("valid", 3)
+
+
+def test_program_task_answers_come_from_running_the_snippet():
+    t = get_task("program")
+    exs = t.examples("train", 40, seed=0, difficulty=2)
+    assert exs == t.examples("train", 40, seed=0, difficulty=2)
+    for e in exs:
+        assert e.solution.splitlines()[-1].endswith(e.answer) and t.check(f" {e.answer}\n", e)
+        assert not t.check(e.answer + "0", e)
+
+
+def test_sandbox_limits():
+    from nanoseek.data.program import run_sandboxed
+
+    out = run_sandboxed([
+        "print(1)",
+        "while True: pass",                           # CPU limit
+        "x = bytearray(8 << 30)",                     # memory limit
+        "import os; os.system('echo leaked')",        # cannot corrupt the result channel
+        "raise ValueError('boom')",
+        "print(2)",
+    ], cpu_s=1)
+    assert out == ["1\n", None, None, "", None, "2\n"]

@@ -440,7 +440,11 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> JsonlTask:
     return JsonlTask(task_name, rows)
 
 
-TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown())})
+# program.py subclasses Task, so it is imported here, after everything it needs is defined (the package
+# __init__ imports this module first, so this order holds whichever module a caller imports).
+from nanoseek.data.program import ProgramOutput  # noqa: E402
+
+TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput())})
 
 
 def get_task(name: str) -> Task:
