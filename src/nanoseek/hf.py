@@ -1,0 +1,309 @@
+"""Hugging Face `deepseek_v3` checkpoint directories: load and save (DESIGN.md section 3, REFERENCE.md section 4).
+
+One key map, used in both directions: our module names are the HF names without the `model.` prefix,
+except that routed experts are stacked ([E, 2F, D] gate|up and [E, D, F] down) and MTP modules live at
+`model.layers.{num_hidden_layers + k}`. Loading is self-checking: every tensor of the checkpoint must land
+in exactly one place with the right shape, and every parameter must be filled; anything else is a
+CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
+allocated once (built on the meta device), so peak memory is one model plus one tensor.
+
+FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantised in
+plain torch on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .model import Transformer
+from .model.layers import rope_inv_freq
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+_EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""
+
+
+# ----------------------------------------------------------------------------- key map
+def hf_to_ours(key: str, n_layers: int) -> str | None:
+    """HF name -> our name (None for the MTP copies of embedding/head, which we share with the main model)."""
+    if key == "lm_head.weight":
+        return key
+    if not key.startswith("model."):
+        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 weight")
+    key = key[len("model."):]
+    m = re.match(r"^layers\.(\d+)\.(.*)$", key)
+    if m and int(m.group(1)) >= n_layers:
+        rest = m.group(2)
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None
+        return f"mtp.{int(m.group(1)) - n_layers}.{rest}"
+    return key
+
+
+def ours_to_hf(name: str, n_layers: int) -> str:
+    if name == "lm_head.weight":
+        return name
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if m:
+        return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}"
+    return "model." + name
+
+
+# ----------------------------------------------------------------------------- loading
+def _checkpoint_files(path: Path) -> dict[str, str]:
+    """tensor name -> file name, from the index or the single file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        for f in sorted(set(weight_map.values())):
+            if not (path / f).exists():
+                raise CheckpointError(f"{path / f}: shard listed in model.safetensors.index.json is missing")
+        return weight_map
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with _open(single) as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    out_f, in_f = w.shape
+    bo, bi = block
+    expect = (-(-out_f // bo), -(-in_f // bi))
+    if tuple(scale_inv.shape) != expect:
+        raise CheckpointError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} "
+                              f"for a {tuple(w.shape)} weight with {bo}x{bi} blocks")
+    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return w.float() * s
+
+
+def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> torch.dtype:
+    name = cfg_dict.get("torch_dtype") or cfg_dict.get("dtype")
+    if isinstance(name, str) and hasattr(torch, name) and name != "float8_e4m3fn":
+        return getattr(torch, name)
+    key = "model.embed_tokens.weight"
+    if key in weight_map:
+        with _open(path / weight_map[key]) as f:
+            dt = f.get_slice(key).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dt, torch.bfloat16)
+    return torch.float32
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    try:
+        cfg_dict = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = ModelConfig.from_hf(cfg_dict)
+    weight_map = _checkpoint_files(path)
+    L = cfg.num_hidden_layers
+    n_mtp = len({int(m.group(1)) for k in weight_map if (m := re.match(r"^model\.layers\.(\d+)\.", k))
+                 and int(m.group(1)) >= L})
+    if n_mtp != cfg.num_nextn_predict_layers:
+        if n_mtp == 0:
+            warnings.warn(f"{path}: config has {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint has "
+                          "none; loading without MTP", stacklevel=2)
+        elif n_mtp > cfg.num_nextn_predict_layers:
+            raise CheckpointError(f"{path}: checkpoint has {n_mtp} layers beyond num_hidden_layers={L} but "
+                                  f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+        else:
+            raise CheckpointError(f"{path}: config has {cfg.num_nextn_predict_layers} MTP layers, checkpoint {n_mtp}")
+        cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
+    dtype = dtype or _source_dtype(cfg_dict, weight_map, path)
+    if cfg.quantization_config and dtype == torch.float8_e4m3fn:
+        raise CheckpointError("dtype=float8 is not a compute dtype; FP8 weights are dequantised to the chosen dtype")
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.cast(dtype)
+    model.to_empty(device=device)
+    _fill(model, path, weight_map, cfg)
+    inv_freq, _ = rope_inv_freq(cfg)
+    model.rotary.inv_freq = inv_freq.to(device)  # non-persistent buffers are not in the checkpoint
+    model.reset_load()
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        model.tokenizer_dir = str(path)
+    model.eval()
+    return model
+
+
+def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: ModelConfig) -> None:
+    params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    todo: dict[str, set] = {n: {None} for n in params}  # name -> parts still missing (expert slices below)
+    for n, p in params.items():
+        if n.endswith("experts.gate_up_proj"):
+            todo[n] = {(e, w) for e in range(p.shape[0]) for w in ("gate_proj", "up_proj")}
+        elif n.endswith("experts.down_proj"):
+            todo[n] = {(e, "down_proj") for e in range(p.shape[0])}
+    qcfg = cfg.quantization_config or {}
+    block = tuple(qcfg.get("weight_block_size") or (128, 128))
+    Fh = cfg.moe_intermediate_size
+    by_file: dict[str, list[str]] = {}
+    for k, f in weight_map.items():
+        by_file.setdefault(f, []).append(k)
+    for fname in sorted(by_file):
+        with _open(path / fname) as fh:
+            for key in sorted(by_file[fname]):
+                if key.endswith("weight_scale_inv"):
+                    continue
+                name = hf_to_ours(key, cfg.num_hidden_layers)
+                try:
+                    t = fh.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{path / fname}: cannot read tensor {key!r} ({e})") from None
+                if t.dtype == torch.float8_e4m3fn:
+                    skey = key[: -len("weight")] + "weight_scale_inv"
+                    if skey not in weight_map:
+                        raise CheckpointError(f"{key}: FP8 weight without {skey}")
+                    if weight_map[skey] == fname:
+                        scale = fh.get_tensor(skey)
+                    else:
+                        with _open(path / weight_map[skey]) as fs:
+                            scale = fs.get_tensor(skey)
+                    t = _dequant_fp8(t, scale, block, key)
+                if name is None:  # MTP copy of embedding/head: must match the shared tensor's shape
+                    ref = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
+                    if tuple(t.shape) != tuple(ref.shape):
+                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+                    continue
+                m = _EXPERT_RE.match(name)
+                if m:
+                    prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
+                    target = f"{prefix}.mlp.experts.{'down_proj' if which == 'down_proj' else 'gate_up_proj'}"
+                    if target not in params or e >= params[target].shape[0]:
+                        raise CheckpointError(f"unexpected tensor {key!r} (no such expert in the config)")
+                    dst = params[target][e]
+                    if which == "gate_proj":
+                        dst = dst[:Fh]
+                    elif which == "up_proj":
+                        dst = dst[Fh:]
+                    part = (e, which)
+                else:
+                    if name not in params:
+                        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight")
+                    target, dst, part = name, params[name], None
+                    if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                        part = "fused"  # transformers' in-memory fused layout
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the config's "
+                                          f"{tuple(dst.shape)}")
+                with torch.no_grad():
+                    dst.copy_(t)
+                if part == "fused":
+                    todo[target] = set()
+                else:
+                    todo[target].discard(part)
+    missing = sorted(n for n, parts in todo.items() if parts)
+    # Checkpoints without aux-loss-free balancing (V2) have no correction bias: it is zero.
+    for n in [n for n in missing if n.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc"]:
+        params[n].zero_()
+        missing.remove(n)
+    if missing:
+        shown = ", ".join(ours_to_hf(n, cfg.num_hidden_layers) for n in missing[:8])
+        raise CheckpointError(f"{path}: missing tensor(s) {shown}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+# ----------------------------------------------------------------------------- saving
+def _hf_tensors(model: Transformer):
+    """Yields (hf_name, tensor) for every tensor of the HF layout, experts split one by one."""
+    cfg = model.config
+    L, Fh = cfg.num_hidden_layers, cfg.moe_intermediate_size
+    state = model.state_dict()
+    for name, t in state.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            base = ours_to_hf(name[: -len("gate_up_proj")], L)
+            for e in range(t.shape[0]):
+                yield f"{base}{e}.gate_proj.weight", t[e, :Fh]
+                yield f"{base}{e}.up_proj.weight", t[e, Fh:]
+        elif name.endswith("experts.down_proj"):
+            base = ours_to_hf(name[: -len("down_proj")], L)
+            for e in range(t.shape[0]):
+                yield f"{base}{e}.down_proj.weight", t[e]
+        else:
+            yield ours_to_hf(name, L), t
+    for k in range(len(model.mtp)):  # the published layout gives each MTP layer its own embedding and head
+        yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+
+
+def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+         max_shard_bytes: int = 4 * 1024**3) -> Path:
+    """Write a HF deepseek_v3 directory (config, safetensors shards + index, tokenizer files)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    dtype = model.embed_tokens.weight.dtype
+    hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
+    hf_cfg.pop("quantization_config", None)  # we write dequantised weights
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in _hf_tensors(model):
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in shards[0].items()},
+                  str(path / "model.safetensors"), metadata=meta)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {k: v.detach().contiguous().cpu().clone() for k, v in shard.items()}
+            save_file(tensors, str(path / fname), metadata=meta)
+            total += sum(v.numel() * v.element_size() for v in tensors.values())
+            weight_map.update({k: fname for k in tensors})
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    src = tokenizer_dir or getattr(model, "tokenizer_dir", None)
+    if src and Path(src).resolve() != path.resolve():
+        for f in TOKENIZER_FILES:
+            if f != "generation_config.json" and (Path(src) / f).exists():
+                shutil.copy2(Path(src) / f, path / f)
+    return path

@@ -1,0 +1,156 @@
+"""DeepSeekMoE: router, grouped routed experts, shared experts (V3 report section 2.1.2, V2 section 2.2).
+
+Shape legend: N tokens, D hidden, E routed experts, K experts per token, F expert hidden size,
+M = N*K token-expert assignments, G groups.
+
+Router (V3 eq. 12-16): scores s = sigmoid(x W^T) (or softmax for V2 checkpoints). Selection uses s + b,
+where b is the auxiliary-loss-free balancing bias; the gate values use s alone. With noaux_tc and
+n_group > 1, a group's score is the sum of its top-2 (biased) scores and only the best topk_group groups
+(nodes, in the paper) may be chosen; masked groups get -inf so they never win, even when every score is
+negative. The weights are normalised when norm_topk_prob and then always scaled by routed_scaling_factor.
+
+Experts are stacked weights ([E, 2F, D] and [E, D, F]); tokens are sorted by expert and multiplied in one
+grouped GEMM (torch grouped_mm for bf16) or one padded batched GEMM: never a Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_routed_experts
+        # The router stays in fp32 whatever the model dtype: tiny score differences flip the top-k.
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns gate weights [N,K] fp32, expert ids [N,K], and the raw scores [N,E] fp32."""
+        cfg = self.cfg
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_NE.softmax(dim=-1)
+        choice_NE = scores_NE
+        if cfg.topk_method == "noaux_tc":
+            choice_NE = scores_NE + self.e_score_correction_bias  # selection only, never the weights
+        if cfg.n_group > 1 and cfg.topk_method != "greedy":
+            N, E, G = choice_NE.shape[0], cfg.n_routed_experts, cfg.n_group
+            grouped = choice_NE.view(N, G, E // G)
+            if cfg.topk_method == "noaux_tc":
+                group_scores_NG = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:  # group_limited_greedy (V2): a group is as good as its best expert
+                group_scores_NG = grouped.amax(dim=-1)
+            keep_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool)
+            keep_NG.scatter_(1, group_scores_NG.topk(cfg.topk_group, dim=-1).indices, True)
+            choice_NE = grouped.masked_fill(~keep_NG[:, :, None], float("-inf")).view(N, E)
+        idx_NK = choice_NE.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w_NK = scores_NE.gather(1, idx_NK)
+        if cfg.norm_topk_prob:
+            w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return w_NK * cfg.routed_scaling_factor, idx_NK, scores_NE
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_experts: int | None = None):
+        super().__init__()
+        E = cfg.n_routed_experts if n_experts is None else n_experts
+        D, Fh = cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fh, D))  # rows [0,F) gate, [F,2F) up
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fh))
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_MD holds the assignments sorted by expert; counts_E how many each expert got."""
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x_MD.device.type):
+            dt = torch.get_autocast_dtype(x_MD.device.type)
+            x_MD, w1, w2 = x_MD.to(dt), w1.to(dt), w2.to(dt)
+        if x_MD.dtype == torch.bfloat16 and _grouped_mm_ok(x_MD, w1, w2):
+            offs = counts_E.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
+            g, u = h.chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
+        return self._padded_bmm(x_MD, counts_E, w1, w2)
+
+    @staticmethod
+    def _padded_bmm(x_MD, counts_E, w1, w2):
+        # Scatter each expert's rows into a [E, cap, D] buffer, two batched GEMMs, gather back.
+        E, M = counts_E.shape[0], x_MD.shape[0]
+        cap = int(counts_E.max()) if M else 0
+        expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), counts_E, output_size=M)
+        starts_E = counts_E.cumsum(0) - counts_E
+        slot_M = torch.arange(M, device=x_MD.device) - starts_E[expert_M]
+        buf = x_MD.new_zeros(E, cap, x_MD.shape[1])
+        buf[expert_M, slot_M] = x_MD
+        h = torch.bmm(buf, w1.transpose(1, 2))
+        g, u = h.chunk(2, dim=-1)
+        out = torch.bmm(F.silu(g) * u, w2.transpose(1, 2))
+        return out[expert_M, slot_M]
+
+
+def _grouped_mm_ok(x, w1, w2) -> bool:
+    # grouped_mm needs 16-byte aligned strides; bf16 -> every dim a multiple of 8.
+    return hasattr(F, "grouped_mm") and x.shape[1] % 8 == 0 and w1.shape[1] % 8 == 0 and w2.shape[1] % 8 == 0
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) \
+            if cfg.n_shared_experts > 0 else None
+        # Tokens routed to each expert, summed over forwards in training mode (read by the balancer).
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+        # Expert parallelism replaces this with an all-to-all dispatch (nanoseek.train.parallel).
+        self.dispatcher = None
+
+    def forward(self, x_BTD: torch.Tensor, aux_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        w_NK, idx_NK, scores_NE = self.gate(x_ND)
+        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
+        if self.training:
+            self.load += counts_E.detach().float()
+        if self.dispatcher is not None:
+            y_ND = self.dispatcher(self, x_ND, w_NK, idx_NK)
+        else:
+            y_ND = self.route_local(x_ND, w_NK, idx_NK, counts_E)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        aux = None
+        if self.training and aux_alpha > 0:
+            aux = self.sequence_aux_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1), aux_alpha)
+        return y_ND.view(B, T, D), aux
+
+    def route_local(self, x_ND, w_NK, idx_NK, counts_E):
+        K = idx_NK.shape[1]
+        order_M = idx_NK.flatten().argsort(stable=True)
+        token_M = order_M // K
+        y_MD = self.experts(x_ND[token_M], counts_E)
+        y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
+        return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
+
+    def sequence_aux_loss(self, scores_BTE, idx_BTK, alpha):
+        """Complementary sequence-wise balance loss (V3 eq. 17-20); alpha is tiny (1e-4 in the paper).
+
+        With seq_aux=false the whole batch counts as one sequence (V2's expert-level balance loss).
+        """
+        B, T, E = scores_BTE.shape
+        K = idx_BTK.shape[-1]
+        if not self.cfg.seq_aux:
+            scores_BTE, idx_BTK, B, T = scores_BTE.reshape(1, B * T, E), idx_BTK.reshape(1, B * T, K), 1, B * T
+        chosen_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+            1, idx_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device))
+        f_BE = chosen_BE * (E / (K * T))
+        p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True).clamp_min(1e-20)).mean(dim=1)
+        return alpha * (f_BE * p_BE).sum(-1).mean()

@@ -1,0 +1,196 @@
+"""The DeepSeek-V3 decoder: embedding, MLA + (dense | MoE) blocks, final norm, head, and MTP modules.
+
+Read top to bottom: Block (pre-norm attention and feed-forward), MTPModule (V3 section 2.2), Transformer.
+Module names mirror the Hugging Face checkpoint layout so that nanoseek.hf's key map stays a prefix change.
+
+MTP (V3 eq. 21-25): at depth k, position i combines the previous depth's hidden state h_i (taken before
+the final norm) with the embedding of token i+k: h' = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i)] (embedding
+first), runs one decoder block, and predicts token i+k+1 through the shared output head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, CacheView, LatentCache
+from .layers import MLP, RMSNorm, Rotary
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: CacheView | None = None, layer: int = 0, aux_alpha: float = 0.0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h, aux_alpha)
+        else:
+            y, aux = self.mlp(h), None
+        return x + y, aux
+
+
+class MTPModule(Block):
+    """A full decoder block plus the input combination and its own output norm; head and embedding are shared."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__(cfg, moe)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+
+
+@dataclass
+class TrainOutput:
+    loss: torch.Tensor      # lm_loss + mtp_weight * mtp_loss + aux_loss
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, moe) for moe in cfg.is_moe_layer)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        mtp_moe = cfg.n_routed_experts > 0 and cfg.num_hidden_layers >= cfg.first_k_dense_replace
+        self.mtp = nn.ModuleList(MTPModule(cfg, mtp_moe) for _ in range(cfg.num_nextn_predict_layers))
+        self.rotary = Rotary(cfg)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init and bookkeeping
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) everywhere; residual-output projections scaled by 1/sqrt(2 * depth)
+        (GPT-2 style) so the residual stream does not grow with depth; norms 1, balancing bias 0."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * max(1, self.config.num_hidden_layers))
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".norm." in name or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for moe in self.moe_layers():
+            moe.gate.e_score_correction_bias.zero_()
+
+    def moe_layers(self, include_mtp: bool = True) -> list[MoE]:
+        mods = [b.mlp for b in self.layers] + ([b.mlp for b in self.mtp] if include_mtp else [])
+        return [m for m in mods if isinstance(m, MoE)]
+
+    def reset_load(self) -> None:
+        for m in self.moe_layers():
+            m.load.zero_()
+
+    def cast(self, dtype: torch.dtype) -> "Transformer":
+        """Cast weights to dtype but keep the router (weights and balancing bias) in fp32."""
+        self.to(dtype)
+        for m in self.moe_layers():
+            m.gate.float()
+        self.rotary.inv_freq.data = self.rotary.inv_freq.float()
+        return self
+
+    def num_params(self, include_mtp: bool = False) -> int:
+        seen = {id(p): p for n, p in self.named_parameters() if include_mtp or not n.startswith("mtp.")}
+        return sum(p.numel() for p in seen.values())
+
+    # ------------------------------------------------------------------ forward passes
+    def hidden_states(self, input_ids: torch.Tensor, aux_alpha: float = 0.0):
+        """Last-layer output before the final norm [B,T,D], and the summed balance loss (or None)."""
+        T = input_ids.shape[1]
+        cos, sin = self.rotary(torch.arange(T, device=input_ids.device))
+        x = self.embed_tokens(input_ids)
+        aux_total = None
+        for block in self.layers:
+            x, aux = block(x, cos, sin, aux_alpha=aux_alpha)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return x, aux_total
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,V]."""
+        h, _ = self.hidden_states(input_ids)
+        return self.lm_head(self.norm(h))
+
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, aux_alpha: float = 0.0):
+        """Yields (depth k, hidden [B, T-k, D], aux) for each MTP module; position i predicts token i+k+1."""
+        T = input_ids.shape[1]
+        for k, mod in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            cos, sin = self.rotary(torch.arange(T - k, device=input_ids.device))
+            x = mod.combine(h[:, : T - k], self.embed_tokens(input_ids[:, k:]))
+            h, aux = mod(x, cos, sin, aux_alpha=aux_alpha)
+            yield k, mod, h, aux
+
+    def forward_train(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
+                      aux_alpha: float = 0.0) -> TrainOutput:
+        """Language-model loss, MTP loss (mean over depths) and balance loss; targets -100 are ignored."""
+        h, aux = self.hidden_states(input_ids, aux_alpha)
+        logits = self.lm_head(self.norm(h))
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        zero = lm_loss.new_zeros(())
+        mtp_losses = []
+        for k, mod, hk, aux_k in self.mtp_hidden_states(h, input_ids, aux_alpha):
+            mtp_logits = self.lm_head(mod.shared_head.norm(hk))
+            tgt = targets[:, k:]  # position i of depth k predicts token i+k+1 = targets[i+k]
+            mtp_losses.append(F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
+            if aux_k is not None:
+                aux = aux_k if aux is None else aux + aux_k
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
+        aux_loss = aux if aux is not None else zero
+        return TrainOutput(lm_loss + mtp_weight * mtp_loss + aux_loss, lm_loss, mtp_loss, aux_loss)
+
+    # ------------------------------------------------------------------ cached inference
+    def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> LatentCache:
+        ref = self.embed_tokens.weight
+        n_layers = self.config.num_hidden_layers + len(self.mtp)
+        return LatentCache(n_layers, num_slots, max_len, self.config.kv_lora_rank, self.config.qk_rope_head_dim,
+                           dtype or ref.dtype, device or ref.device)
+
+    def forward_cached(self, input_ids: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor,
+                       cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run T new tokens per row against the cache; returns logits [B,T,V] and pre-norm hidden [B,T,D]."""
+        view = CacheView(cache, slots, start_pos, input_ids.shape[1])
+        cos, sin = self.rotary(view.positions)
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            x, _ = block(x, cos, sin, view, layer=i)
+        return self.lm_head(self.norm(x)), x
+
+    def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: torch.Tensor,
+                           slots: torch.Tensor, cache: LatentCache, depth: int = 0):
+        """MTP module `depth` at positions start_pos..: combines hidden[i] with Emb(next_ids[i]) (the token at
+        position i+1) and returns logits for token i+2 and the module's hidden state."""
+        if depth >= len(self.mtp):
+            raise ValueError(f"the model has {len(self.mtp)} MTP module(s); depth {depth} does not exist")
+        mod = self.mtp[depth]
+        view = CacheView(cache, slots, start_pos, next_ids.shape[1])
+        cos, sin = self.rotary(view.positions)
+        x = mod.combine(hidden, self.embed_tokens(next_ids))
+        h, _ = mod(x, cos, sin, view, layer=self.config.num_hidden_layers + depth)
+        return self.lm_head(mod.shared_head.norm(h)), h
