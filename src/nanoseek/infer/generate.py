@@ -1,0 +1,45 @@
+"""`nanoseek.generate`: the one-call Python API (DESIGN.md section 3) over the batched engine."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_token_ids: list[int] | None = None, seed: int | None = None,
+             *, max_batch_size: int = 64, speculative: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (a list of token-id lists); greedy when temperature is 0.
+
+    Generation of a prompt ends after max_new_tokens tokens or after a token in stop_token_ids, which is
+    kept at the end of its output (as transformers' generate keeps the EOS token). With a seed, prompt i
+    samples with seed + i, so equal prompts in one call still get independent samples and the same call
+    always returns the same tokens.
+    """
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise TypeError("prompts must be a list of token-id lists (tokenize text first)")
+    if not prompts:
+        return []
+    stops = list(stop_token_ids or [])
+    params = [SamplingParams(max_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                             seed=None if seed is None else int(seed) + i, stop_token_ids=stops)
+              for i in range(len(prompts))]
+    max_len = max(len(p) for p in prompts) + int(max_new_tokens)
+    engine = Engine(model, max_batch_size=min(len(prompts), max_batch_size),
+                    max_len=min(max_len, model.config.max_position_embeddings), speculative=speculative)
+    return [c.token_ids for c in engine.generate_batch([list(p) for p in prompts], params)]
+
+
+def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """nanoseek.load with a command-line friendly error (used by generate, chat and serve)."""
+    from pathlib import Path
+
+    import nanoseek
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    return nanoseek.load(model_dir, dtype=torch_dtype, device=device).eval()
