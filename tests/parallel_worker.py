@@ -1,0 +1,82 @@
+"""A few training steps of the tiny model on fixed data, under torchrun or in one process.
+
+Used by tests/test_parallel.py: `torchrun --nproc_per_node 2 tests/parallel_worker.py --ep 2 --out F` and
+`python tests/parallel_worker.py --out F` must report the same losses. Each step: forward_train on this
+rank's rows of the global batch, backward, global grad clip, AdamW, then the aux-loss-free bias update
+from all-reduced expert loads (V3 section 2.1.2). Rank 0 writes a JSON report and the gathered state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import torch
+
+from nanoseek.config import preset
+from nanoseek.model import Transformer
+from nanoseek.train import parallel as par
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    dist = par.init_distributed()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    if args.fp8:
+        from nanoseek.train.fp8 import enable_fp8
+        enable_fp8(model, SimpleNamespace(enabled=True))
+    par.parallelize(model, SimpleNamespace(parallel=SimpleNamespace(ep=args.ep)), dist)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1234)
+    rows = args.batch // dist.world
+    V = model.config.vocab_size
+    report: dict = {"loss": [], "mtp_loss": [], "grad_norm": [], "world": dist.world, "ep": dist.ep}
+    model.train()
+    for _ in range(args.steps):
+        data = torch.randint(0, V, (args.batch, args.seq + 1), generator=gen)
+        mine = data[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device)
+        out = model.forward_train(mine[:, :-1], mine[:, 1:], mtp_weight=0.3, aux_alpha=1e-4)
+        out.loss.backward()
+        norm = par.clip_grad_norm_(model, 1.0, dist)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for moe in model.moe_layers():
+                load = par.all_reduce_sum(moe.load.clone(), dist)
+                moe.gate.e_score_correction_bias += 1e-3 * torch.sign(load.mean() - load)
+        model.reset_load()
+        report["loss"].append(par.all_reduce_mean(out.lm_loss.detach().clone(), dist).item())
+        report["mtp_loss"].append(par.all_reduce_mean(out.mtp_loss.detach().clone(), dist).item())
+        report["grad_norm"].append(norm.item())
+    # The balancing bias must stay identical on every rank.
+    bias = torch.cat([m.gate.e_score_correction_bias for m in model.moe_layers()])
+    spread = par.all_reduce_sum((bias - par.all_reduce_mean(bias.clone(), dist)).abs().sum(), dist)
+    report["bias_spread"] = spread.item()
+    state = par.gather_full_state(model, dist)
+    # Round trip: scramble the parameters, load the gathered state back, gather again.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    par.load_full_state(model, state if par.is_main(dist) else {}, dist)
+    again = par.gather_full_state(model, dist)
+    if par.is_main(dist):
+        report["roundtrip_max_diff"] = max((state[k].float() - again[k].float()).abs().max().item() for k in state)
+        report["state_shapes"] = {k: list(v.shape) for k, v in state.items()}
+        torch.save(state, args.out + ".pt")
+        with open(args.out, "w") as f:
+            json.dump(report, f)
+    par.destroy(dist)
+
+
+if __name__ == "__main__":
+    main()
