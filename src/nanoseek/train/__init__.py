@@ -1,0 +1,11 @@
+"""Pretraining (V3 report sections 2-4): run config, loop, optimizer, balancing, checkpoints, metrics.
+
+`nanoseek train --config FILE --out DIR [--resume] [--set section.key=value ...]` (nanoseek.train.cli)
+calls `train(load_run_config(FILE, sets), DIR, resume)`. Distributed (FSDP2 + expert parallelism) and
+FP8 plug in through nanoseek.train.parallel and nanoseek.train.fp8, imported only when used.
+"""
+
+from nanoseek.train.config import RunConfig, load_run_config
+from nanoseek.train.loop import NonFiniteLoss, TrainingError, train
+
+__all__ = ["RunConfig", "load_run_config", "train", "NonFiniteLoss", "TrainingError"]

@@ -1,0 +1,179 @@
+"""Atomic, self-verifying training checkpoints that are also Hugging Face model directories.
+
+Layout of OUT/checkpoints/step_0000100/:
+  config.json, model.safetensors, generation_config.json, tokenizer files   (nanoseek.save: a HF dir)
+  optimizer.safetensors   AdamW moments keyed by parameter name (nanoseek.train.optim.optimizer_state)
+  rng.safetensors         torch CPU/CUDA, numpy and Python RNG states as tensors
+  train_state.json        step, tokens seen, the resolved run config
+  manifest.json           size and sha256 of every file above, written last
+
+Atomicity: everything is written into a hidden temporary folder, each file and the folder are fsynced,
+then one rename publishes it. A crash at any moment leaves either no step_N folder or a complete one;
+a damaged one (a disk error, a hand edit) fails the manifest check and `--resume` skips it with a warning.
+Nothing is ever unpickled: tensors come from safetensors, metadata from JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+MANIFEST = "manifest.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- RNG states as tensors
+def rng_state() -> dict[str, torch.Tensor]:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            st[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st["numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    st["numpy.meta"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+    st["numpy.gauss"] = torch.tensor([gauss], dtype=torch.float64)
+    version, internal, gauss_next = random.getstate()
+    st["python.state"] = torch.tensor(internal, dtype=torch.int64)
+    st["python.gauss"] = torch.tensor([float("nan") if gauss_next is None else gauss_next], dtype=torch.float64)
+    return st
+
+
+def set_rng_state(st: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(st["torch"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda.{i}" in st:
+                torch.cuda.set_rng_state(st[f"cuda.{i}"], i)
+    pos, has_gauss = (int(x) for x in st["numpy.meta"])
+    np.random.set_state(("MT19937", st["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(st["numpy.gauss"][0])))
+    g = float(st["python.gauss"][0])
+    random.setstate((3, tuple(int(x) for x in st["python.state"]), None if g != g else g))
+
+
+# ----------------------------------------------------------------------------- save
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optim_state: dict[str, torch.Tensor],
+                    train_state: dict[str, Any], tokenizer_dir: str | Path | None, keep_last: int) -> Path:
+    """Write step_{step} atomically under `root`, then delete all but the newest `keep_last`."""
+    from nanoseek.hf import save as save_hf  # the HF layout lives in one place
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
+    save_file(optim_state, str(tmp / "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+    (tmp / "train_state.json").write_text(json.dumps({"step": step, **train_state}, indent=2) + "\n")
+    files = {}
+    for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+        _fsync(f)
+        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():  # a damaged checkpoint of the same step from an earlier run: replace it
+        trash = root / f".trash-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync(root)
+    prune(root, keep_last)
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and leftovers of interrupted saves."""
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(p, ignore_errors=True)
+    steps = sorted(list_checkpoints(root), reverse=True)
+    for _, p in steps[keep_last:]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- find and load
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name)))
+
+
+def verify(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint whose files match its manifest, else the reason it is not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (an interrupted save)"
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"unreadable manifest.json ({e})"
+    for need in ("config.json", "optimizer.safetensors", "rng.safetensors", "train_state.json"):
+        if need not in files:
+            return f"manifest lacks {need}"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta.get("size"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta.get('size')}"
+        if _sha256(f) != meta.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_valid(root: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is skipped with a warning."""
+    for step, path in reversed(list_checkpoints(root)):
+        reason = verify(path)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """(model_state, optim_state, rng, train_state) of a verified checkpoint, all read without pickle."""
+    from nanoseek.hf import load as load_hf
+
+    path = Path(path)
+    model = load_hf(path, dtype=torch.float32, device=device)
+    model_state = {k: v for k, v in model.state_dict().items()}
+    optim_state = load_file(str(path / "optimizer.safetensors"))
+    rng = load_file(str(path / "rng.safetensors"))
+    train_state = json.loads((path / "train_state.json").read_text())
+    return model_state, optim_state, rng, train_state

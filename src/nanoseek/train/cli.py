@@ -1,0 +1,48 @@
+"""`nanoseek train`: pretrain from a TOML run config (nanoseek.train.config), single process or under torchrun.
+
+Exit status: 0 done, 1 stopped on a NaN/inf loss (nothing saved after it), 2 bad config or arguments,
+130 interrupted (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="TOML run config ([model], [data], [train], [moe], [mtp], "
+                        "[parallel], [fp8]); see configs/tiny.toml")
+    parser.add_argument("--out", required=True, help="run folder: tokenizer, data, checkpoints, metrics, final model")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=30 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.config import ConfigError
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.loop import NonFiniteLoss, TrainingError, train
+
+    try:
+        cfg = load_run_config(args.config, args.sets)
+    except ConfigError as e:
+        print(f"nanoseek train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        final = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"nanoseek train: config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"nanoseek train: stopped: {e}; no checkpoint was written after it", file=sys.stderr)
+        return 1
+    except TrainingError as e:
+        print(f"nanoseek train: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanoseek train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"done: {final}")
+    return 0

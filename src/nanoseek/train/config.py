@@ -1,0 +1,316 @@
+"""RunConfig: the typed pretraining run configuration, read from TOML with `--set section.key=value` overrides.
+
+Sections and keys follow the pretraining issue: `[model]` (a preset name plus HF deepseek_v3 field
+overrides), `[data]`, `[train]`, `[moe]`, `[mtp]`, `[parallel]`, `[fp8]`. Defaults are the V3 report's
+(REFERENCE.md section 2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001,
+sequence-wise aux alpha 1e-4, MTP weight 0.3. Every key is type-checked; an unknown key or a bad value
+is a ConfigError naming it, because a misspelt key that silently does nothing wastes a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import PRESETS, ConfigError, ModelConfig
+from nanoseek.config_io import model_config_from_mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DTYPES = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"      # "builtin" (generated corpus) or a path: text file, folder, JSONL, Parquet
+    tokenizer: str = "train"     # "train" (byte-level BPE trained on the corpus) or a tokenizer directory
+    vocab_size: int = 512        # requested tokenizer size; the trained one may be smaller
+    n_docs: int = 2000           # built-in corpus size in documents
+    seed: int = 0                # built-in corpus seed
+    max_difficulty: int = 2      # built-in corpus: hardest task level included
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8          # global batch, in sequences, whatever the world size
+    micro_batch_size: int = 0    # per rank and forward; 0 = the whole per-rank batch (no accumulation)
+    seq_len: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4         # the end of the cosine decay (V3: 2.2e-4 -> 2.2e-5)
+    warmup_steps: int = 10
+    decay_frac: float = 0.3      # the last fraction of the steps decays along a cosine; constant before
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0       # 0 = no clipping
+    dtype: str = "auto"          # auto: bf16 autocast on CUDA and on CPUs with fast bf16, else fp32
+    device: str = "auto"         # auto: cuda when available, else cpu (under torchrun the rank's device)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0          # 0 = only at the end
+    keep_last: int = 2
+    threads: int = 0             # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class MoEConfig:
+    bias_update_speed: float = 0.001   # gamma of the aux-loss-free sign rule; 0 turns balancing off
+    seq_aux_alpha: float = 1e-4        # the complementary sequence-wise balance loss
+
+
+@dataclass
+class MTPConfig:
+    loss_weight: float = 0.3
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1          # expert-parallel degree
+    fsdp: bool = True    # shard parameters with FSDP2 when world > 1
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "moe": MoEConfig, "mtp": MTPConfig,
+                             "parallel": ParallelConfig, "fp8": FP8Config}
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The ModelConfig of [model]; `vocab_size` (the tokenizer's) replaces the preset's unless [model]
+        sets a larger one explicitly (a padded vocabulary, as the published checkpoints have)."""
+        cfg = model_config_from_mapping(self.model, source="[model]")
+        if vocab_size is not None:
+            explicit = self.model.get("vocab_size")
+            if explicit is not None and explicit < vocab_size:
+                raise ConfigError(f"[model] vocab_size = {explicit} is smaller than the tokenizer's {vocab_size}")
+            if explicit is None:
+                cfg = cfg.replace(vocab_size=vocab_size)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), **{s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}}
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v, f'{section}.{k}')}" for k, v in values.items() if v is not None]
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path, model_cfg: ModelConfig | None = None) -> None:
+        """DIR/config.toml (loadable with --config) and DIR/run_config.json (the same, plus the model's
+        fully resolved fields under "model_resolved")."""
+        out = Path(out_dir)
+        (out / "config.toml").write_text(self.to_toml())
+        d = self.to_dict()
+        if model_cfg is not None:
+            d["model_resolved"] = model_cfg.to_dict()
+        (out / "run_config.json").write_text(json.dumps(d, indent=2) + "\n")
+
+    def validate(self) -> None:
+        t, need = self.train, _need
+        for k in ("steps", "batch_size", "seq_len", "log_every", "keep_last"):
+            need(getattr(t, k) >= 1, f"train.{k} must be >= 1, got {getattr(t, k)}")
+        for k in ("micro_batch_size", "warmup_steps", "save_every", "threads", "seed"):
+            need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
+        need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+        need(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+        need(0 <= t.decay_frac <= 1, f"train.decay_frac must be in [0, 1], got {t.decay_frac}")
+        need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+        need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+        need(t.dtype in DTYPES, f"train.dtype must be one of {DTYPES}, got {t.dtype!r}")
+        need(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"),
+             f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+        need(t.micro_batch_size == 0 or t.batch_size % t.micro_batch_size == 0,
+             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+        need(self.moe.bias_update_speed >= 0, f"moe.bias_update_speed must be >= 0, got {self.moe.bias_update_speed}")
+        need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
+        need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
+        need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        d = self.data
+        need(bool(d.source), "data.source must be 'builtin' or a path")
+        need(d.vocab_size >= 1 and d.n_docs >= 1, f"data.vocab_size and data.n_docs must be >= 1")
+        need(d.max_difficulty >= 1, f"data.max_difficulty must be >= 1, got {d.max_difficulty}")
+        self.model_config()  # raises a ConfigError naming a bad [model] key or value
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _toml_value(v: Any, key: str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if not isinstance(v, float) or v == v and abs(v) != float("inf") else _bad(key, v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string literal is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x, key) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x, key)}" for k, x in v.items() if x is not None) + "}"
+    return _bad(key, v)
+
+
+def _bad(key: str, v: Any) -> str:
+    raise ConfigError(f"{key}: value {v!r} cannot be written to TOML")
+
+
+# ----------------------------------------------------------------------------- typing and coercion
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value) for a TOML-decoded value against a dataclass field type; ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _type_ok(value, a)
+                if ok:
+                    return True, v
+        return False, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, dict):
+        return isinstance(value, origin), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_literal(text: str) -> Any:
+    """`--set` values are read as TOML literals (30, 1e-3, true, "x", [1, 2]); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.lower() in ("none", "null"):
+            return None
+        return text
+
+
+def build(doc: dict[str, Any], source: str = "config") -> RunConfig:
+    """A validated RunConfig from a decoded TOML document."""
+    unknown = sorted(set(doc) - set(SECTIONS) - {"model"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; expected [model] and {sorted(SECTIONS)}")
+    cfg = RunConfig()
+    if "model" in doc:
+        if not isinstance(doc["model"], dict):
+            raise ConfigError(f"{source}: [model] must be a table")
+        cfg.model = dict(doc["model"])
+    for name, cls in SECTIONS.items():
+        values = doc.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table, got {type(values).__name__}")
+        hints = _hints(cls)
+        kw = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {name}.{key}; [{name}] has {sorted(hints)}")
+            ok, v = _type_ok(value, hints[key])
+            if not ok:
+                raise ConfigError(f"{source}: {name}.{key} must be {_type_name(hints[key])}, got {value!r}")
+            kw[key] = v
+        setattr(cfg, name, cls(**kw))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `doc` with each `section.key=value` applied; the key must exist (model: HF field names)."""
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
+    model_hints = _hints(ModelConfig)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, text = item.split("=", 1)
+        section, _, key = path.strip().partition(".")
+        if not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. train.steps=30)")
+        value = _parse_literal(text.strip())
+        if section == "model":
+            if key == "preset":
+                if not isinstance(value, str) or value not in PRESETS:
+                    raise ConfigError(f"--set model.preset: unknown preset {value!r}; choose one of {sorted(PRESETS)}")
+            elif key not in model_hints:
+                raise ConfigError(f"--set {path}: unknown model field {key!r} (use HF deepseek_v3 names)")
+            else:
+                ok, value = _type_ok(value, model_hints[key])
+                if not ok:
+                    raise ConfigError(f"--set {path}: expected {_type_name(model_hints[key])}, got {text!r}")
+        elif section in SECTIONS:
+            hints = _hints(SECTIONS[section])
+            if key not in hints:
+                raise ConfigError(f"--set {path}: unknown key; [{section}] has {sorted(hints)}")
+            if hints[key] is str and not isinstance(value, str):
+                value = text.strip()  # data.source=123 is a path named 123
+            ok, value = _type_ok(value, hints[key])
+            if not ok:
+                raise ConfigError(f"--set {path}: expected {_type_name(hints[key])}, got {text!r}")
+        else:
+            raise ConfigError(f"--set {path}: unknown section {section!r}; expected model or {sorted(SECTIONS)}")
+        doc.setdefault(section, {})[key] = value
+    return doc
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (or the defaults when path is None) and apply `--set` overrides."""
+    doc: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            with p.open("rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a directory, expected a TOML file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    return build(apply_overrides(doc, overrides or []), source=source)

@@ -1,0 +1,365 @@
+"""The pretraining loop (V3 report sections 2-4): AdamW, warm-up/constant/cosine schedule, grad clip,
+bf16 autocast, gradient accumulation, MTP and balance losses, aux-loss-free bias updates, metrics,
+atomic checkpoints and exact resume.
+
+One process or many: under torchrun, `nanoseek.train.parallel` (imported only then) provides
+`init_distributed() -> Dist`, `parallelize(model, run_cfg, dist)` (FSDP2 + expert parallelism),
+`all_reduce_sum(tensor, dist)`, `clip_grad_norm(model, max_norm, dist)`, and for checkpoints
+`gather_full_state(model, optimizer, dist)` / `load_full_state(model, optimizer, model_state, optim_state,
+dist)`. `nanoseek.train.fp8.enable_fp8(model, fp8_cfg)` swaps in FP8 linears when fp8.enabled.
+
+The global batch of step s is PackedDataset.batch(s, batch_size, ...) whatever the world size: rank r
+takes its contiguous rows, splits them into micro-batches of micro_batch_size, and averages the gradient
+over them (FSDP averages over ranks). Every per-step quantity is a pure function of the step and the
+state saved in the checkpoint, which is what makes a resumed run reproduce the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.config import ConfigError
+from nanoseek.data import PackedDataset
+from nanoseek.model import Transformer
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train.balance import BiasBalancer
+from nanoseek.train.config import RunConfig
+from nanoseek.train.metrics import MetricsLogger, plot_expert_load, plot_loss, truncate_metrics
+from nanoseek.train.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
+from nanoseek.train.prepare import prepare_data
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why."""
+
+
+class NonFiniteLoss(TrainingError):
+    """A NaN or inf loss or gradient norm; the run stopped before applying that step."""
+
+
+@dataclass
+class LocalDist:
+    """The single-process stand-in for nanoseek.train.parallel.Dist (same fields)."""
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str | None = None
+
+
+# ----------------------------------------------------------------------------- device and precision
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: without them a bf16 matmul on a CPU is far slower than fp32 (~300x on AVX2)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.dtype (None = plain fp32). Master weights and moments stay fp32."""
+    if dtype == "fp32":
+        return None
+    if dtype == "bf16":
+        return torch.bfloat16
+    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return torch.bfloat16 if fast else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return dev
+
+
+def init_dist(cfg: RunConfig):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from nanoseek.train.parallel import init_distributed
+
+        dist = init_distributed()
+    else:
+        dist = LocalDist(0, 1, 0, resolve_device(cfg.train.device))
+    if dist.world % cfg.parallel.ep:
+        raise ConfigError(f"parallel.ep={cfg.parallel.ep} must divide the number of processes ({dist.world})")
+    return dist
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """Peak matmul FLOP/s of one device: a known GPU's table figure, else measured once and cached."""
+    from nanoseek import mfu
+
+    if device.type == "cuda":
+        try:
+            return mfu.peak_flops(mfu.device_name(device), "bf16")
+        except ValueError:
+            pass
+    return mfu.measured_peak_flops(device, dtype or torch.float32)
+
+
+def moe_layer_names(model: Transformer) -> list[str]:
+    cfg = model.config
+    names = [f"layer {i}" for i, moe in enumerate(cfg.is_moe_layer) if moe]
+    names += [f"mtp {k}" for k, m in enumerate(model.mtp) if m.mlp in model.moe_layers()]
+    return names if len(names) == len(model.moe_layers()) else [f"moe {i}" for i in range(len(model.moe_layers()))]
+
+
+# ----------------------------------------------------------------------------- the run
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.dist = init_dist(cfg)
+        self.main = self.dist.rank == 0
+        self.device = self.dist.device
+        self.amp = autocast_dtype(t.dtype, self.device)
+        W = self.dist.world
+        if t.batch_size % W:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({W})")
+        self.per_rank = t.batch_size // W
+        self.micro = t.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ConfigError(f"the per-process batch ({t.batch_size} / {W} = {self.per_rank}) must be a multiple "
+                              f"of train.micro_batch_size ({self.micro})")
+        self.accum = self.per_rank // self.micro
+        self.ckpt_root = self.out / "checkpoints"
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+
+    def setup(self, resume: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and ckpt.list_checkpoints(self.ckpt_root):
+            raise TrainingError(f"{self.out} already holds checkpoints: pass --resume to continue that run, "
+                                "or choose another --out")
+        if self.main:
+            prepare_data(cfg.data, self.out, progress=self.progress, log=self.log)
+        self._barrier()
+        tok, self.tok_dir, data_dir = prepare_data(cfg.data, self.out, progress=False, log=lambda m: None)
+        self.data = PackedDataset(data_dir, t.seq_len)
+        self.model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
+        if self.main:
+            cfg.save(self.out, self.model_cfg)
+
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        random.seed(t.seed)
+        model = Transformer(self.model_cfg)
+        model.init_weights(seed=t.seed)
+        model.to(self.device)
+        if cfg.fp8.enabled:
+            from nanoseek.train.fp8 import enable_fp8
+
+            model = enable_fp8(model, cfg.fp8)
+        if self.dist.world > 1:
+            from nanoseek.train.parallel import parallelize
+
+            model = parallelize(model, cfg, self.dist)
+        model.train()
+        self.model = model
+        self.opt = build_optimizer(model, t)
+        reduce = None
+        if self.dist.world > 1:
+            from nanoseek.train.parallel import all_reduce_sum
+
+            reduce = lambda x: all_reduce_sum(x, self.dist)  # noqa: E731
+        self.all_reduce = reduce
+        self.balancer = BiasBalancer(model.moe_layers(), cfg.moe.bias_update_speed, reduce)
+        self.balancer.attach(self.opt)  # the bias update runs after each optimizer step
+        self.step, self.tokens = 0, 0
+        metrics = self.out / "metrics.jsonl"
+        if resume:
+            path = ckpt.latest_valid(self.ckpt_root)
+            if path is None:
+                self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
+            else:
+                self._restore(path)
+        if self.main:
+            truncate_metrics(metrics, self.step)  # drop what a killed run logged after its checkpoint
+        from nanoseek.accounting import training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(self.model_cfg, t.seq_len)
+        self.peak = peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
+
+    def _restore(self, path: Path) -> None:
+        t = self.cfg.train
+        model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
+        for key in ("batch_size", "seq_len", "seed"):
+            if state.get(key) != getattr(t, key):
+                self.log(f"warning: train.{key} is {getattr(t, key)} but the checkpoint was trained with "
+                         f"{state.get(key)}: the resumed run will not match an uninterrupted one")
+        if self.dist.world > 1:
+            from nanoseek.train.parallel import load_full_state
+
+            load_full_state(self.model, self.opt, model_state, optim_state, self.dist)
+        else:
+            self.model.load_state_dict(model_state)
+            load_optimizer_state(self.model, self.opt, optim_state)
+        ckpt.set_rng_state(rng)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.log(f"resumed from {path} (step {self.step})")
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, step: int) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        lr = lr_at(step, t)
+        set_lr(self.opt, lr)
+        x, y = self.data.batch(step, t.batch_size, self.dist.rank, self.dist.world, seed=t.seed)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        sums = torch.zeros(3, device=self.device)
+        for i in range(self.accum):
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce grads on the last only
+                self.model.set_requires_gradient_sync(i == self.accum - 1)
+            xs, ys = x[i * self.micro:(i + 1) * self.micro], y[i * self.micro:(i + 1) * self.micro]
+            with amp:
+                out = self.model.forward_train(xs, ys, mtp_weight=cfg.mtp.loss_weight,
+                                               aux_alpha=cfg.moe.seq_aux_alpha)
+            (out.loss / self.accum).backward()
+            sums += torch.stack([out.lm_loss, out.mtp_loss, out.aux_loss]).detach().float() / self.accum
+        if self.all_reduce is not None:
+            self.all_reduce(sums)
+            sums /= self.dist.world
+        lm, mtp, aux = sums.tolist()
+        if not all(math.isfinite(v) for v in (lm, mtp, aux)):
+            raise NonFiniteLoss(f"non-finite loss at step {step + 1}: loss={lm}, mtp_loss={mtp}, aux_loss={aux}")
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        if self.dist.world > 1:
+            from nanoseek.train.parallel import clip_grad_norm
+
+            gn = float(clip_grad_norm(self.model, max_norm, self.dist))
+        else:
+            gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(gn):
+            raise NonFiniteLoss(f"non-finite gradient norm ({gn}) at step {step + 1} (loss={lm})")
+        self.opt.step()  # the balancer's post-hook updates the routing biases here
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": lm, "mtp_loss": mtp, "aux_loss": aux, "lr": lr, "grad_norm": gn,
+                "max_vio": self.balancer.last_max_vio}
+
+    # ------------------------------------------------------------------ checkpoints and exports
+    def _full_model(self):
+        """(a model holding the full weights on rank 0 or None elsewhere, the flat optimizer state)."""
+        if self.dist.world == 1:
+            return self.model, optimizer_state(self.model, self.opt)
+        from nanoseek.train.parallel import gather_full_state
+
+        model_state, optim_state = gather_full_state(self.model, self.opt, self.dist)
+        if not self.main:
+            return None, None
+        full = Transformer(self.model_cfg)  # on CPU; its own init is overwritten right away
+        full.load_state_dict(model_state)
+        return full, optim_state
+
+    def save(self, step: int) -> None:
+        t = self.cfg.train
+        model, optim_state = self._full_model()
+        if self.main:
+            state = {"tokens": self.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
+                     "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
+                     "world": self.dist.world, "run_config": self.cfg.to_dict()}
+            path = ckpt.save_checkpoint(self.ckpt_root, step, model, optim_state, state, self.tok_dir, t.keep_last)
+            self.log(f"step {step}: checkpoint {path}")
+        self._barrier()
+
+    def export_final(self) -> Path:
+        """DIR/final: the trained model as a HF directory with its tokenizer (write, then rename)."""
+        from nanoseek.hf import save as save_hf
+
+        model, _ = self._full_model() if self.dist.world > 1 else (self.model, None)
+        final = self.out / "final"
+        if self.main:
+            tmp = self.out / f".tmp-final-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_hf(model, tmp, tokenizer_dir=self.tok_dir)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        self._barrier()
+        return final
+
+    def plots(self) -> None:
+        plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+        loads = self.balancer.total_loads
+        if loads is not None:
+            plot_expert_load(loads, moe_layer_names(self.model), self.out / "expert_load.png",
+                             f"expert load, steps {self.first_step + 1}-{self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        self.first_step = self.step
+        logger = MetricsLogger(self.out) if self.main else None
+        bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                   disable=not (self.main and self.progress))
+        tokens_per_step = t.batch_size * t.seq_len
+        self.log(f"{self.model_cfg.num_hidden_layers} layers, {self.model.num_params():,} parameters, "
+                 f"vocab {self.model_cfg.vocab_size}; {self.dist.world} process(es) on {self.device}, "
+                 f"{'bf16 autocast' if self.amp else 'fp32'}; global batch {t.batch_size} x {t.seq_len} tokens "
+                 f"({self.accum} micro-batch(es) of {self.micro} per process)")
+        t0, tok0 = time.perf_counter(), self.tokens
+        try:
+            for step in range(self.step, t.steps):
+                rec = self.train_step(step)
+                self.step, self.tokens = step + 1, self.tokens + tokens_per_step
+                done = self.step
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                if done == 1 or done % t.log_every == 0 or done == t.steps:
+                    now = time.perf_counter()
+                    tps = (self.tokens - tok0) / max(now - t0, 1e-9)
+                    t0, tok0 = now, self.tokens
+                    rec = {"step": done, **rec, "tokens": self.tokens, "tokens_per_s": tps,
+                           "mfu": self.flops_per_token * tps / self.peak if self.peak else 0.0}
+                    if logger:
+                        logger.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:.0f}",
+                                    mfu=f"{rec['mfu']:.1%}", max_vio=f"{rec['max_vio']:.2f}")
+                if done == t.steps or (t.save_every and done % t.save_every == 0):
+                    self.save(done)
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
+        self.export_final()
+        if self.main:
+            self.plots()
+
+
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or continue) a pretraining run; returns DIR/final. Raises NonFiniteLoss, ConfigError, TrainingError."""
+    trainer = Trainer(cfg, out_dir, progress=progress)
+    trainer.setup(resume)
+    if trainer.step >= cfg.train.steps and (Path(out_dir) / "final" / "config.json").exists():
+        trainer.log(f"the run is already complete ({trainer.step} steps)")
+        return Path(out_dir) / "final"
+    trainer.run()
+    return Path(out_dir) / "final"
