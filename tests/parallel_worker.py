@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--no-fsdp", action="store_true", help="replicate instead of sharding (parallel.fsdp=false)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -35,7 +36,7 @@ def main() -> None:
     if args.fp8:
         from nanoseek.train.fp8 import enable_fp8
         enable_fp8(model, SimpleNamespace(enabled=True))
-    par.parallelize(model, SimpleNamespace(parallel=SimpleNamespace(ep=args.ep)), dist)
+    par.parallelize(model, SimpleNamespace(parallel=SimpleNamespace(ep=args.ep, fsdp=not args.no_fsdp)), dist)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1234)
     rows = args.batch // dist.world
@@ -47,7 +48,7 @@ def main() -> None:
         mine = data[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device)
         out = model.forward_train(mine[:, :-1], mine[:, 1:], mtp_weight=0.3, aux_alpha=1e-4)
         out.loss.backward()
-        norm = par.clip_grad_norm_(model, 1.0, dist)
+        norm = par.clip_grad_norm(model, 1.0, dist)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -62,15 +63,20 @@ def main() -> None:
     bias = torch.cat([m.gate.e_score_correction_bias for m in model.moe_layers()])
     spread = par.all_reduce_sum((bias - par.all_reduce_mean(bias.clone(), dist)).abs().sum(), dist)
     report["bias_spread"] = spread.item()
-    state = par.gather_full_state(model, dist)
-    # Round trip: scramble the parameters, load the gathered state back, gather again.
+    state, optim = par.gather_full_state(model, opt, dist)
+    # Round trip: scramble parameters and moments, load the gathered state back, gather again.
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    par.load_full_state(model, state if par.is_main(dist) else {}, dist)
-    again = par.gather_full_state(model, dist)
-    if par.is_main(dist):
-        report["roundtrip_max_diff"] = max((state[k].float() - again[k].float()).abs().max().item() for k in state)
+            for v in opt.state[p].values():
+                v.zero_()
+    main = par.is_main(dist)
+    par.load_full_state(model, opt, state if main else {}, optim if main else {}, dist)
+    again, optim_again = par.gather_full_state(model, opt, dist)
+    if main:
+        report["roundtrip_max_diff"] = max((a[k].float() - b[k].float()).abs().max().item()
+                                           for a, b in ((state, again), (optim, optim_again)) for k in a)
+        report["optim_keys"] = len(optim)
         report["state_shapes"] = {k: list(v.shape) for k, v in state.items()}
         torch.save(state, args.out + ".pt")
         with open(args.out, "w") as f:

@@ -156,26 +156,25 @@ class ExpertParallelDispatcher:
         return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
 
 
-def _parallel_degree(run_cfg) -> int:
+def _parallel_options(run_cfg) -> tuple[int, bool]:
     par = getattr(run_cfg, "parallel", None)
-    ep = getattr(par, "ep", 1) if par is not None else 1
-    if not isinstance(ep, int) or ep < 1:
+    ep = getattr(par, "ep", 1)
+    fsdp = getattr(par, "fsdp", True)
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
         raise ValueError(f"parallel.ep must be a positive integer, got {ep!r}")
-    return ep
-
-
-def _fsdp_modules():
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    return FSDPModule, fully_shard
+    return ep, bool(fsdp)
 
 
 def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
-    """Shard the experts over EP groups of run_cfg.parallel.ep ranks and apply FSDP2 over the ranks.
+    """Shard the experts over EP groups of run_cfg.parallel.ep ranks and apply FSDP2 over the ranks
+    (parallel.fsdp=false replicates instead of sharding: FSDP2 on a [world, 1] mesh, i.e. plain DDP).
 
     Call it once, on a model initialised identically on every rank (same seed), after enable_fp8 if
     FP8 is wanted. Fills dist.ep, dist.ep_rank, dist.ep_group and dist.mesh. Returns the model (same object).
     """
-    ep = _parallel_degree(run_cfg)
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    ep, shard = _parallel_options(run_cfg)
     cfg = model.config
     moes = model.moe_layers()
     if dist.world % ep:
@@ -184,7 +183,6 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
         raise ValueError(f"parallel.ep={ep} but the model has no MoE layer to shard")
     if ep > 1 and cfg.n_routed_experts % ep:
         raise ValueError(f"parallel.ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
-    FSDPModule, fully_shard = _fsdp_modules()
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("parallelize() was already applied to this model")
     model.to(dist.device)
@@ -194,8 +192,12 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(dist.device.type, (dist.world // ep, ep), mesh_dim_names=("dp_exp", "ep"))
-    dp_mesh = init_device_mesh(dist.device.type, (dist.world,), mesh_dim_names=("dp",))
+    dev = dist.device.type
+    # A trailing size-1 "shard" dimension turns FSDP2 into pure replication (HSDP with one shard).
+    mesh = init_device_mesh(dev, (dist.world // ep, ep, 1), mesh_dim_names=("dp_exp", "ep", "one"))
+    dp_mesh = init_device_mesh(dev, (dist.world,), mesh_dim_names=("dp",)) if shard else \
+        init_device_mesh(dev, (dist.world, 1), mesh_dim_names=("dp", "one"))
+    exp_mesh = mesh["dp_exp"] if shard else mesh["dp_exp", "one"]
     dist.mesh = mesh
     dist.ep_rank = mesh.get_local_rank("ep")
     dist.ep_group = mesh.get_group("ep") if ep > 1 else None
@@ -212,7 +214,7 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
             ex.n_experts = El
             moe.dispatcher = ExpertParallelDispatcher(dist.ep_group, ep, El)
             if dist.world // ep > 1:
-                fully_shard(ex, mesh=mesh["dp_exp"])
+                fully_shard(ex, mesh=exp_mesh)
             else:  # each expert lives on exactly one rank: nothing to shard or average
                 ignored.update(ex.parameters())
     ign = ignored or None
@@ -226,86 +228,187 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
     fully_shard(model, mesh=dp_mesh, ignored_params=ign)
     # FSDP2 gathers the root's parameters (embedding, head, final norm) around forward() only; the
     # training and cached entry points need the same hooks.
-    from torch.distributed.fsdp import register_fsdp_forward_method
     for method in ("forward_train", "forward_cached", "mtp_forward_cached"):
         register_fsdp_forward_method(model, method)
     return model
 
 
+# ----------------------------------------------------------------------------- full state for checkpoints
 def _is_expert_key(name: str) -> bool:
     return name.endswith(EXPERT_PARAMS)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def _gather(name: str, t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The full tensor behind a local shard: FSDP DTensors all-gathered, expert shards concatenated."""
     from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
+
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    if dist.ep > 1 and _is_expert_key(name) and full.dim() > 0:
+        parts = [torch.empty_like(full) for _ in range(dist.ep)]
+        tdist.all_gather(parts, full.contiguous(), group=dist.ep_group)
+        full = torch.cat(parts, dim=0)
+    return full
+
+
+def _full_shape(name: str, t: torch.Tensor, dist: Dist) -> list[int]:
+    shape = list(t.shape)  # a DTensor reports its global shape
+    if dist.ep > 1 and _is_expert_key(name) and shape:
+        shape[0] *= dist.ep
+    return shape
+
+
+def _scatter(name: str, full: torch.Tensor, like: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """This rank's piece of a full tensor, laid out like `like` (DTensor shard or expert slice)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if dist.ep > 1 and _is_expert_key(name) and full.dim() > 0:
+        n = full.shape[0] // dist.ep
+        full = full[dist.ep_rank * n:(dist.ep_rank + 1) * n]
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return full.to(like.dtype)
+
+
+def _broadcast_full(name: str, like: torch.Tensor, full: torch.Tensor | None, dist: Dist) -> torch.Tensor:
+    shape = _full_shape(name, like, dist)
+    if full is None:
+        full = torch.empty(shape, dtype=like.dtype, device=dist.device)
+    else:
+        if list(full.shape) != shape:
+            raise ValueError(f"{name}: checkpoint shape {list(full.shape)} != model shape {shape}")
+        full = full.to(device=dist.device, dtype=like.dtype).contiguous()
+    if dist.world > 1:
+        tdist.broadcast(full, src=0)
+    return full
 
 
 @torch.no_grad()
-def gather_full_state(model: Transformer, dist: Dist, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """The full state dict (unsharded, experts reassembled in global order, on CPU) for checkpoints and
-    export. Collective: every rank must call it. Other ranks get {} when rank0_only."""
+def _gather_model(model: nn.Module, dist: Dist, rank0_only: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        full = _full(t)
-        if dist.ep > 1 and _is_expert_key(name):
-            parts = [torch.empty_like(full) for _ in range(dist.ep)]
-            tdist.all_gather(parts, full.contiguous(), group=dist.ep_group)
-            full = torch.cat(parts, dim=0)
+        full = _gather(name, t, dist)
         if dist.rank == 0 or not rank0_only:
-            out[name] = full.detach().cpu().clone()
+            out[name] = full.detach().cpu().contiguous().clone()
     return out
 
 
 @torch.no_grad()
-def load_full_state(model: Transformer, state: dict[str, torch.Tensor], dist: Dist) -> None:
-    """Inverse of gather_full_state: load a full state dict into a parallelized model. Collective. Rank 0
-    must hold the state; other ranks may pass {} (the tensors are broadcast from rank 0)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _gather_optimizer(model: nn.Module, opt: torch.optim.Optimizer, dist: Dist,
+                      rank0_only: bool) -> dict[str, torch.Tensor]:
+    """AdamW state keyed `{kind}/{param name}` (nanoseek.train.optim's flat layout), full tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        for kind, v in sorted(opt.state.get(p, {}).items()):
+            if not isinstance(v, torch.Tensor):
+                continue
+            full = _gather(name, v, dist)
+            if dist.rank == 0 or not rank0_only:
+                out[f"{kind}/{name}"] = full.detach().cpu().contiguous().clone()
+    return out
+
+
+def gather_full_state(model: Transformer, *args, rank0_only: bool = True):
+    """Full (unsharded, experts reassembled in global order, CPU) state for checkpoints and export.
+
+    gather_full_state(model, dist) -> model state dict;
+    gather_full_state(model, opt, dist) -> (model state dict, optimizer state keyed `{kind}/{param}`).
+    Collective: every rank must call it; other ranks get empty dicts when rank0_only.
+    """
+    if len(args) == 1 and isinstance(args[0], Dist):
+        return _gather_model(model, args[0], rank0_only)
+    if len(args) == 2 and isinstance(args[1], Dist):
+        opt, dist = args
+        return _gather_model(model, dist, rank0_only), _gather_optimizer(model, opt, dist, rank0_only)
+    raise TypeError("gather_full_state(model, dist) or gather_full_state(model, opt, dist)")
+
+
+@torch.no_grad()
+def _load_model(model: nn.Module, state: dict[str, torch.Tensor], dist: Dist) -> None:
+    from torch.distributed.tensor import DTensor
 
     own = model.state_dict()
-    if dist.rank == 0 or state:
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+    have = dist.rank == 0 or bool(state)
+    if have:
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, t in own.items():
-        shape = list(t.shape)
-        if dist.ep > 1 and _is_expert_key(name):
-            shape[0] *= dist.ep
-        if dist.rank == 0 or state:
-            full = state[name].to(device=dist.device, dtype=t.dtype)
-            if list(full.shape) != shape:
-                raise ValueError(f"{name}: checkpoint shape {list(full.shape)} != model shape {shape}")
-        else:
-            full = torch.empty(shape, dtype=t.dtype, device=dist.device)
-        if dist.world > 1:
-            tdist.broadcast(full, src=0)
-        if dist.ep > 1 and _is_expert_key(name):
-            n = shape[0] // dist.ep
-            full = full[dist.ep_rank * n:(dist.ep_rank + 1) * n]
-        if isinstance(t, DTensor):
-            shard = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
-            t.to_local().copy_(shard.to_local())
-        else:
-            t.copy_(full)
+        full = _broadcast_full(name, t, state[name] if have else None, dist)
+        piece = _scatter(name, full, t, dist)
+        (t.to_local() if isinstance(t, DTensor) else t).copy_(
+            piece.to_local() if isinstance(piece, DTensor) else piece)
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
+@torch.no_grad()
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, torch.Tensor],
+                    dist: Dist) -> None:
+    keys = [sorted(state)] if dist.rank == 0 else [None]
+    if dist.world > 1:
+        tdist.broadcast_object_list(keys, src=0)  # just the key names, between our own processes
+    params = dict(model.named_parameters())
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys[0]:
+        kind, _, name = key.partition("/")
+        if name not in params:
+            raise ValueError(f"optimizer state for unknown parameter {name!r}")
+        p = params[name]
+        ref = p if kind != "step" else torch.zeros((), dtype=torch.float32)
+        have = dist.rank == 0 or bool(state)
+        src = state[key] if have else None
+        if kind == "step":  # a scalar counter, kept on the CPU in fp32 as AdamW keeps it
+            full = src.to(torch.float32).clone() if have else torch.zeros((), dtype=torch.float32)
+            if dist.world > 1:
+                full = full.to(dist.device)
+                tdist.broadcast(full, src=0)
+            by_param.setdefault(name, {})[kind] = full.cpu()
+            continue
+        full = _broadcast_full(name, ref, src, dist)
+        by_param.setdefault(name, {})[kind] = _scatter(name, full, ref, dist)
+    for name, st in by_param.items():
+        opt.state[params[name]] = st
+
+
+def load_full_state(model: Transformer, *args) -> None:
+    """Inverse of gather_full_state: load full state into a parallelized model. Collective.
+
+    load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist).
+    Rank 0 must hold the full state; other ranks may pass {} (tensors are broadcast from rank 0).
+    """
+    if len(args) == 2 and isinstance(args[1], Dist):
+        _load_model(model, args[0], args[1])
+        return
+    if len(args) == 4 and isinstance(args[3], Dist):
+        opt, state, optim_state, dist = args
+        _load_model(model, state, dist)
+        _load_optimizer(model, opt, optim_state, dist)
+        return
+    raise TypeError("load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist)")
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
     """Clip the global gradient norm to max_norm; returns the norm before clipping (a plain scalar tensor,
-    equal on every rank). torch.nn.utils.clip_grad_norm_ cannot mix the FSDP DTensors with the plain
-    expert shards, and would miss the other EP ranks' experts; here every parameter element lives on
-    exactly one rank's local shard, so the squared norm is a plain sum over ranks."""
-    from torch.distributed.tensor import DTensor
+    equal on every rank). torch.nn.utils.clip_grad_norm_ cannot mix FSDP DTensors with the plain expert
+    shards and would miss the other EP ranks' experts. Here each rank sums the squares of its local
+    shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced."""
+    from torch.distributed.tensor import DTensor, Replicate
 
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-             for p in model.parameters() if p.grad is not None]
+    grads, sqs = [], []
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        copies = 1
+        if isinstance(g, DTensor):
+            copies = 1
+            for size, pl in zip(g.device_mesh.shape, g.placements):
+                copies *= size if isinstance(pl, Replicate) else 1
+            g = g.to_local()
+        grads.append(g)
+        sqs.append(g.detach().float().pow(2).sum() / copies)
     if not grads:
         return torch.zeros((), device=dist.device)
-    sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    norm = all_reduce_sum(sq, dist).sqrt()
+    norm = all_reduce_sum(torch.stack(sqs).sum(), dist).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return norm
-
