@@ -157,7 +157,8 @@ class Engine:
         req = Request(next(self._ids), prompt, params, on_event)
         req.generator = params.make_generator()
         with self._lock:
-            if bounded and len(self._waiting) >= self.max_queue:
+            # Requests about to take a free slot at the next step do not count against the queue bound.
+            if bounded and len(self._waiting) >= self.max_queue + len(self._free_slots):
                 self.stats.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)

@@ -1,0 +1,58 @@
+"""`nanoseek generate`: complete one prompt from a model directory, streaming the text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.generate import load_model
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.text import ChatTokenizer
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF deepseek_v3 layout with tokenizer files)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as stored)")
+
+
+def run(args: argparse.Namespace) -> int:
+    tok = ChatTokenizer(args.model)
+    model = load_model(args.model, args.dtype)
+    if args.chat:
+        prompt, think_opened = tok.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt, think_opened = [tok.bos_id] + tok.encode(args.prompt), False
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=[tok.eos_id])
+    engine = Engine(model, max_batch_size=1, max_len=len(prompt) + args.max_tokens, speculative=args.speculative)
+    stream = tok.stream(think_opened=think_opened, split_reasoning=False)
+    if think_opened:
+        sys.stdout.write("<think>\n")
+
+    def on_event(req, tokens, finished):
+        d = stream.feed(tokens, final=finished)
+        sys.stdout.write(d.content)
+        sys.stdout.flush()
+
+    try:
+        req = engine.submit(prompt, params, on_event)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    while not req.done.is_set():
+        engine.step()
+    sys.stdout.write("\n")
+    if args.speculative:
+        print(f"[speculative acceptance {engine.stats.acceptance_rate:.1%}]", file=sys.stderr)
+    return 0
