@@ -127,11 +127,16 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B,H,T,N+R]
         k = torch.cat([k_nope, k_rope_BLR[:, :, None, :].expand(B, L, H, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        pad = self.nope + self.rope - self.v_dim
+        if pad > 0:
+            # Fused (flash) SDPA kernels want one head size for q, k and v; zero columns in v cost a little
+            # extra GEMM but avoid the unfused path, which materialises [B,H,T,T] several times (~3x slower).
+            v = F.pad(v, (0, pad))
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return o.transpose(1, 2)  # [B,T,H,V]
+        return o[..., : self.v_dim].transpose(1, 2)  # [B,T,H,V]
 
     def _absorbed(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask_B1TL):
         H = self.n_heads

@@ -67,38 +67,43 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fh, D))  # rows [0,F) gate, [F,2F) up
         self.down_proj = nn.Parameter(torch.empty(E, D, Fh))
 
+    def _weights(self, x: torch.Tensor):
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
+        return x, w1, w2
+
+    def use_grouped_mm(self, dtype: torch.dtype) -> bool:
+        """grouped_mm (no padding) for bf16; fp32 CPU GEMMs are faster as one padded bmm (and grouped_mm
+        has no fp32 backward on CPU)."""
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            dtype = torch.bfloat16
+        D, F2 = self.gate_up_proj.shape[2], self.gate_up_proj.shape[1]
+        return dtype == torch.bfloat16 and hasattr(F, "grouped_mm") and D % 8 == 0 and F2 % 16 == 0
+
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD holds the assignments sorted by expert; counts_E how many each expert got."""
-        w1, w2 = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x_MD.device.type):
-            dt = torch.get_autocast_dtype(x_MD.device.type)
-            x_MD, w1, w2 = x_MD.to(dt), w1.to(dt), w2.to(dt)
-        if x_MD.dtype == torch.bfloat16 and _grouped_mm_ok(x_MD, w1, w2):
+        x_MD, w1, w2 = self._weights(x_MD)
+        if self.use_grouped_mm(x_MD.dtype):
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
             g, u = h.chunk(2, dim=-1)
             return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
-        return self._padded_bmm(x_MD, counts_E, w1, w2)
-
-    @staticmethod
-    def _padded_bmm(x_MD, counts_E, w1, w2):
-        # Scatter each expert's rows into a [E, cap, D] buffer, two batched GEMMs, gather back.
+        # Scatter each expert's rows into a [E, cap, D] buffer, run padded, gather back.
         E, M = counts_E.shape[0], x_MD.shape[0]
         cap = int(counts_E.max()) if M else 0
         expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), counts_E, output_size=M)
-        starts_E = counts_E.cumsum(0) - counts_E
-        slot_M = torch.arange(M, device=x_MD.device) - starts_E[expert_M]
-        buf = x_MD.new_zeros(E, cap, x_MD.shape[1])
-        buf[expert_M, slot_M] = x_MD
-        h = torch.bmm(buf, w1.transpose(1, 2))
+        row_M = expert_M * cap + torch.arange(M, device=x_MD.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
+        buf = x_MD.new_zeros(E * cap, x_MD.shape[1]).index_copy(0, row_M, x_MD)
+        return self.forward_padded(buf.view(E, cap, -1)).view(E * cap, -1).index_select(0, row_M)
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """All experts at once on a [E, cap, D] buffer: two batched GEMMs."""
+        x_ECD, w1, w2 = self._weights(x_ECD)
+        h = torch.bmm(x_ECD, w1.transpose(1, 2))
         g, u = h.chunk(2, dim=-1)
-        out = torch.bmm(F.silu(g) * u, w2.transpose(1, 2))
-        return out[expert_M, slot_M]
-
-
-def _grouped_mm_ok(x, w1, w2) -> bool:
-    # grouped_mm needs 16-byte aligned strides; bf16 -> every dim a multiple of 8.
-    return hasattr(F, "grouped_mm") and x.shape[1] % 8 == 0 and w1.shape[1] % 8 == 0 and w2.shape[1] % 8 == 0
+        return torch.bmm(F.silu(g) * u, w2.transpose(1, 2))
 
 
 class MoE(nn.Module):
@@ -133,12 +138,30 @@ class MoE(nn.Module):
         return y_ND.view(B, T, D), aux
 
     def route_local(self, x_ND, w_NK, idx_NK, counts_E):
-        K = idx_NK.shape[1]
-        order_M = idx_NK.flatten().argsort(stable=True)
-        token_M = order_M // K
-        y_MD = self.experts(x_ND[token_M], counts_E)
-        y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
-        return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
+        """Routed-expert output [N, D] on this process.
+
+        Each (token, k) assignment gets a row in an expert-sorted layout; tokens are gathered into it with
+        index_select and results read back in token-major order, so the weighted sum over k is one batched
+        GEMV and no scatter-add (slow and serial on CPU) appears in the forward or the backward.
+        """
+        N, K = idx_NK.shape
+        E, M, dev = counts_E.shape[0], N * K, x_ND.device
+        e_M = idx_NK.flatten()
+        order_M = e_M.argsort(stable=True)
+        rank_M = torch.arange(M, device=dev) - (counts_E.cumsum(0) - counts_E)[e_M[order_M]]  # slot in expert
+        if self.experts.use_grouped_mm(x_ND.dtype):
+            y_sorted = self.experts(x_ND.index_select(0, order_M // K), counts_E)
+            row_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(M, device=dev))
+            y_MD = y_sorted.index_select(0, row_M)
+        else:
+            cap = int(counts_E.max())
+            row_M = torch.empty_like(order_M).index_copy_(0, order_M, e_M[order_M] * cap + rank_M)
+            src = torch.full((E * cap,), N, dtype=torch.long, device=dev).index_copy_(0, row_M, torch.arange(M, device=dev) // K)
+            x_pad = F.pad(x_ND, (0, 0, 0, 1)).index_select(0, src)  # padding rows read an all-zero row
+            y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1)).reshape(E * cap, -1)
+            y_MD = y_pad.index_select(0, row_M)
+        y_NKD = y_MD.view(N, K, -1)
+        return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1).to(x_ND.dtype)
 
     def sequence_aux_loss(self, scores_BTE, idx_BTK, alpha):
         """Complementary sequence-wise balance loss (V3 eq. 17-20); alpha is tiny (1e-4 in the paper).

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against reference implementations; results go to benchmarks/results/*.json."""

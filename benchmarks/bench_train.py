@@ -1,0 +1,97 @@
+"""Training-step throughput: nanoseek vs transformers.DeepseekV3ForCausalLM (grouped_mm experts).
+
+Same weights (nanoseek saves, transformers loads), same batch, same optimizer (AdamW), one process,
+alternating steps, medians. A step is forward, cross-entropy, backward and AdamW. Autocast uses the
+machine's fast dtype (bf16 on GPUs and AMX CPUs, fp32 on AVX2-only CPUs; see common.fast_dtype).
+
+    python -m benchmarks.bench_train [--batch 8 --seq 256 --rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import nanoseek
+from nanoseek.accounting import training_flops_per_token
+from nanoseek.config import preset
+from nanoseek.mfu import measured_peak_flops
+
+from .common import alternate, fast_dtype, median, write_result
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the nanoseek model")
+    args = ap.parse_args(argv)
+    import transformers
+
+    dev = args.device
+    dtype = {"auto": fast_dtype(dev), "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    ours = nanoseek.Transformer(cfg).to(dev).train()
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save(ours, d)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, experts_implementation="grouped_mm").to(dev).train()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    x, y = ids[:, :-1], ids[:, 1:]
+    amp = (lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
+        else contextlib.nullcontext
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    step_model = torch.compile(ours) if args.compile else ours
+    losses = {"nanoseek": [], "transformers": []}
+
+    def step_ours():
+        with amp():
+            out = step_model.forward_train(x, y, mtp_weight=0.0) if not args.compile else None
+            loss = out.lm_loss if out is not None else F.cross_entropy(step_model(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        losses["nanoseek"].append(loss.item())
+
+    def step_theirs():
+        with amp():
+            logits = theirs(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+        losses["transformers"].append(loss.item())
+
+    times = alternate({"nanoseek": step_ours, "transformers": step_theirs}, rounds=args.rounds, warmup=1)
+    tokens = args.batch * args.seq
+    tps = {k: tokens / median(v) for k, v in times.items()}
+    flops = training_flops_per_token(cfg, args.seq, include_mtp=False)
+    peak = measured_peak_flops(dev, dtype)
+    result = {
+        "benchmark": "train_step", "preset": args.preset, "batch": args.batch, "seq_len": args.seq,
+        "dtype": str(dtype).removeprefix("torch."), "device": dev, "rounds": args.rounds,
+        "tokens_per_s": tps, "speedup": tps["nanoseek"] / tps["transformers"],
+        "mfu": {k: v * flops / peak for k, v in tps.items()}, "flops_per_token": flops, "peak_flops": peak,
+        "first_loss": {k: v[0] for k, v in losses.items()},
+        "median_step_s": {k: median(v) for k, v in times.items()},
+    }
+    print(f"train step ({args.preset}, {args.batch}x{args.seq}, {result['dtype']}, {dev}): "
+          f"nanoseek {tps['nanoseek']:.0f} tok/s  transformers {tps['transformers']:.0f} tok/s  "
+          f"ratio {result['speedup']:.2f}x  MFU {result['mfu']['nanoseek']:.1%} vs {result['mfu']['transformers']:.1%} "
+          f"(peak {peak / 1e9:.0f} GFLOP/s); first loss {result['first_loss']}")
+    print("wrote", write_result("train", result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

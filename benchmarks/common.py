@@ -1,0 +1,68 @@
+"""Shared benchmark helpers: alternating timed runs, medians, the fast dtype of this machine, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fast_dtype(device: str = "cpu") -> torch.dtype:
+    """bf16 where it is fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32.
+
+    On an AVX2-only CPU a bf16 matmul runs at ~0.3 GFLOP/s against ~100 for fp32, so "bf16 autocast" would
+    benchmark the emulation, not either implementation.
+    """
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    a = torch.randn(512, 512)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        times[dt] = time.perf_counter() - t
+    return torch.bfloat16 if times[torch.bfloat16] < times[torch.float32] else torch.float32
+
+
+def alternate(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each function once per round, in alternating order, and return the wall times per name."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
+    return path
