@@ -26,27 +26,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the module of the subcommand being run is imported (keeps `--help` and startup fast).
+    requested = {a for a in argv[:1] if a in COMMANDS}
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 at any scale.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if name in _requested_commands():
+        if name in requested:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
-def _requested_commands() -> set[str]:
-    # Only the module of the subcommand being run is imported (keeps `--help` and startup fast).
-    return {a for a in sys.argv[1:2] if a in COMMANDS}
-
-
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0

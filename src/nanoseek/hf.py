@@ -245,6 +245,8 @@ def _hf_tensors(model: Transformer):
     for name, t in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
+        if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
+            continue  # only aux-loss-free (V3) checkpoints carry the balancing bias
         if name.endswith("experts.gate_up_proj"):
             base = ours_to_hf(name[: -len("gate_up_proj")], L)
             for e in range(t.shape[0]):
