@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +157,30 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_valid(root: str | Path) -> Path | None:
+def latest_valid(root: str | Path, warn: Callable[[str], None] | None = None) -> Path | None:
     """The newest checkpoint that verifies; each newer one that does not is skipped with a warning."""
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
     for step, path in reversed(list_checkpoints(root)):
         reason = verify(path)
         if reason is None:
             return path
-        warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+        warn(f"skipping checkpoint {path}: {reason}")
     return None
+
+
+def set_aside(root: str | Path, after_step: int) -> list[Path]:
+    """Rename checkpoints newer than `after_step` (the invalid ones a resume skipped) to invalid-step_N, so
+    the resumed run can write its own step_N and pruning never counts them; they stay for inspection."""
+    moved = []
+    for step, path in list_checkpoints(root):
+        if step > after_step:
+            dest = path.with_name(f"invalid-{path.name}")
+            n = 1
+            while dest.exists():
+                dest, n = path.with_name(f"invalid-{path.name}.{n}"), n + 1
+            os.rename(path, dest)
+            moved.append(dest)
+    return moved
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):

@@ -5,8 +5,10 @@ atomic checkpoints and exact resume.
 One process or many: under torchrun, `nanoseek.train.parallel` (imported only then) provides
 `init_distributed() -> Dist`, `parallelize(model, run_cfg, dist)` (FSDP2 + expert parallelism),
 `all_reduce_sum(tensor, dist)`, `clip_grad_norm(model, max_norm, dist)`, and for checkpoints
-`gather_full_state(model, optimizer, dist)` / `load_full_state(model, optimizer, model_state, optim_state,
-dist)`. `nanoseek.train.fp8.enable_fp8(model, fp8_cfg)` swaps in FP8 linears when fp8.enabled.
+`gather_full_state(model, optimizer, dist) -> (model_state, optim_state)` and
+`load_full_state(model, optimizer, model_state, optim_state, dist)`, with optim_state in the flat
+`{kind}/{param name}` layout of nanoseek.train.optim.optimizer_state.
+`nanoseek.train.fp8.enable_fp8(model, fp8_cfg)` swaps in FP8 linears when fp8.enabled.
 
 The global batch of step s is PackedDataset.batch(s, batch_size, ...) whatever the world size: rank r
 takes its contiguous rows, splits them into micro-batches of micro_batch_size, and averages the gradient
@@ -175,7 +177,7 @@ class Trainer:
         if cfg.fp8.enabled:
             from nanoseek.train.fp8 import enable_fp8
 
-            model = enable_fp8(model, cfg.fp8)
+            model = enable_fp8(model, cfg.fp8) or model  # it may convert in place and return None
         if self.dist.world > 1:
             from nanoseek.train.parallel import parallelize
 
@@ -194,11 +196,15 @@ class Trainer:
         self.step, self.tokens = 0, 0
         metrics = self.out / "metrics.jsonl"
         if resume:
-            path = ckpt.latest_valid(self.ckpt_root)
+            path = ckpt.latest_valid(self.ckpt_root, warn=lambda m: self.log(f"warning: {m}"))
             if path is None:
                 self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
             else:
                 self._restore(path)
+            self._barrier()  # every rank has chosen before rank 0 renames anything
+            if self.main:
+                for p in ckpt.set_aside(self.ckpt_root, self.step):
+                    self.log(f"warning: set the invalid checkpoint aside as {p}")
         if self.main:
             truncate_metrics(metrics, self.step)  # drop what a killed run logged after its checkpoint
         from nanoseek.accounting import training_flops_per_token

@@ -84,3 +84,4 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         p = params[name]
         optimizer.state[p] = {k: (v if k == "step" else v.to(device=p.device, dtype=p.dtype))
                               for k, v in st.items()}
+
