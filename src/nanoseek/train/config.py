@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 DTYPES = ("auto", "bf16", "fp32")
+FP8_BACKENDS = ("auto", "emulate", "scaled_mm")
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ParallelConfig:
 @dataclass
 class FP8Config:
     enabled: bool = False
+    block: int = 128            # activation tiles 1 x block, weight blocks block x block (V3: 128)
+    backend: str = "auto"       # auto | emulate (quantize-dequantize) | scaled_mm (FP8 tensor cores)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "moe": MoEConfig, "mtp": MTPConfig,
@@ -151,6 +154,8 @@ class RunConfig:
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
         need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        need(self.fp8.block >= 1, f"fp8.block must be >= 1, got {self.fp8.block}")
+        need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
         d = self.data
         need(bool(d.source), "data.source must be 'builtin' or a path")
         need(d.vocab_size >= 1 and d.n_docs >= 1, f"data.vocab_size and data.n_docs must be >= 1")
