@@ -49,8 +49,9 @@ def main(argv=None) -> dict:
     x, y = ids[:, :-1], ids[:, 1:]
     amp = (lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
         else contextlib.nullcontext
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    # The same optimizer on both sides (fused AdamW, transformers' Trainer default): the model is what differs.
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     step_model = torch.compile(ours) if args.compile else ours
     losses = {"nanoseek": [], "transformers": []}
 

@@ -1,0 +1,34 @@
+"""`make bench`: every benchmark, one after another; each prints its ratios and writes benchmarks/results/NAME.json."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+BENCHMARKS = [
+    ("bench_train", "training step vs transformers (grouped_mm experts)"),
+    ("bench_generate", "greedy decode vs transformers generate(), server load test, MTP speculative decoding"),
+    ("bench_fp8", "FP8 vs full-precision training loss gap"),
+    ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
+]
+
+
+def main() -> int:
+    failed = []
+    for name, what in BENCHMARKS:
+        print(f"\n=== {name}: {what}", flush=True)
+        t = time.time()
+        try:
+            importlib.import_module(f"benchmarks.{name}").main([])
+        except Exception as e:  # keep going: one broken benchmark must not hide the others' numbers
+            failed.append(name)
+            print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"=== {name} took {time.time() - t:.0f}s", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
