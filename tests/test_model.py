@@ -173,3 +173,15 @@ def test_grouped_experts_paths_agree():
         out = experts(x, counts)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-3)
+
+
+def test_few_token_moe_path_equals_batched():
+    """Decoding runs only the chosen experts; the result must equal the all-experts path."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", initializer_range=0.2)
+    moe = Transformer(cfg).layers[1].mlp.eval()
+    x = torch.randn(1, 16, cfg.hidden_size)
+    with torch.no_grad():
+        batched, _ = moe(x)  # 32 assignments over 8 experts: the padded all-experts path
+        single = torch.cat([moe(x[:, t:t + 1])[0] for t in range(16)], dim=1)  # 2 assignments each
+    torch.testing.assert_close(single, batched, rtol=1e-5, atol=1e-6)

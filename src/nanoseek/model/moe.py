@@ -98,9 +98,11 @@ class GroupedExperts(nn.Module):
         buf = x_MD.new_zeros(E * cap, x_MD.shape[1]).index_copy(0, row_M, x_MD)
         return self.forward_padded(buf.view(E, cap, -1)).view(E * cap, -1).index_select(0, row_M)
 
-    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        """All experts at once on a [E, cap, D] buffer: two batched GEMMs."""
+    def forward_padded(self, x_ECD: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """All experts (or the listed ones) at once on a [E, cap, D] buffer: two batched GEMMs."""
         x_ECD, w1, w2 = self._weights(x_ECD)
+        if experts is not None:
+            w1, w2 = w1.index_select(0, experts), w2.index_select(0, experts)
         h = torch.bmm(x_ECD, w1.transpose(1, 2))
         g, u = h.chunk(2, dim=-1)
         return torch.bmm(F.silu(g) * u, w2.transpose(1, 2))
@@ -155,10 +157,17 @@ class MoE(nn.Module):
             y_MD = y_sorted.index_select(0, row_M)
         else:
             cap = int(counts_E.max())
+            experts = None
+            if M <= E // 2:
+                # Few tokens (decoding): run only the experts that were chosen, so a step reads K experts'
+                # weights per token instead of all E (decode is memory-bound).
+                experts = torch.nonzero(counts_E).squeeze(1)
+                dense_id_E = torch.cumsum(counts_E > 0, 0) - 1
+                e_M, E = dense_id_E[e_M], experts.numel()
             row_M = torch.empty_like(order_M).index_copy_(0, order_M, e_M[order_M] * cap + rank_M)
             src = torch.full((E * cap,), N, dtype=torch.long, device=dev).index_copy_(0, row_M, torch.arange(M, device=dev) // K)
             x_pad = F.pad(x_ND, (0, 0, 0, 1)).index_select(0, src)  # padding rows read an all-zero row
-            y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1)).reshape(E * cap, -1)
+            y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1), experts).reshape(E * cap, -1)
             y_MD = y_pad.index_select(0, row_M)
         y_NKD = y_MD.view(N, K, -1)
         return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1).to(x_ND.dtype)
