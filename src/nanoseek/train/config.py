@@ -158,7 +158,7 @@ class RunConfig:
         need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
         d = self.data
         need(bool(d.source), "data.source must be 'builtin' or a path")
-        need(d.vocab_size >= 1 and d.n_docs >= 1, f"data.vocab_size and data.n_docs must be >= 1")
+        need(d.vocab_size >= 1 and d.n_docs >= 1, "data.vocab_size and data.n_docs must be >= 1")
         need(d.max_difficulty >= 1, f"data.max_difficulty must be >= 1, got {d.max_difficulty}")
         self.model_config()  # raises a ConfigError naming a bad [model] key or value
 
