@@ -214,3 +214,28 @@ def test_probs_top_k_top_p():
     assert (p[0, :2] == 0).all() and p[0, 2:].sum().item() == pytest.approx(1.0)
     assert p[1].tolist() == [0.0, 0.0, 0.0, 1.0]  # the top token alone has more than half the mass
     assert p[2].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_background_thread_survives_a_failing_step(model):
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.fail = model, model.config, True
+
+        def new_cache(self, *a, **k):
+            return self.inner.new_cache(*a, **k)
+
+        def forward_cached(self, *a):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return self.inner.forward_cached(*a)
+
+    engine = Engine(Flaky(), max_batch_size=2, max_len=32).start()
+    try:
+        first = engine.submit([3, 4], SamplingParams(max_tokens=4)).result(timeout=60)
+        assert first.finish_reason == "error" and "boom" in engine.last_error
+        assert engine.submit([3, 4], SamplingParams(max_tokens=4)).result(timeout=60).token_ids == \
+            greedy_reference(model, [3, 4], 4)
+    finally:
+        engine.stop()

@@ -46,7 +46,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class Completion:
     token_ids: list[int]
-    finish_reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled"
+    finish_reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled", "error" (see Engine.last_error)
     prompt_tokens: int
     logprobs: list[float] | None = None
 
@@ -135,6 +135,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.last_error: str | None = None
 
     # ------------------------------------------------------------------ public API
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -217,7 +218,10 @@ class Engine:
                     self._wake.wait()
                 if self._stop:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - keep serving: fail the batch that hit the error
+                self._fail_running(e)
         with self._lock:
             left = list(self._running) + list(self._waiting)
             self._waiting.clear()
@@ -225,6 +229,14 @@ class Engine:
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         for r in left:
             self._finish(r, "cancelled")
+
+    def _fail_running(self, error: Exception) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        for r in self._running:
+            if r.finish_reason is None:
+                self._finish(r, "error")
+            self._free_slots.append(r.slot)
+        self._running = []
 
     def step(self) -> None:
         """Admit waiting requests (prefill) and advance every running one by one decode step."""

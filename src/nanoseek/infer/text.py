@@ -67,7 +67,7 @@ class ChatTokenizer:
         return self.tok.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode([i for i in ids if i not in self.hidden_ids])
+        return self.tok.decode([i for i in ids if i not in self.hidden_ids and i < self.vocab_size])
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
@@ -145,7 +145,8 @@ class TextStream:
             self.ids.append(t)
             if self._mode != "answer":
                 self.reasoning_tokens += 1  # reset to 0 if the output turns out to have no think block
-            if t not in self.tokenizer.hidden_ids:
+            # Checkpoints often pad vocab_size past the tokenizer (DeepSeek-V3: 129280 rows); such ids have no text.
+            if t not in self.tokenizer.hidden_ids and t < self.tokenizer.vocab_size:
                 self._raw += self._decoder.push(t)
             self._route(delta, final=False)
             if delta.stopped:
@@ -169,11 +170,14 @@ class TextStream:
         if self._mode == "reasoning":
             i = self._raw.find(END_THINK)
             if i >= 0:
-                delta.reasoning += self._raw[:i]
+                delta.reasoning += self._raw[:i].rstrip()
                 self._raw = self._raw[i + len(END_THINK):].lstrip()
                 self._mode = "answer"
             else:
+                # Hold back a possible start of </think>, and trailing whitespace (dropped if </think> follows).
                 keep = 0 if final else _held_back(self._raw, END_THINK)
+                body = self._raw[:len(self._raw) - keep]
+                keep += 0 if final else len(body) - len(body.rstrip())
                 delta.reasoning += self._raw[:len(self._raw) - keep]
                 self._raw = self._raw[len(self._raw) - keep:]
                 return

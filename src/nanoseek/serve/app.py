@@ -279,7 +279,8 @@ async def _events(c: Choice) -> AsyncIterator[tuple[str, str]]:
                 c.finish_reason = "stop"
                 return
             if finished:
-                c.finish_reason = "length" if c.req.finish_reason == "length" else "stop"
+                reason = c.req.finish_reason
+                c.finish_reason = reason if reason in ("length", "error") else "stop"
                 return
     finally:
         c.req.cancel()  # a no-op when finished; frees the slot at once after a stop string or a disconnect
