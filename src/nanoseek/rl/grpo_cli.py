@@ -1,0 +1,139 @@
+"""`nanoseek grpo --model DIR --task NAME --out DIR`: GRPO with rule-based rewards (nanoseek.rl.trainer).
+
+Settings come from the defaults of GRPOConfig, then an optional TOML file's [grpo] section (`--config`),
+then flags (`--G 8 --beta 0.001 --clip-eps 0.2 --lr 1e-4 --temperature 1 --max-new-tokens 64
+--prompts-per-step 16 --steps 50 ...`), then `--set key=value` for any GRPOConfig key. OUT holds the
+checkpoints (exact resume with --resume), metrics.jsonl, reward.png and the final model in OUT/final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+# flag name -> GRPOConfig field
+FLAGS = {"G": "G", "beta": "beta", "clip_eps": "clip_eps", "lr": "lr", "temperature": "temperature",
+         "top_p": "top_p", "max_new_tokens": "max_new_tokens", "prompts_per_step": "prompts_per_step",
+         "steps": "steps", "difficulty": "difficulty", "mu": "mu", "minibatches": "minibatches",
+         "aggregation": "aggregation", "seed": "seed", "save_every": "save_every"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nanoseek.rl.trainer import GRPOConfig
+
+    hints = typing.get_type_hints(GRPOConfig)
+    parser.add_argument("--model", required=True, help="HF model directory with its tokenizer (usually an SFT model)")
+    parser.add_argument("--task", default=None, help="built-in task name or a task JSONL file (default arithmetic)")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics, plots, final/")
+    parser.add_argument("--config", default=None, help="TOML file whose [grpo] section sets GRPOConfig keys")
+    for flag, name in FLAGS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=name, type=hints[name], default=None,
+                            help=f"GRPOConfig.{name} (default {getattr(GRPOConfig(), name)})")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="any GRPOConfig key, e.g. --set reward_weights={accuracy=1.0,format=0.1}")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _coerce(name: str, value, hints: dict):
+    tp = hints[name]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"grpo {name} must be {tp.__name__}, got {value!r}")
+    if name == "reward_weights" and value is not None:
+        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+            raise ValueError(f"grpo reward_weights must be a table of numbers, got {value!r}")
+        value = {k: float(v) for k, v in value.items()}
+    return value
+
+
+def build_config(args: argparse.Namespace):
+    """GRPOConfig from defaults < [grpo] of --config < flags < --set."""
+    from nanoseek.rl.trainer import GRPOConfig
+
+    hints = typing.get_type_hints(GRPOConfig)
+    values: dict = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{args.config}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{args.config}: not valid TOML ({e})") from None
+        section = doc.get("grpo", {})
+        if not isinstance(section, dict):
+            raise ValueError(f"{args.config}: [grpo] must be a table")
+        for k, v in section.items():
+            if k not in hints:
+                raise ValueError(f"{args.config}: unknown key grpo.{k}; [grpo] has {sorted(hints)}")
+            values[k] = _coerce(k, v, hints)
+    for name in FLAGS.values():
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    if args.task is not None:
+        values["task"] = args.task
+    for item in args.sets:
+        key, eq, text = item.partition("=")
+        key = key.strip().removeprefix("grpo.")
+        if not eq or key not in hints:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
+        try:
+            v = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            v = text
+        values[key] = _coerce(key, v, hints)
+    return dataclasses.replace(GRPOConfig(), **values).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import nanoseek
+    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.rl.trainer import GRPOTrainer, plot_grpo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"nanoseek grpo: {args.model} is not a model directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        cfg = build_config(args)
+        get_task(cfg.task)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"nanoseek grpo: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    from nanoseek.train.checkpoint import list_checkpoints
+
+    if list_checkpoints(out / "checkpoints") and not args.resume:
+        print(f"nanoseek grpo: {out} already holds checkpoints: pass --resume or choose another --out", file=sys.stderr)
+        return 2
+    tok = load_tokenizer(args.model)
+    model = nanoseek.load(args.model, dtype=torch.float32)
+    trainer = GRPOTrainer(model, tok, cfg, out_dir=out, tokenizer_dir=args.model, progress=not args.no_progress)
+    if args.resume and trainer.resume():
+        print(f"resumed at step {trainer.state.step}", file=sys.stderr)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        print("nanoseek grpo: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        return 130
+    final = out / "final"
+    nanoseek.save(model, final, tokenizer_dir=args.model)
+    plot_grpo(trainer.state.history, out / "reward.png")
+    last = trainer.state.history[-1] if trainer.state.history else {}
+    print(f"done: {final} (last step: reward {last.get('reward', 0):.3f}, accuracy {last.get('accuracy', 0):.3f})")
+    return 0
