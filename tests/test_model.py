@@ -185,3 +185,13 @@ def test_few_token_moe_path_equals_batched():
         batched, _ = moe(x)  # 32 assignments over 8 experts: the padded all-experts path
         single = torch.cat([moe(x[:, t:t + 1])[0] for t in range(16)], dim=1)  # 2 assignments each
     torch.testing.assert_close(single, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_with_no_tokens():
+    """An expert-parallel rank can receive no tokens at all; the result is empty and backward still works."""
+    experts = Transformer(preset("tiny")).layers[1].mlp.experts
+    x = torch.zeros(0, 64, requires_grad=True)
+    y = experts(x, torch.zeros(8, dtype=torch.long))
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() == 0

@@ -85,6 +85,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD holds the assignments sorted by expert; counts_E how many each expert got."""
         x_MD, w1, w2 = self._weights(x_MD)
+        if x_MD.shape[0] == 0:  # an expert-parallel rank whose experts got no tokens this step
+            return x_MD.new_zeros(0, w2.shape[1]) + 0 * (w1.sum() + w2.sum())  # keeps the weights in the graph
         if self.use_grouped_mm(x_MD.dtype):
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
@@ -92,11 +94,11 @@ class GroupedExperts(nn.Module):
             return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
         # Scatter each expert's rows into a [E, cap, D] buffer, run padded, gather back.
         E, M = counts_E.shape[0], x_MD.shape[0]
-        cap = int(counts_E.max()) if M else 0
+        cap = int(counts_E.max())
         expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), counts_E, output_size=M)
         row_M = expert_M * cap + torch.arange(M, device=x_MD.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
         buf = x_MD.new_zeros(E * cap, x_MD.shape[1]).index_copy(0, row_M, x_MD)
-        return self.forward_padded(buf.view(E, cap, -1)).view(E * cap, -1).index_select(0, row_M)
+        return self.forward_padded(buf.view(E, cap, x_MD.shape[1])).view(E * cap, -1).index_select(0, row_M)
 
     def forward_padded(self, x_ECD: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """All experts (or the listed ones) at once on a [E, cap, D] buffer: two batched GEMMs."""
