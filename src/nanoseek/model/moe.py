@@ -85,9 +85,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD holds the assignments sorted by expert; counts_E how many each expert got."""
         x_MD, w1, w2 = self._weights(x_MD)
-        if x_MD.shape[0] == 0:  # an expert-parallel rank whose experts got no tokens this step
-            return x_MD.new_zeros(0, w2.shape[1]) + 0 * (w1.sum() + w2.sum())  # keeps the weights in the graph
-        if self.use_grouped_mm(x_MD.dtype):
+        # An expert-parallel rank may receive no tokens: the padded path handles that, and keeps the (empty)
+        # input in the autograd graph so the all-to-all backward still runs on every rank.
+        if self.use_grouped_mm(x_MD.dtype) and x_MD.shape[0] > 0:
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
             g, u = h.chunk(2, dim=-1)
@@ -98,7 +98,8 @@ class GroupedExperts(nn.Module):
         expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), counts_E, output_size=M)
         row_M = expert_M * cap + torch.arange(M, device=x_MD.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
         buf = x_MD.new_zeros(E * cap, x_MD.shape[1]).index_copy(0, row_M, x_MD)
-        return self.forward_padded(buf.view(E, cap, x_MD.shape[1])).view(E * cap, -1).index_select(0, row_M)
+        y_ECD = self.forward_padded(buf.view(E, cap, x_MD.shape[1]))
+        return y_ECD.reshape(E * cap, y_ECD.shape[-1]).index_select(0, row_M)
 
     def forward_padded(self, x_ECD: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """All experts (or the listed ones) at once on a [E, cap, D] buffer: two batched GEMMs."""
