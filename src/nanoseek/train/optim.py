@@ -29,10 +29,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # foreach=False: the single-tensor path gives bit-identical results however the parameters are grouped,
-    # which keeps resume exact; on the small models we train on CPUs it costs nothing measurable.
+    # The fused kernel updates each element with the same arithmetic however the parameters are grouped or
+    # sharded (so resume and 1-vs-N-process runs stay exact) and is 2x faster than the per-tensor loop on a
+    # CPU, where the optimizer step is memory-bound and a large part of an MoE step (every expert is updated).
+    # FSDP2's DTensor parameters take the single-tensor path, which has the same per-element guarantee.
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    kind = {"foreach": False} if sharded else {"fused": True}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8, foreach=None if torch.cuda.is_available() else False)
+                             eps=1e-8, **kind)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
