@@ -1,8 +1,9 @@
-"""Pydantic models of the OpenAI-compatible API (REFERENCE.md section 6), requests and responses.
+"""Pydantic models of the OpenAI-compatible API (REFERENCE.md section 6): the requests, and the model list.
 
 Requests are validated strictly on types and ranges (each failure becomes a 400 naming the field) but
 ignore unknown fields, as OpenAI-compatible servers commonly do, so clients that send extra options work.
-`reasoning_content` beside `content` follows DeepSeek's own API for R1.
+Completion responses and stream chunks are built as plain dicts in app.py (their exact shape, `null`s
+included, is what OpenAI clients parse; tests check it with the real `openai` client).
 """
 
 from __future__ import annotations
@@ -120,77 +121,6 @@ def now() -> int:
     return int(time.time())
 
 
-class CompletionTokensDetails(BaseModel):
-    reasoning_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    reasoning_content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ResponseMessage
-    logprobs: None = None
-    finish_reason: str
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-class TextChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: str | None = None
-
-
-class TextCompletion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: Usage | None = None
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -202,14 +132,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
