@@ -88,10 +88,7 @@ class GroupedExperts(nn.Module):
         # An expert-parallel rank may receive no tokens: the padded path handles that, and keeps the (empty)
         # input in the autograd graph so the all-to-all backward still runs on every rank.
         if self.use_grouped_mm(x_MD.dtype) and x_MD.shape[0] > 0:
-            offs = counts_E.cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
-            g, u = h.chunk(2, dim=-1)
-            return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
+            return self._grouped(x_MD, counts_E, w1, w2)
         # Scatter each expert's rows into a [E, cap, D] buffer, run padded, gather back.
         E, M = counts_E.shape[0], x_MD.shape[0]
         cap = int(counts_E.max())
@@ -101,11 +98,22 @@ class GroupedExperts(nn.Module):
         y_ECD = self.forward_padded(buf.view(E, cap, x_MD.shape[1]))
         return y_ECD.reshape(E * cap, y_ECD.shape[-1]).index_select(0, row_M)
 
-    def forward_padded(self, x_ECD: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
-        """All experts (or the listed ones) at once on a [E, cap, D] buffer: two batched GEMMs."""
+    @staticmethod
+    def _grouped(x_MD, counts_E, w1, w2):
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_MD, w1.transpose(-2, -1), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
+
+    def decode_gemv(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Inference with at most one row per expert (decoding a batch of one): grouped_mm reads only the
+        chosen experts' weights, where a padded GEMM over all E would read every expert."""
+        x_MD, w1, w2 = self._weights(x_MD)
+        return self._grouped(x_MD, counts_E, w1, w2)
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """All experts at once on a [E, cap, D] buffer: two batched GEMMs."""
         x_ECD, w1, w2 = self._weights(x_ECD)
-        if experts is not None:
-            w1, w2 = w1.index_select(0, experts), w2.index_select(0, experts)
         h = torch.bmm(x_ECD, w1.transpose(1, 2))
         g, u = h.chunk(2, dim=-1)
         return torch.bmm(F.silu(g) * u, w2.transpose(1, 2))
@@ -154,23 +162,18 @@ class MoE(nn.Module):
         e_M = idx_NK.flatten()
         order_M = e_M.argsort(stable=True)
         rank_M = torch.arange(M, device=dev) - (counts_E.cumsum(0) - counts_E)[e_M[order_M]]  # slot in expert
-        if self.experts.use_grouped_mm(x_ND.dtype):
-            y_sorted = self.experts(x_ND.index_select(0, order_M // K), counts_E)
+        cap = int(counts_E.max())
+        gemv = cap == 1 and not torch.is_grad_enabled() and x_ND.shape[1] % 4 == 0 and hasattr(F, "grouped_mm")
+        if gemv or self.experts.use_grouped_mm(x_ND.dtype):
+            x_sorted = x_ND.index_select(0, order_M // K)
+            y_sorted = self.experts.decode_gemv(x_sorted, counts_E) if gemv else self.experts(x_sorted, counts_E)
             row_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(M, device=dev))
             y_MD = y_sorted.index_select(0, row_M)
         else:
-            cap = int(counts_E.max())
-            experts = None
-            if M <= E // 2:
-                # Few tokens (decoding): run only the experts that were chosen, so a step reads K experts'
-                # weights per token instead of all E (decode is memory-bound).
-                experts = torch.nonzero(counts_E).squeeze(1)
-                dense_id_E = torch.cumsum(counts_E > 0, 0) - 1
-                e_M, E = dense_id_E[e_M], experts.numel()
             row_M = torch.empty_like(order_M).index_copy_(0, order_M, e_M[order_M] * cap + rank_M)
             src = torch.full((E * cap,), N, dtype=torch.long, device=dev).index_copy_(0, row_M, torch.arange(M, device=dev) // K)
             x_pad = F.pad(x_ND, (0, 0, 0, 1)).index_select(0, src)  # padding rows read an all-zero row
-            y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1), experts).reshape(E * cap, -1)
+            y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1)).reshape(E * cap, -1)
             y_MD = y_pad.index_select(0, row_M)
         y_NKD = y_MD.view(N, K, -1)
         return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1).to(x_ND.dtype)

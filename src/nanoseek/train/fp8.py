@@ -200,22 +200,13 @@ class FP8GroupedExperts(GroupedExperts):
     fp8: FP8Options
 
     def use_grouped_mm(self, dtype: torch.dtype) -> bool:
-        return False  # MoE.route_local then always takes forward_padded, which runs in FP8 here
+        return False  # MoE.route_local and forward() then take forward_padded, which runs in FP8 here
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        E, M = counts_E.shape[0], x_MD.shape[0]
-        cap = int(counts_E.max()) if M else 0
-        expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), counts_E, output_size=M)
-        row_M = expert_M * cap + torch.arange(M, device=x_MD.device) - (counts_E.cumsum(0) - counts_E)[expert_M]
-        # Zero padding rows: they neither change a tile's max-abs nor contribute to wgrad.
-        buf = x_MD.new_zeros(E * cap, x_MD.shape[1]).index_copy(0, row_M, x_MD)
-        return self.forward_padded(buf.view(E, cap, -1)).reshape(E * cap, -1).index_select(0, row_M)
-
-    def forward_padded(self, x_ECD: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
-        """Experts (all, or the listed ones) on a zero-padded [E, cap, D] buffer, both GEMMs in FP8."""
+    # GroupedExperts.forward (the expert-parallel entry) scatters into a zero-padded buffer and calls this;
+    # zero padding rows neither change a tile's max-abs nor contribute to wgrad.
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """All experts on a zero-padded [E, cap, D] buffer, both GEMMs in FP8."""
         w1, w2 = self.gate_up_proj, self.down_proj
-        if experts is not None:
-            w1, w2 = w1.index_select(0, experts), w2.index_select(0, experts)
         h = fp8_bmm(x_ECD, w1, self.fp8)
         g, u = h.chunk(2, dim=-1)
         return fp8_bmm(F.silu(g) * u, w2, self.fp8)
