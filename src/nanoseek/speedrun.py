@@ -50,8 +50,8 @@ QUICK = [
 
 @dataclasses.dataclass
 class SpeedrunConfig:
-    task: str = "arithmetic"
-    difficulty: int = 2
+    task: str = "countdown"
+    difficulty: int = 1
     threads: int = 0            # torch threads; 0 = one per core not already busy (see idle_cores)
 
 

@@ -1,0 +1,86 @@
+"""The quick speedrun end to end: report.json with its keys, plots, and an exported model that loads;
+plus the sft / eval / grpo command lines on its outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import nanoseek
+from nanoseek.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    assert main(["speedrun", "--out", str(out), "--quick", "--no-progress"]) == 0
+    return out
+
+
+def test_report_has_the_keys(run_dir):
+    rep = json.loads((run_dir / "report.json").read_text())
+    for key in ("accuracy_before_rl", "accuracy_after_rl", "model_dir", "stage_seconds", "tokens_per_s", "mfu",
+                "cost_projection", "total_seconds", "evals", "grpo_history"):
+        assert key in rep, key
+    assert 0.0 <= rep["accuracy_before_rl"] <= 1.0 and 0.0 <= rep["accuracy_after_rl"] <= 1.0
+    assert set(rep["stage_seconds"]) >= {"tokenizer", "pretrain", "sft", "eval_before_rl", "grpo", "eval_after_rl", "export"}
+    assert rep["tokens_per_s"] > 0 and rep["mfu"] > 0 and rep["cost_projection"]["gpu_hours"] > 0
+    assert "zero_var_frac" in rep["grpo_history"][-1]
+    md = (run_dir / "report.md").read_text()
+    assert "nanoseek chat --model" in md
+    for name in ("loss", "reward", "accuracy", "expert_load"):
+        assert (run_dir / "plots" / f"{name}.png").is_file(), name
+        assert f"plots/{name}.png" in md
+
+
+def test_exported_model_loads_with_tokenizer_and_template(run_dir):
+    from nanoseek.data.tokenizer import load_tokenizer
+
+    model_dir = json.loads((run_dir / "report.json").read_text())["model_dir"]
+    model = nanoseek.load(model_dir)
+    tok = load_tokenizer(model_dir)
+    cfg = json.loads((run_dir / "model" / "tokenizer_config.json").read_text())
+    assert "<think>" in cfg["chat_template"] and model.config.vocab_size >= tok.vocab_size
+    out = nanoseek.generate(model, [tok.encode("1+2=?")], max_new_tokens=3)
+    assert len(out[0]) == 3
+
+
+def test_clis_on_the_speedrun_model(run_dir, tmp_path):
+    model = str(run_dir / "model")
+    py = [sys.executable, "-m", "nanoseek.cli"]
+    r = subprocess.run(py + ["eval", "--model", model, "--task", "arithmetic", "--n", "4", "--k", "2",
+                             "--max-new-tokens", "24", "--json", "--threads", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n"] == 4 and res["k"] == 2 and 0 <= res["pass_at_1"] <= 1
+    r = subprocess.run(py + ["sft", "--model", model, "--data", "arithmetic", "--n", "16", "--steps", "2",
+                             "--batch-size", "4", "--out", str(tmp_path / "sft"), "--no-progress", "--threads", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sft" / "config.json").is_file() and (tmp_path / "sft" / "tokenizer.json").is_file()
+    cfg = tmp_path / "g.toml"
+    cfg.write_text("[grpo]\nG = 2\nprompts_per_step = 2\nmax_new_tokens = 16\n")
+    r = subprocess.run(py + ["grpo", "--model", model, "--task", "arithmetic", "--out", str(tmp_path / "grpo"),
+                             "--config", str(cfg), "--steps", "1", "--no-progress", "--threads", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "grpo" / "final" / "config.json").is_file() and (tmp_path / "grpo" / "reward.png").is_file()
+    saved = json.loads((tmp_path / "grpo" / "grpo_config.json").read_text())
+    assert saved["G"] == 2 and saved["steps"] == 1
+    r = subprocess.run(py + ["grpo", "--model", model, "--out", str(tmp_path / "g2"), "--set", "nope=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "nope" in r.stderr
+    # The quick model rarely solves anything: distill must either train on what it kept or say it kept nothing.
+    r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "tiny",
+                             "--out", str(tmp_path / "student"), "--n", "4", "--k", "2", "--max-new-tokens", "24",
+                             "--steps", "2", "--no-progress", "--threads", "1"], capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    assert "kept" in r.stderr and (tmp_path / "student" / "traces.jsonl").is_file()
+    if r.returncode == 0:
+        assert nanoseek.load(tmp_path / "student").config.hidden_size == 64
+    else:
+        assert "no verified-correct trace" in r.stderr
+    r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "nope",
+                             "--out", str(tmp_path / "s2")], capture_output=True, text=True)
+    assert r.returncode == 2 and "neither a preset" in r.stderr
