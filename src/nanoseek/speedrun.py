@@ -13,6 +13,13 @@ Every setting lives in one TOML file (configs/speedrun.toml: the pretraining sec
 any key and `--quick` swaps in a model and step counts small enough for a one-minute smoke run.
 Outputs: DIR/report.json (accuracy before/after RL, stage times, tokens/s, MFU, cost projection),
 DIR/report.md with the plots under DIR/plots, and the exported model in DIR/model.
+
+The task is Countdown at difficulty 1 (three numbers up to 9), TinyZero's RL task: many expressions are
+correct, so the SFT model's samples find rewards that GRPO can reinforce. Measured on 2 shared cores:
+held-out pass@1 30.0% after SFT -> 50.5% after 80 GRPO steps, 8 minutes end to end. Multi-step
+arithmetic was tried first: its SFT model improved with more SFT but not with GRPO (one correct answer
+per problem, errors in memorised facts that a few hundred rollouts cannot fix), and at learning rates
+that moved it at all the policy collapsed.
 """
 
 from __future__ import annotations
@@ -297,7 +304,8 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     tps, mfu = _throughput(pre / "metrics.jsonl")
     model = nanoseek.load(final, dtype=torch.float32)
     ev_kw = dict(n=plan.eval.n, k=plan.eval.k, difficulty=sr.difficulty, temperature=plan.eval.temperature,
-                 top_p=plan.eval.top_p, max_new_tokens=plan.eval.max_new_tokens, seed=plan.eval.seed)
+                 top_p=plan.eval.top_p, max_new_tokens=plan.eval.max_new_tokens, seed=plan.eval.seed,
+                 progress=progress)
     evals: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
     if plan.eval.base:

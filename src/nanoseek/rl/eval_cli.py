@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         tok = load_tokenizer(args.model)
         model = nanoseek.load(args.model, dtype=torch.float32)
         res = evaluate(model, tok, task, n=args.n, k=args.k, difficulty=args.difficulty, temperature=args.temperature,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split)
+                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split,
+                       progress=not args.json)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"nanoseek eval: {e}", file=sys.stderr)
         return 2

@@ -91,9 +91,13 @@ class EvalResult:
 
 
 def sample_completions(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence[str], k: int, max_new_tokens: int,
-                       temperature: float, top_p: float, seed: int, max_batch_size: int = 128, engine=None):
-    """k completions per prompt in one batched engine call; returns (texts [n][k], token counts [n][k],
-    truncated flags [n][k]). Sample j of prompt i uses seed + i * k + j, so results do not depend on batching."""
+                       temperature: float, top_p: float, seed: int, max_batch_size: int = 128, engine=None,
+                       progress: bool = False):
+    """k completions per prompt through the batched engine; returns (texts [n][k], token counts [n][k],
+    truncated flags [n][k]). Sample j of prompt i uses seed + i * k + j, so results do not depend on batching.
+
+    All requests go to the engine in one call, or with `progress` in chunks of its slot count (one
+    progress-bar tick per chunk; every chunk still fills the whole batch)."""
     from nanoseek.infer import Engine, SamplingParams
 
     ids = [render_prompt(p, tok) for p in prompts]
@@ -108,7 +112,17 @@ def sample_completions(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence
     was_training = model.training
     model.eval()
     try:
-        outs = engine.generate_batch(flat, params)
+        if progress:
+            from tqdm.auto import tqdm
+
+            step = engine.max_batch_size
+            outs = []
+            with tqdm(total=len(flat), desc="eval", unit="sample", dynamic_ncols=True) as bar:
+                for i in range(0, len(flat), step):
+                    outs += engine.generate_batch(flat[i:i + step], params[i:i + step])
+                    bar.update(len(flat[i:i + step]))
+        else:
+            outs = engine.generate_batch(flat, params)
     finally:
         model.train(was_training)
     texts = [tok.decode(c.token_ids) for c in outs]
@@ -121,7 +135,7 @@ def sample_completions(model: torch.nn.Module, tok: Tokenizer, prompts: Sequence
 
 def evaluate(model: torch.nn.Module, tok: Tokenizer, task: Task, n: int = 200, k: int = 4, difficulty: int = 1,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0,
-             max_batch_size: int = 128, split: str = "test") -> EvalResult:
+             max_batch_size: int = 128, split: str = "test", progress: bool = False) -> EvalResult:
     """pass@1 over k samples and cons@k on `n` problems of the held-out split."""
     if k < 1 or n < 1:
         raise ValueError(f"n and k must be >= 1, got n={n}, k={k}")
@@ -129,7 +143,8 @@ def evaluate(model: torch.nn.Module, tok: Tokenizer, task: Task, n: int = 200, k
     if not examples:
         raise ValueError(f"task {task.name!r} has no {split} problems at difficulty {difficulty}")
     texts, lens, trunc = sample_completions(model, tok, [ex.prompt for ex in examples], k, max_new_tokens,
-                                            temperature, top_p, seed=seed * 1_000_003, max_batch_size=max_batch_size)
+                                            temperature, top_p, seed=seed * 1_000_003, max_batch_size=max_batch_size,
+                                            progress=progress)
     correct, answers, samples, well_formed = [], [], [], 0
     for ex, row in zip(examples, texts):
         parsed = [parse_completion(t) for t in row]
