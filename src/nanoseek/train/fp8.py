@@ -199,7 +199,7 @@ class FP8GroupedExperts(GroupedExperts):
 
     fp8: FP8Options
 
-    def use_grouped_mm(self, dtype: torch.dtype) -> bool:
+    def use_grouped_mm(self, dtype: torch.dtype, cap: int = 0) -> bool:
         return False  # MoE.route_local and forward() then take forward_padded, which runs in FP8 here
 
     # GroupedExperts.forward (the expert-parallel entry) scatters into a zero-padded buffer and calls this;
