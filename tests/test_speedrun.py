@@ -44,6 +44,17 @@ def test_exported_model_loads_with_tokenizer_and_template(run_dir):
     assert "<think>" in cfg["chat_template"] and model.config.vocab_size >= tok.vocab_size
     out = nanoseek.generate(model, [tok.encode("1+2=?")], max_new_tokens=3)
     assert len(out[0]) == 3
+    # The exported directory is a transformers model with the same logits, and its tokenizer loads there.
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode("Make 10 from 2 3 5")])
+    assert hf_tok("Make 10 from 2 3 5", add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        ours, theirs = model.float()(ids), hf(ids).logits
+    assert ((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
 
 
 def test_clis_on_the_speedrun_model(run_dir, tmp_path):
