@@ -53,18 +53,24 @@ def model_config_from_mapping(model: dict[str, Any], source: str = "[model]") ->
         raise ConfigError(f"{source}: invalid model config: {e}") from None
 
 
-def model_config_from_toml(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a nanoseek TOML run config (its `[model]` table)."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable or malformed file is a ConfigError naming it."""
     p = Path(path)
     try:
         with p.open("rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except IsADirectoryError:
         raise ConfigError(f"{p}: is a directory, expected a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
+
+
+def model_config_from_toml(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a nanoseek TOML run config (its `[model]` table)."""
+    p = Path(path)
+    doc = read_toml(p)
     if "model" not in doc:
         raise ConfigError(f"{p}: no [model] section (expected e.g. [model] preset = \"tiny\")")
     return model_config_from_mapping(doc["model"], source=f"{p} [model]")

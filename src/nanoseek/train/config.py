@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
-from nanoseek.config_io import model_config_from_mapping
+from nanoseek.config_io import model_config_from_mapping, read_toml
 
 try:
     import tomllib
@@ -307,15 +307,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     doc: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        try:
-            with p.open("rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{p}: is a directory, expected a TOML file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML ({e})") from None
+        source = str(path)
+        doc = read_toml(path)
     return build(apply_overrides(doc, overrides or []), source=source)
