@@ -5,7 +5,7 @@ baseline precision (bf16 autocast by default, or fp32) and once with fp8.enabled
 the attention, MLP and expert linears; emulated on CPU). Reports the relative gap of the final smoothed
 language-model loss (mean of the last `--window` logged steps), and writes benchmarks/results/fp8.json.
 
-    .venv/bin/python benchmarks/bench_fp8.py --steps 150
+    .venv/bin/python -m benchmarks.bench_fp8 --steps 150
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ def run(config: Path, out: Path, overrides: list[str]) -> tuple[list[dict], floa
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()], secs
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="run config (default configs/small.toml, else tiny.toml "
                                                    "with the small model preset)")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--baseline", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--baseline", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 where it is fast (GPUs, AMX CPUs), fp32 on AVX2-only CPUs")
     ap.add_argument("--window", type=int, default=20, help="steps averaged for the smoothed final loss")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra section.key=value")
     ap.add_argument("--out", default=str(RESULTS / "fp8.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     small = ROOT / "configs" / "small.toml"
     if args.config:
@@ -73,6 +74,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"relative gap of the final smoothed loss: {100 * gap:+.3f}% (paper: < 0.25%) -> {args.out}")
+    return report
 
 
 if __name__ == "__main__":
