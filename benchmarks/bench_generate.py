@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import nanoseek
-from benchmarks.common import alternate, median, write_result
+from benchmarks.common import alternate, fast_dtype, median, write_result
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
 
@@ -266,8 +266,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--parts", default="decode,server,mtp")
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    ap.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"],
-                    help="fp32 (identical tokens expected) and/or bf16 (half the weight bytes; tokens may drift)")
+    ap.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
+                    help="fp32 (identical tokens expected) and/or bf16 (half the weight bytes; tokens may drift); "
+                         "default fp32, plus bf16 where bf16 is fast (GPUs, AMX CPUs)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -280,6 +281,8 @@ def main(argv=None) -> dict:
                     help="without --model: train the small preset this long for the mtp part (0: random weights)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = ["fp32"] + (["bf16"] if fast_dtype() == torch.bfloat16 else [])
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server process
