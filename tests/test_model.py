@@ -64,6 +64,8 @@ def test_config_validation_errors_name_the_problem():
         preset("tiny", qk_rope_head_dim=7)
     with pytest.raises(ConfigError, match="scoring_func"):
         ModelConfig.from_hf({"scoring_func": "relu"})
+    with pytest.raises(ConfigError, match="moe_layer_freq"):
+        ModelConfig.from_hf({"moe_layer_freq": 2})
     with pytest.raises(ConfigError, match="rope type"):
         ModelConfig.from_hf({"rope_scaling": {"type": "dynamic", "factor": 2.0}})
 

@@ -164,6 +164,9 @@ class ModelConfig:
             warnings.warn(f"config.json keys not used by nanoseek: {unknown}", stacklevel=2)
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (DeepSeek uses silu)")
+        if d.get("moe_layer_freq", 1) not in (1, None):
+            raise ConfigError(f"moe_layer_freq {d['moe_layer_freq']!r} is not supported (DeepSeek-V2/V3 use 1: every "
+                              "layer after first_k_dense_replace is MoE)")
         if d.get("attention_bias"):
             raise ConfigError("attention_bias=true is not supported (DeepSeek projections have no bias)")
         kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", False))
