@@ -200,3 +200,19 @@ def test_missing_shard_is_named(tiny, tmp_path):
         len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())))).unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-.*missing"):
         nanoseek.load(path)
+
+
+def test_tied_embeddings_with_a_stored_head(tmp_path):
+    """Tied checkpoints may or may not store lm_head.weight; both load, the head being the embedding."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(preset("tiny", tie_word_embeddings=True)).eval()
+    path = nanoseek.save(model, tmp_path / "tied")
+    t = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in t
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    save_file(t, str(path / "model.safetensors"))
+    again = nanoseek.load(path)
+    assert again.lm_head.weight is again.embed_tokens.weight
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))

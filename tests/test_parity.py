@@ -29,6 +29,7 @@ VARIANTS = {
     "half_split_rope": dict(rope_interleave=False),
     "several_dense_layers": dict(num_hidden_layers=4, first_k_dense_replace=2),
     "with_mtp": dict(num_nextn_predict_layers=1),
+    "tied_embeddings": dict(tie_word_embeddings=True),
 }
 SEQ = 160  # long enough that a wrong softmax scale or YaRN ramp shows in the logits
 

@@ -149,6 +149,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         model = Transformer(cfg)
     model.cast(dtype)
     model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
     _fill(model, path, weight_map, cfg)
     inv_freq, _ = rope_inv_freq(cfg)
     model.rotary.inv_freq = inv_freq.to(device)  # non-persistent buffers are not in the checkpoint
@@ -180,6 +182,8 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                 if key.endswith("weight_scale_inv"):
                     continue
                 name = hf_to_ours(key, cfg.num_hidden_layers)
+                if cfg.tie_word_embeddings and name == "lm_head.weight" and "model.embed_tokens.weight" in weight_map:
+                    name = None  # tied: some writers store the head too; the embedding is the one we keep
                 try:
                     t = fh.get_tensor(key)
                 except Exception as e:
