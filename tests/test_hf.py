@@ -216,3 +216,18 @@ def test_tied_embeddings_with_a_stored_head(tmp_path):
     ids = _ids(model)
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
+
+
+def test_v2_lite_style_round_trip(tmp_path):
+    """Softmax gating, greedy top-k, no q_lora, no balancing bias on disk (the DeepSeek-V2-Lite layout)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", q_lora_rank=None, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                 norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=2, initializer_range=0.1)
+    model = nanoseek.Transformer(cfg).eval()
+    path = nanoseek.save(model, tmp_path / "v2")
+    keys = load_file(str(path / "model.safetensors")).keys()
+    assert not any("e_score_correction_bias" in k for k in keys) and any("self_attn.q_proj" in k for k in keys)
+    again = nanoseek.load(path)
+    assert again.config.scoring_func == "softmax" and again.config.topk_method == "greedy"
+    with torch.no_grad():
+        assert torch.equal(model(_ids(model)), again(_ids(model)))
