@@ -34,9 +34,11 @@ def test_sft_pieces_tokenize_like_the_whole_transcript(tok):
 def test_parse_round_trip():
     p = parse_completion(render_completion("step one\nstep two", "42"))
     assert p == type(p)(reasoning="step one\nstep two", answer="42", well_formed=True)
-    # an engine that strips the eos, or a leading <think> the model wrote itself, is still fine
-    assert parse_completion("r\n</think>\n42").well_formed
+    # a leading <think> the model wrote itself is fine
     assert parse_completion("<think>\nr\n</think>\n42" + EOS).well_formed
+    # no end token: cut off at the length limit, not a finished answer (the answer is still parsed)
+    truncated = parse_completion("r\n</think>\n4")
+    assert not truncated.well_formed and truncated.answer == "4"
 
 
 @pytest.mark.parametrize("text", [

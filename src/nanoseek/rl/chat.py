@@ -8,7 +8,8 @@ the answer. As in R1's released chat template, the prompt itself opens the think
 
 Format rewards get hacked unless parsing is strict (REFERENCE.md section 5), so `parse_completion`
 accepts exactly one `</think>`, at most one `<think>` (only at the very start), non-empty reasoning and
-answer, no other special tokens, and nothing after eos. `split_reasoning` is the lenient, streaming
+answer, no other special tokens, and the answer closed by eos with nothing after it (a completion cut off
+at the length limit is not well formed). `split_reasoning` is the lenient, streaming
 counterpart the server uses to fill `reasoning_content`.
 """
 
@@ -71,7 +72,9 @@ def parse_completion(text: str) -> Parsed:
     """Split a completion (decoded with special tokens kept) into reasoning and answer, strictly."""
     body, has_eos, after_eos = text.partition(EOS)
     n_open, n_close = body.count(THINK), body.count(END_THINK)
-    ok = not after_eos and n_close == 1 and n_open <= 1 and not any(t in body for t in _FORBIDDEN_IN_COMPLETION)
+    # The end token is required: a completion cut off at the length limit is not a finished answer.
+    ok = bool(has_eos) and not after_eos and n_close == 1 and n_open <= 1 \
+        and not any(t in body for t in _FORBIDDEN_IN_COMPLETION)
     if n_close != 1:
         return Parsed(reasoning=body.strip(), answer="", well_formed=False)
     reasoning, _, answer = body.partition(END_THINK)
