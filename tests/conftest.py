@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 # ----------------------------------------------------------------------------- a tiny chat model on disk
 CHAT_QUESTIONS = ["Hi", "Hello", "Hello there!", "Say hello", "How are you?"]
@@ -104,3 +105,13 @@ def chat_server(chat_model_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests: extra threads gain nothing there and, on a
+    shared 2-core machine, spin against the other processes (seen 30-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

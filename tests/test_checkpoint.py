@@ -19,13 +19,8 @@ from nanoseek.train.metrics import read_metrics, truncate_metrics
 from nanoseek.train.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, param_groups
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: extra threads only spin against the other processes on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
