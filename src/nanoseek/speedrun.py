@@ -308,12 +308,19 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
                  progress=progress)
     evals: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
-    if plan.eval.base:
-        t = time.perf_counter()
+
+    def run_eval(stage_name: str, key: str, label: str, keep_samples: bool = True) -> None:
+        t0 = time.perf_counter()
         res = evaluate(model, tok, task, **ev_kw)
-        times["eval_base"] = time.perf_counter() - t
-        evals["base"] = res.to_dict()
-        print(f"pretrained: pass@1 {res.pass_at_1:.1%}, cons@{res.k} {res.cons_at_k:.1%}", file=sys.stderr)
+        times[stage_name] = time.perf_counter() - t0
+        evals[key] = res.to_dict()
+        if keep_samples:
+            samples[label] = res.samples
+        print(f"{label}: pass@1 {res.pass_at_1:.1%}, cons@{res.k} {res.cons_at_k:.1%}, format {res.format_rate:.1%}",
+              file=sys.stderr)
+
+    if plan.eval.base:
+        run_eval("eval_base", "base", "pretrained", keep_samples=False)
 
     stage(3, f"cold-start SFT on {sr.task} (difficulty {sr.difficulty})")
     t = time.perf_counter()
@@ -324,12 +331,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     times["sft"] = time.perf_counter() - t
 
     stage(4, "evaluate the SFT model on held-out problems")
-    t = time.perf_counter()
-    res = evaluate(model, tok, task, **ev_kw)
-    times["eval_before_rl"] = time.perf_counter() - t
-    evals["sft"], samples["SFT"] = res.to_dict(), res.samples
-    print(f"SFT: pass@1 {res.pass_at_1:.1%}, cons@{res.k} {res.cons_at_k:.1%}, format {res.format_rate:.1%}",
-          file=sys.stderr)
+    run_eval("eval_before_rl", "sft", "SFT")
 
     stage(5, f"GRPO: {plan.grpo.steps} steps x {plan.grpo.prompts_per_step} prompts x G={plan.grpo.G}")
     t = time.perf_counter()
@@ -341,12 +343,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     times["grpo"] = time.perf_counter() - t
 
     stage(6, "evaluate the GRPO model on the same held-out problems")
-    t = time.perf_counter()
-    res = evaluate(model, tok, task, **ev_kw)
-    times["eval_after_rl"] = time.perf_counter() - t
-    evals["grpo"], samples["GRPO"] = res.to_dict(), res.samples
-    print(f"GRPO: pass@1 {res.pass_at_1:.1%}, cons@{res.k} {res.cons_at_k:.1%}, format {res.format_rate:.1%}",
-          file=sys.stderr)
+    run_eval("eval_after_rl", "grpo", "GRPO")
 
     stage(7, "export a Hugging Face directory with the tokenizer and chat template")
     t = time.perf_counter()
