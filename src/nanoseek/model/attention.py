@@ -130,7 +130,7 @@ class MLA(nn.Module):
         pad = self.nope + self.rope - self.v_dim
         if pad > 0:
             # Fused (flash) SDPA kernels want one head size for q, k and v; zero columns in v cost a little
-            # extra GEMM but avoid the unfused path, which materialises [B,H,T,T] several times (~3x slower).
+            # extra GEMM but avoid the unfused path, which materialises [B,H,T,T] several times (slower on CPU).
             v = F.pad(v, (0, pad))
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)

@@ -10,7 +10,8 @@ n_group > 1, a group's score is the sum of its top-2 (biased) scores and only th
 negative. The weights are normalised when norm_topk_prob and then always scaled by routed_scaling_factor.
 
 Experts are stacked weights ([E, 2F, D] and [E, D, F]); tokens are sorted by expert and multiplied in one
-grouped GEMM (torch grouped_mm for bf16) or one padded batched GEMM: never a Python loop over experts.
+grouped GEMM (torch grouped_mm: training, bf16, one row per expert) or one padded batched GEMM (mid-sized
+inference batches): never a Python loop over experts.
 """
 
 from __future__ import annotations
@@ -160,14 +161,15 @@ class MoE(nn.Module):
         E, M, dev = counts_E.shape[0], N * K, x_ND.device
         e_M = idx_NK.flatten()
         order_M = e_M.argsort(stable=True)
-        rank_M = torch.arange(M, device=dev) - (counts_E.cumsum(0) - counts_E)[e_M[order_M]]  # slot in expert
         cap = int(counts_E.max())
         if self.experts.use_grouped_mm(x_ND.dtype, cap):
             y_sorted = self.experts(x_ND.index_select(0, order_M // K), counts_E)
             row_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(M, device=dev))
             y_MD = y_sorted.index_select(0, row_M)
         else:
-            row_M = torch.empty_like(order_M).index_copy_(0, order_M, e_M[order_M] * cap + rank_M)
+            e_sorted = e_M[order_M]
+            rank_M = torch.arange(M, device=dev) - (counts_E.cumsum(0) - counts_E)[e_sorted]  # slot in expert
+            row_M = torch.empty_like(order_M).index_copy_(0, order_M, e_sorted * cap + rank_M)
             src = torch.full((E * cap,), N, dtype=torch.long, device=dev).index_copy_(0, row_M, torch.arange(M, device=dev) // K)
             x_pad = F.pad(x_ND, (0, 0, 0, 1)).index_select(0, src)  # padding rows read an all-zero row
             y_pad = self.experts.forward_padded(x_pad.view(E, cap, -1)).reshape(E * cap, -1)
