@@ -83,8 +83,11 @@ def test_absorbed_equals_naive(overrides):
     with torch.no_grad():
         q_nope, q_rope, latent, k_rope = attn._project(x, cos, sin)
         naive = attn._naive(q_nope, q_rope, latent, k_rope, mask=None)
-        mask = torch.ones(24, 24, dtype=torch.bool).tril()[None, None].expand(2, 1, 24, 24)
-        absorbed = attn._absorbed(q_nope, q_rope, latent, k_rope, mask)
+        # The absorbed path takes the cache rows [latent | rope key] and an additive causal mask laid out
+        # (token, head) per row.
+        causal = torch.zeros(24, 24).masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
+        bias = causal[:, None, :].expand(24, cfg.num_attention_heads, 24).reshape(1, -1, 24).expand(2, -1, -1)
+        absorbed = attn._absorbed(q_nope, q_rope, torch.cat([latent, k_rope], -1), bias)
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-6)
 
 

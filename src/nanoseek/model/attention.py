@@ -18,56 +18,94 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, apply_rope
+from .layers import Linear, RMSNorm, apply_rope
 
 
 class LatentCache:
-    """Preallocated per-slot cache: latent [layers, slots, max_len, C] and rope key [layers, slots, max_len, R].
+    """Preallocated per-slot cache: [layers, slots, max_len, C + R], the latent and the rope key side by side.
 
-    A slot holds one sequence. Callers track each slot's length; writing at a smaller position simply
-    overwrites (that is how speculative decoding rolls back).
+    Storing both in one row lets decode attention score the query against [latent | rope key] in a single
+    batched GEMM. A slot holds one sequence. Callers track each slot's length; writing at a smaller position
+    simply overwrites (that is how speculative decoding rolls back).
     """
 
     def __init__(self, n_layers: int, num_slots: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.max_len = max_len
         self.num_slots = num_slots
-        self.latent = torch.zeros(n_layers, num_slots, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(n_layers, num_slots, max_len, rope_dim, dtype=dtype, device=device)
+        self.kv_lora_rank = kv_lora_rank
+        self.kv = torch.zeros(n_layers, num_slots, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.kv[..., : self.kv_lora_rank]
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.kv[..., self.kv_lora_rank:]
 
     def nbytes(self) -> int:
-        return self.latent.nbytes + self.k_rope.nbytes
+        return self.kv.nbytes
 
 
 class CacheView:
-    """What one forward needs to read/write the cache: the slot and start position of each row."""
+    """What one forward needs to read/write the cache: the slot and start position of each row.
+
+    Everything that is the same for every layer (bounds checks, whether the slots are one contiguous range,
+    the attention mask) is worked out once here rather than once per layer: at batch 1 a decode step is
+    dominated by per-op overhead, not arithmetic.
+    """
 
     def __init__(self, cache: LatentCache, slots: torch.Tensor, start_pos: torch.Tensor, n_new: int):
         self.cache = cache
         self.slots = slots
         self.start_pos = start_pos
-        end = int(start_pos.max()) + n_new
+        slot_list, start_list = slots.tolist(), start_pos.tolist()
+        end = max(start_list) + n_new
         if end > cache.max_len:
             raise ValueError(f"sequence length {end} exceeds the cache length {cache.max_len}")
-        if int(slots.max()) >= cache.num_slots or int(slots.min()) < 0:
+        if max(slot_list) >= cache.num_slots or min(slot_list) < 0:
             raise ValueError(f"cache slot out of range [0, {cache.num_slots})")
         self.n_new = n_new
         self.kv_len = end  # positions [0, kv_len) are read
+        self.prefill = n_new > 1 and max(start_list) == 0
         self.positions = start_pos[:, None] + torch.arange(n_new, device=start_pos.device)  # [B, T]
+        # Slots s, s+1, ... are read through a view instead of a gather.
+        s0 = slot_list[0]
+        self._first_slot = s0 if slot_list == list(range(s0, s0 + len(slot_list))) else None
+        # Every row sees every cached key only when all rows start at the same place and bring one token.
+        self._needs_mask = n_new > 1 or min(start_list) != max(start_list)
+        self._bias = None
 
-    def write(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor) -> None:
+    def write(self, layer: int, kv_BTW: torch.Tensor) -> None:
+        """Store [latent | rotated rope key] rows of the new tokens."""
         rows = self.slots[:, None].expand_as(self.positions)
-        self.cache.latent[layer][rows, self.positions] = latent_BTC.to(self.cache.latent.dtype)
-        self.cache.k_rope[layer][rows, self.positions] = k_rope_BTR.to(self.cache.k_rope.dtype)
+        self.cache.kv[layer][rows, self.positions] = kv_BTW.to(self.cache.kv.dtype)
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.cache.latent[layer][self.slots, : self.kv_len],
-                self.cache.k_rope[layer][self.slots, : self.kv_len])
+    def read(self, layer: int) -> torch.Tensor:
+        """[B, kv_len, C + R] for this forward's rows (a view when their slots are contiguous)."""
+        kv = self.cache.kv[layer]
+        if self._first_slot is not None:
+            return kv[self._first_slot: self._first_slot + self.slots.shape[0], : self.kv_len]
+        return kv[:, : self.kv_len].index_select(0, self.slots)
 
     def mask(self) -> torch.Tensor:
         """[B, 1, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
         keys = torch.arange(self.kv_len, device=self.positions.device)
         return (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+
+    def score_bias(self, n_heads: int) -> torch.Tensor | None:
+        """Additive mask [B, T*H, L] (0 or -inf) for scores laid out (token, head) per row; None when nothing
+        is masked. Built once per forward and shared by all layers."""
+        if not self._needs_mask:
+            return None
+        if self._bias is None:
+            B, T = self.positions.shape
+            allowed = self.mask()[:, 0]  # [B, T, L]
+            bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            bias = bias.masked_fill_(~allowed, float("-inf"))
+            self._bias = bias[:, :, None, :].expand(B, T, n_heads, self.kv_len).reshape(B, T * n_heads, self.kv_len)
+        return self._bias
 
 
 class MLA(nn.Module):
@@ -80,15 +118,15 @@ class MLA(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+            self.q_proj = Linear(D, H * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, bias=False)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -110,13 +148,12 @@ class MLA(nn.Module):
         if cache is None:
             out = self._naive(q_nope, q_rope, latent, k_rope, mask=None)
         else:
-            cache.write(layer, latent, k_rope)
-            if T > 1 and int(cache.start_pos.max()) == 0:
+            cache.write(layer, torch.cat([latent, k_rope], dim=-1))
+            if cache.prefill:
                 # Prefill from an empty slot: the naive path over the new tokens is the cheaper one.
                 out = self._naive(q_nope, q_rope, latent, k_rope, mask=None)
             else:
-                lat_BLC, rope_BLR = cache.read(layer)
-                out = self._absorbed(q_nope, q_rope, lat_BLC, rope_BLR, cache.mask())
+                out = self._absorbed(q_nope, q_rope, cache.read(layer), cache.score_bias(self.n_heads))
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask):
@@ -138,16 +175,27 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2)  # [B,T,H,V]
 
-    def _absorbed(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask_B1TL):
-        H = self.n_heads
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # [H,N,C], [H,V,C]
-        dtype = latent_BLC.dtype
-        q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype)).to(dtype)  # query in latent space
-        scores = torch.matmul(q_lat, latent_BLC.unsqueeze(1).transpose(-1, -2))  # [B,H,T,L]
-        scores = scores + torch.matmul(q_rope.transpose(1, 2).to(dtype), k_rope_BLR.unsqueeze(1).transpose(-1, -2))
-        scores = scores.float() * self.scale
-        scores = scores.masked_fill(~mask_B1TL, float("-inf"))
+    def _absorbed(self, q_nope, q_rope, kv_BLW, bias):
+        """Attention straight against the cache rows kv_BLW = [latent | rope key] ([B, L, C + R]).
+
+        Heads are folded into the row dimension ([B, T*H, .]) so that scores and the latent output are one
+        batched GEMM each against the cache as stored: no per-head copy of the cache is ever made.
+        """
+        B, T, H, _ = q_nope.shape
+        C, dtype = self.kv_rank, kv_BLW.dtype
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
+        w_uk, w_uv = w[:, : self.nope].to(dtype), w[:, self.nope:].to(dtype)  # [H,N,C], [H,V,C]
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope).transpose(0, 1).to(dtype), w_uk)  # [H, BT, C]
+        q = torch.cat([q_lat.transpose(0, 1), q_rope.reshape(B * T, H, self.rope).to(dtype)], dim=-1)
+        q = q.view(B, T * H, C + self.rope)
+        if dtype == torch.float32:
+            scores = torch.bmm(q, kv_BLW.transpose(1, 2)).mul_(self.scale) if bias is None else \
+                torch.baddbmm(bias, q, kv_BLW.transpose(1, 2), alpha=self.scale)
+        else:  # scores and softmax in fp32 whatever the cache dtype
+            scores = torch.bmm(q, kv_BLW.transpose(1, 2)).float() * self.scale
+            if bias is not None:
+                scores = scores + bias
         probs = scores.softmax(dim=-1).to(dtype)
-        o_lat = torch.matmul(probs, latent_BLC.unsqueeze(1))  # [B,H,T,C]
-        return torch.einsum("bhtc,hvc->bthv", o_lat, w_uv.to(dtype))  # [B,T,H,V]
+        o_lat = torch.bmm(probs, kv_BLW[..., :C])  # [B, T*H, C]
+        o = torch.bmm(o_lat.view(B * T, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # [H, BT, V]
+        return o.transpose(0, 1).reshape(B, T, H, self.v_dim)

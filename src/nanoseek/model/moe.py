@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, linear
 
 
 class Router(nn.Module):
@@ -104,6 +104,23 @@ class GroupedExperts(nn.Module):
         y_ECD = self.forward_padded(buf.view(E, cap, x_MD.shape[1]))
         return y_ECD.reshape(E * cap, y_ECD.shape[-1]).index_select(0, row_M)
 
+    def forward_few(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Weighted expert output [N, D] for a handful of tokens (decoding): one GEMV pair per assignment.
+
+        With N*K small, the sort/gather/grouped-GEMM machinery costs more than the arithmetic (measured on a
+        2-core CPU, bench config, one token: 0.62 vs 0.80 ms per layer, the weights alone 0.55 ms). Each
+        assignment reads its expert's weights in place; nothing is copied. The loop is over the N*K chosen
+        (token, slot) pairs, so its length does not depend on the number of experts.
+        """
+        x_ND, w1, w2 = self._weights(x_ND)
+        N, K = idx_NK.shape
+        pairs = [(n, k, e) for n, row in enumerate(idx_NK.tolist()) for k, e in enumerate(row)]
+        h = torch.cat([linear(x_ND[n: n + 1], w1[e]) for n, _, e in pairs])  # [N*K, 2F]
+        g, u = h.chunk(2, dim=-1)
+        a = F.silu(g) * u
+        y_NKD = torch.cat([linear(a[i: i + 1], w2[e]) for i, (_, _, e) in enumerate(pairs)]).view(N, K, -1)
+        return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
+
     @staticmethod
     def _grouped(x_MD, counts_E, w1, w2):
         offs = counts_E.cumsum(0).to(torch.int32)
@@ -120,6 +137,9 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    # Inference with at most this many (token, expert) assignments runs GroupedExperts.forward_few.
+    FEW_ASSIGNMENTS = 32  # measured crossover on the bench config: 8 tokens x 4 experts
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -136,13 +156,18 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         w_NK, idx_NK, scores_NE = self.gate(x_ND)
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
-        if self.training:
-            self.load += counts_E.detach().float()
-        if self.dispatcher is not None:
-            y_ND = self.dispatcher(self, x_ND, w_NK, idx_NK)
+        few = self.dispatcher is None and not self.training and not torch.is_grad_enabled() \
+            and idx_NK.numel() <= self.FEW_ASSIGNMENTS
+        if few:
+            y_ND = self.experts.forward_few(x_ND, w_NK, idx_NK).to(x_ND.dtype)
         else:
-            y_ND = self.route_local(x_ND, w_NK, idx_NK, counts_E)
+            counts_E = torch.bincount(idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
+            if self.training:
+                self.load += counts_E.detach().float()
+            if self.dispatcher is not None:
+                y_ND = self.dispatcher(self, x_ND, w_NK, idx_NK)
+            else:
+                y_ND = self.route_local(x_ND, w_NK, idx_NK, counts_E)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         aux = None

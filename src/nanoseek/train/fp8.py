@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import MLA
-from ..model.layers import MLP
+from ..model.layers import MLP, Linear
 from ..model.moe import GroupedExperts
 
 E4M3 = torch.float8_e4m3fn
@@ -231,7 +231,7 @@ def enable_fp8(model: nn.Module, fp8_cfg=None) -> nn.Module:
     for mod in list(model.modules()):
         if isinstance(mod, (MLA, MLP)):
             for child in mod.children():
-                if type(child) is nn.Linear:
+                if type(child) in (nn.Linear, Linear):
                     child.__class__ = FP8Linear
                     child.fp8 = opts
         elif type(mod) is GroupedExperts:
