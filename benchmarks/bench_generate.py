@@ -63,8 +63,42 @@ def bench_decode(args) -> dict:
     return out
 
 
+def memory_bandwidth_gbs(mbytes: int = 512) -> float:
+    """Read bandwidth of this machine at the current torch thread count: a sum over a tensor far above L3."""
+    a = torch.ones(mbytes * (1 << 20) // 4)
+    a.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        a.sum()
+    return 3 * a.nbytes / (time.perf_counter() - t) / 1e9
+
+
+def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
+    """The weight bytes one decode step of `batch` rows must read, and the fastest that step can be here.
+
+    A decode step multiplies a few rows by every weight it touches, so it cannot beat streaming those
+    weights from memory once: all non-expert weights (the embedding is a lookup) plus, per MoE layer, the
+    experts the batch picks (B tokens x K choices; uniform routing is assumed for the expected count).
+    """
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    moes = model.moe_layers(include_mtp=False)
+    expert = sum(p[0].numel() for p in (moes[0].experts.gate_up_proj, moes[0].experts.down_proj)) if moes else 0
+    main = {id(p): p for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    stacked = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in moes)
+    dense = sum(p.numel() for p in main.values()) - stacked - model.embed_tokens.weight.numel()
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    hit = E * (1 - (1 - K / E) ** batch) if E else 0.0
+    step_bytes = (dense + len(moes) * hit * expert) * elem
+    floor_s = step_bytes / (bandwidth_gbs * 1e9)
+    return {"weight_mb_per_step": round(step_bytes / 1e6, 1), "experts_read_per_layer": round(hit, 1),
+            "bandwidth_gbs": round(bandwidth_gbs, 1), "floor_ms_per_step": round(floor_s * 1e3, 2),
+            "ceiling_tokens_per_s": round(batch / floor_s, 1)}
+
+
 def _decode_rows(args, cfg, ours, theirs, dtype: str) -> dict:
     out = {}
+    bandwidth = memory_bandwidth_gbs()
     for B in args.batches:
         prompts = random_prompts(B, args.prompt_len, cfg.vocab_size, seed=B)
         ids = torch.tensor(prompts)
@@ -85,13 +119,20 @@ def _decode_rows(args, cfg, ours, theirs, dtype: str) -> dict:
         same_seq = sum(a == b for a, b in zip(results["ours"], results["theirs"]))
         same_tok = sum(x == y for a, b in zip(results["ours"], results["theirs"]) for x, y in zip(a, b))
         tps = {k: B * args.new_tokens / median(v) for k, v in times.items()}
+        roof = decode_roofline(ours, B, bandwidth)
+        roof["max_speedup_vs_transformers"] = round(roof["ceiling_tokens_per_s"] / tps["transformers"], 2)
+        roof["nanoseek_fraction_of_ceiling"] = round(tps["nanoseek"] / roof["ceiling_tokens_per_s"], 2)
         out[f"batch_{B}"] = {"tokens_per_s": tps, "speedup": tps["nanoseek"] / tps["transformers"],
                              "identical_sequences": f"{same_seq}/{B}",
                              "identical_tokens": f"{same_tok}/{B * args.new_tokens}",
-                             "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()}}
+                             "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+                             "memory_roofline": roof}
         print(f"decode {dtype} batch {B:>2}: nanoseek {tps['nanoseek']:.0f} tok/s  transformers {tps['transformers']:.0f} "
-              f"tok/s  speed-up {tps['nanoseek'] / tps['transformers']:.2f}x  identical sequences {same_seq}/{B}",
-              flush=True)
+              f"tok/s  speed-up {tps['nanoseek'] / tps['transformers']:.2f}x  identical sequences {same_seq}/{B}\n"
+              f"    roofline: {roof['weight_mb_per_step']} MB of weights per step at {roof['bandwidth_gbs']} GB/s = "
+              f"{roof['floor_ms_per_step']} ms -> at most {roof['ceiling_tokens_per_s']:.0f} tok/s, "
+              f"{roof['max_speedup_vs_transformers']}x transformers (nanoseek is at "
+              f"{roof['nanoseek_fraction_of_ceiling']:.0%} of it)", flush=True)
     return out
 
 
@@ -216,6 +257,22 @@ def _quick_trained_model(args):
     return model, Tok, prompts
 
 
+def speculation_costs(model, prompt: list[int], rounds: int = 200) -> dict:
+    """Milliseconds of the three calls a speculative step is made of, at batch 1 and this prompt's length:
+    a plain one-token step, the two-token verify, and the two-position MTP draft."""
+    cache = model.new_cache(1, len(prompt) + 4)
+    ids = torch.tensor([prompt])
+    zero = torch.zeros(1, dtype=torch.long)
+    pos = torch.tensor([len(prompt) - 2])
+    with torch.inference_mode():
+        _, hidden = model.forward_cached(ids, zero, zero, cache)
+        calls = {"step_1_token": lambda: model.forward_cached(ids[:, :1], pos, zero, cache),
+                 "verify_2_tokens": lambda: model.forward_cached(ids[:, :2], pos, zero, cache),
+                 "mtp_draft": lambda: model.mtp_forward_cached(hidden[:, :2], ids[:, 1:3], pos, zero, cache)}
+        times = alternate(calls, rounds=rounds, warmup=20)
+    return {k: round(median(v) * 1e3, 3) for k, v in times.items()}
+
+
 def bench_mtp(args) -> dict:
     if args.model:
         model = nanoseek.load(args.model).eval()
@@ -258,6 +315,19 @@ def bench_mtp(args) -> dict:
                              "identical_tokens": same}
         print(f"mtp batch {B:>2}: acceptance {spec.stats.acceptance_rate:.1%}  speed-up "
               f"{res[f'batch_{B}']['speedup']:.2f}x  identical {same}  ({source})", flush=True)
+        if B == 1:
+            # A speculative step emits 1 + a tokens (a = acceptance) for one verify and one draft call, so
+            # plain/speculative time per token is at most (1 + a) * step / (verify + draft).
+            cost = speculation_costs(model, work[0])
+            a = spec.stats.acceptance_rate
+            cost["speedup_bound_at_this_acceptance"] = round((1 + a) * cost["step_1_token"] /
+                                                             (cost["verify_2_tokens"] + cost["mtp_draft"]), 3)
+            cost["acceptance_needed_for_1_5x"] = round(1.5 * (cost["verify_2_tokens"] + cost["mtp_draft"]) /
+                                                      cost["step_1_token"] - 1, 3)
+            res["batch_1"]["call_costs_ms"] = cost
+            print(f"    calls: step {cost['step_1_token']} ms, 2-token verify {cost['verify_2_tokens']} ms, MTP draft "
+                  f"{cost['mtp_draft']} ms -> speed-up bound {cost['speedup_bound_at_this_acceptance']}x at this "
+                  f"acceptance; 1.5x would need acceptance {cost['acceptance_needed_for_1_5x']:.2f}", flush=True)
     return {"source": source, **res}
 
 

@@ -44,22 +44,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         one batched GEMM uses both cores (~22 GB/s on an 8192x512 weight, the same result);
       * 2-64 rows: x @ W^T re-packs the whole weight for a tiny output; W @ x^T streams it once (8192x512:
         2.6 vs 1.1 ms at 2 rows, 3.5 vs 2.5 ms at 16; the same from ~128 rows).
-    Training (grad enabled) and GPUs keep F.linear.
+    Small weights (under _RELAYOUT_MIN elements) keep F.linear, where the call overhead outweighs the
+    bandwidth; so do training (grad enabled) and GPUs.
     """
-    if bias is not None or x.device.type != "cpu" or torch.is_grad_enabled() or not x.shape[-1]:
-        return F.linear(x, weight, bias)
-    rows, (n_out, n_in) = x.numel() // x.shape[-1], weight.shape
-    if rows == 1 and n_out % _GEMV_SPLIT == 0 and torch.get_num_threads() > 1 and weight.is_contiguous():
-        x_b = x.reshape(1, 1, n_in).expand(_GEMV_SPLIT, 1, n_in)
-        y = torch.bmm(x_b, weight.view(_GEMV_SPLIT, n_out // _GEMV_SPLIT, n_in).transpose(1, 2))
-        return y.view(*x.shape[:-1], n_out)
-    if 2 <= rows <= 64:
-        y = torch.mm(weight, x.reshape(rows, n_in).t()).t().contiguous()
-        return y.view(*x.shape[:-1], n_out)
+    if bias is None and x.is_cpu and weight.numel() >= _RELAYOUT_MIN and not torch.is_grad_enabled():
+        n_out, n_in = weight.shape
+        rows = x.numel() // n_in
+        if rows == 1 and torch.get_num_threads() > 1 and n_out % _GEMV_SPLIT == 0 and weight.is_contiguous():
+            y = torch.bmm(x.reshape(1, 1, n_in).expand(_GEMV_SPLIT, 1, n_in),
+                          weight.view(_GEMV_SPLIT, n_out // _GEMV_SPLIT, n_in).transpose(1, 2))
+            return y.view(x.shape[:-1] + (n_out,))
+        if 2 <= rows <= 64:
+            return torch.mm(weight, x.reshape(rows, n_in).t()).t().contiguous().view(x.shape[:-1] + (n_out,))
     return F.linear(x, weight, bias)
 
 
 _GEMV_SPLIT = 4
+_RELAYOUT_MIN = 1 << 16
 
 
 class Linear(nn.Linear):
