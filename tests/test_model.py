@@ -187,7 +187,9 @@ def test_few_token_moe_path_equals_batched():
     moe = Transformer(cfg).layers[1].mlp.eval()
     T = moe.FEW_ASSIGNMENTS // cfg.num_experts_per_tok + 8  # enough tokens for the batched path
     x = torch.randn(1, T, cfg.hidden_size)
-    with torch.no_grad():
+    from nanoseek.model import kernels
+
+    with torch.no_grad(), kernels.disabled():  # the torch paths (test_kernels.py covers the C++ one)
         batched, _ = moe(x)
         for n in (1, 2, 3):  # one token (plain decoding), two (a speculative verify), three
             few = torch.cat([moe(x[:, t:t + n])[0] for t in range(0, T - n + 1, n)], dim=1)
@@ -195,13 +197,17 @@ def test_few_token_moe_path_equals_batched():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_inference_linear_layouts_equal_f_linear(threads):
-    """layers.linear picks a GEMV/GEMM layout for a few rows at inference; the values must be F.linear's."""
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_inference_linear_layouts_equal_f_linear(threads, use_kernels):
+    """layers.linear picks a kernel or GEMM layout for a few rows at inference; the values must be F.linear's."""
+    import contextlib
+
+    from nanoseek.model import kernels
     from nanoseek.model.layers import linear
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
+    with contextlib.nullcontext() if use_kernels else kernels.disabled():
         torch.manual_seed(0)
         w = torch.randn(384, 256)
         for rows in (1, 2, 5, 64, 65, 200):
@@ -216,8 +222,7 @@ def test_inference_linear_layouts_equal_f_linear(threads):
         x = torch.randn(2, 256, requires_grad=True)
         linear(x, w).sum().backward()  # training keeps F.linear and its autograd
         torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(old)
+    torch.set_num_threads(old)
 
 
 def test_cache_reads_non_contiguous_slots():

@@ -89,6 +89,13 @@ class CacheView:
             return kv[self._first_slot: self._first_slot + self.slots.shape[0], : self.kv_len]
         return kv[:, : self.kv_len].index_select(0, self.slots)
 
+    def kernel_args(self, layer: int, n_heads: int) -> tuple:
+        """The cache arguments of kernels.block_decode for this layer."""
+        rows = self.slots[:, None].expand_as(self.positions)
+        first = -1 if self._first_slot is None else self._first_slot
+        return (self.cache.kv[layer], self.slots, rows, self.positions, first, self.kv_len,
+                self.score_bias(n_heads))
+
     def mask(self) -> torch.Tensor:
         """[B, 1, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
         keys = torch.arange(self.kv_len, device=self.positions.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+from . import kernels
 
 
 class RMSNorm(nn.Module):
@@ -36,20 +37,22 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with two CPU inference cases laid out for the memory-bound kernels they are.
+    """F.linear, with the few-row shapes of CPU decoding laid out for the memory-bound work they are.
 
-    Decoding multiplies a few rows by each weight, so the time is that of streaming the weight from memory.
-    Measured on a 2-core EPYC (fp32, 2 threads), torch's CPU F.linear gets there poorly in two cases:
-      * one row: the GEMV runs on a single thread at ~12 GB/s; splitting the weight's rows into 4 batches of
-        one batched GEMM uses both cores (~22 GB/s on an 8192x512 weight, the same result);
-      * 2-64 rows: x @ W^T re-packs the whole weight for a tiny output; W @ x^T streams it once (8192x512:
-        2.6 vs 1.1 ms at 2 rows, 3.5 vs 2.5 ms at 16; the same from ~128 rows).
-    Small weights (under _RELAYOUT_MIN elements) keep F.linear, where the call overhead outweighs the
-    bandwidth; so do training (grad enabled) and GPUs.
+    Decoding multiplies 1-16 rows by each weight, so the time is that of streaming the weight from memory,
+    and torch's CPU F.linear gets there poorly (2-core EPYC, fp32: one row runs a single-threaded GEMV at
+    ~13 GB/s; a few rows re-pack the whole weight first). In order of preference:
+      * up to 32 rows, fp32: the C++ kernel of nanoseek.model.kernels (25-28 GB/s at one or two rows);
+      * one row without it: the weight's rows split into 4 batches of one bmm, which uses every thread;
+      * 2-64 rows without it: W @ x^T, which streams W once (8192x512: 1.1 vs 2.6 ms at 2 rows).
+    Small weights (under _RELAYOUT_MIN elements, where call overhead outweighs bandwidth), training (grad
+    enabled), GPUs and bias-carrying layers keep F.linear.
     """
     if bias is None and x.is_cpu and weight.numel() >= _RELAYOUT_MIN and not torch.is_grad_enabled():
         n_out, n_in = weight.shape
         rows = x.numel() // n_in
+        if rows <= 32 and weight.is_contiguous() and kernels.usable(x, weight):
+            return kernels.rows_matmul(x.reshape(rows, n_in), weight).view(x.shape[:-1] + (n_out,))
         if rows == 1 and torch.get_num_threads() > 1 and n_out % _GEMV_SPLIT == 0 and weight.is_contiguous():
             y = torch.bmm(x.reshape(1, 1, n_in).expand(_GEMV_SPLIT, 1, n_in),
                           weight.view(_GEMV_SPLIT, n_out // _GEMV_SPLIT, n_in).transpose(1, 2))

@@ -20,7 +20,8 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA, CacheView, LatentCache
 from .layers import MLP, Linear, RMSNorm, Rotary
-from .moe import MoE
+from . import kernels
+from .moe import GroupedExperts, MoE
 
 
 class Block(nn.Module):
@@ -39,6 +40,49 @@ class Block(nn.Module):
         else:
             y, aux = self.mlp(h), None
         return x + y, aux
+
+
+    # ------------------------------------------------------------------ decode step in C++
+    def decodes_in_kernel(self) -> bool:
+        """True when forward_decode computes exactly what forward does: plain modules (no FP8 training
+        wrappers, no expert-parallel dispatcher), inference mode."""
+        a, mlp = self.self_attn, self.mlp
+        linears = [a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj] + \
+            ([a.q_proj] if a.cfg.q_lora_rank is None else [a.q_a_proj, a.q_b_proj])
+        if isinstance(mlp, MoE):
+            if mlp.training or mlp.dispatcher is not None or type(mlp.experts) is not GroupedExperts:
+                return False
+            if mlp.shared_experts is not None:
+                linears += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj, mlp.shared_experts.down_proj]
+        else:
+            linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        return all(type(m) is Linear for m in linears)
+
+    def forward_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView,
+                       layer: int) -> torch.Tensor:
+        """forward() of a decode step (cache attached, not a prefill) as one C++ call: kernels.block_decode
+        runs the same operations in the same order, without a Python call per op."""
+        a, cfg = self.self_attn, self.self_attn.cfg
+        q = [a.q_proj.weight] if cfg.q_lora_rank is None else \
+            [a.q_a_proj.weight, a.q_a_layernorm.weight, a.q_b_proj.weight]
+        attn = q + [a.kv_a_proj_with_mqa.weight, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight]
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        mlp = self.mlp
+        icfg = [a.n_heads, a.nope, a.rope, a.v_dim, a.kv_rank, int(cfg.rope_interleave), int(isinstance(mlp, MoE))]
+        if isinstance(mlp, MoE):
+            weights = [mlp.gate.weight, mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj,
+                       mlp.experts.down_proj]
+            if mlp.shared_experts is not None:
+                sh = mlp.shared_experts
+                weights += [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+            method = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}[cfg.topk_method]
+            icfg += [cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, int(cfg.scoring_func == "softmax"),
+                     method, int(cfg.norm_topk_prob), int(mlp.shared_experts is not None)]
+        else:
+            weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        fcfg = [cfg.rms_norm_eps, a.scale, cfg.routed_scaling_factor]
+        return kernels.block_decode(x, cos, sin, *cache.kernel_args(layer, a.n_heads), attn, norms, weights,
+                                    icfg, fcfg)
 
 
 class MTPModule(Block):
@@ -178,9 +222,20 @@ class Transformer(nn.Module):
         view = CacheView(cache, slots, start_pos, input_ids.shape[1])
         cos, sin = self.rotary(view.positions)
         x = self.embed_tokens(input_ids)
+        fast = self._decode_in_kernels(x, view)
         for i, block in enumerate(self.layers):
-            x, _ = block(x, cos, sin, view, layer=i)
+            x = block.forward_decode(x, cos, sin, view, i) if fast else block(x, cos, sin, view, layer=i)[0]
         return self.lm_head(self.norm(x)), x
+
+    def _decode_in_kernels(self, x: torch.Tensor, view: CacheView) -> bool:
+        """Run this cached forward's blocks through kernels.block_decode? Decode steps only (a prefill takes
+        the naive attention path), fp32 on CPU, as many assignments as the expert kernel takes."""
+        cfg = self.config
+        if view.prefill or x.shape[0] * x.shape[1] * max(1, cfg.num_experts_per_tok) > MoE.KERNEL_ASSIGNMENTS:
+            return False
+        if torch.is_autocast_enabled("cpu") or not kernels.usable(x, self.embed_tokens.weight):
+            return False
+        return all(b.decodes_in_kernel() for b in self.layers) and all(b.decodes_in_kernel() for b in self.mtp)
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: torch.Tensor,
                            slots: torch.Tensor, cache: LatentCache, depth: int = 0):
@@ -192,5 +247,7 @@ class Transformer(nn.Module):
         view = CacheView(cache, slots, start_pos, next_ids.shape[1])
         cos, sin = self.rotary(view.positions)
         x = mod.combine(hidden, self.embed_tokens(next_ids))
-        h, _ = mod(x, cos, sin, view, layer=self.config.num_hidden_layers + depth)
+        layer = self.config.num_hidden_layers + depth
+        h = mod.forward_decode(x, cos, sin, view, layer) if self._decode_in_kernels(x, view) else \
+            mod(x, cos, sin, view, layer=layer)[0]
         return self.lm_head(mod.shared_head.norm(h)), h
