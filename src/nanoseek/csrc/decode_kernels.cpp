@@ -174,23 +174,49 @@ torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w) {
   return at::linear(x, w);
 }
 
-torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return at::rms_norm(x, {x.size(-1)}, w, eps);
+// RMSNorm over the last dim, fp32 (at::rms_norm is a chain of ~8 ops on CPU: most of a small block's time).
+torch::Tensor rms(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+  const auto x = x_in.contiguous();
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * D;
+    double ss = 0.0;  // double: a serial fp32 sum over thousands of dims would drift from torch's tree sum
+    for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(xr[d]) * xr[d];
+    const float inv = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(D)) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) yp[r * D + d] = wp[d] * (xr[d] * inv);
+  }
+  return y;
 }
 
-// apply_rope: x [..., T, H, R], cos/sin [..., T, R/2]; pairs (0,1),(2,3).. when interleaved, else (i, i+R/2).
-torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleave) {
-  const int64_t R = x.size(-1);
-  torch::Tensor x1, x2;
-  if (interleave) {
-    x1 = x.slice(-1, 0, R, 2);
-    x2 = x.slice(-1, 1, R, 2);
-  } else {
-    x1 = x.narrow(-1, 0, R / 2);
-    x2 = x.narrow(-1, R / 2, R / 2);
-  }
-  const auto c = cos.unsqueeze(-2), s = sin.unsqueeze(-2);
-  return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+// apply_rope: x [B, T, H, R] (any strides), cos/sin [B, T, R/2] -> contiguous [B, T, H, R] holding the rotated
+// pairs as [first halves | second halves]; pairs are (0,1),(2,3).. when interleaved, else (i, i + R/2).
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos_in, const torch::Tensor& sin_in,
+                   bool interleave) {
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), P = R / 2;
+  const auto cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  auto y = torch::empty({B, T, H, R}, x.options());
+  const auto xa = x.accessor<float, 4>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        float* yr = yp + ((b * T + t) * H + h) * R;
+        const float* c = cp + (b * T + t) * P;
+        const float* s = sp + (b * T + t) * P;
+        for (int64_t i = 0; i < P; ++i) {
+          const float x1 = interleave ? xa[b][t][h][2 * i] : xa[b][t][h][i];
+          const float x2 = interleave ? xa[b][t][h][2 * i + 1] : xa[b][t][h][i + P];
+          yr[i] = x1 * c[i] - x2 * s[i];
+          yr[i + P] = x2 * c[i] + x1 * s[i];
+        }
+      }
+  return y;
 }
 
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up,
