@@ -297,8 +297,11 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   return out + y.view({B, T, D});
 }
 
+// The GIL is released for the duration of each call (they touch no Python object), so the server's HTTP
+// thread runs while the engine computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)");
-  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32, CPU)");
-  m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (fp32, CPU)");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)", nogil);
+  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32, CPU)", nogil);
+  m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (fp32, CPU)", nogil);
 }

@@ -71,13 +71,17 @@ class Choice:
 
 
 def create_app(engine: Engine, tokenizer: ChatTokenizer, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
+               max_body_bytes: int = 4 << 20, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With start_engine the app runs the engine on a background thread for its lifetime;
+    `nanoseek serve` passes False and runs it on the main thread itself (see Engine.serve_forever)."""
     state = ServerState(engine, tokenizer, model_name, api_key, max_body_bytes)
 
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
-        engine.stop()
+        if start_engine:
+            engine.stop()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.nanoseek = state

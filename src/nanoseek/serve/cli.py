@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def build_app(args: argparse.Namespace):
+def build_app(args: argparse.Namespace, start_engine: bool = True):
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.generate import load_model
     from nanoseek.infer.text import ChatTokenizer
@@ -37,14 +37,29 @@ def build_app(args: argparse.Namespace):
     engine = Engine(model, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
                     speculative=args.speculative)
     name = args.model_name or Path(args.model).resolve().name
-    return create_app(engine, tokenizer, name, api_key=args.api_key)
+    return create_app(engine, tokenizer, name, api_key=args.api_key, start_engine=start_engine)
 
 
 def run(args: argparse.Namespace) -> int:
+    """HTTP (uvicorn) on a helper thread, the engine's step loop on the main thread (Engine.serve_forever
+    says why); SIGINT / SIGTERM end both."""
+    import signal
+    import threading
+
     import uvicorn
 
-    app = build_app(args)
+    app = build_app(args, start_engine=False)
+    engine = app.state.nanoseek.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="nanoseek-http", daemon=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: engine.request_stop())
+    http.start()
     print(f"nanoseek: serving {app.state.nanoseek.model_name!r} on http://{args.host}:{args.port}/ "
           f"(OpenAI base_url http://{args.host}:{args.port}/v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    try:
+        engine.serve_forever(keep_running=http.is_alive)
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+    return 0 if server.started else 1
