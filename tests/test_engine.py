@@ -96,21 +96,22 @@ class OracleDrafts(torch.nn.Module):
     def new_cache(self, *a, **k):
         return self.inner.new_cache(*a, **k)
 
-    def forward_cached(self, ids, start, slots, cache):
+    def forward_cached(self, ids, start, slots, cache, logits_at=None):
         for b in range(ids.shape[0]):
             if int(start[b]) == 0:  # a prefill: remember which sequence this slot holds
                 row = ids[b].tolist()
                 self.slot_seq[int(slots[b])] = next(s for p, s in self.seqs.items() if list(p) == row[:len(p)]
                                                     and all(t == 0 for t in row[len(p):]))
-        return self.inner.forward_cached(ids, start, slots, cache)
+        return self.inner.forward_cached(ids, start, slots, cache, logits_at=logits_at)
 
-    def mtp_forward_cached(self, hidden, next_ids, start, slots, cache):
-        logits, h = self.inner.mtp_forward_cached(hidden, next_ids, start, slots, cache)
+    def mtp_forward_cached(self, hidden, next_ids, start, slots, cache, logits_at=None):
+        logits, h = self.inner.mtp_forward_cached(hidden, next_ids, start, slots, cache, logits_at=logits_at)
         logits = logits.clone()
         for b in range(logits.shape[0]):
             seq = self.slot_seq[int(slots[b])]
             for t in range(logits.shape[1]):
-                target = int(start[b]) + t + 2
+                pos = t if logits_at is None else int(logits_at[b])  # position within this call's tokens
+                target = int(start[b]) + pos + 2
                 if target < len(seq) and target % 3:
                     logits[b, t] = -1e4
                     logits[b, t, seq[target]] = 1e4
@@ -220,11 +221,11 @@ def test_background_thread_survives_a_failing_step(model):
         def new_cache(self, *a, **k):
             return self.inner.new_cache(*a, **k)
 
-        def forward_cached(self, *a):
+        def forward_cached(self, *a, **k):
             if self.fail:
                 self.fail = False
                 raise RuntimeError("boom")
-            return self.inner.forward_cached(*a)
+            return self.inner.forward_cached(*a, **k)
 
     engine = Engine(Flaky(), max_batch_size=2, max_len=32).start()
     try:

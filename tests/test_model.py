@@ -105,6 +105,10 @@ def test_cached_decoding_equals_full_forward_with_mixed_positions():
         logits, _ = model.forward_cached(ids[:, :12], torch.zeros(3, dtype=torch.long), slots, cache)
         for b, n in enumerate(lens):
             torch.testing.assert_close(logits[b, :n], full[b, :n], rtol=1e-4, atol=1e-5)
+        # Logits at one position per row only (how the engine prefills).
+        last, _ = model.forward_cached(ids[:, :12], torch.zeros(3, dtype=torch.long), slots, cache,
+                                       logits_at=torch.tensor(lens) - 1)
+        torch.testing.assert_close(last[:, 0], full[[0, 1, 2], [11, 6, 0]], rtol=1e-4, atol=1e-5)
         pos = torch.tensor(lens)
         while int(pos.min()) < 30:
             step_ids = ids.gather(1, pos.clamp(max=29)[:, None])

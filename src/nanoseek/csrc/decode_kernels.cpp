@@ -52,22 +52,34 @@ void rows_block(const float* x, int64_t K, const float* w, float* y, int64_t ldy
   }
 }
 
-// All M rows of x against weight rows [n0, n1); y has row stride ldy.
+void rows_block_any(const float* x, int64_t R, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
+                    int64_t n1) {
+  switch (R) {
+    case 1: rows_block<1>(x, K, w, y, ldy, n0, n1); break;
+    case 2: rows_block<2>(x, K, w, y, ldy, n0, n1); break;
+    case 3: rows_block<3>(x, K, w, y, ldy, n0, n1); break;
+    case 4: rows_block<4>(x, K, w, y, ldy, n0, n1); break;
+    case 5: rows_block<5>(x, K, w, y, ldy, n0, n1); break;
+    case 6: rows_block<6>(x, K, w, y, ldy, n0, n1); break;
+    case 7: rows_block<7>(x, K, w, y, ldy, n0, n1); break;
+    default: rows_block<8>(x, K, w, y, ldy, n0, n1); break;
+  }
+}
+
+// All M rows of x against weight rows [n0, n1); y has row stride ldy. With more than 8 rows the weight
+// rows go in L2-sized chunks that every block of 8 rows uses before the next chunk is read, so the
+// weight is streamed from memory once, not once per block.
 void rows_range(const float* x, int64_t M, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
                 int64_t n1) {
-  for (int64_t m = 0; m < M; m += 8) {
-    const float* xm = x + m * K;
-    float* ym = y + m * ldy;
-    switch (std::min<int64_t>(8, M - m)) {
-      case 1: rows_block<1>(xm, K, w, ym, ldy, n0, n1); break;
-      case 2: rows_block<2>(xm, K, w, ym, ldy, n0, n1); break;
-      case 3: rows_block<3>(xm, K, w, ym, ldy, n0, n1); break;
-      case 4: rows_block<4>(xm, K, w, ym, ldy, n0, n1); break;
-      case 5: rows_block<5>(xm, K, w, ym, ldy, n0, n1); break;
-      case 6: rows_block<6>(xm, K, w, ym, ldy, n0, n1); break;
-      case 7: rows_block<7>(xm, K, w, ym, ldy, n0, n1); break;
-      default: rows_block<8>(xm, K, w, ym, ldy, n0, n1); break;
-    }
+  if (M <= 8) {
+    rows_block_any(x, M, w, y, ldy, K, n0, n1);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / (4 * K));  // ~64 KB of weight rows
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t m = 0; m < M; m += 8)
+      rows_block_any(x + m * K, std::min<int64_t>(8, M - m), w, y + m * ldy, ldy, K, c0, c1);
   }
 }
 

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from nanoseek.infer.sampling import SamplingParams, draw, probs, sample, uniform
+from nanoseek.model import kernels
 
 
 class EngineError(ValueError):
@@ -123,6 +124,8 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         # Two spare positions: a speculative step writes the draft one past the last real token.
+        if param.dtype == torch.float32 and param.is_cpu:
+            kernels.load()  # build the C++ decode kernels now (once per machine), not inside the first request
         self.cache = model.new_cache(max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
                                      device=self.device)
         self.stats = EngineStats()
@@ -352,10 +355,10 @@ class Engine:
         ids = self._tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs])  # right padding
         slots = self._tensor([r.slot for r in reqs])
         zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
-        logits, hidden = self.model.forward_cached(ids, zeros, slots, self.cache)
         rows = torch.arange(len(reqs), device=self.device)
         last = torch.tensor(lens, device=self.device) - 1
-        last_logits = logits[rows, last]  # [B, V]
+        logits, hidden = self.model.forward_cached(ids, zeros, slots, self.cache, logits_at=last)
+        last_logits = logits[:, 0]  # [B, V]
         params = [r.params for r in reqs]
         first = sample(last_logits, params, [r.generator for r in reqs])
         logps = self._logprob(last_logits, first) if any(p.logprobs for p in params) else [0.0] * len(reqs)
@@ -365,8 +368,8 @@ class Engine:
             # MTP position i sees hidden[i] and token i+1; the prompt's last position sees the first sample.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
             nxt[rows, last] = first
-            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, zeros, slots, self.cache)
-            self._set_drafts(reqs, mtp_logits[rows, last])
+            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, zeros, slots, self.cache, logits_at=last)
+            self._set_drafts(reqs, mtp_logits[:, 0])
         for i, r in enumerate(reqs):
             r.pos = lens[i]
             r.pending = int(first[i])

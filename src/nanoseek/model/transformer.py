@@ -217,15 +217,19 @@ class Transformer(nn.Module):
                            dtype or ref.dtype, device or ref.device)
 
     def forward_cached(self, input_ids: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor,
-                       cache: LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run T new tokens per row against the cache; returns logits [B,T,V] and pre-norm hidden [B,T,D]."""
+                       cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run T new tokens per row against the cache; returns logits [B,T,V] and pre-norm hidden [B,T,D].
+
+        With logits_at ([B] indices into T) only those positions get logits ([B,1,V]): a prefill samples
+        from its last position only, and the head over every prompt token is a large share of its FLOPs.
+        """
         view = CacheView(cache, slots, start_pos, input_ids.shape[1])
         cos, sin = self.rotary(view.positions)
         x = self.embed_tokens(input_ids)
         fast = self._decode_in_kernels(x, view)
         for i, block in enumerate(self.layers):
             x = block.forward_decode(x, cos, sin, view, i) if fast else block(x, cos, sin, view, layer=i)[0]
-        return self.lm_head(self.norm(x)), x
+        return self.lm_head(self.norm(_pick(x, logits_at))), x
 
     def _decode_in_kernels(self, x: torch.Tensor, view: CacheView) -> bool:
         """Run this cached forward's blocks through kernels.block_decode? Decode steps only (a prefill takes
@@ -238,9 +242,11 @@ class Transformer(nn.Module):
         return all(b.decodes_in_kernel() for b in self.layers) and all(b.decodes_in_kernel() for b in self.mtp)
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: torch.Tensor,
-                           slots: torch.Tensor, cache: LatentCache, depth: int = 0):
+                           slots: torch.Tensor, cache: LatentCache, depth: int = 0,
+                           logits_at: torch.Tensor | None = None):
         """MTP module `depth` at positions start_pos..: combines hidden[i] with Emb(next_ids[i]) (the token at
-        position i+1) and returns logits for token i+2 and the module's hidden state."""
+        position i+1) and returns logits for token i+2 and the module's hidden state (logits_at: as in
+        forward_cached)."""
         if depth >= len(self.mtp):
             raise ValueError(f"the model has {len(self.mtp)} MTP module(s); depth {depth} does not exist")
         mod = self.mtp[depth]
@@ -250,4 +256,11 @@ class Transformer(nn.Module):
         layer = self.config.num_hidden_layers + depth
         h = mod.forward_decode(x, cos, sin, view, layer) if self._decode_in_kernels(x, view) else \
             mod(x, cos, sin, view, layer=layer)[0]
-        return self.lm_head(mod.shared_head.norm(h)), h
+        return self.lm_head(mod.shared_head.norm(_pick(h, logits_at))), h
+
+
+def _pick(h_BTD: torch.Tensor, at_B: torch.Tensor | None) -> torch.Tensor:
+    """h at one position per row ([B,1,D]), or all of h."""
+    if at_B is None:
+        return h_BTD
+    return h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), at_B].unsqueeze(1)
