@@ -45,44 +45,69 @@ class Block(nn.Module):
     # ------------------------------------------------------------------ decode step in C++
     def decodes_in_kernel(self) -> bool:
         """True when forward_decode computes exactly what forward does: plain modules (no FP8 training
-        wrappers, no expert-parallel dispatcher), inference mode."""
-        a, mlp = self.self_attn, self.mlp
-        linears = [a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj] + \
-            ([a.q_proj] if a.cfg.q_lora_rank is None else [a.q_a_proj, a.q_b_proj])
-        if isinstance(mlp, MoE):
-            if mlp.training or mlp.dispatcher is not None or type(mlp.experts) is not GroupedExperts:
-                return False
-            if mlp.shared_experts is not None:
-                linears += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj, mlp.shared_experts.down_proj]
-        else:
-            linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        return all(type(m) is Linear for m in linears)
+        wrappers, no expert-parallel dispatcher, no FSDP hooks), inference mode."""
+        plan = self._kernel_plan()
+        moe = plan.moe
+        if moe is not None and (moe.training or moe.dispatcher is not None or type(moe.experts) is not GroupedExperts):
+            return False
+        if any(m._forward_pre_hooks or m._forward_hooks for m in plan.hooked):
+            return False
+        return all(type(m) is Linear for m in plan.linears)
 
     def forward_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView,
                        layer: int) -> torch.Tensor:
         """forward() of a decode step (cache attached, not a prefill) as one C++ call: kernels.block_decode
         runs the same operations in the same order, without a Python call per op."""
-        a, cfg = self.self_attn, self.self_attn.cfg
-        q = [a.q_proj.weight] if cfg.q_lora_rank is None else \
-            [a.q_a_proj.weight, a.q_a_layernorm.weight, a.q_b_proj.weight]
-        attn = q + [a.kv_a_proj_with_mqa.weight, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight]
-        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
-        mlp = self.mlp
+        plan = self._kernel_plan()
+        attn, norms, mlp = ([m._parameters[n] if n in m._parameters else m._buffers[n] for m, n in group]
+                            for group in (plan.attn, plan.norms, plan.mlp))
+        return kernels.block_decode(x, cos, sin, *cache.kernel_args(layer, plan.icfg[0]), attn, norms, mlp,
+                                    plan.icfg, plan.fcfg)
+
+    def _kernel_plan(self) -> "_KernelPlan":
+        plan = self.__dict__.get("_kplan")
+        if plan is None:
+            plan = self.__dict__["_kplan"] = _KernelPlan.of(self)
+        return plan
+
+
+@dataclass
+class _KernelPlan:
+    """What kernels.block_decode needs from one block, gathered once: the (module, tensor name) pairs in
+    the kernel's order, read at each call (so in-place updates, casts and reloads are seen), and the
+    integer / float configuration (see csrc/decode_kernels.cpp)."""
+    attn: list
+    norms: list
+    mlp: list
+    linears: list   # must still be plain Linear at call time (enable_fp8 swaps classes in place)
+    hooked: list    # modules FSDP would hook
+    moe: MoE | None
+    icfg: list
+    fcfg: list
+
+    @classmethod
+    def of(cls, block: Block) -> "_KernelPlan":
+        a, mlp, cfg = block.self_attn, block.mlp, block.self_attn.cfg
+        q = [a.q_proj] if cfg.q_lora_rank is None else [a.q_a_proj, a.q_a_layernorm, a.q_b_proj]
+        attn_mods = q + [a.kv_a_proj_with_mqa, a.kv_a_layernorm, a.kv_b_proj, a.o_proj]
         icfg = [a.n_heads, a.nope, a.rope, a.v_dim, a.kv_rank, int(cfg.rope_interleave), int(isinstance(mlp, MoE))]
         if isinstance(mlp, MoE):
-            weights = [mlp.gate.weight, mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj,
-                       mlp.experts.down_proj]
-            if mlp.shared_experts is not None:
-                sh = mlp.shared_experts
-                weights += [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+            sh = mlp.shared_experts
+            shared = [] if sh is None else [sh.gate_proj, sh.up_proj, sh.down_proj]
+            mlp_pairs = [(mlp.gate, "weight"), (mlp.gate, "e_score_correction_bias"),
+                         (mlp.experts, "gate_up_proj"), (mlp.experts, "down_proj")] + [(m, "weight") for m in shared]
             method = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}[cfg.topk_method]
             icfg += [cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, int(cfg.scoring_func == "softmax"),
-                     method, int(cfg.norm_topk_prob), int(mlp.shared_experts is not None)]
+                     method, int(cfg.norm_topk_prob), int(sh is not None)]
+            mlp_linears = shared
         else:
-            weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-        fcfg = [cfg.rms_norm_eps, a.scale, cfg.routed_scaling_factor]
-        return kernels.block_decode(x, cos, sin, *cache.kernel_args(layer, a.n_heads), attn, norms, weights,
-                                    icfg, fcfg)
+            mlp_linears = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            mlp_pairs = [(m, "weight") for m in mlp_linears]
+        return cls(attn=[(m, "weight") for m in attn_mods],
+                   norms=[(block.input_layernorm, "weight"), (block.post_attention_layernorm, "weight")],
+                   mlp=mlp_pairs, linears=[m for m in attn_mods if not isinstance(m, RMSNorm)] + mlp_linears,
+                   hooked=[block, a, mlp], moe=mlp if isinstance(mlp, MoE) else None, icfg=icfg,
+                   fcfg=[cfg.rms_norm_eps, a.scale, cfg.routed_scaling_factor])
 
 
 class MTPModule(Block):
