@@ -72,3 +72,15 @@ def test_decode_blocks_in_kernels_equal_the_torch_blocks(overrides):
         outs.append((step, verify, mtp))
     for got, ref in zip(*outs):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_cache_keeps_the_torch_blocks():
+    """The kernel block reads and writes an fp32 cache; an engine built with another cache dtype must still
+    decode (through the Python blocks), not fail."""
+    from nanoseek.infer import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", initializer_range=0.1)).eval()
+    engine = Engine(model, max_batch_size=2, max_len=24, dtype=torch.bfloat16)
+    out = engine.generate_batch([[3, 4, 5], [6, 7]], SamplingParams(max_tokens=5))
+    assert [len(c.token_ids) for c in out] == [5, 5]

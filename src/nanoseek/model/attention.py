@@ -161,7 +161,7 @@ class MLA(nn.Module):
                 out = self._naive(q_nope, q_rope, latent, k_rope, mask=None)
             else:
                 out = self._absorbed(q_nope, q_rope, cache.read(layer), cache.score_bias(self.n_heads))
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(x.dtype))  # the cache may be narrower
 
     def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask):
         B, T, H, _ = q_nope.shape

@@ -262,7 +262,7 @@ class Transformer(nn.Module):
         cfg = self.config
         if view.prefill or x.shape[0] * x.shape[1] * max(1, cfg.num_experts_per_tok) > MoE.KERNEL_ASSIGNMENTS:
             return False
-        if torch.is_autocast_enabled("cpu") or not kernels.usable(x, self.embed_tokens.weight):
+        if torch.is_autocast_enabled("cpu") or not kernels.usable(x, self.embed_tokens.weight, view.cache.kv):
             return False
         return all(b.decodes_in_kernel() for b in self.layers) and all(b.decodes_in_kernel() for b in self.mtp)
 
