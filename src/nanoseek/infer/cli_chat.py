@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,13 +33,26 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
 
 
 def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") -> torch.nn.Module:
-    """nanoseek.load with a command-line friendly error (used by generate, chat and serve)."""
+    """nanoseek.load with a command-line friendly error (used by generate, chat and serve).
+
+    Without a dtype the weights keep their stored dtype, except that bf16/fp16 weights (real DeepSeek
+    checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16): there
+    a bf16 matmul runs ~300x slower than fp32, and only fp32 takes the C++ decode kernels.
+    """
+    import sys
     from pathlib import Path
 
     import nanoseek
+    from nanoseek.train.loop import cpu_has_fast_bf16
 
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    return nanoseek.load(model_dir, dtype=torch_dtype, device=device).eval()
+    model = nanoseek.load(model_dir, dtype=torch_dtype, device=device).eval()
+    stored = model.embed_tokens.weight.dtype
+    if dtype is None and device == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
+        print(f"nanoseek: {str(stored).removeprefix('torch.')} weights upcast to float32 (this CPU has no fast "
+              "bf16; pass --dtype to keep them)", file=sys.stderr)
+        model.cast(torch.float32)
+    return model

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence (default: the model's, capped at 8192)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
     p.add_argument("--log-level", default="info")
 
 
