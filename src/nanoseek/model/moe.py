@@ -9,9 +9,11 @@ n_group > 1, a group's score is the sum of its top-2 (biased) scores and only th
 (nodes, in the paper) may be chosen; masked groups get -inf so they never win, even when every score is
 negative. The weights are normalised when norm_topk_prob and then always scaled by routed_scaling_factor.
 
-Experts are stacked weights ([E, 2F, D] and [E, D, F]); tokens are sorted by expert and multiplied in one
-grouped GEMM (torch grouped_mm: training, bf16, one row per expert) or one padded batched GEMM (mid-sized
-inference batches): never a Python loop over experts.
+Experts are stacked weights ([E, 2F, D] and [E, D, F]), never a Python loop over experts. Training sorts
+the tokens by expert and multiplies them in one grouped GEMM (torch grouped_mm). Inference of up to
+KERNEL_ASSIGNMENTS (token, expert) pairs runs the C++ kernel of nanoseek.model.kernels (each chosen expert
+read once for all its tokens); without it, GroupedExperts.forward_few (one GEMV pair per assignment, up to
+FEW_ASSIGNMENTS) or one padded batched GEMM.
 """
 
 from __future__ import annotations
