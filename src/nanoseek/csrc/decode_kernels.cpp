@@ -170,10 +170,10 @@ namespace {
 
 constexpr int64_t kKernelRows = 32;
 
-// F.linear for [..., K] inputs, through rows_matmul when the rows are few and the weight is large.
+// F.linear for [..., K] inputs, through rows_matmul when the rows are few (as layers.linear).
 torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t K = x.size(-1), rows = x.numel() / K;
-  if (rows <= kKernelRows && w.numel() >= (int64_t(1) << 16) && w.is_contiguous()) {
+  if (rows <= kKernelRows && w.is_contiguous()) {
     auto out_shape = x.sizes().vec();
     out_shape.back() = w.size(0);
     return rows_matmul(x.reshape({rows, K}).contiguous(), w).view(out_shape);
@@ -314,6 +314,7 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)", nogil);
+  m.def("rms_norm", &rms, "RMSNorm over the last dim (fp32, CPU)", nogil);
   m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32, CPU)", nogil);
   m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (fp32, CPU)", nogil);
 }

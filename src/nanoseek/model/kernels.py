@@ -114,3 +114,8 @@ def experts_rows(x_ND: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, idx_NK:
 def block_decode(*args):
     """One decoder block of a decode step (see Block.forward_decode for the arguments)."""
     return _built().block_decode(*args)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in one loop (torch's CPU rms_norm is a chain of ~8 ops: ~15 us per call)."""
+    return _built().rms_norm(x, weight, eps)
