@@ -69,7 +69,8 @@ def test_decode_blocks_in_kernels_equal_the_torch_blocks(overrides):
             step, h1 = model.forward_cached(ids[:, 10:11], torch.full((3,), 10), slots, cache)
             verify, _ = model.forward_cached(ids[:, 10:12], torch.tensor([10, 9, 10]), slots, cache)  # mixed starts
             mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], torch.full((3,), 10), slots, cache)
-        outs.append((step, verify, mtp))
+            mixed, _ = model.forward_cached(ids[:, 11:12], torch.tensor([11, 7, 11]), slots, cache)  # masked keys
+        outs.append((step, verify, mtp, mixed))
     for got, ref in zip(*outs):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 

@@ -231,6 +231,67 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos_in, const to
   return y;
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t n8 = n & ~int64_t(7);
+  v8 acc = v8{};
+  for (int64_t i = 0; i < n8; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = hsum(acc);
+  for (int64_t i = n8; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// MLA._absorbed for a few new tokens, one (row, token, head) per task: the query is taken into the latent
+// space through kv_b's key half, scored against the cached [latent | rope key] rows, and the softmax-
+// weighted latent is taken out through kv_b's value half. The ~15 small ATen ops of that path cost more
+// than its arithmetic at decode sizes. q [B, T, H, N + R] (the rope half unused), q_rope [B, T, H, R],
+// kv [B, L, C + R] (rows contiguous), w = kv_b [H * (N + V), C]; bias [B, T * H, L] or undefined.
+torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_rope, const torch::Tensor& kv,
+                                 const torch::Tensor& w, const c10::optional<torch::Tensor>& bias, int64_t N,
+                                 int64_t V, double scale) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), R = q_rope.size(3), L = kv.size(1);
+  const int64_t C = kv.size(2) - R, W = C + R;
+  TORCH_CHECK(q.is_contiguous() && q_rope.is_contiguous() && w.is_contiguous() && kv.stride(2) == 1 &&
+              kv.stride(1) == W, "absorbed_attention: unexpected layout");
+  auto out = torch::empty({B, T, H * V}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* rp = q_rope.data_ptr<float>();
+  const float* kp = kv.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const auto bias_c = bias.has_value() ? bias->contiguous() : torch::Tensor();  // may be an expanded view
+  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t kv_b = kv.stride(0);
+  at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(W), s(L), ol(C);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
+      const float* qn = qp + ((b * T + t) * H + h) * (N + R);
+      const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
+      std::fill(qf.begin(), qf.begin() + C, 0.f);
+      for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, qf.data(), C);
+      std::memcpy(qf.data() + C, rp + ((b * T + t) * H + h) * R, R * sizeof(float));
+      const float* kb = kp + b * kv_b;
+      const float* brow = bp ? bp + (b * T * H + t * H + h) * L : nullptr;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        s[l] = dot(qf.data(), kb + l * W, W) * static_cast<float>(scale) + (brow ? brow[l] : 0.f);
+        mx = std::max(mx, s[l]);
+      }
+      float sum = 0.f;
+      for (int64_t l = 0; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
+      std::fill(ol.begin(), ol.end(), 0.f);
+      for (int64_t l = 0; l < L; ++l) axpy(s[l] / sum, kb + l * W, ol.data(), C);
+      float* o = op + (b * T + t) * H * V + h * V;
+      for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data(), wk + (N + v) * C, C);
+    }
+  });
+  return out;
+}
+
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up,
                      const torch::Tensor& down) {
   return lin(at::silu(lin(x, gate)) * lin(x, up), down);
@@ -265,7 +326,6 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   const auto h = rms(x, norms[0], eps);
   auto q = q_lora ? lin(rms(lin(h, attn[0]), attn[1], eps), attn[2]) : lin(h, attn[0]);
   q = q.view({B, T, H, N + R});
-  const auto q_nope = q.narrow(-1, 0, N);
   const auto q_rope = rope(q.narrow(-1, N, R), cos, sin, interleave);
   const auto kv = lin(h, kv_a);
   const auto latent = rms(kv.narrow(-1, 0, C), kv_a_norm, eps);
@@ -273,15 +333,8 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   kv_layer.index_put_({rows, positions}, at::cat({latent, k_rope}, -1));
   const auto cached = first_slot >= 0 ? kv_layer.narrow(0, first_slot, B).narrow(1, 0, kv_len)
                                       : kv_layer.narrow(1, 0, kv_len).index_select(0, slots);
-  const auto w = kv_b.view({H, N + V, C});
-  const auto q_lat = at::bmm(q_nope.reshape({B * T, H, N}).transpose(0, 1), w.narrow(1, 0, N));
-  const auto qc = at::cat({q_lat.transpose(0, 1), q_rope.reshape({B * T, H, R})}, -1).view({B, T * H, C + R});
-  const auto scores = bias.has_value() ? at::baddbmm(*bias, qc, cached.transpose(1, 2), 1.0, scale)
-                                       : at::bmm(qc, cached.transpose(1, 2)).mul_(scale);
-  const auto probs = at::softmax(scores, -1);
-  const auto o_lat = at::bmm(probs, cached.narrow(-1, 0, C));
-  const auto o = at::bmm(o_lat.view({B * T, H, C}).transpose(0, 1), w.narrow(1, N, V).transpose(1, 2));
-  auto out = x + lin(o.transpose(0, 1).reshape({B, T, H * V}), o_proj);
+  const auto attn_out = absorbed_attention(q.contiguous(), q_rope, cached, kv_b, bias, N, V, scale);
+  auto out = x + lin(attn_out, o_proj);
 
   // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
   const auto h2 = rms(out, norms[1], eps);
