@@ -160,11 +160,13 @@ torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, cons
 }
 
 // ----------------------------------------------------------------------------------------------------------
-// One decoder block of a decode step (a few new tokens against the latent cache), as ATen calls from C++.
+// One decoder block of a decode step (a few new tokens against the latent cache), computed in C++.
 //
-// The same operations, in the same order, as Block.forward -> MLA.forward/_absorbed -> MoE.forward/Router in
-// the Python model (read those for the why of each line); only the few-row matmuls use the kernels above.
-// At one token a step is ~300 small ops, and issuing them from Python costs more than the arithmetic.
+// The same computation, in the same order, as Block.forward -> MLA.forward/_absorbed -> MoE.forward/Router
+// in the Python model (read those for the why of each line): RMSNorm, rope and the absorbed attention as
+// plain loops, the router as the same ATen ops (so top-k ties break the same way), the matmuls through
+// rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python cost
+// more than the arithmetic.
 
 namespace {
 
