@@ -65,7 +65,8 @@ def test_decode_blocks_in_kernels_equal_the_torch_blocks(overrides):
             _, h = model.forward_cached(ids[:, :10], torch.zeros(3, dtype=torch.long), slots, cache)
             view_x = model.embed_tokens(ids[:, 10:11])
             from nanoseek.model.attention import CacheView
-            assert model._decode_in_kernels(view_x, CacheView(cache, slots, torch.full((3,), 10), 1)) == use
+            assert model._decode_in_kernels(view_x, CacheView(cache, slots, torch.full((3,), 10), 1),
+                                           list(model.layers) + list(model.mtp)) == use
             step, h1 = model.forward_cached(ids[:, 10:11], torch.full((3,), 10), slots, cache)
             verify, _ = model.forward_cached(ids[:, 10:12], torch.tensor([10, 9, 10]), slots, cache)  # mixed starts
             mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], torch.full((3,), 10), slots, cache)

@@ -41,7 +41,6 @@ class Block(nn.Module):
             y, aux = self.mlp(h), None
         return x + y, aux
 
-
     # ------------------------------------------------------------------ decode step in C++
     def decodes_in_kernel(self) -> bool:
         """True when forward_decode computes exactly what forward does: plain modules (no FP8 training
@@ -251,20 +250,19 @@ class Transformer(nn.Module):
         view = CacheView(cache, slots, start_pos, input_ids.shape[1])
         cos, sin = self.rotary(view.positions)
         x = self.embed_tokens(input_ids)
-        fast = self._decode_in_kernels(x, view)
+        fast = self._decode_in_kernels(x, view, self.layers)
         for i, block in enumerate(self.layers):
             x = block.forward_decode(x, cos, sin, view, i) if fast else block(x, cos, sin, view, layer=i)[0]
         return self.lm_head(self.norm(_pick(x, logits_at))), x
 
-    def _decode_in_kernels(self, x: torch.Tensor, view: CacheView) -> bool:
-        """Run this cached forward's blocks through kernels.block_decode? Decode steps only (a prefill takes
-        the naive attention path), fp32 on CPU, as many assignments as the expert kernel takes."""
-        cfg = self.config
-        if view.prefill or x.shape[0] * x.shape[1] * max(1, cfg.num_experts_per_tok) > MoE.KERNEL_ASSIGNMENTS:
+    def _decode_in_kernels(self, x: torch.Tensor, view: CacheView, blocks) -> bool:
+        """Run these blocks of a cached forward through kernels.block_decode? Decode steps only (a prefill
+        takes the naive attention path), fp32 on CPU, as many assignments as the expert kernel takes."""
+        if view.prefill or x.shape[0] * x.shape[1] * max(1, self.config.num_experts_per_tok) > MoE.KERNEL_ASSIGNMENTS:
             return False
-        if torch.is_autocast_enabled("cpu") or not kernels.usable(x, self.embed_tokens.weight, view.cache.kv):
+        if not kernels.usable(x, self.embed_tokens.weight, view.cache.kv):  # also rules out grad and autocast
             return False
-        return all(b.decodes_in_kernel() for b in self.layers) and all(b.decodes_in_kernel() for b in self.mtp)
+        return all(b.decodes_in_kernel() for b in blocks)
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: torch.Tensor,
                            slots: torch.Tensor, cache: LatentCache, depth: int = 0,
@@ -279,7 +277,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(view.positions)
         x = mod.combine(hidden, self.embed_tokens(next_ids))
         layer = self.config.num_hidden_layers + depth
-        h = mod.forward_decode(x, cos, sin, view, layer) if self._decode_in_kernels(x, view) else \
+        h = mod.forward_decode(x, cos, sin, view, layer) if self._decode_in_kernels(x, view, [mod]) else \
             mod(x, cos, sin, view, layer=layer)[0]
         return self.lm_head(mod.shared_head.norm(_pick(h, logits_at))), h
 
