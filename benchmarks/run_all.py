@@ -11,6 +11,7 @@ BENCHMARKS = [
     ("bench_generate", "greedy decode vs transformers generate(), server load test, MTP speculative decoding"),
     ("bench_fp8", "FP8 vs full-precision training loss gap"),
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
+    ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
 ]
 
 

@@ -44,10 +44,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Decoding multiplies 1-16 rows by each weight, so the time is that of streaming the weight from memory,
     and torch's CPU F.linear gets there poorly (2-core EPYC, fp32: one row runs a single-threaded GEMV at
     ~13 GB/s; a few rows re-pack the whole weight first). In order of preference:
-      * up to 32 rows, fp32: the C++ kernel of nanoseek.model.kernels (25-28 GB/s at one or two rows; on
-        small weights it also beats F.linear's call overhead, 2.6 vs 5.4 us for 64x128 at two rows);
+      * up to 32 rows, fp32: the C++ kernel of nanoseek.model.kernels (~30 GB/s at one or two rows; on
+        small weights it also beats F.linear's call overhead: 2.8 vs 6.0 us for 64x128 at two rows);
       * one row without it: the weight's rows split into 4 batches of one bmm, which uses every thread;
-      * 2-64 rows without it: W @ x^T, which streams W once (8192x512: 1.1 vs 2.6 ms at 2 rows).
+      * 2-64 rows without it: W @ x^T, which streams W once.
+    benchmarks/bench_kernels.py measures all three against F.linear.
     Without the kernels, small weights (under _RELAYOUT_MIN elements, where call overhead outweighs
     bandwidth) keep F.linear; so do training (grad enabled), GPUs and bias-carrying layers.
     """
