@@ -246,6 +246,36 @@ def test_bf16_engine_on_cuda(tiny):
     assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out)
 
 
+# ----------------------------------------------------------------------------- SFT and GRPO
+def test_sft_and_grpo_steps_on_cuda(tmp_path):
+    import json as _json
+    import random
+
+    from nanoseek.data.tasks import load_jsonl_task
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.rl.chat import encode_sft
+    from nanoseek.rl.sft import SFTConfig, completion_loss, sft_train
+    from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer
+
+    prompts = [f"pick {w}" for w in "abcdefgh"]
+    rows = [{"prompt": p, "answer": "7", "solution": "ok", "checker": "exact", "split": "train"} for p in prompts]
+    (tmp_path / "seven.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    task = load_jsonl_task(tmp_path / "seven.jsonl")
+    tok = train_tokenizer(prompts + ["ok 0 1 2 3 4 5 6 7 8 9"] * 20, 300, tmp_path / "tok", min_frequency=1)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=64)).to(CUDA)
+    rng = random.Random(0)
+    pairs = [encode_sft(p, "ok", str(rng.randrange(10)), tok) for p in prompts for _ in range(4)]
+    before = completion_loss(model, pairs, tok.pad_id)
+    sft_train(model, pairs, SFTConfig(steps=20, batch_size=16, lr=1e-2, warmup_steps=2, mtp_weight=0.0),
+              tok.pad_id, progress=False)
+    assert completion_loss(model, pairs, tok.pad_id) < before
+    cfg = GRPOConfig(task="seven", steps=2, prompts_per_step=4, G=4, lr=1e-3, max_new_tokens=8, beta=0.001, seed=0)
+    hist = GRPOTrainer(model, tok, cfg, progress=False, task=task).train()
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
+    assert next(model.parameters()).device.type == "cuda"
+
+
 # ----------------------------------------------------------------------------- the server
 def test_openai_server_on_cuda(chat_model_dir, tmp_path):
     openai = pytest.importorskip("openai")
