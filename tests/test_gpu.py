@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import nanoseek
-from conftest import SERVER_API_KEY, free_port
+from conftest import SERVER_API_KEY
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.sampling import sample
@@ -279,29 +275,10 @@ def test_sft_and_grpo_steps_on_cuda(tmp_path):
 # ----------------------------------------------------------------------------- the server
 def test_openai_server_on_cuda(chat_model_dir, tmp_path):
     openai = pytest.importorskip("openai")
-    import httpx
+    from conftest import CHAT_ANSWER, running_server
 
-    from conftest import CHAT_ANSWER
-
-    port = free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(chat_model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", SERVER_API_KEY, "--model-name", "tiny-gpu", "--device", "cuda",
-           "--max-batch-size", "4", "--log-level", "warning"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()}"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"the server did not start:\n{log.read_text()}"
-            time.sleep(0.3)
+    with running_server(chat_model_dir, tmp_path / "server.log", "--model-name", "tiny-gpu", "--device", "cuda",
+                        "--max-batch-size", "4", "--log-level", "warning", start_timeout=180) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=SERVER_API_KEY, max_retries=0, timeout=60)
         hi = [{"role": "user", "content": "Hi"}]
         r = client.chat.completions.create(model="tiny-gpu", messages=hi, temperature=0)
@@ -309,9 +286,3 @@ def test_openai_server_on_cuda(chat_model_dir, tmp_path):
         chunks = list(client.chat.completions.create(model="tiny-gpu", messages=hi, temperature=0.7, seed=3,
                                                      stream=True, max_tokens=12))
         assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
