@@ -65,8 +65,16 @@ class SamplingParams:
 def device_tensor(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A tensor of host values on `device` without a host synchronisation: a plain torch.tensor(..., device=cuda)
     is a blocking copy that waits for every kernel queued before it."""
-    t = torch.tensor(values, dtype=dtype)
-    return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor copied to `device` asynchronously: through pinned memory on CUDA (a copy from pageable
+    memory may wait for the stream; the caching host allocator keeps the pinned buffer until the copy is done)."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return t
+    return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
 
 def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -113,7 +121,7 @@ def row_uniforms(params: list[SamplingParams], generators: list[torch.Generator 
     for i, (sp, g) in enumerate(zip(params, generators)):
         if not sp.greedy:
             u[i] = torch.rand((), generator=g)
-    return u if u.device == torch.device(device) else u.to(device, non_blocking=True)
+    return to_device(u, device)
 
 
 def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
