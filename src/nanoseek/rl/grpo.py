@@ -106,7 +106,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     inactive, but the gradient is still A * grad log pi, as in the paper's single-update case.
     """
     loss, diag = grpo_loss_tensors(logp, old_logp, advantages, mask, ref_logp, clip_eps, beta, aggregation)
-    stats = LossStats(loss=float(loss), kl=float(diag["kl"]), clip_fraction=float(diag["clip_fraction"]),
+    stats = LossStats(loss=float(loss.detach()), kl=float(diag["kl"]), clip_fraction=float(diag["clip_fraction"]),
                       ratio_mean=float(diag["ratio_mean"]), tokens=int(diag["tokens"]))
     return loss, stats
 
