@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 OUT     ?= runs/speedrun
 
-.PHONY: run test test-slow bench browser clean
+.PHONY: run test test-slow test-gpu bench bench-gpu gpu-check browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,19 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# GPU targets install nothing: a GPU image brings its own CUDA torch (a venv here would pull the CPU build).
+# They use .venv's Python when there is one, else python3 (see scripts/gpu_check.sh for a bare GPU machine).
+GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+test-gpu:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+bench-gpu:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.bench_gpu
+
+# The whole GPU check (tests, benchmarks, FP8 loss gap) with logs and JSON under $$OUT, in under 8 minutes.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

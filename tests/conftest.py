@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -71,22 +72,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def chat_server(chat_model_dir, tmp_path_factory):
-    """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
+@contextlib.contextmanager
+def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 120):
+    """A real `nanoseek serve` process on a free loopback port (API key SERVER_API_KEY); yields its base URL
+    once /health answers, and stops it on exit. extra_args go to the command line as they are."""
     import httpx
 
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(chat_model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", SERVER_API_KEY, "--model-name", "nanoseek-tiny",
-           "--max-batch-size", "4", "--max-queue", "4", "--max-len", "512", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key", SERVER_API_KEY, *extra_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
@@ -96,7 +96,7 @@ def chat_server(chat_model_dir, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"the server did not start in 120 s:\n{log.read_text()}")
+                raise RuntimeError(f"the server did not start in {start_timeout:.0f} s:\n{log.read_text()}")
             time.sleep(0.2)
         yield url
     finally:
@@ -105,6 +105,15 @@ def chat_server(chat_model_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_model_dir, tmp_path_factory):
+    """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(chat_model_dir, log, "--model-name", "nanoseek-tiny", "--max-batch-size", "4",
+                        "--max-queue", "4", "--max-len", "512", "--log-level", "warning") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from nanoseek.infer.sampling import SamplingParams, draw, probs, sample, uniform
+from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 from nanoseek.model import kernels
 
 
@@ -344,10 +344,10 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return device_tensor(rows, torch.long, self.device)  # no host sync (see sampling.device_tensor)
 
     def _logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0].tolist()
+        return token_logprobs(logits, tokens).tolist()
 
     def _prefill(self, reqs: list[Request]) -> None:
         lens = [len(r.prompt) for r in reqs]
@@ -356,7 +356,7 @@ class Engine:
         slots = self._tensor([r.slot for r in reqs])
         zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         rows = torch.arange(len(reqs), device=self.device)
-        last = torch.tensor(lens, device=self.device) - 1
+        last = device_tensor([n - 1 for n in lens], torch.long, self.device)
         logits, hidden = self.model.forward_cached(ids, zeros, slots, self.cache, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
         params = [r.params for r in reqs]
@@ -370,10 +370,10 @@ class Engine:
             nxt[rows, last] = first
             mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, zeros, slots, self.cache, logits_at=last)
             self._set_drafts(reqs, mtp_logits[:, 0])
-        for i, r in enumerate(reqs):
+        for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
             r.pos = lens[i]
-            r.pending = int(first[i])
-            self._emit(r, [r.pending], [logps[i]])
+            r.pending = t
+            self._emit(r, [t], [logps[i]])
 
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
@@ -382,9 +382,8 @@ class Engine:
                 r.draft = d
             return
         q = probs(mtp_logits, params)
-        d = draw(q, [r.generator for r in reqs], params)
-        for i, r in enumerate(reqs):
-            r.draft = int(d[i])
+        for i, (r, d) in enumerate(zip(reqs, draw(q, [r.generator for r in reqs], params).tolist())):
+            r.draft = d
             r.draft_q = None if r.params.greedy else q[i]
 
     def _decode_plain(self) -> None:
@@ -408,34 +407,12 @@ class Engine:
         start = self._tensor([r.pos for r in reqs])
         slots = self._tensor([r.slot for r in reqs])
         logits, hidden = self.model.forward_cached(ids, start, slots, self.cache)  # [B, 2, V], [B, 2, D]
-        params = [r.params for r in reqs]
-        want_lp = any(p.logprobs for p in params)
-        lp = torch.log_softmax(logits.float(), -1) if want_lp else None
-        if all(p.greedy for p in params):
-            top = logits.argmax(-1).tolist()  # [B, 2]
-            p0 = p1 = None
-        else:
-            p0, p1 = probs(logits[:, 0], params), probs(logits[:, 1], params)
-            top = None
-        accepted: list[bool] = []
-        emitted: list[list[int]] = []
-        for i, r in enumerate(reqs):
-            sp = r.params
-            if sp.greedy:
-                a = top[i][0] if top is not None else int(p0[i].argmax())
-                ok = a == r.draft
-                b = (top[i][1] if top is not None else int(p1[i].argmax())) if ok else a
-            else:
-                q = r.draft_q
-                ok = uniform(r.generator) * float(q[r.draft]) < float(p0[i, r.draft])
-                if ok:
-                    b = int(torch.multinomial(p1[i], 1, generator=r.generator)[0])
-                else:
-                    resid = (p0[i] - q).clamp_min(0)
-                    resid = resid if float(resid.sum()) > 0 else p0[i]
-                    b = int(torch.multinomial(resid, 1, generator=r.generator)[0])
-            accepted.append(ok)
-            emitted.append([r.draft, b] if ok else [b])
+        accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
+        # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
+        read = torch.stack([accepted_t.long(), token_t], 1).tolist()
+        accepted = [bool(a) for a, _ in read]
+        lps = lp_t.tolist() if lp_t is not None else None
+        emitted = [[r.draft, b] if ok else [b] for r, (ok, b) in zip(reqs, read)]
         self.stats.drafted += B
         self.stats.accepted += sum(accepted)
         # Refill the MTP cache at pos (and pos+1 when accepted) and draft the next token. A rejected row
@@ -446,7 +423,35 @@ class Engine:
         self._set_drafts(reqs, mtp_logits[torch.arange(B, device=self.device), pick])
         for i, r in enumerate(reqs):
             toks = emitted[i]
-            logps = [float(lp[i, j, t]) for j, t in enumerate(toks)] if lp is not None else [0.0] * len(toks)
+            logps = lps[i][: len(toks)] if lps is not None else [0.0] * len(toks)
             r.pos += len(toks)
             r.pending = toks[-1]
             self._emit(r, toks, logps)
+
+
+# ------------------------------------------------------------------ the tensor part of a decode step
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row: logits [B, V], tokens [B] -> [B] fp32 (on the logits' device)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+
+
+def speculative_tensors(logits_B2V: torch.Tensor, reqs: list[Request]):
+    """The tensor part of a speculative step, from the two-token verification logits [B, 2, V]: accepted [B],
+    the token that follows (or replaces) each draft [B], and the log-probabilities [B, 2] of the tokens
+    emitted at the two positions (None unless a request asked for them). Nothing is read to the host."""
+    params = [r.params for r in reqs]
+    dev = logits_B2V.device
+    drafts = device_tensor([r.draft for r in reqs], torch.long, dev)
+    if all(p.greedy for p in params):
+        p0 = p1 = q = None
+        accepted, token = verify_drafts(logits_B2V[:, 0], logits_B2V[:, 1], logits_B2V[:, 0], drafts, params,
+                                        [r.generator for r in reqs])  # greedy rows only take argmaxes
+    else:
+        p0, p1 = probs(logits_B2V[:, 0], params), probs(logits_B2V[:, 1], params)
+        q = torch.stack([p0[i] if r.draft_q is None else r.draft_q for i, r in enumerate(reqs)])
+        accepted, token = verify_drafts(p0, p1, q, drafts, params, [r.generator for r in reqs])
+    lp = None
+    if any(p.logprobs for p in params):
+        first = torch.where(accepted, drafts, token)  # position 0 emits the draft, or its replacement
+        lp = torch.stack([token_logprobs(logits_B2V[:, 0], first), token_logprobs(logits_B2V[:, 1], token)], 1)
+    return accepted, token, lp

@@ -178,6 +178,7 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
     records: list[dict] = []
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not progress)
     t0, tokens = time.perf_counter(), 0
+    dev = next(model.parameters()).device  # batches are built on the host; the model may live on a GPU
     for step in bar:
         batch = []
         while len(batch) < cfg.batch_size:
@@ -185,7 +186,7 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
                 order = list(range(len(kept)))
                 rng.shuffle(order)
             batch.append(kept[order.pop()])
-        ids, targets = sft_tensors(batch, pad_id)
+        ids, targets = (t.to(dev, non_blocking=True) for t in sft_tensors(batch, pad_id))
         lr = _lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -214,9 +215,10 @@ def completion_loss(model: torch.nn.Module, pairs: list[Pair], pad_id: int, batc
     """Mean cross-entropy per completion token (no gradient): how well the model fits the pairs."""
     total, count = 0.0, 0
     model.eval()
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
-            ids, targets = sft_tensors(pairs[i:i + batch_size], pad_id)
+            ids, targets = (t.to(dev) for t in sft_tensors(pairs[i:i + batch_size], pad_id))
             logits = model(ids)
             n = int((targets != -100).sum())
             total += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),

@@ -192,8 +192,9 @@ class GRPOTrainer:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for g in self.opt.param_groups:
             g["lr"] = lr
-        adv = grpo.group_advantages(ro.rewards, cfg.G)
-        ids, targets, mask = grpo.completion_batch(ro.prompts, ro.completions, self.tok.pad_id)
+        dev = next(self.model.parameters()).device  # rollouts are host lists; the model may live on a GPU
+        adv = grpo.group_advantages(ro.rewards, cfg.G).to(dev)
+        ids, targets, mask = (t.to(dev) for t in grpo.completion_batch(ro.prompts, ro.completions, self.tok.pad_id))
         B = ids.shape[0]
         mb = B // cfg.minibatches
         off_policy = cfg.mu * cfg.minibatches > 1

@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 DTYPES = ("auto", "bf16", "fp32")
-FP8_BACKENDS = ("auto", "emulate", "scaled_mm")
+FP8_BACKENDS = ("auto", "emulate", "blockwise", "scaled_mm")  # = nanoseek.train.fp8_gemm.BACKENDS
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ParallelConfig:
 class FP8Config:
     enabled: bool = False
     block: int = 128            # activation tiles 1 x block, weight blocks block x block (V3: 128)
-    backend: str = "auto"       # auto | emulate (quantize-dequantize) | scaled_mm (FP8 tensor cores)
+    backend: str = "auto"       # auto | emulate | blockwise (Hopper FP8 kernels) | scaled_mm (K-sliced)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "moe": MoEConfig, "mtp": MTPConfig,
