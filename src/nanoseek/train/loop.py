@@ -33,6 +33,7 @@ import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.data import PackedDataset
+from nanoseek.device import autocast_dtype, device_peak_flops, resolve_device
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.balance import BiasBalancer
@@ -60,58 +61,17 @@ class LocalDist:
     backend: str | None = None
 
 
-# ----------------------------------------------------------------------------- device and precision
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: without them a bf16 matmul on a CPU is far slower than fp32 (~300x on AVX2)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.dtype (None = plain fp32). Master weights and moments stay fp32."""
-    if dtype == "fp32":
-        return None
-    if dtype == "bf16":
-        return torch.bfloat16
-    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-    return torch.bfloat16 if fast else None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available")
-    return dev
-
-
+# ----------------------------------------------------------------------------- processes
 def init_dist(cfg: RunConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from nanoseek.train.parallel import init_distributed
 
         dist = init_distributed()
     else:
-        dist = LocalDist(0, 1, 0, resolve_device(cfg.train.device))
+        dist = LocalDist(0, 1, 0, resolve_device(cfg.train.device, "train.device"))
     if dist.world % cfg.parallel.ep:
         raise ConfigError(f"parallel.ep={cfg.parallel.ep} must divide the number of processes ({dist.world})")
     return dist
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """Peak matmul FLOP/s of one device: a known GPU's table figure, else measured once and cached."""
-    from nanoseek import mfu
-
-    if device.type == "cuda":
-        try:
-            return mfu.peak_flops(mfu.device_name(device), "bf16")
-        except ValueError:
-            pass
-    return mfu.measured_peak_flops(device, dtype or torch.float32)
 
 
 def moe_layer_names(model: Transformer) -> list[str]:
@@ -210,7 +170,7 @@ class Trainer:
         from nanoseek.accounting import training_flops_per_token
 
         self.flops_per_token = training_flops_per_token(self.model_cfg, t.seq_len)
-        self.peak = peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
+        self.peak = device_peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
 
     def _restore(self, path: Path) -> None:
         t = self.cfg.train
