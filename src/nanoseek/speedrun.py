@@ -31,17 +31,16 @@ import os
 import shutil
 import sys
 import time
-import typing
 from pathlib import Path
-from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from nanoseek.config import ConfigError
+from nanoseek.config_io import apply_sets, from_table, read_toml, split_set, suggest, typed_values
+from nanoseek.rl.sft import SFTConfig
+from nanoseek.rl.trainer import GRPOConfig
+from nanoseek.train.config import SECTIONS as TRAIN_SECTIONS
+from nanoseek.train.config import RunConfig, apply_overrides, build
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "speedrun.toml"
-OWN_SECTIONS = ("speedrun", "sft", "eval", "grpo")
 
 # A model and step counts for a ~1 minute smoke run (tests use it).
 QUICK = [
@@ -63,8 +62,8 @@ class SpeedrunConfig:
 
 
 @dataclasses.dataclass
-class SFTStage:
-    n_examples: int = 2000
+class SFTStage(SFTConfig):
+    n_examples: int = 2000      # worked solutions drawn from the task's train split
 
 
 @dataclasses.dataclass
@@ -78,70 +77,46 @@ class EvalConfig:
     seed: int = 0
 
 
+# The speedrun's own sections; the others are a `nanoseek train` run config (nanoseek.train.config).
+OWN_SECTIONS: dict[str, type] = {"speedrun": SpeedrunConfig, "sft": SFTStage, "eval": EvalConfig, "grpo": GRPOConfig}
+
+
 @dataclasses.dataclass
 class Plan:
-    run: Any                    # nanoseek.train.config.RunConfig (pretraining)
+    run: RunConfig              # pretraining
     speedrun: SpeedrunConfig
-    sft: Any                    # nanoseek.rl.sft.SFTConfig
-    sft_n: int
+    sft: SFTStage
     eval: EvalConfig
-    grpo: Any                   # nanoseek.rl.trainer.GRPOConfig
-
-
-def _typed(cls: type, section: str, values: dict, source: str):
-    hints = typing.get_type_hints(cls)
-    kw = {}
-    for k, v in values.items():
-        if k not in hints:
-            raise ValueError(f"{source}: unknown key {section}.{k}; [{section}] has {sorted(hints)}")
-        tp = hints[k]
-        if tp is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if tp in (int, float, str, bool) and not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
-            raise ValueError(f"{source}: {section}.{k} must be {tp.__name__}, got {v!r}")
-        kw[k] = v
-    return cls(**kw)
+    grpo: GRPOConfig
 
 
 def load_plan(path: str | Path | None, overrides: list[str]) -> Plan:
     """The speedrun's settings: the TOML file, then each `section.key=value` override."""
-    from nanoseek.rl.sft import SFTConfig
-    from nanoseek.rl.trainer import GRPOConfig
-    from nanoseek.train.config import apply_overrides, build
-
     p = Path(path) if path else DEFAULT_CONFIG
     if not p.is_file():
-        raise ValueError(f"speedrun config {p} not found (pass --config FILE)")
-    with p.open("rb") as f:
-        doc = tomllib.load(f)
-    own = {s: dict(doc.pop(s, {})) for s in OWN_SECTIONS}
-    train_sets = []
+        raise ConfigError(f"speedrun config {p} not found (pass --config FILE)")
+    src = str(p)
+    doc = read_toml(p)
+    own = {s: doc.pop(s, {}) for s in OWN_SECTIONS}
+    own_sets, train_sets = [], []
     for item in overrides:
-        key, eq, text = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        if not eq or not name:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
-        if section in OWN_SECTIONS:
-            try:
-                own[section][name] = tomllib.loads(f"v = {text.strip()}")["v"]
-            except tomllib.TOMLDecodeError:
-                own[section][name] = text.strip()
-        else:
-            train_sets.append(item)
-    run = build(apply_overrides(doc, train_sets), source=str(p))
-    sr = _typed(SpeedrunConfig, "speedrun", own["speedrun"], str(p))
-    sft_vals = dict(own["sft"])
-    sft_n = int(sft_vals.pop("n_examples", SFTStage.n_examples))
-    sft = _typed(SFTConfig, "sft", sft_vals, str(p)).validate()
-    ev = _typed(EvalConfig, "eval", own["eval"], str(p))
-    grpo_vals = {**own["grpo"], "task": sr.task, "difficulty": sr.difficulty}
-    weights = grpo_vals.get("reward_weights")
-    if weights is not None:
-        if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
-            raise ValueError(f"{p}: grpo.reward_weights must be a table of numbers, got {weights!r}")
-        grpo_vals["reward_weights"] = {k: float(v) for k, v in weights.items()}
-    grpo = _typed(GRPOConfig, "grpo", grpo_vals, str(p)).validate()
-    return Plan(run, sr, sft, sft_n, ev, grpo)
+        section, key, _ = split_set(item)
+        if section not in OWN_SECTIONS and section != "model" and section not in TRAIN_SECTIONS:
+            raise ConfigError(f"--set {section}.{key}: unknown section {section!r}{suggest(section, [*OWN_SECTIONS, *TRAIN_SECTIONS])}"
+                              f"; expected one of {sorted(['model', *TRAIN_SECTIONS, *OWN_SECTIONS])}")
+        (own_sets if section in OWN_SECTIONS else train_sets).append(item)
+    own = apply_sets(own, own_sets, OWN_SECTIONS)
+    run = build(apply_overrides(doc, train_sets), source=src)
+    sr = from_table(SpeedrunConfig, own["speedrun"], "speedrun", src)
+    sft = from_table(SFTStage, own["sft"], "sft", src).validate()
+    ev = from_table(EvalConfig, own["eval"], "eval", src)
+    for key in ("task", "difficulty"):  # one task for SFT, eval and GRPO alike
+        if key in own["grpo"]:
+            raise ConfigError(f"{src}: grpo.{key} is taken from speedrun.{key} (one task for SFT, eval and GRPO); "
+                              "set that instead")
+    grpo = GRPOConfig(**typed_values(GRPOConfig, own["grpo"], "grpo", src), task=sr.task,
+                      difficulty=sr.difficulty).validate()
+    return Plan(run, sr, sft, ev, grpo)
 
 
 def idle_cores() -> int:
@@ -324,7 +299,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
 
     stage(3, f"cold-start SFT on {sr.task} (difficulty {sr.difficulty})")
     t = time.perf_counter()
-    pairs = load_sft_data(sr.task, tok, n=plan.sft_n, difficulty=sr.difficulty, seed=plan.run.train.seed)
+    pairs = load_sft_data(sr.task, tok, n=plan.sft.n_examples, difficulty=sr.difficulty, seed=plan.run.train.seed)
     torch.manual_seed(plan.sft.seed)
     sft_recs = sft_train(model, pairs, plan.sft, tok.pad_id, progress=progress)
     nanoseek.save(model, out / "sft", tokenizer_dir=tok_dir)
@@ -378,7 +353,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
         "grpo_final": {k: v for k, v in (history[-1] if history else {}).items() if k != "sample"},
         "grpo_history": [{k: v for k, v in r.items() if k != "sample"} for r in history],
         "evals": evals,
-        "config": {"speedrun": dataclasses.asdict(sr), "sft": {**dataclasses.asdict(plan.sft), "n_examples": plan.sft_n},
+        "config": {"speedrun": dataclasses.asdict(sr), "sft": dataclasses.asdict(plan.sft),
                    "eval": dataclasses.asdict(plan.eval), "grpo": dataclasses.asdict(plan.grpo),
                    "pretrain": plan.run.to_dict()},
     }
@@ -399,8 +374,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.config import ConfigError
-
     try:
         plan = load_plan(args.config, (QUICK if args.quick else []) + list(args.sets))
     except (ValueError, ConfigError) as e:

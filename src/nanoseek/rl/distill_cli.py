@@ -15,6 +15,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanoseek.rl.sft import SFTConfig
+    from nanoseek.rl.sft_cli import add_set_argument
 
     d = SFTConfig()
     parser.add_argument("--teacher", required=True, help="teacher model directory (with its tokenizer)")
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=0)
+    add_set_argument(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.distill import build_student, rejection_sample, write_traces
-    from nanoseek.rl.sft import SFTConfig, sft_train
+    from nanoseek.rl.sft import sft_train
+    from nanoseek.rl.sft_cli import sft_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,11 +55,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoseek distill: {args.teacher} is not a model directory (no config.json)", file=sys.stderr)
         return 2
     try:
+        cfg = sft_config(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed), args.sets)
         task = get_task(args.task)
         tok = load_tokenizer(args.teacher)
         student = build_student(args.student_config, tok.vocab_size, seed=args.seed)
-        cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
-                        seed=args.seed).validate()
     except (ValueError, KeyError, FileNotFoundError, ConfigError) as e:
         print(f"nanoseek distill: {e}", file=sys.stderr)
         return 2
