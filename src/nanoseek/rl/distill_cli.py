@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.rl.distill import build_student, rejection_sample, write_traces
     from nanoseek.rl.sft import sft_train
     from nanoseek.rl.sft_cli import sft_config
+    from nanoseek.train.step import NonFiniteLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
         print("nanoseek distill: the teacher produced no verified-correct trace; nothing to train on", file=sys.stderr)
         return 1
     del teacher
-    recs = sft_train(student, pairs, cfg, tok.pad_id, progress=not args.no_progress, desc="distill")
+    try:
+        recs = sft_train(student, pairs, cfg, tok.pad_id, progress=not args.no_progress, desc="distill")
+    except NonFiniteLoss as e:
+        print(f"nanoseek distill: stopped: {e}; no student was written (try a lower --lr)", file=sys.stderr)
+        return 1
     nanoseek.save(student, out, tokenizer_dir=args.teacher)
     (out / "distill.json").write_text(json.dumps({**asdict(stats), "keep_rate": stats.keep_rate,
                                                   "final_loss": recs[-1]["loss"]}, indent=2) + "\n")

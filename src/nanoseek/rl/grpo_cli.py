@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.trainer import GRPOTrainer, plot_grpo
+    from nanoseek.train.step import NonFiniteLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("nanoseek grpo: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
+    except NonFiniteLoss as e:
+        print(f"nanoseek grpo: stopped: {e}; no checkpoint was written after it", file=sys.stderr)
+        return 1
     final = out / "final"
     nanoseek.save(model, final, tokenizer_dir=args.model)
     plot_grpo(trainer.state.history, out / "reward.png")

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import nanoseek
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.sft import load_sft_data, sft_train
+    from nanoseek.train.step import NonFiniteLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "sft_metrics.jsonl").open("w") as f:
-        sft_train(model, pairs, cfg, tok.pad_id, progress=not args.no_progress,
-                  on_log=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
+        try:
+            sft_train(model, pairs, cfg, tok.pad_id, progress=not args.no_progress,
+                      on_log=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
+        except NonFiniteLoss as e:
+            print(f"nanoseek sft: stopped: {e}; no model was written (try a lower --lr)", file=sys.stderr)
+            return 1
     nanoseek.save(model, out, tokenizer_dir=args.model)
     print(f"done: {out} ({len(pairs)} examples, {cfg.steps} steps)")
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
 from nanoseek.config_io import (apply_sets, field_types, from_table, model_config_from_mapping, read_toml, set_value,
                                 split_set, suggest)
+from nanoseek.train.schedule import ON_EXTEND
 
 DTYPES = ("auto", "bf16", "fp32")
 FP8_BACKENDS = ("auto", "emulate", "scaled_mm")
@@ -43,6 +44,7 @@ class TrainConfig:
     min_lr: float = 1e-4         # the end of the cosine decay (V3: 2.2e-4 -> 2.2e-5)
     warmup_steps: int = 10
     decay_frac: float = 0.3      # the last fraction of the steps decays along a cosine; constant before
+    schedule_on_extend: str = "continue"  # resuming with a changed schedule (more steps): "continue" | "rewarm"
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
@@ -136,6 +138,8 @@ class RunConfig:
         need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
         need(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
         need(0 <= t.decay_frac <= 1, f"train.decay_frac must be in [0, 1], got {t.decay_frac}")
+        need(t.schedule_on_extend in ON_EXTEND,
+             f"train.schedule_on_extend must be one of {ON_EXTEND}, got {t.schedule_on_extend!r}")
         need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
         need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")

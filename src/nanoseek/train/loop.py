@@ -39,6 +39,7 @@ from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import MetricsLogger, plot_expert_load, plot_loss, truncate_metrics
 from nanoseek.train.optim import OptimConfig, load_optimizer_state, optimizer_state
 from nanoseek.train.prepare import prepare_data
+from nanoseek.train.schedule import Schedule, resume_schedule
 from nanoseek.train.step import NonFiniteLoss, TrainingError, TrainStep
 
 __all__ = ["Trainer", "train", "NonFiniteLoss", "TrainingError"]
@@ -65,6 +66,14 @@ def init_dist(cfg: RunConfig):
     if dist.world % cfg.parallel.ep:
         raise ConfigError(f"parallel.ep={cfg.parallel.ep} must divide the number of processes ({dist.world})")
     return dist
+
+
+def saved_schedule(state: dict) -> Schedule | None:
+    """The LR schedule a checkpoint was trained with (older checkpoints: from their run config's [train])."""
+    if "schedule" in state:
+        return Schedule.from_dict(state["schedule"])
+    train = state.get("run_config", {}).get("train")
+    return Schedule.from_dict(train) if isinstance(train, dict) else None
 
 
 def moe_layer_names(model: Transformer) -> list[str]:
@@ -187,6 +196,10 @@ class Trainer:
         ckpt.set_rng_state(rng)
         self.step, self.stepper.tokens = int(state["step"]), int(state["tokens"])
         self.log(f"resumed from {path} (step {self.step})")
+        self.stepper.schedule, change = resume_schedule(saved_schedule(state), self.stepper.schedule, self.step,
+                                                        t.schedule_on_extend)
+        if change:
+            self.log(change)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict:
@@ -224,7 +237,8 @@ class Trainer:
         if self.main:
             state = {"tokens": self.stepper.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
                      "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
-                     "world": self.dist.world, "run_config": self.cfg.to_dict()}
+                     "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
+                     "run_config": self.cfg.to_dict()}
             path = ckpt.save_checkpoint(self.ckpt_root, step, model, optim_state, state, self.tok_dir, t.keep_last)
             self.log(f"step {step}: checkpoint {path}")
         self._barrier()

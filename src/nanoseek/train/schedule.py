@@ -109,8 +109,8 @@ def resume_schedule(saved: Schedule | None, new: Schedule, step: int, on_extend:
     changes = ", ".join(f"{key}.{k} {getattr(saved, k)} -> {getattr(new, k)}" for k in SHAPE
                         if getattr(saved, k) != getattr(new, k))
     head = f"schedule changed on resume at step {step} ({changes}): "
-    other = "rewarm" if on_extend == "continue" else "continue"
-    tail = f" ({key}.schedule_on_extend = \"{on_extend}\"; \"{other}\" is the other choice)"
+    other = '"rewarm" warms up again' if on_extend == "continue" else '"continue" keeps decaying instead'
+    tail = f" ({key}.schedule_on_extend = \"{on_extend}\"; {other})"
     if on_extend == "rewarm":
         sched = dataclasses.replace(new, extended_at=step, extended_lr=lr0, on_extend="rewarm")
         if new.warmup_steps:
@@ -120,7 +120,10 @@ def resume_schedule(saved: Schedule | None, new: Schedule, step: int, on_extend:
             what = f"no warm-up steps, so the lr moves from {lr0:.3g} to {sched(step):.3g} at once"
     elif saved.decaying(step):
         sched = dataclasses.replace(new, extended_at=step, extended_lr=lr0, on_extend="continue")
-        what = f"the lr continues its decay from {lr0:.3g} to min_lr {new.min_lr:.3g} at step {new.steps}"
+        if lr0 <= new.min_lr:
+            what = f"the decay had finished, so the lr stays at min_lr {new.min_lr:.3g} to step {new.steps}"
+        else:
+            what = f"the lr continues its decay from {lr0:.3g} to min_lr {new.min_lr:.3g} at step {new.steps}"
     else:
         sched = new
         what = f"the decay had not begun, so the new schedule applies: lr {lr0:.3g} -> {new(step):.3g} at step {step + 1}"
