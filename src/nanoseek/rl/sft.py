@@ -166,6 +166,8 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
     rng = random.Random(f"sft:{cfg.seed}")
     order: list[int] = []
     model.train()
+    # decay_frac 1: cosine over every step after the warm-up. fused=False: the single-tensor AdamW SFT has
+    # always used (the fused kernel would change its numbers at the rounding level).
     stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=1.0), bias_update_speed=cfg.bias_update_speed,
                         name=desc, fused=False)
 

@@ -138,7 +138,8 @@ class GRPOTrainer:
         # The MTP head is not part of the RL objective: keep it out of the optimizer.
         for p in model.mtp.parameters():
             p.requires_grad_(False)
-        # Warm-up then a constant LR (decay_frac 0); routing biases frozen (speed 0: loads measured, not applied).
+        # Warm-up then a constant LR (decay_frac 0); routing biases frozen (speed 0: loads measured, not applied);
+        # the single-tensor AdamW GRPO has always used (fused=False keeps its numbers to the bit).
         self.stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=0.0), bias_update_speed=0.0, name="grpo",
                                  fused=False)
         self.opt = self.stepper.opt

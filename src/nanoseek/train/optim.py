@@ -57,7 +57,7 @@ def build_optimizer(model: nn.Module, cfg: Any, fused: bool | None = None) -> to
 
     fused=None chooses the fused kernel unless the parameters are FSDP2 DTensors. The fused kernel updates
     each element with the same arithmetic however the parameters are grouped or sharded (so resume and
-    1-vs-N-process runs stay exact) and is 2x faster than the per-tensor loop on a CPU, where the optimizer
+    1-vs-N-process runs stay exact) and is faster than the per-tensor loop on a CPU, where the optimizer
     step is memory-bound and a large part of an MoE step (every expert is updated). DTensor parameters
     take the single-tensor path, which has the same per-element guarantee.
     """
