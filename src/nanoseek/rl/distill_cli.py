@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         recs = sft_train(student, pairs, cfg, tok.pad_id, progress=not args.no_progress, desc="distill")
     except NonFiniteLoss as e:
-        print(f"nanoseek distill: stopped: {e}; no student was written (try a lower --lr)", file=sys.stderr)
+        print(f"nanoseek {e}; stopped, no student was written (try a lower --lr)", file=sys.stderr)  # "distill: ..."
         return 1
     nanoseek.save(student, out, tokenizer_dir=args.teacher)
     (out / "distill.json").write_text(json.dumps({**asdict(stats), "keep_rate": stats.keep_rate,

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print("nanoseek grpo: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
     except NonFiniteLoss as e:
-        print(f"nanoseek grpo: stopped: {e}; no checkpoint was written after it", file=sys.stderr)
+        print(f"nanoseek {e}; stopped, no checkpoint was written after it", file=sys.stderr)  # e: "grpo: ..."
         return 1
     final = out / "final"
     nanoseek.save(model, final, tokenizer_dir=args.model)

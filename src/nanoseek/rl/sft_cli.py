@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             sft_train(model, pairs, cfg, tok.pad_id, progress=not args.no_progress,
                       on_log=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
         except NonFiniteLoss as e:
-            print(f"nanoseek sft: stopped: {e}; no model was written (try a lower --lr)", file=sys.stderr)
+            print(f"nanoseek {e}; stopped, no model was written (try a lower --lr)", file=sys.stderr)  # e: "sft: ..."
             return 1
     nanoseek.save(model, out, tokenizer_dir=args.model)
     print(f"done: {out} ({len(pairs)} examples, {cfg.steps} steps)")

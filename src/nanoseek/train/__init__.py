@@ -8,6 +8,9 @@ FP8 plug in through nanoseek.train.parallel and nanoseek.train.fp8, imported onl
 
 from nanoseek.train.config import RunConfig, load_run_config
 from nanoseek.train.loop import train
-from nanoseek.train.step import NonFiniteLoss, TrainingError
+from nanoseek.train.optim import OptimConfig
+from nanoseek.train.schedule import Schedule
+from nanoseek.train.step import NonFiniteLoss, TrainingError, TrainStep
 
-__all__ = ["RunConfig", "load_run_config", "train", "NonFiniteLoss", "TrainingError"]
+__all__ = ["RunConfig", "load_run_config", "train", "TrainStep", "OptimConfig", "Schedule", "NonFiniteLoss",
+           "TrainingError"]

@@ -72,6 +72,8 @@ class TrainStep:
     # ------------------------------------------------------------------ the step
     def __call__(self, step: int, micro_batches: Sequence[Any], loss_fn: LossFn, tokens: int = 0) -> dict[str, float]:
         n = len(micro_batches)
+        if n == 0:
+            raise ValueError("TrainStep needs at least one micro-batch")
         lr = self.schedule(step)
         set_lr(self.opt, lr)
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
