@@ -85,6 +85,9 @@ def moe_layer_names(model: Transformer) -> list[str]:
 
 # ----------------------------------------------------------------------------- the run
 class Trainer:
+    """One pretraining run in DIR: setup (data, model, the TrainStep, resume), run (the loop), checkpoints
+    and the final export. train() below is the usual way in."""
+
     def __init__(self, cfg: RunConfig, out_dir: str | Path, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         t = cfg.train
