@@ -243,9 +243,9 @@ def test_load_model_upcasts_bf16_on_a_cpu_without_fast_bf16(tmp_path, monkeypatc
     from nanoseek.infer.generate import load_model
 
     nanoseek.save(Transformer(preset("tiny")).cast(torch.bfloat16), tmp_path)
-    monkeypatch.setattr("nanoseek.train.loop.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("nanoseek.device.cpu_has_fast_bf16", lambda: False)
     model = load_model(str(tmp_path))
     assert model.embed_tokens.weight.dtype == torch.float32 and model.layers[1].mlp.gate.weight.dtype == torch.float32
     assert load_model(str(tmp_path), "bfloat16").embed_tokens.weight.dtype == torch.bfloat16
-    monkeypatch.setattr("nanoseek.train.loop.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("nanoseek.device.cpu_has_fast_bf16", lambda: True)
     assert load_model(str(tmp_path)).embed_tokens.weight.dtype == torch.bfloat16

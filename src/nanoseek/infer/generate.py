@@ -43,7 +43,7 @@ def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") ->
     from pathlib import Path
 
     import nanoseek
-    from nanoseek.train.loop import cpu_has_fast_bf16
+    from nanoseek.device import cpu_has_fast_bf16
 
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
