@@ -117,18 +117,19 @@ def stage_rank(s: int, pp: int, schedule: str | None) -> int:
     return s % pp
 
 
-def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[int], num_ranks: int) -> list[int]:
+def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[int], num_ranks: int,
+                 may_be_empty: list[bool] | None = None) -> list[int]:
     """Decoder layers per stage (in order) that minimise the busiest rank's cost.
 
     `extra_cost[s]` is what stage s holds besides layers (embedding, head, MTP), `ranks[s]` its rank.
-    Stages with no extra get at least one layer. For a cap T (bisected), fill the stages in order,
-    each taking layers while its rank stays within T with room kept for its later stages' one layer,
-    and the later stages can still get theirs."""
+    Stages not marked `may_be_empty` (default: those without extra cost) get at least one layer. For a
+    cap T (bisected), fill the stages in order, each taking layers while its rank stays within T with
+    room kept for its later stages' one layer, and while the later stages can still get theirs."""
     S, L = len(ranks), len(layer_cost)
-    need_after = [sum(1 for t in range(s + 1, S) if extra_cost[t] == 0) for s in range(S)]
-    if L < need_after[0] + (extra_cost[0] == 0):
-        raise PlanError(f"{S} pipeline stages need at least {need_after[0] + (extra_cost[0] == 0)} decoder layers, "
-                        f"the model has {L}")
+    needs = [not e for e in may_be_empty] if may_be_empty is not None else [c == 0 for c in extra_cost]
+    need_after = [sum(needs[s + 1:]) for s in range(S)]
+    if L < sum(needs):
+        raise PlanError(f"{S} pipeline stages need at least {sum(needs)} decoder layers, the model has {L}")
 
     cmax = max(layer_cost, default=0.0)
 
@@ -137,10 +138,10 @@ def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[i
         forced = [0] * num_ranks  # stages of each rank still to come that must get a layer
         for s in range(S):
             load[ranks[s]] += extra_cost[s]
-            forced[ranks[s]] += extra_cost[s] == 0
+            forced[ranks[s]] += needs[s]
         counts, i = [], 0
         for s in range(S):
-            r, n, last, must = ranks[s], 0, s == S - 1, extra_cost[s] == 0
+            r, n, last, must = ranks[s], 0, s == S - 1, needs[s]
             forced[r] -= must
             while i < L - need_after[s] and (last or n < must or load[r] + layer_cost[i] + forced[r] * cmax <= cap):
                 load[r] += layer_cost[i]

@@ -165,7 +165,8 @@ def format_plan(p: dict) -> str:
     lines += [f"  {k:<24}{v:>8.2f} GiB  {note}".rstrip() for k, v, note in rows[:4] + [r for r in rows[4:] if r[1]]]
     lines.append("  per rank " + ", ".join(f"{r['rank']}: {r['memory_gib']:.1f}" for r in p["ranks"]))
     imb = "counted" if t["stage_imbalance_counted"] else "not counted, --set count_stage_imbalance=true"
-    trows = [("compute", t["compute_s"], f"busiest rank {t['busiest_rank']} does {t['stage_imbalance']:.2f}x the mean ({imb})"),
+    busiest = f"busiest rank {t['busiest_rank']} does {t['stage_imbalance']:.2f}x the mean ({imb})"
+    trows = [("compute", t["compute_s"], busiest),
              ("pipeline bubble", t["bubble_s"], ""),
              ("EP all-to-all", t["ep_exposed_s"], f"exposed of {t['ep_all_to_all_s']:.2f} s; per micro-batch and GPU "
                                                   f"{t['ep_network_gb_per_micro_batch']:.2f} GB network, "

@@ -123,7 +123,8 @@ def estimate(cfg: ModelConfig, cl: Cluster, lay: Layout, a: Assumptions = Assump
         if len(counts) != S or sum(counts) != len(layers) or min(counts) < 0:
             raise PlanError(f"--stage-layers needs {S} non-negative counts summing to {len(layers)} layers, got {counts}")
     else:
-        counts = split_layers([cost(p) for p in layers], extras, ranks_of, pp)
+        counts = split_layers([cost(p) for p in layers], extras, ranks_of, pp,
+                              may_be_empty=[s in (0, S - 1) for s in range(S)])
     held: list[list[Piece]] = [[] for _ in range(pp)]
     i = 0
     for s, n in enumerate(counts):

@@ -217,7 +217,8 @@ class ExpertPlacement:
 
     def local_weights(self, layer: int, rank: int, weight_E: torch.Tensor) -> torch.Tensor:
         """Rows of a logical per-expert tensor [E, ...] (an expert weight stack) for `rank`'s slots."""
-        return weight_E[self.phy2log[layer, rank * self.slots_per_rank:(rank + 1) * self.slots_per_rank].to(weight_E.device)]
+        S = self.slots_per_rank
+        return weight_E[self.phy2log[layer, rank * S:(rank + 1) * S].to(weight_E.device)]
 
     def physical_ids(self, layer: int, idx_NK: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Physical slot of each routed (token, k) assignment, same shape as the logical ids `idx_NK`.
@@ -230,7 +231,8 @@ class ExpertPlacement:
         dev = e_M.device
         cnt_E = self.logcnt[layer].to(dev)
         order = e_M.argsort(stable=True)
-        start_E = torch.bincount(e_M, minlength=self.num_experts).cumsum(0) - torch.bincount(e_M, minlength=self.num_experts)
+        count_E = torch.bincount(e_M, minlength=self.num_experts)
+        start_E = count_E.cumsum(0) - count_E
         nth_sorted = torch.arange(e_M.numel(), device=dev) - start_E[e_M[order]]
         nth = torch.empty_like(nth_sorted).index_copy_(0, order, nth_sorted)  # occurrence number of each assignment
         replica = (nth + offset) % cnt_E[e_M]
@@ -266,8 +268,8 @@ def contiguous_placement(num_layers: int, num_experts: int, num_ranks: int) -> E
     if num_experts % num_ranks:
         raise ValueError(f"{num_experts} experts cannot be split evenly over {num_ranks} ranks")
     phy2log = torch.arange(num_experts).repeat(num_layers, 1)
-    return ExpertPlacement(phy2log, phy2log.unsqueeze(-1).clone(), torch.ones(num_layers, num_experts, dtype=torch.long),
-                           num_ranks)
+    ones = torch.ones(num_layers, num_experts, dtype=torch.long)
+    return ExpertPlacement(phy2log, phy2log.unsqueeze(-1).clone(), ones, num_ranks)
 
 
 def imbalance(rank_load_LR: torch.Tensor) -> torch.Tensor:
