@@ -70,6 +70,9 @@ Step time:
     two all-gathers and a reduce-scatter for ZeRO-3; over the network when the group spans nodes;
     `dp_overlap` of it hidden.
   GPU-hours per trillion tokens = step time x GPUs / 3600 x 1e12 / tokens per step.
+  Not modelled: tensor/context parallelism, the optimizer step, message latency (bandwidth terms only:
+  small models look communication-cheap), per-kernel efficiency (one MFU for every FLOP), EP load
+  imbalance between ranks (see nanoseek.train.eplb), CPU offload.
 
 The default MFU is the one `nanoseek cost` derives from V3's published pre-training cost (2,664K H800
 GPU-hours for 14.8T tokens at the dense BF16 peak), so the planner's V3 figure differs from the report's

@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- tables
+def _hours(x: float) -> str:
+    return human(x) if x >= 1000 else f"{x:.3g}"
+
+
 def _layout_line(p: dict) -> str:
     lay = p["layout"]
     sched = "" if lay["schedule"] == "none" else f" ({lay['schedule']}, {lay['chunks_per_rank']} chunk(s)/rank)"
@@ -176,7 +180,7 @@ def format_plan(p: dict) -> str:
              ("step", p["step_time_s"], f"{human(p['tokens_per_step'])} tokens")]
     lines.append("time per step")
     lines += [f"  {k:<24}{v:>8.2f} s    {note}".rstrip() for k, v, note in trows]
-    lines.append(f"GPU-hours per 1T tokens   {human(p['gpu_hours_per_trillion_tokens'])}  "
+    lines.append(f"GPU-hours per 1T tokens   {_hours(p['gpu_hours_per_trillion_tokens'])}  "
                  f"({p['days_per_trillion_tokens']:.1f} days per 1T tokens; achieved MFU {p['achieved_mfu']:.1%})")
     return "\n".join(lines)
 
@@ -190,7 +194,7 @@ def format_search(s: dict) -> str:
     for p in s["results"]:
         lay = p["layout"]
         rows.append((str(lay["pp"]), str(lay["ep"]), str(lay["dp"]), lay["schedule"], lay["recompute"], str(lay["zero"]),
-                     f"{p['memory_gib_per_gpu']:.1f}", human(p["gpu_hours_per_trillion_tokens"]),
+                     f"{p['memory_gib_per_gpu']:.1f}", _hours(p["gpu_hours_per_trillion_tokens"]),
                      f"{p['step_time_s']:.2f}", f"{p['achieved_mfu']:.1%}"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join([head] + ["  ".join(c.rjust(w[i]) for i, c in enumerate(r)) for r in rows])

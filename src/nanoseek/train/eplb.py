@@ -29,6 +29,15 @@ expert's replicas live (rank, local slot), which logical expert each local slot 
 gather its weights), and `physical_ids`, which turns routed logical expert ids into physical slots,
 spreading the assignments of a replicated expert evenly over its replicas. Replicas of one expert
 receive separate gradients; `fold_replicas` sums per-slot tensors back onto logical experts.
+
+How an all-to-all dispatcher uses a placement (per MoE layer l, on EP rank r):
+  1. hold `placement.local_weights(l, r, W_E)` for each expert weight stack: slots_per_rank slots
+     (E / ep without redundancy) whose logical ids are `placement.local_experts(l, r)`;
+  2. after routing, `phys_NK = placement.physical_ids(l, idx_NK, offset=r)` and dispatch exactly as
+     without replicas, with physical slots for expert ids (destination rank = phys // slots_per_rank);
+  3. sum the gradients of an expert's replicas (an all-reduce over the ranks holding them, or
+     `fold_replicas` on gathered per-slot gradients) so every copy takes the same optimizer step; save
+     checkpoints per logical expert. Routing statistics (the balancing bias, `max_vio`) stay logical.
 """
 
 from __future__ import annotations
