@@ -127,6 +127,18 @@ def _mtp_block_is_moe(cfg: ModelConfig, i: int) -> bool:
     return cfg.n_routed_experts > 0 and cfg.num_hidden_layers + i >= cfg.first_k_dense_replace
 
 
+def block_params(cfg: ModelConfig, moe: bool) -> dict[str, int]:
+    """One decoder block's parameters: `total`, `routed` (all routed experts, the part expert parallelism
+    shards), `active_matmul` (what 6N multiplies per token) and `attention_matmul` (MLA projections)."""
+    b = _block(cfg, moe)
+    return {"total": b.total, "routed": b.routed, "active_matmul": b.active_matmul, "attention_matmul": b.attn_mm}
+
+
+def mtp_block_is_moe(cfg: ModelConfig, i: int = 0) -> bool:
+    """Whether MTP module i's decoder block is a MoE block."""
+    return _mtp_block_is_moe(cfg, i)
+
+
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts of `cfg` (see the module docstring for the shapes)."""
     D, V = cfg.hidden_size, cfg.vocab_size

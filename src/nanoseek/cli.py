@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("nanoseek.accounting", "parameter counts, KV-cache bytes and FLOPs per token of a config"),
     "cost": ("nanoseek.cost", "GPU-hours and dollars for a training run, or the MFU implied by a known cost"),
+    "plan": ("nanoseek.plan.cli", "per-GPU memory and step time of a PP x EP x ZeRO layout; search the ones that fit"),
     "train": ("nanoseek.train.cli", "pretrain a model (single process or under torchrun)"),
     "sft": ("nanoseek.rl.sft_cli", "cold-start supervised fine-tuning on chat data or a built-in task"),
     "grpo": ("nanoseek.rl.grpo_cli", "GRPO reinforcement learning with rule-based rewards"),
