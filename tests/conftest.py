@@ -27,7 +27,8 @@ def chat_model_dir(tmp_path_factory) -> Path:
 
     import nanoseek
     from nanoseek.config import preset
-    from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+    from nanoseek.data.chat import END_THINK, EOS
+    from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
 
     root = tmp_path_factory.mktemp("chat_model")

@@ -9,9 +9,9 @@ import torch
 
 from nanoseek.config import preset
 from nanoseek.data.tasks import load_jsonl_task
-from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+from nanoseek.data.chat import END_THINK, EOS, encode_sft, render_completion
+from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.rl.chat import encode_sft, render_completion
 from nanoseek.rl.distill import rejection_sample, select_traces
 from nanoseek.rl.sft import SFTConfig, sft_train
 from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer

@@ -7,9 +7,9 @@ import torch
 
 from nanoseek.config import preset
 from nanoseek.data.corpus import builtin_corpus
-from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+from nanoseek.data.chat import END_THINK, EOS, encode_sft, render_prompt
+from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.rl.chat import encode_sft, render_prompt
 from nanoseek.rl.sft import SFTConfig, completion_loss, load_sft_data, sft_tensors, sft_train
 
 

@@ -9,7 +9,8 @@ import torch
 from nanoseek.data.corpus import builtin_corpus, read_corpus
 from nanoseek.data.shards import PackedDataset, tokenize_to_shards
 from nanoseek.data.tasks import TASKS, get_task
-from nanoseek.data.tokenizer import EOS, THINK, train_tokenizer
+from nanoseek.data.chat import EOS, THINK
+from nanoseek.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
