@@ -3,7 +3,7 @@ server uses (infer.text.TextStream)."""
 
 import pytest
 
-from nanoseek.data.chat import (ASSISTANT, BOS, END_THINK, EOS, THINK, USER, encode_sft, parse_completion,
+from nanoseek.data.chat import (ASSISTANT, BOS, EOS, THINK, USER, encode_sft, parse_completion,
                                 render_completion, render_prompt, transcript_text)
 from nanoseek.data.corpus import builtin_corpus
 from nanoseek.data.tokenizer import train_tokenizer
