@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import nanoseek
+from conftest import require_module
 from nanoseek.cli import main
 
 
@@ -45,7 +46,7 @@ def test_exported_model_loads_with_tokenizer_and_template(run_dir):
     out = nanoseek.generate(model, [tok.encode("1+2=?")], max_new_tokens=3)
     assert len(out[0]) == 3
     # The exported directory is a transformers model with the same logits, and its tokenizer loads there.
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", "pip install 'transformers>=5,<6' (in the [dev] extra)")
     import torch
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -82,16 +83,20 @@ def test_clis_on_the_speedrun_model(run_dir, tmp_path):
     r = subprocess.run(py + ["grpo", "--model", model, "--out", str(tmp_path / "g2"), "--set", "nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nope" in r.stderr
-    # The quick model rarely solves anything: distill must either train on what it kept or say it kept nothing.
-    r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "tiny",
+    # A teacher that cannot be right: each answer is 10 CJK characters, 30 byte-level tokens for this
+    # tokenizer (its merges come from ASCII text), more than --max-new-tokens allows. Distill must keep
+    # nothing, say so, exit 1 and write no student. (A teacher that is right: tests/test_rl_train.py.)
+    task = tmp_path / "impossible.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Make {t} from 2 3 5", "answer": "漢字" * 5, "split": "train"}) + "\n"
+                            for t in (6, 10, 13, 30)))
+    r = subprocess.run(py + ["distill", "--teacher", model, "--task", str(task), "--student-config", "tiny",
                              "--out", str(tmp_path / "student"), "--n", "4", "--k", "2", "--max-new-tokens", "24",
                              "--steps", "2", "--no-progress", "--threads", "1"], capture_output=True, text=True)
-    assert r.returncode in (0, 1), r.stderr
-    assert "kept" in r.stderr and (tmp_path / "student" / "traces.jsonl").is_file()
-    if r.returncode == 0:
-        assert nanoseek.load(tmp_path / "student").config.hidden_size == 64
-    else:
-        assert "no verified-correct trace" in r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "kept 0 of 8 samples (0.0%); 0 of 4 problems covered" in r.stderr, r.stderr
+    assert "nanoseek distill: the teacher produced no verified-correct trace; nothing to train on" in r.stderr
+    assert (tmp_path / "student" / "traces.jsonl").read_text() == ""
+    assert not (tmp_path / "student" / "config.json").exists()
     r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "nope",
                              "--out", str(tmp_path / "s2")], capture_output=True, text=True)
     assert r.returncode == 2 and "neither a preset" in r.stderr
