@@ -59,10 +59,15 @@ def single(tmp_path_factory):
     return _worker(tmp_path_factory.mktemp("par"), "single", 1)
 
 
+# fp32 throughout: splitting the batch over ranks changes only the order of float sums (measured ~1e-7
+# relative on the losses), so the README's "the losses of one process, to 1e-6" is checked as written.
+LOSS_REL = 1e-6
+
+
 def _assert_same_run(ref: tuple[dict, dict], got: tuple[dict, dict]) -> None:
     (r, rs), (g, gs) = ref, got
     for key in ("loss", "mtp_loss", "grad_norm"):
-        assert g[key] == pytest.approx(r[key], rel=1e-5, abs=1e-6), key
+        assert g[key] == pytest.approx(r[key], rel=LOSS_REL), key
     assert g["bias_spread"] == 0.0, "routing biases differ across ranks"
     assert g["roundtrip_max_diff"] == 0.0
     assert set(gs) == set(rs)
@@ -89,17 +94,25 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.skipif(not (ROOT / "configs" / "tiny.toml").exists(), reason="configs/tiny.toml not present")
-def test_cli_torchrun_ep2_matches_single_process(tmp_path):
-    nanoseek = shutil.which("nanoseek", path=str(BIN)) or str(BIN / "nanoseek")
-    steps = ["--set", "train.steps=4", "--set", "train.log_every=1", "--set", "train.save_every=0"]
+def _nanoseek() -> str:
+    return shutil.which("nanoseek", path=str(BIN)) or str(BIN / "nanoseek")
+
+
+def _cli_pair(tmp_path: Path, *flags: str, steps: int = 4) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl of `nanoseek train` on configs/tiny.toml in one process and under torchrun with 2."""
+    common = ["--config", "configs/tiny.toml", "--set", f"train.steps={steps}", "--set", "train.log_every=1",
+              "--set", "train.save_every=0", *flags]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([nanoseek, "train", "--config", "configs/tiny.toml", "--out", str(one), *steps])
-    _run([*_torchrun(2), "--no-python", nanoseek, "train", "--config", "configs/tiny.toml", "--out", str(two),
-          "--set", "parallel.ep=2", *steps])
+    _run([_nanoseek(), "train", "--out", str(one), *common])
+    _run([*_torchrun(2), "--no-python", _nanoseek(), "train", "--out", str(two), "--set", "parallel.ep=2", *common])
     a, b = _metrics(one / "metrics.jsonl"), _metrics(two / "metrics.jsonl")
-    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) == 4
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
+    return a, b
+
+
+def test_cli_torchrun_ep2_matches_single_process(tmp_path):
+    # train.dtype pinned: "auto" picks bf16 autocast on CPUs with fast bf16, and the claim is about fp32.
+    a, b = _cli_pair(tmp_path, "--set", "train.dtype=fp32")
     for ma, mb in zip(a, b):
-        # bf16 autocast (the CLI default) rounds differently when the batch is split: a looser tolerance.
-        assert mb["loss"] == pytest.approx(ma["loss"], rel=2e-3), (ma, mb)
-        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=2e-3), (ma, mb)
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=LOSS_REL), (ma, mb)
+        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=LOSS_REL), (ma, mb)
