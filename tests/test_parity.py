@@ -116,7 +116,7 @@ def test_hub_style_config(tmp_path):
 
 
 def test_exported_config_names_the_routing():
-    """Consumers that miss scoring_func assume softmax gating (REFERENCE.md section 5): we always write it."""
+    """Consumers that miss scoring_func assume softmax gating (llama.cpp's converter does): we always write it."""
     d = preset("deepseek-v3").to_hf()
     assert d["scoring_func"] == "sigmoid" and d["topk_method"] == "noaux_tc"
     assert d["rope_scaling"]["type"] == "yarn" and d["rope_theta"] == 10000.0

@@ -6,7 +6,8 @@ reasoning / answer split of R1-style outputs (`<think> ... </think> answer`, Dee
   the DeepSeek-V3 layout `<bos>{system}<｜User｜>{user}<｜Assistant｜>{answer}<eos>...`.
 * Templates may already open `<think>` at the generation prompt (R1-0528 does); the stream then starts
   inside the reasoning.
-* Stop strings apply to the answer only (REFERENCE.md section 5), never to the chain of thought.
+* Stop strings apply to the answer only, never to the chain of thought (a stop word the model merely
+  thinks about must not end its answer).
 """
 
 from __future__ import annotations

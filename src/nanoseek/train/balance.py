@@ -1,10 +1,10 @@
-"""Auxiliary-loss-free load balancing (V3 report section 2.1.2, eq. 16; REFERENCE.md section 2).
+"""Auxiliary-loss-free load balancing (V3 report section 2.1.2, eq. 16; gamma 0.001 in section 4.2).
 
 Each routed expert i carries a bias b_i added to its affinity for top-k *selection* only. After every
 optimizer step, with the tokens each expert received during that step (summed over micro-batches and
 all-reduced across ranks), the sign rule moves b_i by gamma: down for an overloaded expert (load above
 the mean), up for an underloaded one. The biases are then re-centred to mean 0 per layer: only their
-differences matter for top-k, and re-centring stops a common drift (REFERENCE.md section 5).
+differences matter for top-k, and re-centring stops the common drift of all biases together.
 
 The update runs in an optimizer step post-hook, so it happens exactly once per optimizer step and never
 on a step that was skipped. max_vio (the paper's MaxVio) = max load / mean load - 1, averaged over the

@@ -2,7 +2,7 @@
 
 Sections and keys follow the pretraining issue: `[model]` (a preset name plus HF deepseek_v3 field
 overrides), `[data]`, `[train]`, `[moe]`, `[mtp]`, `[parallel]`, `[fp8]`. Defaults are the V3 report's
-(REFERENCE.md section 2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001,
+(section 4.2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001,
 sequence-wise aux alpha 1e-4, MTP weight 0.3. Every key is type-checked; an unknown key or a bad value
 is a ConfigError naming it, because a misspelt key that silently does nothing wastes a training run.
 """
