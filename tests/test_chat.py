@@ -96,7 +96,8 @@ def test_reasoning_tokens_are_counted_only_inside_think(chat_tok):
     s.feed(chat_tok.encode("a b c\n</think>\n"))
     n_reasoning = s.reasoning_tokens
     s.feed(chat_tok.encode("answer"), final=True)
-    assert n_reasoning == len(chat_tok.encode("a b c\n</think>")) and s.reasoning_tokens == n_reasoning  # through </think>
+    # Counted through </think>, and not one more after it.
+    assert n_reasoning == len(chat_tok.encode("a b c\n</think>")) and s.reasoning_tokens == n_reasoning
     plain = chat_tok.stream(think_opened=False)
     plain.feed(chat_tok.encode("no reasoning here"), final=True)
     assert plain.reasoning_tokens == 0 and plain.content == "no reasoning here"

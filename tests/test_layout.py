@@ -56,7 +56,7 @@ TOP = "nanoseek.cli"
 @dataclass(frozen=True)
 class Import:
     source: str  # the importing module
-    target: str  # the imported module (a nanoseek module when internal, else the dotted name)
+    target: str  # a nanoseek module when internal; else the full dotted name (`from torch import nn`: torch.nn)
     line: int
 
     def __str__(self) -> str:
@@ -114,12 +114,14 @@ def imports_of(module: str) -> list[Import]:
                 base = ".".join(base_parts + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            # `from pkg import name`: name may be a submodule (then that is the dependency) or an attribute.
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules() else base for a in node.names]
+            # `from pkg import name`: name may be a submodule (then that is the dependency) or an attribute
+            # (then, inside nanoseek, the module holding it). Outside nanoseek the full name is kept, so that
+            # `from torch.utils import cpp_extension` is seen as torch.utils.cpp_extension.
+            names = [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for name in names:
-            target = _resolve(name) if name == "nanoseek" or name.startswith("nanoseek.") else name
+            target = _resolve(name) if _within(name, "nanoseek") else name
             out.append(Import(module, target, node.lineno))
     return out
 
@@ -144,7 +146,7 @@ def test_the_walk_sees_the_package():
         assert m in mods, m
     edges = {(i.source, i.target) for i in graph()["nanoseek.serve.app"]}
     assert ("nanoseek.serve.app", "nanoseek.infer.engine") in edges
-    assert ("nanoseek.serve.app", "fastapi") in edges
+    assert ("nanoseek.serve.app", "fastapi.FastAPI") in edges
     lazy = {(i.source, i.target) for i in graph()["nanoseek.cli"]}
     assert ("nanoseek.cli", "importlib") in lazy
 
@@ -155,7 +157,8 @@ def test_imports_are_resolved_like_python_does(tmp_path, monkeypatch):
     pkg = root / "nanoseek"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("from .a import x\n")
-    (pkg / "a.py").write_text("from . import sub\nfrom .sub import b\ndef f():\n    import nanoseek.sub.b\n")
+    (pkg / "a.py").write_text("from . import sub\nfrom .sub import b\ndef f():\n    import nanoseek.sub.b\n"
+                              "from torch.utils import cpp_extension\n")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                       "    from nanoseek.a import x\nelse:\n    import json\nfrom ..a import y\n")
@@ -166,8 +169,9 @@ def test_imports_are_resolved_like_python_does(tmp_path, monkeypatch):
         got = {m: sorted({i.target for i in imports_of(m)}) for m in modules()}
     finally:
         modules.cache_clear()
-    assert got == {"nanoseek": ["nanoseek.a"], "nanoseek.a": ["nanoseek.sub", "nanoseek.sub.b"],
-                   "nanoseek.sub": [], "nanoseek.sub.b": ["json", "nanoseek.a", "typing"]}
+    assert got == {"nanoseek": ["nanoseek.a"],
+                   "nanoseek.a": ["nanoseek.sub", "nanoseek.sub.b", "torch.utils.cpp_extension"],
+                   "nanoseek.sub": [], "nanoseek.sub.b": ["json", "nanoseek.a", "typing.TYPE_CHECKING"]}
 
 
 def test_model_imports_only_torch_and_config():

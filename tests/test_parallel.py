@@ -3,7 +3,8 @@
 tests/parallel_worker.py runs a few training steps of the tiny model on fixed data; the same global
 batch is split over the ranks. Also checked: the routing bias stays identical on every rank, the gathered
 full state matches the 1-process weights, and gather -> load -> gather is exact (model and AdamW state).
-The last test drives the real `nanoseek train` CLI under torchrun and compares metrics.jsonl.
+The last default test drives the real `nanoseek train` CLI under torchrun and compares metrics.jsonl.
+The slow ones (`make test-slow`) add 4 ranks, replicated weights, FP8, bf16 autocast and resume.
 """
 
 from __future__ import annotations

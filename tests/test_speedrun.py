@@ -88,8 +88,8 @@ def test_clis_on_the_speedrun_model(run_dir, tmp_path):
     # tokenizer (its merges come from ASCII text), more than --max-new-tokens allows. Distill must keep
     # nothing, say so, exit 1 and write no student. (A teacher that is right: tests/test_rl_train.py.)
     task = tmp_path / "impossible.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"Make {t} from 2 3 5", "answer": "漢字" * 5, "split": "train"}) + "\n"
-                            for t in (6, 10, 13, 30)))
+    rows = [{"prompt": f"Make {t} from 2 3 5", "answer": "漢字" * 5, "split": "train"} for t in (6, 10, 13, 30)]
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
     r = subprocess.run(py + ["distill", "--teacher", model, "--task", str(task), "--student-config", "tiny",
                              "--out", str(tmp_path / "student"), "--n", "4", "--k", "2", "--max-new-tokens", "24",
                              "--steps", "2", "--no-progress", "--threads", "1"], capture_output=True, text=True)

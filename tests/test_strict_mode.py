@@ -18,7 +18,8 @@ CASES = {
     "test_in_test.py": "from conftest import require\n"
                        "def test_a():\n    require(False, 'a thing (apt install thing)')\n",
     "test_in_fixture.py": "import pytest\nfrom conftest import require_module\n"
-                          "@pytest.fixture\ndef mod():\n    return require_module('no_such_module_xyz', 'pip install xyz')\n"
+                          "@pytest.fixture\ndef mod():\n"
+                          "    return require_module('no_such_module_xyz', 'pip install xyz')\n"
                           "def test_b(mod):\n    pass\n",
     "test_mark.py": "from conftest import requires\n"
                     "pytestmark = requires(False, 'the C++ kernels (a compiler)')\n"
