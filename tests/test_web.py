@@ -14,13 +14,14 @@ from conftest import CHAT_REASONING, SERVER_API_KEY, require, require_module
 CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# At module level, so that a missing browser is reported before the (session-scoped) server starts.
+require(Path(CHROMIUM).exists(), f"Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; "
+                                 "NANOSEEK_CHROMIUM names another binary)")
+sync_api = require_module("playwright.sync_api", "pip install playwright (in the [dev] extra)")
 
 
 @pytest.fixture(scope="module")
 def page():
-    require(Path(CHROMIUM).exists(), f"Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; "
-                                     "NANOSEEK_CHROMIUM names another binary)")
-    sync_api = require_module("playwright.sync_api", "pip install playwright (in the [dev] extra)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
