@@ -217,7 +217,8 @@ def bench_server(args, preset_name: str) -> dict:
 def _quick_trained_model(args):
     """The small preset (with its MTP module) trained briefly on arithmetic chat transcripts."""
     from nanoseek.data.tasks import get_task
-    from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+    from nanoseek.data.chat import END_THINK, EOS
+    from nanoseek.data.tokenizer import train_tokenizer
 
     task = get_task("arithmetic")
     train = task.examples("train", 2000, seed=0)

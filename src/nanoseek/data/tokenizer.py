@@ -1,15 +1,13 @@
-"""Byte-level BPE tokenizer with DeepSeek's special tokens and the DeepSeek-R1 chat template.
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and the DeepSeek-R1 chat template
+(both defined in nanoseek.data.chat).
 
 Trained with the `tokenizers` library and saved as the three files Hugging Face tools read
 (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`), so a trained directory loads in
 `transformers.AutoTokenizer` with identical ids and a working `apply_chat_template`.
 
-Special tokens keep DeepSeek-V3's spellings (fullwidth bars, U+2581 for spaces) and fixed ids: 0 bos,
-1 eos, 2 pad, then User, Assistant, System, `<think>`, `</think>`. Digits are split one per token
-before BPE: tiny models learn arithmetic far faster when every number is spelled digit by digit.
-
-The chat template follows DeepSeek-R1's: bos, the system text, `<｜User｜>` turns, `<｜Assistant｜>` turns
-closed by eos (earlier turns lose their reasoning), and a generation prompt that opens `<think>\n`.
+The special tokens get fixed ids: 0 bos, 1 eos, 2 pad, then User, Assistant, System, `<think>`,
+`</think>`. Digits are split one per token before BPE: tiny models learn arithmetic far faster when every
+number is spelled digit by digit.
 """
 
 from __future__ import annotations
@@ -23,35 +21,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"  # DeepSeek-V3's own spelling of the pad token
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-SYSTEM = "<｜System｜>"
-THINK = "<think>"
-END_THINK = "</think>"
+from nanoseek.data.chat import ASSISTANT, BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, ROLES, SYSTEM, THINK, USER
+
 # Order fixes the ids: bos=0, eos=1, pad=2, ...
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, THINK, END_THINK)
-
-# DeepSeek-R1 style. Whitespace control (`{%-`) keeps every literal newline explicit, so the template
-# renders the same under transformers' settings (trim_blocks, lstrip_blocks) and ours.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{- message['content'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '" + USER + "' + message['content'] -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if '" + END_THINK + "' in content -%}{%- set content = content.split('" + END_THINK + "')[-1].lstrip() -%}{%- endif -%}"
-    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + THINK + "\\n' -}}{%- endif -%}"
-)
 
 
 @lru_cache(maxsize=1)
@@ -132,8 +105,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {m!r}")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i} has unknown role {m['role']!r} (system, user or assistant)")
+            if m["role"] not in ROLES:
+                raise ValueError(f"message {i} has unknown role {m['role']!r} (one of {', '.join(ROLES)})")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS

@@ -8,7 +8,7 @@ Two mathematically equal paths:
   * absorbed (decode): fold kv_b_proj's key half into the query and its value half into the output, so
     attention runs directly against the cached latent. Only the normalised latent [C] and the rotated
     rope key [R] are cached per token and layer: 70,272 bytes/token for V3 in BF16.
-The softmax scale is that of qk_head_dim (N + R), never of the absorbed dimension (REFERENCE.md section 5).
+The softmax scale is that of qk_head_dim (N + R), never of the absorbed dimension (C + R).
 """
 
 from __future__ import annotations

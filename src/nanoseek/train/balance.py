@@ -4,7 +4,7 @@ Each routed expert i carries a bias b_i added to its affinity for top-k *selecti
 optimizer step, with the tokens each expert received during that step (summed over micro-batches and
 all-reduced across ranks), the sign rule moves b_i by gamma: down for an overloaded expert (load above
 the mean), up for an underloaded one. The biases are then re-centred to mean 0 per layer: only their
-differences matter for top-k, and re-centring stops a common drift of all biases together.
+differences matter for top-k, and re-centring stops the common drift of all biases together.
 
 The update runs in an optimizer step post-hook, so it happens exactly once per optimizer step and never
 on a step that was skipped. max_vio (the paper's MaxVio) = max load / mean load - 1, averaged over the
