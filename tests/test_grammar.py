@@ -226,7 +226,7 @@ def _dense_reference(logits, bitmask, rows):
     return out
 
 
-@pytest.mark.parametrize("V", [33, 350, 4100])
+@pytest.mark.parametrize("V", [33, 350, 4100, 40_000])  # the last one takes the sparse paths
 def test_apply_masks_matches_a_dense_mask(V):
     g = torch.Generator().manual_seed(V)
     W = (V + 31) // 32
@@ -246,14 +246,15 @@ def test_apply_masks_matches_a_dense_mask(V):
         apply_masks(torch.zeros(1, W * 32 + 1), bm[:1])
 
 
-def test_apply_masks_keeps_the_logits_device(gtok):
+@pytest.mark.parametrize("V", [357, 40_000])
+def test_apply_masks_keeps_the_logits_device(V):
     # The meta device is a CPU-only probe: any CPU tensor mixed into the computation would raise.
-    logits = torch.empty(4, gtok.vocab_size, device="meta")
-    bm = allocate_bitmask(4, gtok.vocab_size)
+    logits = torch.empty(4, V, device="meta")
+    bm = allocate_bitmask(4, V)
     bm[0] = 0
-    bm[0, 0] = 7
-    bm[1, 0] = 0
-    bm[2, 0] = 0x0F0F0F0F
+    bm[0, 0] = 7  # mostly disallowed
+    bm[1, 0] = 0  # mostly allowed
+    bm[2] = 0x0F0F0F0F  # balanced
     assert apply_masks(logits, bm, [0, 1, 2]).device.type == "meta"
 
 

@@ -16,15 +16,14 @@ is masked (the answer must still come), and starts constraining after the trigge
 Speculative decoding rejects drafted tokens: `rollback(n)` undoes the last n advances, across the trigger
 too.
 
-The library is llguidance (Microsoft's guidance engine: Earley parser over a lexer whose masks come from a
-token trie). benchmarks/bench_grammar.py measured it beside outlines-core and xgrammar on our byte-level
-BPE tokenizer and on a 128K-token one (benchmarks/results/grammar.json, README "Structured output"):
-its per-step mask cost is within the budget at batch 1 and 16 for JSON, a realistic schema and the
-tool-call grammar; compiling a schema takes milliseconds where outlines-core builds a regex index over
-the whole vocabulary for seconds (and cannot express recursive JSON at all); and it installs as one
-dependency-free wheel of a few MB, while xgrammar pulls torch, transformers and a 1 GB triton into a
-CPU install. It also has what a server needs: Lark grammars that mix special tokens (by id) with
-embedded JSON schemas, rollback, and a thread pool for the batch.
+The library is llguidance (Microsoft's guidance engine: an Earley parser over a lexer whose masks come
+from a token trie), chosen by benchmarks/bench_grammar.py, which measures it beside outlines-core and
+xgrammar on our tokenizer and a 128K-token one (benchmarks/results/grammar.json; the table and the
+reasoning are in docs/structured-output.md). In short: outlines-core compiles a regex index over the
+vocabulary per schema, far too slow for a request to wait on; xgrammar computes cheaper masks but needs
+triton and transformers, a gigabyte a CPU install never uses; llguidance's masks cost a fraction of a
+decode step, it compiles a schema in milliseconds, installs as one dependency-free wheel, and takes Lark
+grammars that mix special tokens with embedded JSON schemas, which is what a DeepSeek tool call is.
 """
 
 from __future__ import annotations
@@ -370,6 +369,9 @@ def _bit_positions(words: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray
     return np.nonzero(bits == want)
 
 
+_SMALL = 1 << 17  # logits elements under which apply_masks just unpacks the whole mask
+
+
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
     """Set the disallowed logits of `rows` (default: every row the bitmask has) to -inf, in place.
 
@@ -378,7 +380,8 @@ def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]
     handled from its minority side, found from the words that are not all-ones (or not all-zeros): the
     few disallowed ids get -inf, or the row becomes -inf and the few allowed logits are put back. That
     touches far fewer elements than a dense [B, V] mask, with a fixed number of vectorized calls for the
-    whole batch; only rows whose masks are balanced (neither side small) take the dense unpacked mask.
+    whole batch; rows whose masks are balanced (neither side small), and small batches of a small vocabulary,
+    take the dense unpacked mask.
     """
     B, V = logits.shape
     if bitmask.shape[1] * 32 < V:
@@ -388,11 +391,19 @@ def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]
         return logits
     n_words = (V + 31) // 32
     words = bitmask.numpy()[rows_np, :n_words]  # [R, W]
+    dev = logits.device
+    if rows_np.size * V <= _SMALL:  # a few calls on a small mask beat the bookkeeping below
+        banned = torch.from_numpy(np.unpackbits(np.invert(words).view(np.uint8), axis=1, bitorder="little")[:, :V])
+        banned = banned.view(torch.bool).to(dev)
+        if rows_np.size == B and (rows_np == np.arange(B)).all():
+            return logits.masked_fill_(banned, float("-inf"))
+        idx = torch.from_numpy(rows_np).to(dev)
+        logits[idx] = logits[idx].masked_fill(banned, float("-inf"))
+        return logits
     all_on, all_off = words == -1, words == 0
     mostly_off = all_off.sum(1) > all_on.sum(1)
     minority = np.where(mostly_off, n_words - all_off.sum(1), n_words - all_on.sum(1))  # words to unpack
     balanced = minority * 32 > max(V // 8, 64)
-    dev = logits.device
     ninf = torch.tensor(float("-inf"), device=dev, dtype=logits.dtype)
 
     def positions(select: np.ndarray, want: int) -> tuple[torch.Tensor, torch.Tensor]:
