@@ -15,8 +15,11 @@ schema, it measures:
 * the install footprint: the library's files plus the packages it pulls in that a nanoseek CPU install
   does not already need (torch, numpy).
 
-Run: `.venv/bin/python -m benchmarks.bench_grammar` (a venv with all three: see the README). Results:
-benchmarks/results/grammar.json.
+Run: `.venv/bin/python -m benchmarks.bench_grammar [--cache DIR]` (the project venv has llguidance only;
+for the comparison put all three in a throwaway venv, which keeps xgrammar's triton and transformers out of
+the project's: `python3 -m venv /tmp/gvenv && /tmp/gvenv/bin/pip install torch==2.13.0 tokenizers numpy
+llguidance outlines-core xgrammar`, then `PYTHONPATH=src:. /tmp/gvenv/bin/python -m benchmarks.bench_grammar`).
+Results: benchmarks/results/grammar.json with all three, grammar-<libraries>.json otherwise.
 """
 
 from __future__ import annotations
@@ -411,7 +414,9 @@ def main(argv=None):
                                      for b in (1, 16)}
         print(f"apply {tname}: {result['apply_us'][tname]}", flush=True)
     result["load_average_at_end"] = list(os.getloadavg())
-    path = write_result("grammar", result)
+    # Only the full comparison replaces grammar.json; a venv with fewer libraries writes its own file.
+    names = [lib.name for lib in libs]
+    path = write_result("grammar" if len(libs) == len(LIBRARIES) else "grammar-" + "-".join(names), result)
     print(f"wrote {path}")
     return result
 
