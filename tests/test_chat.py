@@ -30,7 +30,7 @@ def test_render_prompt_opens_think(tok):
     with_sys = render_prompt("q", tok, system="S")
     assert tok.decode(with_sys) == f"{BOS}S{USER}q{ASSISTANT}{THINK}\n"
     with pytest.raises(ValueError, match="role"):
-        render_prompt([{"role": "tool", "content": "x"}], tok)
+        render_prompt([{"role": "robot", "content": "x"}], tok)
 
 
 def test_sft_pieces_tokenize_like_the_whole_transcript(tok):

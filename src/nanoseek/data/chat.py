@@ -1,5 +1,6 @@
-"""The DeepSeek-R1 chat format: its special tokens, the chat template, and how prompts and completions
-are rendered and parsed (strictly, for rewards).
+"""The DeepSeek-R1 chat format: how prompts and completions are rendered and parsed (strictly, for
+rewards). The special tokens are in nanoseek.data.special_tokens and the template (tools, tool calls,
+thinking on/off) in nanoseek.data.chat_template; both are re-exported here.
 
 DeepSeek-R1 (arXiv 2501.12948, section 2.2) asks for the reasoning inside `<think>...</think>` followed by
 the answer. As in R1's released chat template, the prompt itself opens the think block:
@@ -21,39 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the tokenizer module imports this one for the template and the special tokens
+from nanoseek.data.chat_template import CHAT_TEMPLATE  # noqa: F401 (re-exported)
+from nanoseek.data.special_tokens import ASSISTANT, BOS, END_THINK, EOS, PAD, SYSTEM, THINK, USER  # noqa: F401
+
+if TYPE_CHECKING:
     from nanoseek.data.tokenizer import Tokenizer
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"  # DeepSeek-V3's own spelling of the pad token
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-SYSTEM = "<｜System｜>"
-THINK = "<think>"
-END_THINK = "</think>"
-ROLES = ("system", "user", "assistant")
-
-# DeepSeek-R1 style: bos, the system text, `<｜User｜>` turns, `<｜Assistant｜>` turns closed by eos (earlier
-# turns lose their reasoning), and a generation prompt that opens `<think>\n`. Whitespace control (`{%-`)
-# keeps every literal newline explicit, so the template renders the same under transformers' settings
-# (trim_blocks, lstrip_blocks) and ours.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{- message['content'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '" + USER + "' + message['content'] -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if '" + END_THINK + "' in content -%}{%- set content = content.split('" + END_THINK + "')[-1].lstrip() -%}{%- endif -%}"
-    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + THINK + "\\n' -}}{%- endif -%}"
-)
+ROLES = ("system", "user", "assistant", "tool")
 
 _FORBIDDEN_IN_COMPLETION = (BOS, PAD, USER, ASSISTANT, SYSTEM)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 
-from nanoseek.data.chat import CHAT_TEMPLATE, END_THINK, THINK
-from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.data.chat_template import register_filters
+from nanoseek.data.tokenizer import CHAT_TEMPLATE, END_THINK, THINK, load_tokenizer
 
 class TextError(ValueError):
     """A chat the template cannot render, or a tokenizer directory we cannot read."""
@@ -54,6 +54,7 @@ class ChatTokenizer:
         self.has_own_template = bool(cfg.get("chat_template"))
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        register_filters(env)  # `tojson` as transformers writes it (templates render tool schemas with it)
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         self.template = env.from_string(template or CHAT_TEMPLATE)
         self.bos_id, self.eos_id = self.tok.bos_id, self.tok.eos_id
