@@ -69,7 +69,7 @@ class MTPConfig:
     loss_weight: float = 0.3
 
 
-PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")  # = nanoseek.train.pipeline.SCHEDULES
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")  # = nanoseek.train.pipeline_plan.SCHEDULES
 
 
 @dataclass
@@ -160,10 +160,9 @@ class RunConfig:
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
         need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
-        if self.parallel.pp != 1 or self.parallel.pp_layers:
-            from nanoseek.train.pipeline import check_config
+        from nanoseek.train.pipeline_plan import check_config
 
-            check_config(self)
+        check_config(self)  # schedule name, stages per rank, layer plan
         need(self.fp8.block >= 1, f"fp8.block must be >= 1, got {self.fp8.block}")
         need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
         d = self.data

@@ -100,7 +100,7 @@ class Trainer:
         W = self.dist.world
         self.pipe = None  # nanoseek.train.pipeline.Pipeline when parallel.pp > 1
         if cfg.parallel.pp > 1:  # the batch is split over the data-parallel ranks of a stage, world / pp
-            from nanoseek.train.pipeline import microbatches
+            from nanoseek.train.pipeline_plan import microbatches
 
             self.accum, note = microbatches(cfg, W)  # checks the layout against the world and the schedule
             if note:
