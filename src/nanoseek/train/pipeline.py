@@ -197,7 +197,7 @@ class Pipeline:
         moes = self.shell.moe_layers()
         # Zero-bubble schedules (ZBVZeroBubble, DualPipeV) split each backward into an input part and a weight
         # part (stage_backward_input / stage_backward_weight). FSDP2-sharded stages gave wrong gradients under
-        # that split here (torch 2.13, gloo: ZBV at dp=2 a grad norm of 1.48 against 1.61), so with dp > 1
+        # that split here (torch 2.13, gloo, dp = 2: the first step's gradient norm already off), so with dp > 1
         # these schedules replicate a stage's weights over its dp ranks and average the gradients with one
         # all-reduce per step (the DDP arithmetic; exact).
         replicate = self.dp > 1 and self.plan.schedule in V_SHAPED
