@@ -219,15 +219,22 @@ class Transformer(nn.Module):
         """Language-model loss, MTP loss (mean over depths) and balance loss; targets -100 are ignored."""
         h, aux = self.hidden_states(input_ids, aux_alpha)
         logits = self.lm_head(self.norm(h))
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        zero = lm_loss.new_zeros(())
-        mtp_losses = []
+        mtp_logits = []
         for k, mod, hk, aux_k in self.mtp_hidden_states(h, input_ids, aux_alpha):
-            mtp_logits = self.lm_head(mod.shared_head.norm(hk))
-            tgt = targets[:, k:]  # position i of depth k predicts token i+k+1 = targets[i+k]
-            mtp_losses.append(F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
+            mtp_logits.append(self.lm_head(mod.shared_head.norm(hk)))
             if aux_k is not None:
                 aux = aux_k if aux is None else aux + aux_k
+        return self.train_losses(logits, mtp_logits, targets, aux, mtp_weight)
+
+    @staticmethod
+    def train_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], targets: torch.Tensor,
+                     aux: torch.Tensor | None, mtp_weight: float) -> TrainOutput:
+        """The training losses from the head's logits [B,T,V] and each MTP depth's [B,T-k,V]; position i of
+        depth k predicts token i+k+1 = targets[i+k]. (A pipeline's last stage calls this too.)"""
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        zero = lm_loss.new_zeros(())
+        mtp_losses = [F.cross_entropy(lg.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+                      for k, lg in enumerate(mtp_logits, start=1)]
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
         aux_loss = aux if aux is not None else zero
         return TrainOutput(lm_loss + mtp_weight * mtp_loss + aux_loss, lm_loss, mtp_loss, aux_loss)

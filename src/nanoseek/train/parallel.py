@@ -6,7 +6,8 @@ Follows the V3 report section 3.2 in spirit, on PyTorch's own engine and at the 
     expert with one all-to-all (uneven splits), are computed there, and come back with a second one;
   * data parallelism with FSDP2 `fully_shard`: the non-expert parameters are sharded over all ranks;
     the expert parameters are sharded over the remaining "expert data-parallel" dimension world/ep.
-    The report uses ZeRO-1 and 16-way pipeline parallelism instead; neither is needed at our scale.
+    The report uses ZeRO-1 instead; its 16-way pipeline parallelism is nanoseek.train.pipeline, which
+    builds on the pieces here (shard_experts, clip_grad_norm, the state gathering).
 
 Rank layout: a [world/ep, ep] mesh with the EP dimension innermost, so an EP group is made of
 neighbouring ranks (the GPUs of one node on a real cluster, where the all-to-all is cheapest).
@@ -156,6 +157,21 @@ class ExpertParallelDispatcher:
         return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
 
 
+def shard_experts(moes: list[MoE], group, ep: int, ep_rank: int) -> None:
+    """Keep this rank's E/ep routed experts of each MoE layer (slice ep_rank) and send every (token, expert)
+    assignment to the rank that owns the expert (an all-to-all over `group`). Used by parallelize() and by
+    the pipeline stages (nanoseek.train.pipeline), whose EP group lies inside one stage."""
+    for moe in moes:
+        ex = moe.experts
+        El = ex.n_experts // ep
+        sl = slice(ep_rank * El, (ep_rank + 1) * El)
+        # Shard in place: the module keeps its class (and any FP8 wrapping) and its state-dict names.
+        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
+        ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
+        ex.n_experts = El
+        moe.dispatcher = ExpertParallelDispatcher(group, ep, El)
+
+
 def _parallel_options(run_cfg) -> tuple[int, bool]:
     par = getattr(run_cfg, "parallel", None)
     ep = getattr(par, "ep", 1)
@@ -204,19 +220,12 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
 
     ignored: set[nn.Parameter] = set()
     if ep > 1:
-        El = cfg.n_routed_experts // ep
-        sl = slice(dist.ep_rank * El, (dist.ep_rank + 1) * El)
+        shard_experts(moes, dist.ep_group, ep, dist.ep_rank)
         for moe in moes:
-            ex = moe.experts
-            # Shard in place: the module keeps its class (and any FP8 wrapping) and its state-dict names.
-            ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
-            ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
-            ex.n_experts = El
-            moe.dispatcher = ExpertParallelDispatcher(dist.ep_group, ep, El)
             if dist.world // ep > 1:
-                fully_shard(ex, mesh=exp_mesh)
+                fully_shard(moe.experts, mesh=exp_mesh)
             else:  # each expert lives on exactly one rank: nothing to shard or average
-                ignored.update(ex.parameters())
+                ignored.update(moe.experts.parameters())
     ign = ignored or None
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, ignored_params=ign)
@@ -385,11 +394,14 @@ def load_full_state(model: Transformer, *args) -> None:
     raise TypeError("load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist)")
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist,
+                   replicas: dict[int, int] | None = None) -> torch.Tensor:
     """Clip the global gradient norm to max_norm; returns the norm before clipping (a plain scalar tensor,
     equal on every rank). torch.nn.utils.clip_grad_norm_ cannot mix FSDP DTensors with the plain expert
     shards and would miss the other EP ranks' experts. Here each rank sums the squares of its local
-    shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced."""
+    shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced.
+    `replicas` maps id(parameter) -> how many ranks hold an identical plain copy of it (a pipeline's
+    weights shared between stages); 1 otherwise."""
     from torch.distributed.tensor import DTensor, Replicate
 
     grads, sqs = [], []
@@ -397,7 +409,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tenso
         g = p.grad
         if g is None:
             continue
-        copies = 1
+        copies = (replicas or {}).get(id(p), 1)
         if isinstance(g, DTensor):
             copies = 1
             for size, pl in zip(g.device_mesh.shape, g.placements):
