@@ -122,6 +122,39 @@ def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkey
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_decode_block_follows_reloaded_cast_and_replaced_weights(built):
+    """The C++ block reads the block's current tensors: after load_state_dict, a round trip through bf16
+    and a replaced Parameter, its steps still equal the pure model's with the same weights."""
+    pure = tiny(hidden_size=128, moe_intermediate_size=128)
+    acc = fast.accelerate(copy.deepcopy(pure))
+    ids = torch.randint(0, pure.config.vocab_size, (2, 8))
+    slots = torch.tensor([0, 1])
+
+    def step(model):
+        cache = SlotCache.for_model(model, 2, 16, torch.float32, "cpu")
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :7], cache.view(slots, torch.zeros(2, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], cache.view(slots, torch.full((2,), 7), 1))[0]
+
+    def same():
+        torch.testing.assert_close(step(acc), step(pure), rtol=1e-4, atol=1e-5)
+
+    same()
+    torch.manual_seed(1)
+    new = {k: torch.randn_like(v) * 0.1 if v.is_floating_point() else v for k, v in pure.state_dict().items()}
+    for model in (pure, acc):
+        model.load_state_dict(new)
+    same()
+    acc.cast(torch.bfloat16).cast(torch.float32)
+    pure.cast(torch.bfloat16).cast(torch.float32)
+    same()
+    w = torch.randn_like(pure.layers[1].self_attn.o_proj.weight)
+    for model in (pure, acc):
+        model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(w.clone())
+        model.layers[1].mlp.experts.gate_up_proj = torch.nn.Parameter(model.layers[1].mlp.experts.gate_up_proj * 2)
+    same()
+
+
 def greedy_with_cache(model, prompt, n, dtype):
     """Greedy tokens of one prompt decoded by hand on a reference cache of `dtype`."""
     cache = model.new_cache(1, len(prompt) + n, dtype=dtype)

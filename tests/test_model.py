@@ -253,3 +253,31 @@ def test_experts_with_no_tokens():
         y.float().sum().backward()
         # The input gets a (empty) gradient: under expert parallelism the all-to-all backward must run.
         assert x.grad is not None and x.grad.shape == (0, 64)
+
+
+def test_model_package_is_the_mathematics_only():
+    """model/ imports only torch and nanoseek.config, knows nothing of kernels, FP8, EP or FSDP, and stays
+    about 1,000 lines (the CPU decode paths live in nanoseek.infer.fast, parallelism in nanoseek.train)."""
+    import ast
+    from pathlib import Path
+
+    import nanoseek.model
+
+    root = Path(nanoseek.model.__file__).parent
+    lines = 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text()
+        lines += len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in ("torch", "__future__", "math", "dataclasses") or \
+                    name in (".", "..config") or (name.startswith(".") and name.count(".") == 1), (path.name, name)
+        for word in ("kernels.", "csrc", "fp8", "dispatcher", "fsdp", "forward_decode"):
+            assert word not in text.lower(), (path.name, word)
+    assert lines <= 1100, lines

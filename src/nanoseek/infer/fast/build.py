@@ -113,10 +113,11 @@ class _Kernels:
         self.path: Path | None = None
 
     def load(self, force: bool = False):
-        if not force and (self.tried or not enabled()):
-            if not enabled():
-                self.state = "disabled"
+        if not force and self.tried:  # the hot path: every fast-path call asks
             return self.module
+        if not force and not enabled():
+            self.state = "disabled"
+            return None
         with self.lock:
             if self.tried and not force:
                 return self.module

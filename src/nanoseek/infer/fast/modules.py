@@ -163,6 +163,7 @@ class _KernelPlan:
             topk_group=cfg.topk_group, scoring_func=cfg.scoring_func, topk_method=cfg.topk_method,
             norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
         self._tensors: list = []
+        self._impls: list = []
         self._weights = None
 
     def __reduce__(self):
@@ -182,11 +183,12 @@ class _KernelPlan:
     def weights(self):
         """The BlockWeights of the current tensors, or None if one is not fp32 on the CPU."""
         tensors = [d[n] for d, n in self.sources]
-        if len(tensors) != len(self._tensors) or any(a is not b for a, b in zip(tensors, self._tensors)) or \
-                any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
-            if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
-                return None
-            self._tensors = tensors
+        if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
+            return None
+        # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them).
+        impls = [t._cdata for t in tensors]
+        if impls != self._impls:
+            self._tensors, self._impls = tensors, impls
             self._weights = kernels.block_weights(**dict(zip(self.names, tensors)))
         return self._weights
 
@@ -213,8 +215,8 @@ class _DecodeInKernel:
         if not kernels.usable(x, cos):
             return None
         plan = self.__dict__.get("_kernel_plan")
-        if plan is None:
-            plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)
+        if plan is None or plan.hooked[1] is not self.self_attn or plan.hooked[2] is not self.mlp:
+            plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)  # built once (again if a part was replaced)
         if not plan.plain():
             return None
         weights = plan.weights()
