@@ -310,6 +310,7 @@ def test_a_failed_build_is_recorded_shown_once_and_retried_on_request(tmp_path):
     assert first.returncode == 0, first.stderr
     assert first.stdout.split() == ["True", "False", "failed"]
     assert "building the C++ decode kernels once" in first.stderr  # said before the compiler ran
+    assert "has no OpenMP: the decode kernels run single-threaded" in first.stderr  # the probe failed too
     assert "this compiler is broken" in first.stderr and "nanoseek build-kernels" in first.stderr
     markers = list((tmp_path / "ext" / "nanoseek").glob("*.failed.json"))
     assert len(markers) == 1 and "this compiler is broken" in markers[0].read_text()
