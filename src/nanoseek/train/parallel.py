@@ -126,33 +126,36 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
-class ExpertParallelDispatcher:
-    """MoE.dispatcher for expert parallelism: send each (token, expert) assignment to the rank owning the
-    expert, run the local experts there, send the outputs back and combine them with the gate weights."""
+class ExpertParallelMoE(MoE):
+    """MoE whose routed experts are split over an EP group: each (token, expert) assignment is sent to the
+    rank owning the expert, the local experts run there, and the outputs come back to be combined with
+    the gate values. parallelize() swaps a plain MoE's class to this one and sets ep_group, ep and n_local;
+    the router, the shared experts and the balance loss are those of MoE."""
 
-    def __init__(self, group, ep: int, n_local: int):
-        self.group, self.ep, self.n_local = group, ep, n_local
+    ep_group: object
+    ep: int
+    n_local: int
 
-    def __call__(self, moe: MoE, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         ep, El = self.ep, self.n_local
         K = idx_NK.shape[1]
         # Sorting by global expert id also groups the assignments by destination rank (rank r owns
-        # experts [r*El, (r+1)*El)); the stable sort keeps token order inside an expert, as route_local does.
+        # experts [r*El, (r+1)*El)); the stable sort keeps token order inside an expert, as MoE does.
         order_M = idx_NK.flatten().argsort(stable=True)
         token_M = order_M // K
-        counts_RE = torch.bincount(idx_NK.flatten(), minlength=ep * El).view(ep, El)
+        counts_RE = self.count(idx_NK).view(ep, El)  # over the global experts; feeds the balancer's load
         recv_counts_RE = torch.empty_like(counts_RE)  # [source rank, my local expert]
-        tdist.all_to_all_single(recv_counts_RE, counts_RE.contiguous(), group=self.group)
+        tdist.all_to_all_single(recv_counts_RE, counts_RE.contiguous(), group=self.ep_group)
         send = counts_RE.sum(1).tolist()
         recv = recv_counts_RE.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.group, float(ep))
+        x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.ep_group, float(ep))
         # Received rows are ordered (source rank, local expert); the experts want them by local expert.
         local_e = torch.repeat_interleave(torch.arange(El, device=x_ND.device).repeat(ep),
                                           recv_counts_RE.flatten(), output_size=x_recv.shape[0])
         perm = local_e.argsort(stable=True)
-        y_sorted = moe.experts(x_recv[perm], recv_counts_RE.sum(0))
+        y_sorted = self.experts(x_recv[perm], recv_counts_RE.sum(0))
         y_recv = y_sorted[perm.argsort()]
-        y_MD = _AllToAll.apply(y_recv, recv, send, self.group, 1.0 / ep)
+        y_MD = _AllToAll.apply(y_recv, recv, send, self.ep_group, 1.0 / ep)
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
 
@@ -169,7 +172,8 @@ def shard_experts(moes: list[MoE], group, ep: int, ep_rank: int) -> None:
         ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
         ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
         ex.n_experts = El
-        moe.dispatcher = ExpertParallelDispatcher(group, ep, El)
+        moe.__class__ = ExpertParallelMoE
+        moe.ep_group, moe.ep, moe.n_local = group, ep, El
 
 
 def _parallel_options(run_cfg) -> tuple[int, bool]:
@@ -201,6 +205,10 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
         raise ValueError(f"parallel.ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("parallelize() was already applied to this model")
+    if ep > 1 and any(type(m) is not MoE for m in moes):
+        kinds = sorted({type(m).__name__ for m in moes} - {"MoE"})
+        raise ValueError(f"parallel.ep={ep} needs the plain MoE modules, got {kinds} (nanoseek.infer.fast.restore "
+                         "undoes the CPU decode transform)")
     model.to(dist.device)
     dist.ep = ep
     if dist.world == 1:

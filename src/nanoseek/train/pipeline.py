@@ -321,7 +321,9 @@ def build_pipeline(model: Transformer, run_cfg, dist, amp: torch.dtype | None = 
     """Split a seeded, full model (identical on every rank) into this rank's stages; see the module docstring."""
     from torch.distributed.fsdp import FSDPModule
 
-    if any(isinstance(m, FSDPModule) or getattr(m, "dispatcher", None) is not None for m in model.modules()):
+    from nanoseek.train.parallel import ExpertParallelMoE
+
+    if any(isinstance(m, (FSDPModule, ExpertParallelMoE)) for m in model.modules()):
         raise ValueError("build_pipeline() needs a plain model, not one parallelize() already wrapped")
     return Pipeline(model, run_cfg, dist, amp)
 
