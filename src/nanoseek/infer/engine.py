@@ -1,15 +1,23 @@
 """The generation engine: continuous batching over the absorbed MLA latent cache, with MTP speculation.
 
-* Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
+* Cache: a paged latent cache, nanoseek.infer.cache.PagedCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
-  section 2.1, V3 section 2.1.1). A request owns one slot from admission to its end; rolling back after a
-  rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
-  (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
+  section 2.1, V3 section 2.1.1), in blocks of `block_size` tokens from one pool of `cache_blocks`
+  blocks (default: room for max_batch_size sequences of max_len tokens; or a byte budget). A request
+  takes blocks as it grows; rolling back after a rejected draft is just a smaller start position. Each
+  model call gets the cache's view for its rows (`cache.view(block_tables, start_pos, n_new)`), the
+  interface the model's cached forward reads and writes.
+* Prefix caching: full blocks of committed tokens are registered under the hash of their chain; a new
+  request takes the cached blocks its prompt starts with and its prefill starts where they end (at least
+  the last prompt token is always computed, for its logits). `Request.cached_tokens` says how many.
+* Admission waits (FIFO) until the pool has blocks for a prompt; when a running request cannot grow, the
+  most recently admitted one is preempted (its blocks released, its full blocks kept cached) and resumes
+  later from its tokens so far, recomputing only what is no longer cached (vLLM's recompute preemption).
 * On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
   values as the pure model), from the Engine's construction on.
 * Continuous batching (Orca, Yu et al. 2022): requests wait in a bounded queue, join the running batch
   between decode steps (their prompts prefilled together in one forward) and leave as soon as they finish
-  or are cancelled, freeing their slot for the next waiting request.
+  or are cancelled, releasing their cache blocks for the next waiting request.
 * MTP speculative decoding (V3 section 2.2, "MTP in inference"): the depth-1 MTP module drafts the token
   after next; one two-token `forward_cached` verifies it. Greedy rows accept a draft iff it equals the
   main model's argmax, so their output is exactly that of plain decoding; sampled rows use the
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +45,7 @@ from typing import Callable
 import torch
 
 from nanoseek.infer import fast
-from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.cache import PagedCache, block_key
 from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 
 
@@ -54,6 +63,7 @@ class Completion:
     finish_reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled", "error" (see Engine.last_error)
     prompt_tokens: int
     logprobs: list[float] | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 # on_event(request, new_token_ids, finished): called on the engine thread after every step that
@@ -73,8 +83,11 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     # engine-private decode state
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # the block table: position p is in blocks[p // block_size]
+    keys: list[bytes] = field(default_factory=list)  # chain keys of the leading full blocks registered so far
+    admitted: bool = False  # prefilled at least once (a preempted request resumes instead of starting)
     pos: int = 0
     pending: int = 0
     draft: int = 0
@@ -83,14 +96,19 @@ class Request:
     cancelled: bool = False
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request; its slot is freed before the next decode step."""
+        """Ask the engine to drop this request; its blocks are released before the next decode step."""
         self.cancelled = True
 
     def result(self, timeout: float | None = None) -> Completion:
         if not self.done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout}s")
         return Completion(list(self.output), self.finish_reason or "cancelled", len(self.prompt),
-                          list(self.logprobs) if self.params.logprobs else None)
+                          list(self.logprobs) if self.params.logprobs else None, self.cached_tokens)
+
+    def token(self, p: int) -> int:
+        """The token at position p of this request's sequence (prompt, then output)."""
+        n = len(self.prompt)
+        return self.prompt[p] if p < n else self.output[p - n]
 
 
 @dataclass
@@ -105,6 +123,14 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     busy_seconds: float = 0.0
+    prompt_cache_hit_tokens: int = 0   # prompt tokens of admitted requests found in the prefix cache
+    prompt_cache_query_tokens: int = 0  # prompt tokens of admitted requests (hits + misses)
+    preemptions: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        q = self.prompt_cache_query_tokens
+        return self.prompt_cache_hit_tokens / q if q else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -113,7 +139,9 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 16, max_len: int | None = None,
-                 max_queue: int = 256, speculative: bool = False, dtype: torch.dtype | None = None):
+                 max_queue: int = 256, speculative: bool = False, dtype: torch.dtype | None = None,
+                 block_size: int = 64, cache_blocks: int | None = None, cache_bytes: int | None = None,
+                 prefix_caching: bool = True):
         cfg = model.config
         if speculative and not getattr(cfg, "num_nextn_predict_layers", 0):
             raise EngineError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
@@ -127,11 +155,25 @@ class Engine:
         self.speculative = speculative
         param = next(model.parameters())
         self.device = param.device
-        # Two spare positions: a speculative step writes the draft one past the last real token.
-        self.cache = SlotCache.for_model(model, max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
-                                         device=self.device)
+        if block_size < 1:
+            raise EngineError(f"block_size must be >= 1, got {block_size}")
+        if cache_blocks is not None and cache_bytes is not None:
+            raise EngineError("give the cache budget as cache_blocks or as cache_bytes, not both")
+        cache_dtype = dtype or param.dtype
+        if cache_bytes is not None:
+            per_block = PagedCache.bytes_per_block(model, block_size, cache_dtype)
+            cache_blocks = int(cache_bytes) // per_block
+            if cache_blocks < 1:
+                raise EngineError(f"a cache budget of {int(cache_bytes)} bytes holds no block of {block_size} "
+                                  f"tokens ({per_block} bytes each)")
+        if cache_blocks is None:  # as much as max_batch_size sequences of max_len tokens (+ the draft) need
+            cache_blocks = max_batch_size * math.ceil((self.max_len + 1) / block_size)
+        if cache_blocks < 1:
+            raise EngineError(f"cache_blocks must be >= 1, got {cache_blocks}")
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.cache = PagedCache.for_model(model, cache_blocks, block_size, dtype=cache_dtype, device=self.device)
         self.stats = EngineStats()
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._ids = itertools.count()
@@ -154,6 +196,11 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_len:
             raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                               f"context of {self.max_len} tokens")
+        need = self._blocks_needed(len(prompt) + params.max_tokens)
+        if need > self.cache.num_blocks:
+            raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} cache "
+                              f"blocks of {self.block_size} tokens, more than the whole pool of "
+                              f"{self.cache.num_blocks} blocks can ever hold")
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: EventFn | None = None,
                *, bounded: bool = True) -> Request:
@@ -163,8 +210,9 @@ class Engine:
         req = Request(next(self._ids), prompt, params, on_event)
         req.generator = params.make_generator()
         with self._lock:
-            # Requests about to take a free slot at the next step do not count against the queue bound.
-            if bounded and len(self._waiting) >= self.max_queue + len(self._free_slots):
+            # Requests about to take a free batch row at the next step do not count against the queue bound.
+            free_rows = max(0, self.max_batch_size - len(self._running))
+            if bounded and len(self._waiting) >= self.max_queue + free_rows:
                 self.stats.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)
@@ -174,7 +222,7 @@ class Engine:
 
     def generate_batch(self, prompts: list[list[int]],
                        params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Run all prompts to completion (as many at once as there are slots) and return their completions."""
+        """Run all prompts to completion (up to max_batch_size at once) and return their completions."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise EngineError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
@@ -234,6 +282,18 @@ class Engine:
     def batch_size(self) -> int:
         return len(self._running)
 
+    def cache_stats(self) -> dict:
+        """The paged cache at this moment, for /metrics and benchmarks: blocks in use (held by running
+        requests), cached (unreferenced, holding a reusable prefix), free, the total, and the prefix
+        hit rate so far (prompt tokens read from the cache / prompt tokens of admitted requests)."""
+        pool, s = self.cache.pool, self.stats
+        return {"block_size": self.block_size, "blocks_total": pool.num_blocks, "blocks_used": pool.used(),
+                "blocks_cached": len(pool.lru), "blocks_free": len(pool.free),
+                "bytes_total": self.cache.nbytes(), "prefix_hit_rate": s.prefix_hit_rate,
+                "prompt_cache_hit_tokens": s.prompt_cache_hit_tokens,
+                "prompt_cache_query_tokens": s.prompt_cache_query_tokens,
+                "evictions": pool.evictions, "preemptions": s.preemptions}
+
     # ------------------------------------------------------------------ the step loop
     def _loop(self, keep_running: Callable[[], bool] | None = None) -> None:
         while True:
@@ -253,17 +313,18 @@ class Engine:
             left = list(self._running) + list(self._waiting)
             self._waiting.clear()
         self._running.clear()
-        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         for r in left:
-            self._finish(r, "cancelled")
+            self._release(r)
+            if r.finish_reason is None:
+                self._finish(r, "cancelled")
 
     def _fail_running(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
-        for r in self._running:
+        failed, self._running = self._running, []
+        for r in failed:
+            self._release(r)
             if r.finish_reason is None:
                 self._finish(r, "error")
-            self._free_slots.append(r.slot)
-        self._running = []
 
     def step(self) -> None:
         """Admit waiting requests (prefill) and advance every running one by one decode step."""
@@ -275,15 +336,28 @@ class Engine:
                 self._prefill(admitted)
                 self._reap()
             if self._running:
+                self._grow()
+            if self._running:
                 if self.speculative:
                     self._decode_speculative()
                 else:
                     self._decode_plain()
                 self.stats.decode_steps += 1
+                self._register_full_blocks(self._running)
                 self._reap()
             self.stats.busy_seconds += time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ scheduling
+    # ------------------------------------------------------------------ scheduling and blocks
+    def _blocks_needed(self, n_tokens: int) -> int:
+        """Blocks for positions [0, n_tokens) plus the one a speculative step writes past the last token."""
+        return self.cache.blocks_for(n_tokens + 1)
+
+    def _release(self, r: Request) -> None:
+        """Give r's blocks back to the pool (its registered full blocks stay cached); idempotent per request."""
+        blocks, r.blocks, r.keys = r.blocks, [], []
+        for b in blocks:
+            self.cache.pool.release(b)
+
     def _reap(self) -> None:
         keep = []
         for r in self._running:
@@ -292,7 +366,7 @@ class Engine:
             if r.finish_reason is None:
                 keep.append(r)
             else:
-                self._free_slots.append(r.slot)
+                self._release(r)
         self._running = keep
         with self._lock:
             dropped = [r for r in self._waiting if r.cancelled]
@@ -301,15 +375,98 @@ class Engine:
         for r in dropped:
             self._finish(r, "cancelled")
 
+    def _target(self, r: Request) -> int:
+        """How many leading positions r's prefill must leave in the cache: the prompt when it starts, every
+        position before the pending token when a preempted request resumes."""
+        return r.pos if r.admitted else len(r.prompt)
+
+    def _cached_prefix(self, r: Request, n: int) -> tuple[list[int], list[bytes]]:
+        """The cached blocks (and their keys) that r's first n positions start with; at most (n - 1) //
+        block_size of them, so that at least position n - 1 is computed (its logits are needed)."""
+        if not self.prefix_caching:
+            return [], []
+        pool, bs = self.cache.pool, self.block_size
+        blocks, keys, parent = [], [], b""
+        for k in range((n - 1) // bs):
+            key = block_key(parent, [r.token(p) for p in range(k * bs, (k + 1) * bs)])
+            # A speculative engine's MTP layer row at a block's last position depends on the next token too.
+            b = pool.lookup(key, r.token((k + 1) * bs) if self.speculative else None)
+            if b is None:
+                break
+            blocks.append(b)
+            keys.append(key)
+            parent = key
+        return blocks, keys
+
     def _admit(self) -> list[Request]:
+        """Take waiting requests, oldest first, while there is a batch row and the pool has their blocks."""
         out = []
+        pool = self.cache.pool
         with self._lock:
-            while self._waiting and self._free_slots:
-                r = self._waiting.popleft()
-                r.slot = self._free_slots.pop()
+            while self._waiting and len(self._running) + len(out) < self.max_batch_size:
+                r = self._waiting[0]
+                n = self._target(r)
+                hits, keys = self._cached_prefix(r, n)
+                idle_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in available() until retained
+                # Beside others, keep a block of headroom per running request, so that admitting this one
+                # does not preempt another at the very next step.
+                headroom = len(self._running) + len(out)
+                if self.cache.blocks_for(n) - len(hits) > pool.available() - idle_hits - headroom:
+                    break  # wait for blocks (FIFO: a large request is not overtaken forever)
+                self._waiting.popleft()
+                for b in hits:
+                    pool.retain(b)
+                r.blocks, r.keys = list(hits), list(keys)
+                while len(r.blocks) < self.cache.blocks_for(n):
+                    r.blocks.append(pool.allocate())
+                if not r.admitted:
+                    r.cached_tokens = len(hits) * self.block_size
+                    self.stats.prompt_cache_hit_tokens += r.cached_tokens
+                    self.stats.prompt_cache_query_tokens += len(r.prompt)
                 out.append(r)
         self._running.extend(out)
         return out
+
+    def _grow(self) -> None:
+        """Give every running request the blocks its next step writes to, oldest first; when the pool is dry,
+        preempt the newest running request (back to the head of the queue) until it is not."""
+        pool = self.cache.pool
+        writes = 2 if self.speculative else 1
+        i = 0
+        while i < len(self._running):
+            r = self._running[i]
+            need = self.cache.blocks_for(r.pos + writes)
+            while len(r.blocks) < need:
+                if pool.available():
+                    r.blocks.append(pool.allocate())
+                    continue
+                victim = self._running.pop()  # the most recently admitted
+                self._preempt(victim)
+                if victim is r:
+                    break
+            else:
+                i += 1
+
+    def _preempt(self, r: Request) -> None:
+        self._release(r)  # its full blocks were registered after its last step: they stay cached
+        self.stats.preemptions += 1
+        with self._lock:
+            self._waiting.appendleft(r)
+
+    def _register_full_blocks(self, reqs: list[Request]) -> None:
+        """Offer every block of committed tokens that is now full for prefix reuse (chain keys)."""
+        if not self.prefix_caching:
+            return
+        pool, bs = self.cache.pool, self.block_size
+        for r in reqs:
+            # Positions < pos are in the cache (main and MTP layers) and the token at pos is known; a request
+            # that just stopped may have cached a draft past its last emitted token.
+            limit = min(r.pos, len(r.prompt) + len(r.output) - 1)
+            while (len(r.keys) + 1) * bs <= limit:
+                k = len(r.keys)
+                key = block_key(r.keys[-1] if r.keys else b"", [r.token(p) for p in range(k * bs, (k + 1) * bs)])
+                pool.register(r.blocks[k], key, r.token((k + 1) * bs))
+                r.keys.append(key)
 
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
@@ -352,29 +509,52 @@ class Engine:
         return token_logprobs(logits, tokens).tolist()
 
     def _prefill(self, reqs: list[Request]) -> None:
-        lens = [len(r.prompt) for r in reqs]
+        # Rows from position 0 run together (attention over the new tokens alone: the naive path); rows that
+        # continue a cached prefix attend to it (the absorbed path), in a forward of their own.
+        for group in ([r for r in reqs if not r.keys], [r for r in reqs if r.keys]):
+            if group:
+                self._prefill_group(group)
+        self._register_full_blocks(reqs)
+
+    def _prefill_group(self, reqs: list[Request]) -> None:
+        """Compute positions [cached prefix, target) of each request; a new request samples its first token
+        from the last position, a resumed one (preempted earlier) keeps its pending token."""
+        bs = self.block_size
+        starts = [len(r.keys) * bs for r in reqs]
+        ends = [self._target(r) for r in reqs]
+        lens = [e - s for s, e in zip(starts, ends)]
         T = max(lens)
-        ids = self._tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs])  # right padding
-        slots = self._tensor([r.slot for r in reqs])
-        zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
+        ids = self._tensor([[r.token(p) for p in range(s, e)] + [0] * (T - (e - s))  # right padding
+                            for r, s, e in zip(reqs, starts, ends)])
         rows = torch.arange(len(reqs), device=self.device)
         last = device_tensor([n - 1 for n in lens], torch.long, self.device)
-        view = self.cache.view(slots, zeros, T)
+        view = self.cache.view([r.blocks for r in reqs], device_tensor(starts, torch.long, self.device), T)
         logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
-        params = [r.params for r in reqs]
-        first = sample(last_logits, params, [r.generator for r in reqs])
-        logps = self._logprob(last_logits, first) if any(p.logprobs for p in params) else [0.0] * len(reqs)
-        with self._lock:
-            self.stats.prompt_tokens += sum(lens)
+        new = [i for i, r in enumerate(reqs) if not r.admitted]
+        first = self._tensor([r.pending for r in reqs])  # resumed rows: the token they were about to feed
+        logps = [0.0] * len(reqs)
+        if new:
+            pick = self._tensor(new)
+            params = [reqs[i].params for i in new]
+            sampled = sample(last_logits[pick], params, [reqs[i].generator for i in new])
+            first[pick] = sampled
+            if any(p.logprobs for p in params):
+                for i, lp in zip(new, self._logprob(last_logits[pick], sampled)):
+                    logps[i] = lp
+            with self._lock:
+                self.stats.prompt_tokens += sum(lens[i] for i in new)
         if self.speculative:
-            # MTP position i sees hidden[i] and token i+1; the prompt's last position sees the first sample.
+            # MTP position i sees hidden[i] and token i+1; the target's last position sees the first sample.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
             nxt[rows, last] = first
             mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view, logits_at=last)
             self._set_drafts(reqs, mtp_logits[:, 0])
         for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
-            r.pos = lens[i]
+            if r.admitted:
+                continue
+            r.admitted = True
+            r.pos = ends[i]
             r.pending = t
             self._emit(r, [t], [logps[i]])
 
@@ -392,7 +572,7 @@ class Engine:
     def _decode_plain(self) -> None:
         reqs = self._running
         ids = self._tensor([[r.pending] for r in reqs])
-        view = self.cache.view(self._tensor([r.slot for r in reqs]), self._tensor([r.pos for r in reqs]), 1)
+        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 1)
         logits, _ = self.model.forward_cached(ids, view)
         logits = logits[:, 0]
         params = [r.params for r in reqs]
@@ -407,9 +587,7 @@ class Engine:
         reqs = self._running
         B = len(reqs)
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
-        start = self._tensor([r.pos for r in reqs])
-        slots = self._tensor([r.slot for r in reqs])
-        view = self.cache.view(slots, start, 2)
+        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 2)
         logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
         accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
