@@ -475,9 +475,20 @@ class Engine:
                 self.stats.requests_cancelled += 1
             else:
                 self.stats.requests_finished += 1
-        if r.on_event is not None:
-            r.on_event(r, [], True)
+        self._notify(r, [], True)
         r.done.set()
+
+    def _notify(self, r: Request, tokens: list[int], finished: bool) -> None:
+        """Call r's callback. An exception there fails r alone (the batch, the loop and the cache go on):
+        it is recorded in last_error and r finishes with "error" (its blocks go back at the next reap)."""
+        if r.on_event is None:
+            return
+        try:
+            r.on_event(r, tokens, finished)
+        except Exception as e:  # noqa: BLE001 - a caller's bug must not take the engine down
+            self.last_error = f"request {r.id} callback: {type(e).__name__}: {e}"
+            if not finished and r.finish_reason is None:
+                self._finish(r, "error")
 
     def _emit(self, r: Request, tokens: list[int], logps: list[float]) -> None:
         """Append tokens in order, stopping at a stop token or max_tokens (later tokens are dropped)."""
@@ -493,8 +504,10 @@ class Engine:
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         self.stats.generated_tokens += len(new)
-        if r.on_event is not None and not r.cancelled:
-            r.on_event(r, new, False)
+        if not r.cancelled:
+            self._notify(r, new, False)
+            if r.finish_reason is not None:  # the callback failed
+                return
         last = r.output[-1]
         if last in sp.stop_token_ids:
             self._finish(r, "stop")
