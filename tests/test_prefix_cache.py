@@ -284,3 +284,20 @@ def test_a_failing_callback_fails_its_request_only(model, when):
     finally:
         engine.stop()
     engine.cache.pool.check_full()
+
+
+def test_serve_cache_flags():
+    import argparse
+
+    from nanoseek.serve.cli import add_arguments, parse_bytes
+
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("500MB") == 500_000_000 and parse_bytes("4096") == 4096
+    assert parse_bytes("1.5 kib") == 1536
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        parse_bytes("lots")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "m", "--block-size", "16", "--cache-memory", "1GiB", "--no-prefix-cache"])
+    assert (args.block_size, args.cache_memory, args.cache_blocks, args.no_prefix_cache) == (16, 1 << 30, None, True)
+    with pytest.raises(SystemExit):  # one budget or the other
+        p.parse_args(["--model", "m", "--cache-blocks", "8", "--cache-memory", "1GiB"])

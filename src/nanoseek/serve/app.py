@@ -361,8 +361,13 @@ async def _run_to_end(request: Request, choices: list[Choice]) -> None:
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
     completion = sum(len(c.text.ids) for c in choices)
+    # The prompt is counted once for all n choices; its cached part is that of the first choice's request
+    # (the prefix cache's hit, in whole blocks), reported as DeepSeek and as OpenAI name it.
+    cached = min(prompt_tokens, choices[0].req.cached_tokens) if choices else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
+            "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt_tokens - cached,
+            "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": sum(c.text.reasoning_tokens for c in choices)}}
 
 
