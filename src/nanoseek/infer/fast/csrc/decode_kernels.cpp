@@ -365,28 +365,51 @@ torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_
   const float* wp = w.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(W), s(L), ol(C);
+  // A task is a group of G queries (token, head) of one row: each cached row is loaded once for all G of
+  // them (one query per task would stream the whole cache once per head and token). G is as large as
+  // keeps every thread busy, at most 16; each query's sums run in the same order whatever G is.
+  const int64_t TH = T * H, threads = at::get_num_threads();
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>({16, TH, (B * TH) / std::max<int64_t>(1, 2 * threads)}));
+  const int64_t groups = (TH + G - 1) / G;
+  at::parallel_for(0, B * groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * W), s(G * L), ol(G * C), mx(G), sum(G);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
-      const float* qn = qp + ((b * T + t) * H + h) * (N + R);
-      const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
-      std::fill(qf.begin(), qf.begin() + C, 0.f);
-      for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, qf.data(), C);
-      std::memcpy(qf.data() + C, rp + ((b * T + t) * H + h) * R, R * sizeof(float));
+      const int64_t b = i / groups, g0 = (i % groups) * G, n_g = std::min(G, TH - g0);
+      for (int64_t g = 0; g < n_g; ++g) {  // queries g0 + g = t * H + h, taken into the latent space
+        const int64_t h = (g0 + g) % H;
+        const float* qn = qp + (b * TH + g0 + g) * (N + R);
+        const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
+        float* q_g = qf.data() + g * W;
+        std::fill(q_g, q_g + C, 0.f);
+        for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, q_g, C);
+        std::memcpy(q_g + C, rp + (b * TH + g0 + g) * R, R * sizeof(float));
+        mx[g] = -INFINITY;
+      }
       const int64_t* tb = tp + b * nb;
-      const float* brow = bp ? bp + (b * T * H + t * H + h) * L : nullptr;
-      float mx = -INFINITY;
+      const float* bb = bp ? bp + (b * TH + g0) * L : nullptr;
       for_rows(kp, tb, bs, W, L, [&](int64_t l, const float* row) {
-        s[l] = dot(qf.data(), row, W) * static_cast<float>(scale) + (brow ? brow[l] : 0.f);
-        mx = std::max(mx, s[l]);
+        for (int64_t g = 0; g < n_g; ++g) {
+          const float v = dot(qf.data() + g * W, row, W) * static_cast<float>(scale) + (bb ? bb[g * L + l] : 0.f);
+          s[g * L + l] = v;
+          mx[g] = std::max(mx[g], v);
+        }
       });
-      float sum = 0.f;
-      for (int64_t l = 0; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
+      for (int64_t g = 0; g < n_g; ++g) {
+        float* sg = s.data() + g * L;
+        float total = 0.f;
+        for (int64_t l = 0; l < L; ++l) total += (sg[l] = std::exp(sg[l] - mx[g]));
+        sum[g] = total;
+      }
       std::fill(ol.begin(), ol.end(), 0.f);
-      for_rows(kp, tb, bs, W, L, [&](int64_t l, const float* row) { axpy(s[l] / sum, row, ol.data(), C); });
-      float* o = op + (b * T + t) * H * V + h * V;
-      for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data(), wk + (N + v) * C, C);
+      for_rows(kp, tb, bs, W, L, [&](int64_t l, const float* row) {
+        for (int64_t g = 0; g < n_g; ++g) axpy(s[g * L + l] / sum[g], row, ol.data() + g * C, C);
+      });
+      for (int64_t g = 0; g < n_g; ++g) {
+        const int64_t t = (g0 + g) / H, h = (g0 + g) % H;
+        const float* wk = wp + h * (N + V) * C;
+        float* o = op + (b * T + t) * H * V + h * V;
+        for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data() + g * C, wk + (N + v) * C, C);
+      }
     }
   });
   return out;
