@@ -301,3 +301,12 @@ def test_serve_cache_flags():
     assert (args.block_size, args.cache_memory, args.cache_blocks, args.no_prefix_cache) == (16, 1 << 30, None, True)
     with pytest.raises(SystemExit):  # one budget or the other
         p.parse_args(["--model", "m", "--cache-blocks", "8", "--cache-memory", "1GiB"])
+
+
+def test_capacity_is_the_context_or_what_the_pool_holds(model):
+    assert Engine(model, max_len=100, block_size=16).capacity == 100
+    small = Engine(model, max_len=512, block_size=16, cache_blocks=4)
+    assert small.capacity == 63
+    small.validate([5] * 13, SamplingParams(max_tokens=small.capacity - 13))  # the most it can take
+    with pytest.raises(EngineError, match="can ever hold"):
+        small.validate([5] * 13, SamplingParams(max_tokens=small.capacity - 12))

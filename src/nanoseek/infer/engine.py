@@ -282,6 +282,12 @@ class Engine:
     def batch_size(self) -> int:
         return len(self._running)
 
+    @property
+    def capacity(self) -> int:
+        """The most tokens (prompt + generated) one request can have: the context, or less when the whole
+        block pool holds fewer (a speculative step writes one position past the last token)."""
+        return min(self.max_len, self.cache.num_blocks * self.block_size - 1)
+
     def cache_stats(self) -> dict:
         """The paged cache at this moment, for /metrics and benchmarks: blocks in use (held by running
         requests), cached (unreferenced, holding a reusable prefix), free, the total, and the prefix

@@ -264,14 +264,14 @@ def _start(state: ServerState, prompt: list[int], body, *, think_opened: bool, s
     engine = state.engine
     if not engine.running:
         raise APIError(503, "the engine is not running", "service_unavailable", code="engine_stopped")
-    room = engine.max_len - len(prompt)
+    room = engine.capacity - len(prompt)
     if room < 1:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens, more than the context of {engine.max_len} "
+        raise APIError(400, f"the prompt has {len(prompt)} tokens, more than the context of {engine.capacity} "
                             "tokens allows", param="messages", code="context_length_exceeded")
     limit = body.token_limit
     if limit is not None and limit > room:
         raise APIError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({limit}) exceeds the context of "
-                            f"{engine.max_len} tokens", param="max_tokens", code="context_length_exceeded")
+                            f"{engine.capacity} tokens", param="max_tokens", code="context_length_exceeded")
     eos = state.tokenizer.eos_id
     loop = asyncio.get_running_loop()
     choices: list[Choice] = []
