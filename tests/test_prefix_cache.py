@@ -310,3 +310,22 @@ def test_capacity_is_the_context_or_what_the_pool_holds(model):
     small.validate([5] * 13, SamplingParams(max_tokens=small.capacity - 13))  # the most it can take
     with pytest.raises(EngineError, match="can ever hold"):
         small.validate([5] * 13, SamplingParams(max_tokens=small.capacity - 12))
+
+
+def test_new_weights_drop_every_cached_prefix():
+    """GRPO trains the model its engine decodes with: after an optimizer step (or load_state_dict) no prefix
+    computed with the old weights may be reused."""
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny")).eval()
+    engine = Engine(m, max_batch_size=1, max_len=160, block_size=16)
+    sp = SamplingParams(max_tokens=6)
+    engine.generate_batch([PROMPTS[0]], sp)
+    assert engine.generate_batch([PROMPTS[1]], sp)[0].cached_tokens == 64
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.5)  # an in-place update, as an optimizer step makes
+    after = engine.generate_batch([PROMPTS[1]], sp)[0]
+    assert after.cached_tokens == 0 and engine.cache_stats()["blocks_cached"] > 0  # recomputed, then cached again
+    assert after.token_ids == run_alone(m, [PROMPTS[1]], sp)[0]
+    assert engine.generate_batch([PROMPTS[2]], sp)[0].cached_tokens == 64  # the new weights' prefix is reused
+    engine.cache.pool.check_full()

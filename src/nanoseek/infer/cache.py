@@ -116,6 +116,16 @@ class BlockPool:
             self.key_of[b] = key
             self.next_token[b] = next_token
 
+    def forget_prefixes(self) -> None:
+        """Unregister every block (the rows they hold are stale): cached ones become free, held ones stay
+        with their sequences but are never reused."""
+        for b in list(self.lru):
+            self.free.append(b)
+        self.lru.clear()
+        self.table.clear()
+        self.key_of = [None] * self.num_blocks
+        self.next_token = [-1] * self.num_blocks
+
     def check_full(self) -> None:
         """Raise unless every block is unreferenced again (tests, and the engine after it stops)."""
         held = [b for b, r in enumerate(self.refs) if r]

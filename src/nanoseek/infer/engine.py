@@ -173,6 +173,7 @@ class Engine:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.cache = PagedCache.for_model(model, cache_blocks, block_size, dtype=cache_dtype, device=self.device)
+        self._weights_seen = self._weights_version()
         self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
@@ -337,6 +338,7 @@ class Engine:
         with self._step_lock, torch.inference_mode():
             t0 = time.perf_counter()
             self._reap()
+            self._drop_stale_prefixes()
             admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
@@ -357,6 +359,24 @@ class Engine:
     def _blocks_needed(self, n_tokens: int) -> int:
         """Blocks for positions [0, n_tokens) plus the one a speculative step writes past the last token."""
         return self.cache.blocks_for(n_tokens + 1)
+
+    def _weights_version(self) -> tuple | None:
+        """Which tensors the model's parameters are and how often each was written in place (an optimizer
+        step, load_state_dict); None when they do not track versions (created under inference_mode)."""
+        try:
+            return tuple((p._cdata, p._version) for p in self.model.parameters())
+        except RuntimeError:
+            return None
+
+    def _drop_stale_prefixes(self) -> None:
+        """Cached rows are the model's outputs: once its weights change (GRPO trains the model its engine
+        decodes with), no cached prefix may be reused."""
+        if not self.prefix_caching:
+            return
+        seen = self._weights_version()
+        if seen != self._weights_seen:
+            self._weights_seen = seen
+            self.cache.pool.forget_prefixes()
 
     def _release(self, r: Request) -> None:
         """Give r's blocks back to the pool (its registered full blocks stay cached); idempotent per request."""
