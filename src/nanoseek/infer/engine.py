@@ -173,6 +173,7 @@ class Engine:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.cache = PagedCache.for_model(model, cache_blocks, block_size, dtype=cache_dtype, device=self.device)
+        self._params = list(self.model.parameters())  # walked once: a module-tree walk per step costs ~ms
         self._weights_seen = self._weights_version()
         self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -361,10 +362,10 @@ class Engine:
         return self.cache.blocks_for(n_tokens + 1)
 
     def _weights_version(self) -> tuple | None:
-        """Which tensors the model's parameters are and how often each was written in place (an optimizer
-        step, load_state_dict); None when they do not track versions (created under inference_mode)."""
+        """How often each parameter was written in place (an optimizer step, load_state_dict); None when they
+        do not track versions (created under inference_mode)."""
         try:
-            return tuple((p._cdata, p._version) for p in self.model.parameters())
+            return tuple(p._version for p in self._params)
         except RuntimeError:
             return None
 
