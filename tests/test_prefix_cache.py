@@ -329,3 +329,16 @@ def test_new_weights_drop_every_cached_prefix():
     assert after.token_ids == run_alone(m, [PROMPTS[1]], sp)[0]
     assert engine.generate_batch([PROMPTS[2]], sp)[0].cached_tokens == 64  # the new weights' prefix is reused
     engine.cache.pool.check_full()
+
+
+def test_requests_arriving_together_share_a_prefix_computed_once(model):
+    """n samples of one prompt (GRPO groups, `n` in the API) submitted at once: the first computes the
+    shared blocks, the others wait one step and read them from the cache."""
+    engine = Engine(model, max_batch_size=4, max_len=160, block_size=16)
+    sp = SamplingParams(max_tokens=5)
+    out = engine.generate_batch([PROMPTS[1]] * 3 + [PROMPTS[3]], sp)
+    assert [c.cached_tokens for c in out] == [0, 80, 80, 64]
+    assert all(c.token_ids == out[0].token_ids for c in out[:3])
+    assert out[3].token_ids == run_alone(model, [PROMPTS[3]], sp)[0]
+    assert engine.stats.prompt_tokens == len(PROMPTS[1]) + 2 * (len(PROMPTS[1]) - 80) + len(PROMPTS[3]) - 64
+    engine.cache.pool.check_full()

@@ -407,33 +407,37 @@ class Engine:
         position before the pending token when a preempted request resumes."""
         return r.pos if r.admitted else len(r.prompt)
 
-    def _cached_prefix(self, r: Request, n: int) -> tuple[list[int], list[bytes]]:
-        """The cached blocks (and their keys) that r's first n positions start with; at most (n - 1) //
-        block_size of them, so that at least position n - 1 is computed (its logits are needed)."""
+    def _cached_prefix(self, r: Request, n: int) -> tuple[list[int], list[bytes], list[bytes]]:
+        """The cached blocks (and their keys) that r's first n positions start with, at most (n - 1) //
+        block_size of them so that at least position n - 1 is computed (its logits are needed); and the
+        keys of the full blocks after them, which r's prefill will compute."""
         if not self.prefix_caching:
-            return [], []
+            return [], [], []
         pool, bs = self.cache.pool, self.block_size
         blocks, keys, parent = [], [], b""
-        for k in range((n - 1) // bs):
+        for k in range(n // bs):
             key = block_key(parent, [r.token(p) for p in range(k * bs, (k + 1) * bs)])
-            # A speculative engine's MTP layer row at a block's last position depends on the next token too.
-            b = pool.lookup(key, r.token((k + 1) * bs) if self.speculative else None)
-            if b is None:
-                break
-            blocks.append(b)
-            keys.append(key)
             parent = key
-        return blocks, keys
+            if len(blocks) == len(keys) and k < (n - 1) // bs:
+                # A speculative engine's MTP layer row at a block's last position depends on the next token too.
+                b = pool.lookup(key, r.token((k + 1) * bs) if self.speculative else None)
+                if b is not None:
+                    blocks.append(b)
+            keys.append(key)
+        return blocks, keys[:len(blocks)], keys[len(blocks):]
 
     def _admit(self) -> list[Request]:
         """Take waiting requests, oldest first, while there is a batch row and the pool has their blocks."""
         out = []
         pool = self.cache.pool
+        computing: set[bytes] = set()  # full blocks this step's prefills compute
         with self._lock:
             while self._waiting and len(self._running) + len(out) < self.max_batch_size:
                 r = self._waiting[0]
                 n = self._target(r)
-                hits, keys = self._cached_prefix(r, n)
+                hits, keys, fresh = self._cached_prefix(r, n)
+                if fresh and fresh[0] in computing:
+                    break  # the prefix is being computed by a request admitted now: take it next step instead
                 idle_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in available() until retained
                 # Beside others, keep a block of headroom per running request, so that admitting this one
                 # does not preempt another at the very next step.
@@ -450,6 +454,7 @@ class Engine:
                     r.cached_tokens = len(hits) * self.block_size
                     self.stats.prompt_cache_hit_tokens += r.cached_tokens
                     self.stats.prompt_cache_query_tokens += len(r.prompt)
+                computing.update(fresh)
                 out.append(r)
         self._running.extend(out)
         return out
