@@ -295,8 +295,10 @@ def main(argv=None) -> dict:
     unknown = [c for c in chosen if c not in known]
     if unknown:
         raise SystemExit(f"unknown case(s) {unknown}; choose from {list(known)}")
-    results = {name: known[name](args) for name in chosen}
-    path = write_cases(results)
+    results = {}
+    for name in chosen:  # written after each case: a long run that stops keeps what it measured
+        results[name] = known[name](args)
+        path = write_cases({name: results[name]})
     print(f"wrote {path}")
     return results
 
