@@ -13,6 +13,7 @@
 * Admission waits (FIFO) until the pool has blocks for a prompt; when a running request cannot grow, the
   most recently admitted one is preempted (its blocks released, its full blocks kept cached) and resumes
   later from its tokens so far, recomputing only what is no longer cached (vLLM's recompute preemption).
+  Admission, blocks, prefix reuse, preemption and prefill live in nanoseek.infer.scheduler (a mixin).
 * On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
   values as the pure model), from the Engine's construction on.
 * Continuous batching (Orca, Yu et al. 2022): requests wait in a bounded queue, join the running batch
@@ -45,7 +46,8 @@ from typing import Callable
 import torch
 
 from nanoseek.infer import fast
-from nanoseek.infer.cache import PagedCache, block_key
+from nanoseek.infer.cache import PagedCache
+from nanoseek.infer.scheduler import Scheduler
 from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 
 
@@ -137,7 +139,7 @@ class EngineStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-class Engine:
+class Engine(Scheduler):
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 16, max_len: int | None = None,
                  max_queue: int = 256, speculative: bool = False, dtype: torch.dtype | None = None,
                  block_size: int = 64, cache_blocks: int | None = None, cache_bytes: int | None = None,
@@ -356,150 +358,6 @@ class Engine:
                 self._reap()
             self.stats.busy_seconds += time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ scheduling and blocks
-    def _blocks_needed(self, n_tokens: int) -> int:
-        """Blocks for positions [0, n_tokens) plus the one a speculative step writes past the last token."""
-        return self.cache.blocks_for(n_tokens + 1)
-
-    def _weights_version(self) -> tuple | None:
-        """How often each parameter was written in place (an optimizer step, load_state_dict); None when they
-        do not track versions (created under inference_mode)."""
-        try:
-            return tuple(p._version for p in self._params)
-        except RuntimeError:
-            return None
-
-    def _drop_stale_prefixes(self) -> None:
-        """Cached rows are the model's outputs: once its weights change (GRPO trains the model its engine
-        decodes with), no cached prefix may be reused."""
-        if not self.prefix_caching:
-            return
-        seen = self._weights_version()
-        if seen != self._weights_seen:
-            self._weights_seen = seen
-            self.cache.pool.forget_prefixes()
-
-    def _release(self, r: Request) -> None:
-        """Give r's blocks back to the pool (its registered full blocks stay cached); idempotent per request."""
-        blocks, r.blocks, r.keys = r.blocks, [], []
-        for b in blocks:
-            self.cache.pool.release(b)
-
-    def _reap(self) -> None:
-        keep = []
-        for r in self._running:
-            if r.cancelled and r.finish_reason is None:
-                self._finish(r, "cancelled")
-            if r.finish_reason is None:
-                keep.append(r)
-            else:
-                self._release(r)
-        self._running = keep
-        with self._lock:
-            dropped = [r for r in self._waiting if r.cancelled]
-            for r in dropped:
-                self._waiting.remove(r)
-        for r in dropped:
-            self._finish(r, "cancelled")
-
-    def _target(self, r: Request) -> int:
-        """How many leading positions r's prefill must leave in the cache: the prompt when it starts, every
-        position before the pending token when a preempted request resumes."""
-        return r.pos if r.admitted else len(r.prompt)
-
-    def _cached_prefix(self, r: Request, n: int) -> tuple[list[int], list[bytes], list[bytes]]:
-        """The cached blocks (and their keys) that r's first n positions start with, at most (n - 1) //
-        block_size of them so that at least position n - 1 is computed (its logits are needed); and the
-        keys of the full blocks after them, which r's prefill will compute."""
-        if not self.prefix_caching:
-            return [], [], []
-        pool, bs = self.cache.pool, self.block_size
-        blocks, keys, parent = [], [], b""
-        for k in range(n // bs):
-            key = block_key(parent, [r.token(p) for p in range(k * bs, (k + 1) * bs)])
-            parent = key
-            if len(blocks) == len(keys) and k < (n - 1) // bs:
-                # A speculative engine's MTP layer row at a block's last position depends on the next token too.
-                b = pool.lookup(key, r.token((k + 1) * bs) if self.speculative else None)
-                if b is not None:
-                    blocks.append(b)
-            keys.append(key)
-        return blocks, keys[:len(blocks)], keys[len(blocks):]
-
-    def _admit(self) -> list[Request]:
-        """Take waiting requests, oldest first, while there is a batch row and the pool has their blocks."""
-        out = []
-        pool = self.cache.pool
-        computing: set[bytes] = set()  # full blocks this step's prefills compute
-        with self._lock:
-            while self._waiting and len(self._running) + len(out) < self.max_batch_size:
-                r = self._waiting[0]
-                n = self._target(r)
-                hits, keys, fresh = self._cached_prefix(r, n)
-                if fresh and fresh[0] in computing:
-                    break  # the prefix is being computed by a request admitted now: take it next step instead
-                idle_hits = sum(1 for b in hits if pool.refs[b] == 0)  # counted in available() until retained
-                # Beside others, keep a block of headroom per running request, so that admitting this one
-                # does not preempt another at the very next step.
-                headroom = len(self._running) + len(out)
-                if self.cache.blocks_for(n) - len(hits) > pool.available() - idle_hits - headroom:
-                    break  # wait for blocks (FIFO: a large request is not overtaken forever)
-                self._waiting.popleft()
-                for b in hits:
-                    pool.retain(b)
-                r.blocks, r.keys = list(hits), list(keys)
-                while len(r.blocks) < self.cache.blocks_for(n):
-                    r.blocks.append(pool.allocate())
-                if not r.admitted:
-                    r.cached_tokens = len(hits) * self.block_size
-                    self.stats.prompt_cache_hit_tokens += r.cached_tokens
-                    self.stats.prompt_cache_query_tokens += len(r.prompt)
-                computing.update(fresh)
-                out.append(r)
-        self._running.extend(out)
-        return out
-
-    def _grow(self) -> None:
-        """Give every running request the blocks its next step writes to, oldest first; when the pool is dry,
-        preempt the newest running request (back to the head of the queue) until it is not."""
-        pool = self.cache.pool
-        writes = 2 if self.speculative else 1
-        i = 0
-        while i < len(self._running):
-            r = self._running[i]
-            need = self.cache.blocks_for(r.pos + writes)
-            while len(r.blocks) < need:
-                if pool.available():
-                    r.blocks.append(pool.allocate())
-                    continue
-                victim = self._running.pop()  # the most recently admitted
-                self._preempt(victim)
-                if victim is r:
-                    break
-            else:
-                i += 1
-
-    def _preempt(self, r: Request) -> None:
-        self._release(r)  # its full blocks were registered after its last step: they stay cached
-        self.stats.preemptions += 1
-        with self._lock:
-            self._waiting.appendleft(r)
-
-    def _register_full_blocks(self, reqs: list[Request]) -> None:
-        """Offer every block of committed tokens that is now full for prefix reuse (chain keys)."""
-        if not self.prefix_caching:
-            return
-        pool, bs = self.cache.pool, self.block_size
-        for r in reqs:
-            # Positions < pos are in the cache (main and MTP layers) and the token at pos is known; a request
-            # that just stopped may have cached a draft past its last emitted token.
-            limit = min(r.pos, len(r.prompt) + len(r.output) - 1)
-            while (len(r.keys) + 1) * bs <= limit:
-                k = len(r.keys)
-                key = block_key(r.keys[-1] if r.keys else b"", [r.token(p) for p in range(k * bs, (k + 1) * bs)])
-                pool.register(r.blocks[k], key, r.token((k + 1) * bs))
-                r.keys.append(key)
-
     def _finish(self, r: Request, reason: str) -> None:
         r.finish_reason = reason
         with self._lock:
@@ -552,56 +410,6 @@ class Engine:
 
     def _logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
         return token_logprobs(logits, tokens).tolist()
-
-    def _prefill(self, reqs: list[Request]) -> None:
-        # Rows from position 0 run together (attention over the new tokens alone: the naive path); rows that
-        # continue a cached prefix attend to it (the absorbed path), in a forward of their own.
-        for group in ([r for r in reqs if not r.keys], [r for r in reqs if r.keys]):
-            if group:
-                self._prefill_group(group)
-        self._register_full_blocks(reqs)
-
-    def _prefill_group(self, reqs: list[Request]) -> None:
-        """Compute positions [cached prefix, target) of each request; a new request samples its first token
-        from the last position, a resumed one (preempted earlier) keeps its pending token."""
-        bs = self.block_size
-        starts = [len(r.keys) * bs for r in reqs]
-        ends = [self._target(r) for r in reqs]
-        lens = [e - s for s, e in zip(starts, ends)]
-        T = max(lens)
-        ids = self._tensor([[r.token(p) for p in range(s, e)] + [0] * (T - (e - s))  # right padding
-                            for r, s, e in zip(reqs, starts, ends)])
-        rows = torch.arange(len(reqs), device=self.device)
-        last = device_tensor([n - 1 for n in lens], torch.long, self.device)
-        view = self.cache.view([r.blocks for r in reqs], device_tensor(starts, torch.long, self.device), T)
-        logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
-        last_logits = logits[:, 0]  # [B, V]
-        new = [i for i, r in enumerate(reqs) if not r.admitted]
-        first = self._tensor([r.pending for r in reqs])  # resumed rows: the token they were about to feed
-        logps = [0.0] * len(reqs)
-        if new:
-            pick = self._tensor(new)
-            params = [reqs[i].params for i in new]
-            sampled = sample(last_logits[pick], params, [reqs[i].generator for i in new])
-            first[pick] = sampled
-            if any(p.logprobs for p in params):
-                for i, lp in zip(new, self._logprob(last_logits[pick], sampled)):
-                    logps[i] = lp
-            with self._lock:
-                self.stats.prompt_tokens += sum(lens[i] for i in new)
-        if self.speculative:
-            # MTP position i sees hidden[i] and token i+1; the target's last position sees the first sample.
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
-            nxt[rows, last] = first
-            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view, logits_at=last)
-            self._set_drafts(reqs, mtp_logits[:, 0])
-        for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
-            if r.admitted:
-                continue
-            r.admitted = True
-            r.pos = ends[i]
-            r.pending = t
-            self._emit(r, [t], [logps[i]])
 
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
