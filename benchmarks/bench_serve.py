@@ -1,4 +1,5 @@
-"""Serving benchmarks: a list of named cases, each writing its entry of benchmarks/results/serve.json.
+"""Serving benchmarks: a list of named cases, each writing its entry of benchmarks/results/serve.json
+({"cases": [{"name": ...}, ...]}; other serving benchmarks keep their own named cases in the same list).
 
 Paged latent cache and prefix caching (nanoseek.infer.cache), on the `bench` preset (random weights, context
 4096), through the engine the server runs:
@@ -264,12 +265,16 @@ WORKERS = {"concurrency": worker_concurrency, "decode": worker_decode}
 
 
 def write_cases(results: dict) -> Path:
-    """Update this run's cases in serve.json, keeping the entries of cases not run now."""
+    """Replace this run's cases in serve.json ({"cases": [{"name": ..., ...}, ...]}), keeping the others
+    (structured-output overhead and any case not run now)."""
     path = RESULTS / "serve.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    old.setdefault("cases", {}).update({k: {**v, "machine": machine()} for k, v in results.items()})
-    path.write_text(json.dumps(old, indent=2) + "\n")
+    old = json.loads(path.read_text()).get("cases", []) if path.is_file() else []
+    if isinstance(old, dict):  # the first layout of this file: {name: case}
+        old = [{"name": k, **v} for k, v in old.items()]
+    kept = [c for c in old if c.get("name") not in results]
+    new = [{"name": k, **v, "machine": machine()} for k, v in results.items()]
+    path.write_text(json.dumps({"cases": kept + new}, indent=2) + "\n")
     return path
 
 
