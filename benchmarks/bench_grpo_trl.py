@@ -36,6 +36,7 @@ import functools
 import os
 import tempfile
 import time
+import warnings
 from importlib.metadata import version
 
 import torch
@@ -120,6 +121,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # TRL's own deprecated args
     datasets.disable_progress_bars()
     load_before = os.getloadavg()
     P, G, n_steps = args.prompts, args.G, args.warmup + args.steps
@@ -153,9 +156,11 @@ def main(argv=None) -> dict:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
             max_grad_norm=1.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
             temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, bf16=False, fp16=False,
-            gradient_checkpointing=False, optim="adamw_torch_fused", max_steps=n_steps, logging_steps=1,
+            gradient_checkpointing=False, optim="adamw_torch_fused", max_steps=n_steps, logging_strategy="no",
             report_to="none", save_strategy="no", shuffle_dataset=False, seed=0, dataloader_num_workers=0,
-            log_completions=False, model_init_kwargs=hf_kwargs, disable_tqdm=True)
+            log_completions=False, disable_tqdm=True,
+            # TRL builds its reference model from these (it warns that the policy, passed built, ignores them).
+            model_init_kwargs=hf_kwargs)
         theirs = trl.GRPOTrainer(model=hf_model, reward_funcs=reward, args=trl_args, train_dataset=dataset,
                                  processing_class=hf_tok)
 
