@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 OUT     ?= runs/speedrun
 
-.PHONY: run test test-slow test-gpu bench bench-gpu gpu-check browser clean
+.PHONY: run test test-slow test-gpu bench bench-gpu gpu-check browser toolchain clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +19,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/nanoseek speedrun --out $(OUT)
 
-# Headless Chromium for the web-chat test (Debian's package; the test skips politely without it).
-browser:
-	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped")
+# What some tests need beyond Python packages: headless Chromium (tests/test_web.py; Debian's package,
+# or NANOSEEK_CHROMIUM=/path/to/chromium) and a C++ compiler (the decode kernels, tests/test_kernels.py).
+# Installed with apt-get when missing. Without them those tests skip, unless NANOSEEK_STRICT=1 (.ci/run):
+# then a missing one stops here with an error, and the tests would fail anyway.
+STRICT_MISSING = if [ "$${NANOSEEK_STRICT:-0}" != 0 ]; then echo "make $@: $$what is missing and could not be installed (NANOSEEK_STRICT=1 needs it)" >&2; exit 1; fi; echo "make $@: $$what is missing: $$why will be skipped"
 
-test: $(STAMP) browser
+browser:
+	@chromium="$${NANOSEEK_CHROMIUM:-/usr/bin/chromium}"; test -x "$$chromium" && exit 0; \
+	command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	test -x "$$chromium" && exit 0; what="Chromium ($$chromium)"; why="the web-chat test"; $(STRICT_MISSING)
+
+toolchain:
+	@command -v c++ >/dev/null && exit 0; \
+	command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	command -v c++ >/dev/null && exit 0; what="a C++ compiler (c++)"; why="the C++ decode kernel tests"; $(STRICT_MISSING)
+
+test: $(STAMP) browser toolchain
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -45,8 +45,9 @@ import nanoseek
 from nanoseek.config import preset
 from nanoseek.data.corpus import builtin_corpus
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.mfu import device_name
 from nanoseek.model import Transformer
-from nanoseek.rl.chat import render_prompt
+from nanoseek.data.chat import render_prompt
 from nanoseek.rl.rewards import combined_reward
 from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer
 
@@ -54,13 +55,7 @@ from .common import median, write_result
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return device_name(torch.device("cpu"))
 
 
 def cpu_flags() -> list[str]:

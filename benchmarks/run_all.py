@@ -13,6 +13,8 @@ BENCHMARKS = [
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
     ("bench_grpo_trl", "one GRPO step vs TRL's GRPOTrainer, side by side (needs the [bench] extra)"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
+    ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
+    ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
 ]
 
 

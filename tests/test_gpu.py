@@ -249,7 +249,7 @@ def test_sft_and_grpo_steps_on_cuda(tmp_path):
 
     from nanoseek.data.tasks import load_jsonl_task
     from nanoseek.data.tokenizer import train_tokenizer
-    from nanoseek.rl.chat import encode_sft
+    from nanoseek.data.chat import encode_sft
     from nanoseek.rl.sft import SFTConfig, completion_loss, sft_train
     from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer
 

@@ -37,7 +37,7 @@ def _rollouts(trainer: GRPOTrainer, seed: int) -> Rollouts:
     cfg, tok = trainer.cfg, trainer.tok
     rng = random.Random(seed)
     examples = trainer.problems(0)
-    from nanoseek.rl.chat import render_prompt
+    from nanoseek.data.chat import render_prompt
 
     prompts = [render_prompt(ex.prompt, tok) for ex in examples for _ in range(cfg.G)]
     lengths = [rng.choice([2, 3, 4]) if i % 2 else rng.choice([18, 20, 22]) for i in range(len(prompts))]

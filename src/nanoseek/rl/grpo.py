@@ -58,7 +58,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
 
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> float:
-    """Share of groups whose rewards are all equal: they contribute no policy gradient (REFERENCE.md 5)."""
+    """Share of groups whose rewards are all equal: they contribute no policy gradient (with (r - mean)/std
+    advantages every advantage is 0; truncation at the length limit is the usual cause)."""
     r_NG = rewards.float().flatten().view(-1, group_size)
     return float((r_NG.std(dim=1, unbiased=False) <= eps).float().mean())
 

@@ -4,7 +4,7 @@ DeepSeek-R1 (arXiv 2501.12948, section 2.3.1) fine-tunes the base model on a sma
 chain-of-thought examples in the `<think>...</think>` format before RL, so that RL starts from a model
 that already answers readably; section 2.3.3 does the same with rejection-sampled traces (and
 nanoseek.rl.distill reuses `sft_train` for that). Each example is a (prompt ids, completion ids) pair:
-the prompt is the chat template up to the opened think block (nanoseek.rl.chat.render_prompt), the
+the prompt is the chat template up to the opened think block (nanoseek.data.chat.render_prompt), the
 completion is `reasoning\\n</think>\\nanswer<eos>`. Only completion tokens carry loss (targets of prompt
 and padding positions are -100), so the model is never trained to write the user's turn.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import EOS, encode_sft, render_completion, render_prompt
 from nanoseek.data.tasks import TASKS, get_task
-from nanoseek.data.tokenizer import EOS, Tokenizer
-from nanoseek.rl.chat import encode_sft, render_completion, render_prompt
+from nanoseek.data.tokenizer import Tokenizer
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import render_prompt
 from nanoseek.data.tasks import Task, get_task
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.rl import grpo
-from nanoseek.rl.chat import render_prompt
 from nanoseek.rl.rewards import accuracy_reward, combined_reward, format_reward
 from nanoseek.train.head import head_log_probs
 
