@@ -37,7 +37,7 @@ import torch
 
 from nanoseek.infer import fast
 from nanoseek.infer.cache import SlotCache
-from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
+from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 
 
 class EngineError(ValueError):
@@ -79,7 +79,7 @@ class Request:
     pending: int = 0
     draft: int = 0
     draft_q: torch.Tensor | None = None  # the draft distribution, for sampled speculative rows
-    generator: torch.Generator | None = None
+    generator: RowRandom | None = None  # the request's uniforms, from its own seeded generator
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -161,7 +161,7 @@ class Engine:
         prompt = [int(t) for t in prompt]
         self.validate(prompt, params)
         req = Request(next(self._ids), prompt, params, on_event)
-        req.generator = params.make_generator()
+        req.generator = RowRandom(params.make_generator())
         with self._lock:
             # Requests about to take a free slot at the next step do not count against the queue bound.
             if bounded and len(self._waiting) >= self.max_queue + len(self._free_slots):
