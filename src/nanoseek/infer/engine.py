@@ -47,8 +47,8 @@ import torch
 
 from nanoseek.infer import fast
 from nanoseek.infer.cache import PagedCache
+from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 from nanoseek.infer.scheduler import Scheduler
-from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 
 
 class EngineError(ValueError):
@@ -94,7 +94,7 @@ class Request:
     pending: int = 0
     draft: int = 0
     draft_q: torch.Tensor | None = None  # the draft distribution, for sampled speculative rows
-    generator: torch.Generator | None = None
+    generator: RowRandom | None = None  # the request's uniforms, from its own seeded generator
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -212,7 +212,7 @@ class Engine(Scheduler):
         prompt = [int(t) for t in prompt]
         self.validate(prompt, params)
         req = Request(next(self._ids), prompt, params, on_event)
-        req.generator = params.make_generator()
+        req.generator = RowRandom(params.make_generator())
         with self._lock:
             # Requests about to take a free batch row at the next step do not count against the queue bound.
             free_rows = max(0, self.max_batch_size - len(self._running))
