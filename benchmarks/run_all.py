@@ -12,6 +12,7 @@ BENCHMARKS = [
     ("bench_fp8", "FP8 vs full-precision training loss gap"),
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
+    ("bench_quant", "bf16 / int8 weight-only decoding vs fp32: logit error, greedy agreement, tokens/s"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
 ]

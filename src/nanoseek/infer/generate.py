@@ -52,7 +52,13 @@ def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") ->
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                    "int8": torch.float32, "bf16-weights": torch.float32}[dtype]
     weights = {None: None, "int8": "int8", "bf16-weights": "bf16"}.get(dtype, "dense")
-    model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
+    from nanoseek.config import ConfigError
+    from nanoseek.hf import CheckpointError
+
+    try:
+        model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
+    except (CheckpointError, ConfigError) as e:
+        raise SystemExit(f"error: {e}") from None
     stored = model.embed_tokens.weight.dtype
     if dtype is None and device == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16() \
             and getattr(model, "weight_format", None) is None:

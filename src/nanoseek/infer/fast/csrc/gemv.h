@@ -18,6 +18,10 @@
 #include <cstring>
 #include <optional>
 
+#if defined(NANOSEEK_ISA_AVX2) || defined(NANOSEEK_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
 #ifndef NANOSEEK_VEC_BYTES
 #define NANOSEEK_VEC_BYTES 32
 #endif
@@ -70,6 +74,25 @@ inline vf load(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+#if defined(NANOSEEK_ISA_AVX512)
+// GCC lowers the generic int8 / uint16 widening below to one scalar convert per lane: spell it out.
+inline vf load(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline vf load(const int8_t* p) {
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(NANOSEEK_ISA_AVX2)
+inline vf load(const at::BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline vf load(const int8_t* p) {
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+typedef int32_t vi32 __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
 inline vf load(const at::BFloat16* p) {
   vu16 h;
   std::memcpy(&h, p, sizeof(h));
@@ -78,11 +101,12 @@ inline vf load(const at::BFloat16* p) {
   std::memcpy(&v, &u, sizeof(v));
   return v;
 }
-inline vf load(const int8_t* p) {
+inline vf load(const int8_t* p) {  // widened to int32 first: the int32 -> float convert is one vector op
   vi8 b;
   std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, vf);
+  return __builtin_convertvector(__builtin_convertvector(b, vi32), vf);
 }
+#endif
 inline float scalar(float v) { return v; }
 inline float scalar(int8_t v) { return static_cast<float>(v); }
 inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
