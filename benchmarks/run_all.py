@@ -17,10 +17,16 @@ BENCHMARKS = [
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
 ]
 
+# long or disk-hungry: only with `python -m benchmarks.run_all --slow`
+SLOW = [
+    ("bench_16b", "16B-class checkpoints (V2-Lite, Moonlight shapes): int8 quantize shard by shard, peak RSS, tok/s"),
+]
 
-def main() -> int:
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     failed = []
-    for name, what in BENCHMARKS:
+    for name, what in BENCHMARKS + (SLOW if "--slow" in argv else []):
         print(f"\n=== {name}: {what}", flush=True)
         t = time.time()
         try:

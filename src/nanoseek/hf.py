@@ -126,16 +126,8 @@ def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
     return fmt, group
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         weights: str | None = None) -> Transformer:
-    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring.
-
-    `weights` is the storage format of the linear and expert weights (nanoseek.infer.quant): None keeps
-    the checkpoint's (dense, or the bf16 / int8 of a `nanoseek quantize` output); "bf16" or "int8"
-    converts tensor by tensor while filling (never holding the dense model); "dense" expands a quantized
-    checkpoint to `dtype`.
-    """
-    path = Path(path)
+def read_config(path: Path) -> tuple[dict, ModelConfig]:
+    """(config.json as a dict, the ModelConfig it describes) of a checkpoint directory."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     try:
@@ -146,7 +138,20 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         raise ConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = ModelConfig.from_hf(cfg_dict)
+        return cfg_dict, ModelConfig.from_hf(cfg_dict)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         weights: str | None = None) -> Transformer:
+    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring.
+
+    `weights` is the storage format of the linear and expert weights (nanoseek.infer.quant): None keeps
+    the checkpoint's (dense, or the bf16 / int8 of a `nanoseek quantize` output); "bf16" or "int8"
+    converts tensor by tensor while filling (never holding the dense model); "dense" expands a quantized
+    checkpoint to `dtype`.
+    """
+    path = Path(path)
+    cfg_dict, cfg = read_config(path)
     weight_map = _checkpoint_files(path)
     L = cfg.num_hidden_layers
     n_mtp = len({int(m.group(1)) for k in weight_map if (m := re.match(r"^model\.layers\.(\d+)\.", k))
@@ -254,13 +259,7 @@ def _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, w
     skey = key + "_scale"
     scale = None
     if t.dtype == torch.int8:
-        if skey not in weight_map:
-            raise CheckpointError(f"{key}: int8 weight without {skey}")
-        if weight_map[skey] == fname:
-            scale = fh.get_tensor(skey)
-        else:
-            with _open(path / weight_map[skey]) as fs:
-                scale = fs.get_tensor(skey)
+        scale = _companion(fh, key, skey, path, fname, weight_map, "int8")
         if scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != t.shape[0] or \
                 scale.shape[1] == 0 or t.shape[1] % scale.shape[1]:
             raise CheckpointError(f"{skey}: {scale.dtype} {tuple(scale.shape)} is not an fp32 [rows, groups] scale "
@@ -305,14 +304,17 @@ def _read(fh, key: str, path: Path, fname: str, weight_map: dict[str, str], bloc
     if t.dtype != torch.float8_e4m3fn:
         return t
     skey = key[: -len("weight")] + "weight_scale_inv"
+    return _dequant_fp8(t, _companion(fh, key, skey, path, fname, weight_map, "FP8"), block, key)
+
+
+def _companion(fh, key: str, skey: str, path: Path, fname: str, weight_map: dict[str, str], kind: str) -> torch.Tensor:
+    """The scale tensor `skey` of the quantized weight `key`, from the open shard or the one holding it."""
     if skey not in weight_map:
-        raise CheckpointError(f"{key}: FP8 weight without {skey}")
+        raise CheckpointError(f"{key}: {kind} weight without {skey}")
     if weight_map[skey] == fname:
-        scale = fh.get_tensor(skey)
-    else:
-        with _open(path / weight_map[skey]) as fs:
-            scale = fs.get_tensor(skey)
-    return _dequant_fp8(t, scale, block, key)
+        return fh.get_tensor(skey)
+    with _open(path / weight_map[skey]) as fs:
+        return fs.get_tensor(skey)
 
 
 def _destination(name: str, key: str, params: dict[str, torch.Tensor],

@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.hf import (_EXPERT_RE, TOKENIZER_FILES, CheckpointError, _checkpoint_files, _open, _read, hf_to_ours,
-                         stored_weight_format, write_index)
+                         read_config, stored_weight_format, write_index)
 from nanoseek.model import Transformer
 
 from .quant import DEFAULT_GROUP, NOT_QUANTIZED, check_format, narrow, narrow_weight_names, quantize_model
@@ -63,18 +62,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: 
     check_format(fmt)
     if group_size < 0:
         raise ValueError(f"group_size must be >= 0 (0: one scale per row), got {group_size}")
-    try:
-        cfg_dict = json.loads((src / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{src}: no config.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    cfg_dict, cfg = read_config(src)
     if stored_weight_format(cfg_dict) is not None:
         raise CheckpointError(f"{src}: already a nanoseek {stored_weight_format(cfg_dict)[0]} checkpoint; "
                               "quantize the original")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = ModelConfig.from_hf(cfg_dict)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: the output must not be the source directory")
     weight_map = _checkpoint_files(src)
