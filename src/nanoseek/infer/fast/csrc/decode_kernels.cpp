@@ -374,7 +374,7 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
 // thread runs while the engine computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  py::class_<BlockConfig>(m, "BlockConfig", "a decoder block's hyper-parameters (ModelConfig's names)")
+  py::class_<BlockConfig>(m, "BlockConfig", py::module_local(), "a decoder block's hyper-parameters (ModelConfig's names)")
       .def(py::init<>())
       .def_readwrite("hidden_size", &BlockConfig::hidden_size)
       .def_readwrite("num_attention_heads", &BlockConfig::num_attention_heads)
@@ -395,7 +395,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("norm_topk_prob", &BlockConfig::norm_topk_prob)
       .def_readwrite("routed_scaling_factor", &BlockConfig::routed_scaling_factor)
       .def("check", &BlockConfig::check);
-  py::class_<BlockWeights>(m, "BlockWeights", "a decoder block's tensors under their module names")
+  py::class_<BlockWeights>(m, "BlockWeights", py::module_local(), "a decoder block's tensors under their module names")
       .def(py::init<>())
       .def_readwrite("input_layernorm", &BlockWeights::input_layernorm)
       .def_readwrite("post_attention_layernorm", &BlockWeights::post_attention_layernorm)
@@ -417,7 +417,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("shared_gate_proj", &BlockWeights::shared_gate_proj)
       .def_readwrite("shared_up_proj", &BlockWeights::shared_up_proj)
       .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj);
-  py::class_<CacheIndex>(m, "CacheIndex", "where a batch's rows live in the cache (one forward, every layer)")
+  py::class_<CacheIndex>(m, "CacheIndex", py::module_local(), "where a batch's rows live in the cache (one forward, every layer)")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("slots"),
            py::arg("positions"), py::arg("first_slot"), py::arg("kv_len"), py::arg("bias"))
       .def_readonly("slots", &CacheIndex::slots)
