@@ -36,10 +36,11 @@ def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") ->
     """nanoseek.load with a command-line friendly error (used by generate, chat and serve).
 
     Without a dtype the weights keep their stored dtype, except that bf16/fp16 weights (real DeepSeek
-    checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16): there
-    a bf16 matmul runs ~300x slower than fp32. A `nanoseek quantize` checkpoint keeps its int8 / bf16
-    weights. `int8` and `bf16-weights` convert the linear and expert weights while loading (fp32 compute,
-    nanoseek.infer.quant); a float dtype given for a quantized checkpoint expands it.
+    checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16, as
+    nanoseek.device.cpu_has_fast_bf16 detects): there bf16 matmuls take a slow scalar path. A `nanoseek
+    quantize` checkpoint keeps its int8 / bf16 weights. `int8` and `bf16-weights` convert the linear and
+    expert weights while loading (fp32 compute, nanoseek.infer.quant); a float dtype given for a quantized
+    checkpoint expands it.
     """
     import sys
     from pathlib import Path
