@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.infer.cli_generate", "generate text from a prompt"),
     "chat": ("nanoseek.infer.cli_chat", "chat with a model in the terminal"),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible API server and web chat"),
+    "quantize": ("nanoseek.infer.quant_io", "write a checkpoint with int8 or bf16 weights for fast CPU decoding"),
     "build-kernels": ("nanoseek.infer.fast.build", "build the C++ CPU decode kernels now (not on first use); say where"),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export"),
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.infer.cli_generate import DTYPES
+from nanoseek.infer.cli_generate import DTYPE_HELP, DTYPES
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.generate import load_model
 from nanoseek.infer.sampling import SamplingParams
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
+                   help=DTYPE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ from nanoseek.infer.generate import load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = ["float32", "bfloat16", "float16", "int8", "bf16-weights"]
+DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8 and "
+              "bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek quantize`)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
+                   help=DTYPE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

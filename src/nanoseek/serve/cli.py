@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nanoseek.infer.cli_generate import DTYPES
+from nanoseek.infer.cli_generate import DTYPE_HELP, DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length per sequence (default: the model's, capped at 8192)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
+                   help=DTYPE_HELP)
     p.add_argument("--log-level", default="info")
 
 
