@@ -1,14 +1,22 @@
-"""Hugging Face `deepseek_v3` checkpoint directories: load and save (DESIGN.md section 3, REFERENCE.md section 4).
+"""Hugging Face `deepseek_v3` / `deepseek_v32` checkpoint directories: load and save (DESIGN.md section 3,
+REFERENCE.md sections 4 and 8).
 
 One key map, used in both directions: our module names are the HF names without the `model.` prefix,
 except that routed experts are stacked ([E, 2F, D] gate|up and [E, D, F] down) and MTP modules live at
-`model.layers.{num_hidden_layers + k}`. Loading is self-checking: every tensor of the checkpoint must land
-in exactly one place with the right shape, and every parameter must be filled; anything else is a
-CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
+`model.layers.{num_hidden_layers + k}`. V3.2's indexer weights (`self_attn.indexer.{wq_b, wk, k_norm,
+weights_proj}`) have the same names in transformers' layout and in DeepSeek's published checkpoint (there
+wq_b and wk are FP8 with a weight_scale_inv, weights_proj BF16, k_norm FP32 with a bias), so they need no
+entry of their own; the MTP layer carries an indexer too. Loading is self-checking: every tensor of the
+checkpoint must land in exactly one place with the right shape, and every parameter must be filled;
+anything else is a CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
 allocated once (built on the meta device), so peak memory is one model plus one tensor.
 
 FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantised in
 plain torch on the fly.
+
+transformers' deepseek_v32 always rotates MLA's rope interleaved (it has no `rope_interleave`), so a V3.2
+model with half-split MLA rope is saved with its rope rows of q_b_proj and kv_a_proj_with_mqa reordered to
+the interleaved layout (the same function: rope pairs dims (i, i + R/2) one way, (2i, 2i + 1) the other).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ def hf_to_ours(key: str, n_layers: int) -> str | None:
     if key == "lm_head.weight":
         return key
     if not key.startswith("model."):
-        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 weight")
+        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 / deepseek_v32 weight")
     key = key[len("model."):]
     m = re.match(r"^layers\.(\d+)\.(.*)$", key)
     if m and int(m.group(1)) >= n_layers:
@@ -114,7 +122,7 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring."""
+    """Load a HF deepseek_v3 or deepseek_v32 directory into a Transformer (eval mode). See the module docstring."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -217,7 +225,9 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                     part = (e, which)
                 else:
                     if name not in params:
-                        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight")
+                        hint = (" (a V3.2 indexer weight: its config.json should say model_type deepseek_v32)"
+                                if ".indexer." in key and not cfg.is_dsa else "")
+                        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight{hint}")
                     target, dst, part = name, params[name], None
                     if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
                         part = "fused"  # transformers' in-memory fused layout
@@ -267,14 +277,34 @@ def _hf_tensors(model: Transformer):
         yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
 
 
+def interleave_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Reorder the rope output rows of q_b_proj / kv_a_proj_with_mqa from the half-split to the interleaved
+    layout (other tensors are returned as they are): an interleaved reader then rotates the same pairs."""
+    R, N, C = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    half = torch.arange(R // 2)
+    perm = torch.stack([half, half + R // 2], dim=1).flatten()  # 0, R/2, 1, R/2 + 1, ...
+    if name.endswith("self_attn.q_b_proj.weight"):
+        w = t.view(cfg.num_attention_heads, N + R, t.shape[-1])
+        return torch.cat([w[:, :N], w[:, N:][:, perm]], dim=1).view_as(t)
+    if name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+        return torch.cat([t[:C], t[C:][perm]], dim=0)
+    return t
+
+
 def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
          max_shard_bytes: int = 4 * 1024**3) -> Path:
-    """Write a HF deepseek_v3 directory (config, safetensors shards + index, tokenizer files)."""
+    """Write a HF deepseek_v3 (or, with DSA, deepseek_v32) directory (config, safetensors shards + index,
+    tokenizer files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     dtype = model.embed_tokens.weight.dtype
-    hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
+    relayout = cfg.is_dsa and not cfg.rope_interleave  # see the module docstring
+    if cfg.is_dsa and (cfg.scoring_func, cfg.topk_method) != ("sigmoid", "noaux_tc"):
+        warnings.warn(f"{cfg.scoring_func}/{cfg.topk_method} routing: transformers' deepseek_v32 routes every "
+                      "V3.2 checkpoint with sigmoid/noaux_tc, so only nanoseek and DeepSeek's reference code read "
+                      "this one right", stacklevel=2)
+    hf_cfg = (cfg.replace(rope_interleave=True) if relayout else cfg).to_hf(dtype=str(dtype).removeprefix("torch."))
     hf_cfg.pop("quantization_config", None)  # we write dequantised weights
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
@@ -283,6 +313,8 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in _hf_tensors(model):
+        if relayout:
+            t = interleave_rope_rows(name, t, cfg)
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

@@ -135,9 +135,16 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = Linear(H * cfg.v_head_dim, D, bias=False)
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _query_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised q-LoRA latent c_Q [B, T, q_lora_rank] (V3 eq. 7); V3.2's indexer reads it too."""
+        return self.q_a_layernorm(self.q_a_proj(x))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_latent: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self._query_latent(x) if q_latent is None else q_latent)
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin, self.cfg.rope_interleave)  # [B,T,H,R]

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3 decoder: embedding, MLA + (dense | MoE) blocks, final norm, head, and MTP modules.
+"""The DeepSeek-V3 / V3.2 decoder: embedding, MLA (or V3.2 sparse MLA) + (dense | MoE) blocks, final norm,
+head, and MTP modules.
 
 Read top to bottom: Block (pre-norm attention and feed-forward), MTPModule (V3 section 2.2), Transformer.
 Module names mirror the Hugging Face checkpoint layout so that nanoseek.hf's key map stays a prefix change.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, CacheView, LatentCache
+from .dsa import Indexer, SparseMLA
 from .layers import MLP, Linear, RMSNorm, Rotary
 from . import kernels
 from .moe import GroupedExperts, MoE
@@ -28,7 +30,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = SparseMLA(cfg) if cfg.is_dsa else MLA(cfg)  # V3.2: MLA over the indexer's top-k
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -45,6 +47,8 @@ class Block(nn.Module):
     def decodes_in_kernel(self) -> bool:
         """True when forward_decode computes exactly what forward does: plain modules (no FP8 training
         wrappers, no expert-parallel dispatcher, no FSDP hooks), inference mode."""
+        if type(self.self_attn) is not MLA:  # the C++ block knows dense MLA only
+            return False
         plan = self._kernel_plan()
         moe = plan.moe
         if moe is not None and (moe.training or moe.dispatcher is not None or type(moe.experts) is not GroupedExperts):
@@ -158,6 +162,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or ".norm." in name or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):  # the indexer's k_norm LayerNorm
+                p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 p.copy_(torch.randn(p.shape, generator=gen) * out_std)
             else:
@@ -174,10 +180,14 @@ class Transformer(nn.Module):
             m.load.zero_()
 
     def cast(self, dtype: torch.dtype) -> "Transformer":
-        """Cast weights to dtype but keep the router (weights and balancing bias) in fp32."""
+        """Cast weights to dtype but keep the router (weights and balancing bias) and the DSA indexer's head
+        weights (weights_proj, as transformers and DeepSeek keep them) in fp32."""
         self.to(dtype)
         for m in self.moe_layers():
             m.gate.float()
+        for m in self.modules():
+            if isinstance(m, Indexer):
+                m.weights_proj.float()
         self.rotary.inv_freq.data = self.rotary.inv_freq.float()
         return self
 
@@ -235,6 +245,10 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ cached inference
     def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> LatentCache:
+        if self.config.is_dsa:
+            raise NotImplementedError("cached decoding of DeepSeek Sparse Attention (V3.2) models needs indexer keys "
+                                      "in the cache, which the latent cache does not hold yet; full forwards "
+                                      "(model(input_ids)) work")
         ref = self.embed_tokens.weight
         n_layers = self.config.num_hidden_layers + len(self.mtp)
         return LatentCache(n_layers, num_slots, max_len, self.config.kv_lora_rank, self.config.qk_rope_head_dim,
