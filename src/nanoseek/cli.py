@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.infer.cli_generate", "generate text from a prompt"),
     "chat": ("nanoseek.infer.cli_chat", "chat with a model in the terminal"),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible API server and web chat"),
+    "convert": ("nanoseek.convert", "convert a checkpoint: V3 -> V3.2 (adds freshly initialised DSA indexers)"),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export"),
 }
 
