@@ -65,7 +65,7 @@ def builtin_corpus(n_docs: int, seed: int = 0, task_fraction: float = 0.6, max_d
     from nanoseek.rl.chat import transcript_text  # imported here: rl.chat imports the data package
 
     rng = random.Random(f"builtin-corpus:{seed}")
-    tasks = sorted(TASKS)
+    tasks = sorted(name for name, task in TASKS.items() if task.in_corpus)
     # Problems come in blocks of 256 per (task, difficulty), each block a pure function of (seed, block).
     pools: dict[tuple[str, int], list] = {}
     blocks: dict[tuple[str, int], int] = {}

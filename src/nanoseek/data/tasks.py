@@ -5,6 +5,8 @@ R1 (arXiv 2501.12948, section 2.2.2) trains with rule-based accuracy rewards onl
   * `arithmetic`: multi-step integer arithmetic with precedence, e.g. "3+4*5=?", worked step by step;
   * `countdown`: reach a target from given numbers with + - * / (division only when exact), solved by
     search; the checker parses the model's expression with a tiny recursive-descent parser (no eval);
+  * `program` (data/program.py) and `passkey` (data/passkey.py: long-context retrieval, the one
+    long-prompt task, kept out of the pretraining corpus);
   * user tasks from JSONL (`load_jsonl_task`) with an exact, numeric or countdown checker.
 
 Every problem is generated deterministically from (task, seed, difficulty). The split is decided by a
@@ -204,6 +206,7 @@ class Task(ABC):
     """A family of problems. Subclasses implement `generate` (one problem from an rng) and `check`."""
 
     name = "task"
+    in_corpus = True  # part of the built-in pretraining corpus (nanoseek.data.corpus)
 
     @abstractmethod
     def generate(self, rng: random.Random, difficulty: int) -> Example:
@@ -440,11 +443,13 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> JsonlTask:
     return JsonlTask(task_name, rows)
 
 
-# program.py subclasses Task, so it is imported here, after everything it needs is defined (the package
-# __init__ imports this module first, so this order holds whichever module a caller imports).
+# program.py and passkey.py subclass Task, so they are imported here, after everything they need is defined
+# (the package __init__ imports this module first, so this order holds whichever module a caller imports).
+from nanoseek.data.passkey import Passkey  # noqa: E402
 from nanoseek.data.program import ProgramOutput  # noqa: E402
 
-TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput())})
+TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput(),
+                                                                   Passkey())})
 
 
 def get_task(name: str) -> Task:
