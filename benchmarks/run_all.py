@@ -12,6 +12,7 @@ BENCHMARKS = [
     ("bench_fp8", "FP8 vs full-precision training loss gap"),
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
+    ("bench_dsa", "attention cost per token vs context length, MLA vs V3.2 sparse attention"),
 ]
 
 

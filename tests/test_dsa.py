@@ -16,6 +16,7 @@ from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.hf import CheckpointError
 from nanoseek.model import SparseMLA
 from nanoseek.model.layers import apply_rope
+from test_parity import _ids as _parity_ids, _randomize_bias, rel_err
 
 transformers = pytest.importorskip("transformers")
 # transformers added deepseek_v32 in 5.x (5.24 here); older installs skip the parity tests only.
@@ -54,19 +55,14 @@ ID_SEED = {("to_hf", "plain_routing"): 1, ("from_hf", "group_routing"): 1, ("fro
            ("from_hf", "tied_embeddings"): 1, ("from_hf", "yarn_v3_style"): 1}
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _ids(vocab, B=2, T=SEQ, seed=0):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+    return _parity_ids(vocab, B, T, seed)
 
 
 def _randomize(model):
     """Non-trivial balancing biases and indexer LayerNorms (a zero bias would hide a missing one)."""
+    _randomize_bias(model)
     with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.copy_(torch.randn(moe.gate.e_score_correction_bias.shape) * 0.3)
         for name, p in model.named_parameters():
             if "indexer.k_norm" in name:
                 p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
@@ -202,11 +198,13 @@ def test_absorbed_over_selected_latents_equals_naive(overrides, one_thread):
             step = attn.project(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1])
             out = attn.attend_cached(step, st.kv_row[:, :t + 1], st.index_key[:, :t + 1], positions[:, t:t + 1])
             assert rel_err(out, naive[:, t:t + 1]) < 1e-5, t
-        # ragged batch: row 1 decodes position 40 while row 0 decodes position 70, one cache of 71 rows
-        pos = torch.tensor([[70], [40]])
-        step = attn.project(x[[0, 1], [70, 40]].unsqueeze(1), cos[pos], sin[pos])
-        out = attn.attend_cached(step, st.kv_row[:, :71], st.index_key[:, :71], pos)
-        assert rel_err(out[0], naive[0, 70:71]) < 1e-5 and rel_err(out[1], naive[1, 40:41]) < 1e-5
+        # ragged batch: row 1 decodes position 40 while row 0 decodes position 70, one cache of 71 rows; and
+        # the same below index_topk, where attention covers the whole (masked) cache without the indexer
+        for a, b in ((70, 40), (attn.indexer.topk - 1, 3)):
+            pos = torch.tensor([[a], [b]])
+            step = attn.project(x[[0, 1], [a, b]].unsqueeze(1), cos[pos], sin[pos])
+            out = attn.attend_cached(step, st.kv_row[:, :a + 1], st.index_key[:, :a + 1], pos)
+            assert rel_err(out[0], naive[0, a:a + 1]) < 1e-5 and rel_err(out[1], naive[1, b:b + 1]) < 1e-5
 
 
 def test_sparse_equals_dense_when_everything_fits(one_thread):
@@ -398,6 +396,18 @@ def test_cached_decoding_says_what_is_missing():
 
 
 # ----------------------------------------------------------------------------- accounting
+def test_params_command_shows_the_indexer(capsys):
+    from nanoseek.cli import main
+
+    assert main(["params", "--preset", "deepseek-v3.2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["indexer_params"] == 61 * 13_959_424 and d["total_params"] == 671_877_944_064
+    assert (d["latent_cache_bytes_per_token"], d["indexer_cache_bytes_per_token"]) == (70_272, 15_616)
+    assert main(["params", "--preset", "small-dsa"]) == 0
+    table = capsys.readouterr().out
+    assert "V3.2 indexers" in table and "indexer keys" in table and "top-32" in table
+
+
 def test_deepseek_v32_accounting():
     v3, v32 = preset("deepseek-v3"), preset("deepseek-v3.2")
     per_layer = 64 * 128 * 1536 + 128 * 7168 + 2 * 128 + 64 * 7168  # wq_b, wk, k_norm, weights_proj

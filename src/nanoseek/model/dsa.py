@@ -76,9 +76,12 @@ class Indexer(nn.Module):
 
     def scores(self, q_BTIE: torch.Tensor, w_BTI: torch.Tensor, k_BLE: torch.Tensor) -> torch.Tensor:
         """Index scores [B, T, L] in fp32 (no mask). Differentiable: the indexer's training losses use it."""
-        s = torch.matmul(q_BTIE.float(), k_BLE.float().transpose(1, 2).unsqueeze(1))  # [B, T, I, L]
-        s = F.relu(s * self.head_dim ** -0.5)
-        return torch.matmul(w_BTI.unsqueeze(-2), s).squeeze(-2)  # sum over heads, weighted
+        B, T, n_heads, E = q_BTIE.shape
+        L = k_BLE.shape[1]
+        # keys as the row operand: each cached key is read once, contiguously (decode is bandwidth-bound)
+        s = torch.bmm(k_BLE.float(), q_BTIE.float().reshape(B, T * n_heads, E).transpose(1, 2))  # [B, L, T*I]
+        s = F.relu(s * self.head_dim ** -0.5).view(B, L, T, n_heads)
+        return torch.einsum("blti,bti->btl", s, w_BTI)  # sum over heads, weighted
 
     @torch.no_grad()
     def select(self, q_BTIE: torch.Tensor, w_BTI: torch.Tensor, k_BLE: torch.Tensor, positions_BT: torch.Tensor):
@@ -157,9 +160,20 @@ class SparseMLA(MLA):
         """
         B, T, H, _ = st.q_nope.shape
         C, dtype = self.kv_rank, kv_BLW.dtype
+        L = kv_BLW.shape[1]
+        if L <= self.indexer.topk:
+            # Every cached token is selected: this is MLA's absorbed attention (no indexer, no gather).
+            allowed = torch.arange(L, device=kv_BLW.device) <= positions_BT[:, :, None]  # [B, T, L]
+            bias = None
+            if not bool(allowed.all()):
+                bias = torch.zeros(allowed.shape, device=kv_BLW.device).masked_fill_(~allowed, float("-inf"))
+                bias = bias[:, :, None, :].expand(B, T, H, L).reshape(B, T * H, L)
+            out = self._absorbed(st.q_nope, st.q_rope, kv_BLW, bias)
+            return self.o_proj(out.reshape(B, T, H * self.v_dim).to(self.o_proj.weight.dtype))
         idx, valid = self.indexer.select(st.index_q, st.index_w, index_keys_BLE, positions_BT)  # [B, T, K]
-        K, W = idx.shape[-1], kv_BLW.shape[-1]
-        sel = kv_BLW.gather(1, idx.view(B, T * K, 1).expand(B, T * K, W)).view(B, T, K, W)  # [B, T, K, C+R]
+        K = idx.shape[-1]
+        rows = torch.arange(B, device=idx.device)[:, None]
+        sel = kv_BLW[rows, idx.view(B, T * K)].view(B, T, K, -1)  # [B, T, K, C+R], whole rows copied
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope].to(dtype), w[:, self.nope:].to(dtype)  # [H, N, C], [H, V, C]
         # kv_b's key half folded into the query: q_nope . (W_uk c) = (W_uk^T q_nope) . c
