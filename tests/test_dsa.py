@@ -193,6 +193,7 @@ def test_absorbed_over_selected_latents_equals_naive(overrides, one_thread):
     with torch.no_grad():
         naive = attn(x, cos, sin)
         st = attn.project(x, cos, sin)
+        assert torch.equal(attn.attend_sequence(st), naive)  # what a cache's prefill calls with st's rows
         assert rel_err(attn.attend_cached(st, st.kv_row, st.index_key, positions), naive) < 1e-5
         for t in (0, 5, attn.indexer.topk, T - 1):
             step = attn.project(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1])

@@ -138,17 +138,22 @@ class SparseMLA(MLA):
         if cache is not None:
             raise NotImplementedError("DeepSeek Sparse Attention decodes through attend_cached; the latent "
                                       "cache does not store indexer keys yet")
-        B, T, _ = x.shape
-        st = self.project(x, cos, sin)
+        if x.shape[1] <= self.indexer.topk:
+            return super().forward(x, cos, sin)  # every visible token is selected: exactly causal MLA
+        return self.attend_sequence(self.project(x, cos, sin))
+
+    def attend_sequence(self, st: SparseStep) -> torch.Tensor:
+        """Naive path for st's T tokens at positions 0..T-1 attending to each other -> [B, T, hidden]: MLA
+        with the indexer's selection as a [B, T, T] mask (a cache can store st's rows and prefill with this)."""
+        B, T, _ = st.kv_row.shape
         latent, k_rope = st.kv_row.split([self.kv_rank, self.rope], dim=-1)
-        if T <= self.indexer.topk:
-            mask = None  # every visible token is selected: exactly causal MLA
-        else:
-            positions = torch.arange(T, device=x.device).expand(B, T)
+        mask = None  # T <= index_topk: every visible token is selected
+        if T > self.indexer.topk:
+            positions = torch.arange(T, device=st.kv_row.device).expand(B, T)
             idx, valid = self.indexer.select(st.index_q, st.index_w, st.index_key, positions)
-            mask = torch.zeros(B, T, T, dtype=torch.bool, device=x.device).scatter_(-1, idx, valid).unsqueeze(1)
+            mask = torch.zeros(B, T, T, dtype=torch.bool, device=idx.device).scatter_(-1, idx, valid).unsqueeze(1)
         out = self._naive(st.q_nope, st.q_rope, latent, k_rope, mask)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(self.o_proj.weight.dtype))
 
     def attend_cached(self, st: SparseStep, kv_BLW: torch.Tensor, index_keys_BLE: torch.Tensor,
                       positions_BT: torch.Tensor) -> torch.Tensor:
