@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 OUT     ?= runs/speedrun
 
-.PHONY: run test test-slow bench browser clean
+.PHONY: run test test-slow test-gpu bench bench-gpu gpu-check browser toolchain clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,11 +19,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/nanoseek speedrun --out $(OUT)
 
-# Headless Chromium for the web-chat test (Debian's package; the test skips politely without it).
-browser:
-	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped")
+# What some tests need beyond Python packages: headless Chromium (tests/test_web.py; Debian's package,
+# or NANOSEEK_CHROMIUM=/path/to/chromium) and a C++ compiler (the decode kernels, tests/test_kernels.py).
+# Installed with apt-get when missing. Without them those tests skip, unless NANOSEEK_STRICT=1 (.ci/run):
+# then a missing one stops here with an error, and the tests would fail anyway.
+STRICT_MISSING = if [ "$${NANOSEEK_STRICT:-0}" != 0 ]; then echo "make $@: $$what is missing and could not be installed (NANOSEEK_STRICT=1 needs it)" >&2; exit 1; fi; echo "make $@: $$what is missing: $$why will be skipped"
 
-test: $(STAMP) browser
+browser:
+	@chromium="$${NANOSEEK_CHROMIUM:-/usr/bin/chromium}"; test -x "$$chromium" && exit 0; \
+	command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	test -x "$$chromium" && exit 0; what="Chromium ($$chromium)"; why="the web-chat test"; $(STRICT_MISSING)
+
+toolchain:
+	@command -v c++ >/dev/null && exit 0; \
+	command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	command -v c++ >/dev/null && exit 0; what="a C++ compiler (c++)"; why="the C++ decode kernel tests"; $(STRICT_MISSING)
+
+test: $(STAMP) browser toolchain
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -31,6 +43,19 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# GPU targets install nothing: a GPU image brings its own CUDA torch (a venv here would pull the CPU build).
+# They use .venv's Python when there is one, else python3 (see scripts/gpu_check.sh for a bare GPU machine).
+GPU_PY ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+test-gpu:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+bench-gpu:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.bench_gpu
+
+# The whole GPU check (tests, benchmarks, FP8 loss gap) with logs and JSON under $$OUT, in under 8 minutes.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -34,7 +34,7 @@ from benchmarks.common import alternate, median, write_result
 from nanoseek.accounting import decode_attention_flops_per_token
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import MLA
-from nanoseek.model.dsa import SparseMLA
+from nanoseek.model.dsa import SparseMLA, causal_bias
 from nanoseek.model.layers import Rotary
 
 LAYER = dict(vocab_size=256, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, first_k_dense_replace=1,
@@ -83,7 +83,7 @@ def mla_naive_cached(mla: MLA, x, cos, sin, kv, mask):
 
 
 def dsa_cached(attn: SparseMLA, x, cos, sin, kv, keys, positions):
-    return attn.attend_cached(attn.project(x, cos, sin), kv, keys, positions)
+    return attn.attend_cached(attn.project(x, cos, sin), kv, keys, positions, None)  # one query sees every key
 
 
 def dsa_sparse_prefill(attn: SparseMLA, x, cos, sin, chunk: int = 256):
@@ -94,7 +94,9 @@ def dsa_sparse_prefill(attn: SparseMLA, x, cos, sin, chunk: int = 256):
         t1 = min(T, t0 + chunk)
         part = type(st)(*(getattr(st, f)[:, t0:t1] for f in ("q_nope", "q_rope", "index_q", "index_w")),
                         st.kv_row[:, t0:t1], st.index_key[:, t0:t1])
-        attn.attend_cached(part, st.kv_row[:, :t1], st.index_key[:, :t1], torch.arange(t0, t1)[None])
+        positions = torch.arange(t0, t1)[None]
+        attn.attend_cached(part, st.kv_row[:, :t1], st.index_key[:, :t1], positions,
+                           causal_bias(positions, t1, attn.n_heads))
 
 
 def ratio_rows(times: dict[str, list[float]], per: int, baseline: str) -> dict:

@@ -32,6 +32,21 @@ def run(config: Path, out: Path, overrides: list[str]) -> tuple[list[dict], floa
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()], secs
 
 
+def fp8_backend(config: Path, overrides: list[str]) -> str:
+    """Which FP8 GEMMs the fp8 run used: the native blockwise kernels or the emulation (see train/fp8_gemm)."""
+    import torch
+
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.fp8_gemm import resolve
+
+    cfg = load_run_config(config, overrides + ["fp8.enabled=true"])
+    name = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = resolve(cfg.fp8.backend, cfg.fp8.block, torch.device(name))
+    what = {"emulate": "emulated (quantize/dequantize, fp32 GEMMs)", "blockwise": "native blockwise scaled_mm",
+            "scaled_mm": "row-wise scaled_mm per 128-wide K slice"}[backend]
+    return f"{what} on {name}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="run config (default configs/small.toml, else tiny.toml "
@@ -69,7 +84,7 @@ def main(argv=None) -> dict:
                                                         else config),
               "overrides": common, "steps": args.steps, "baseline": args.baseline, "window": args.window,
               "relative_gap": gap, "relative_gap_pct": 100 * gap, "paper_bound_pct": 0.25,
-              "fp8": "emulated (quantize/dequantize, fp32 GEMMs)", "machine": platform.processor() or platform.machine(),
+              "fp8": fp8_backend(config, common), "machine": platform.processor() or platform.machine(),
               "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

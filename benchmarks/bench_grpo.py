@@ -18,11 +18,11 @@ import time
 import torch
 
 from nanoseek.config import preset
+from nanoseek.data.chat import render_prompt
 from nanoseek.data.corpus import builtin_corpus
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.model import Transformer
-from nanoseek.rl.chat import render_prompt
 from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer
 
 from .common import alternate, median, write_result

@@ -13,6 +13,8 @@ BENCHMARKS = [
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
     ("bench_dsa", "attention cost per token vs context length, MLA vs V3.2 sparse attention"),
+    ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
+    ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
 ]
 
 

@@ -1,16 +1,83 @@
-"""Shared fixtures. Append new ones; keep each generic and cheap."""
+"""Shared fixtures and the strict mode. Append new fixtures; keep each generic and cheap.
+
+Strict mode (NANOSEEK_STRICT=1, set by .ci/run): a test skipped because a dependency is missing (the C++
+kernels did not build, no Chromium, playwright/openai/transformers/pyarrow not installed) FAILS instead,
+so CI cannot be green with part of the project untested. Tests declare such dependencies with
+`require(ok, what)` / `require_module(name, install)` (inside a test, a fixture or at module level) or
+the `requires(ok, what)` mark; `pytest.importorskip` is treated the same way. Other skips (a feature
+this torch build lacks, say) stay skips.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+
+# ----------------------------------------------------------------------------- strict mode
+STRICT = os.environ.get("NANOSEEK_STRICT", "") not in ("", "0")
+MISSING = "missing dependency: "
+_IMPORTORSKIP = "could not import "  # the reason pytest.importorskip gives
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the calling test, fixture or module unless `available`; `what` names the dependency and how
+    to get it ("Chromium at /usr/bin/chromium (make browser)"). A failure in strict mode."""
+    if not available:
+        pytest.skip(MISSING + what, allow_module_level=True)
+
+
+def require_module(name: str, install: str) -> ModuleType:
+    """The imported module, or a skip (a failure in strict mode) naming how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.skip(f"{MISSING}{name} is not importable ({e}); {install}", allow_module_level=True)
+
+
+def requires(available: bool, what: str) -> pytest.MarkDecorator:
+    """`require` as a mark: `pytestmark = requires(kernels.load() is not None, "the C++ kernels ...")`."""
+    return pytest.mark.skipif(not available, reason=MISSING + what)
+
+
+def _skip_reason(rep) -> str | None:
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        return str(rep.longrepr[2]).removeprefix("Skipped: ")
+    return None
+
+
+def _fail_if_missing_dependency(rep) -> None:
+    reason = _skip_reason(rep)
+    if STRICT and reason and (reason.startswith(MISSING) or reason.startswith(_IMPORTORSKIP)):
+        rep.outcome = "failed"
+        rep.longrepr = f"NANOSEEK_STRICT=1 turns this skip into a failure: {reason}"
+
+
+def pytest_configure(config):
+    if STRICT:  # a module that fails for a missing dependency must not hide the others: list them all
+        config.option.continue_on_collection_errors = True
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_if_missing_dependency(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_if_missing_dependency(outcome.get_result())
+
 
 # ----------------------------------------------------------------------------- a tiny chat model on disk
 CHAT_QUESTIONS = ["Hi", "Hello", "Hello there!", "Say hello", "How are you?"]
@@ -27,12 +94,14 @@ def chat_model_dir(tmp_path_factory) -> Path:
 
     import nanoseek
     from nanoseek.config import preset
-    from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+    from nanoseek.data.chat import END_THINK, EOS
+    from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.model import Transformer
 
     root = tmp_path_factory.mktemp("chat_model")
     corpus = CHAT_QUESTIONS + [CHAT_REASONING, CHAT_ANSWER, "the quick brown fox jumps over the lazy dog"] * 3
-    tok = train_tokenizer(corpus * 4, 300, root / "tokenizer", min_frequency=1)
+    # 256 bytes + 17 special tokens + 36 merges (the merges this fixture had before the tool tokens came)
+    tok = train_tokenizer(corpus * 4, 309, root / "tokenizer", min_frequency=1)
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     rows = []
@@ -71,22 +140,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def chat_server(chat_model_dir, tmp_path_factory):
-    """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
+@contextlib.contextmanager
+def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 120):
+    """A real `nanoseek serve` process on a free loopback port (API key SERVER_API_KEY); yields its base URL
+    once /health answers, and stops it on exit. extra_args go to the command line as they are."""
     import httpx
 
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(chat_model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key", SERVER_API_KEY, "--model-name", "nanoseek-tiny",
-           "--max-batch-size", "4", "--max-queue", "4", "--max-len", "512", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key", SERVER_API_KEY, *extra_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
@@ -96,7 +164,7 @@ def chat_server(chat_model_dir, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"the server did not start in 120 s:\n{log.read_text()}")
+                raise RuntimeError(f"the server did not start in {start_timeout:.0f} s:\n{log.read_text()}")
             time.sleep(0.2)
         yield url
     finally:
@@ -105,6 +173,24 @@ def chat_server(chat_model_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def chat_server(chat_model_dir, tmp_path_factory):
+    """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(chat_model_dir, log, "--model-name", "nanoseek-tiny", "--max-batch-size", "4",
+                        "--max-queue", "4", "--max-len", "512", "--log-level", "warning") as url:
+        yield url
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_restored():
+    """Whatever a module's tests do to torch's thread count (in-process CLI runs such as `speedrun` set
+    it), the next module starts with the count it would have had alone."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def test_deepseek_v3_published_numbers():
     total, active, mtp = _by_hand(7168, 129280, 61, 3, 128, 1536, 512, 128, 64, 128, 18432, 2048, 256, 1, 8, True)
     assert (pc.total_params, pc.active_params, pc.mtp_params) == (total, active, mtp)
     assert pc.total_params == 671_026_419_200 and pc.active_params == 37_552_297_472
-    # README_WEIGHTS: "11.5B unique" MTP parameters = the MoE decoder block; eh_proj adds 0.10B.
+    # "11.5B unique" MTP parameters (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md)
+    # = the MoE decoder block; eh_proj adds 0.10B.
     assert pc.mtp_params == 11_610_068_224
     assert abs(pc.mtp_params - 2 * 7168 * 7168 - 11.5e9) < 0.05e9
     assert pc.mtp_params_with_copies == pc.mtp_params + 2 * 129280 * 7168

@@ -1,16 +1,25 @@
-"""The R1 chat format: prompt rendering, strict completion parsing, streaming reasoning split."""
+"""The R1 chat format: prompt rendering, strict completion parsing, and the streaming reasoning split the
+server uses (infer.text.TextStream)."""
 
 import pytest
 
+from nanoseek.data.chat import (ASSISTANT, BOS, EOS, THINK, USER, encode_sft, parse_completion,
+                                render_completion, render_prompt, transcript_text)
 from nanoseek.data.corpus import builtin_corpus
-from nanoseek.data.tokenizer import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, train_tokenizer
-from nanoseek.rl.chat import (encode_sft, parse_completion, render_completion, render_prompt, split_reasoning,
-                              transcript_text)
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.infer.text import ChatTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(builtin_corpus(300, seed=1), vocab_size=350)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat_tok")
+    tok.save(d)
+    return ChatTokenizer(d)
 
 
 def test_render_prompt_opens_think(tok):
@@ -21,7 +30,7 @@ def test_render_prompt_opens_think(tok):
     with_sys = render_prompt("q", tok, system="S")
     assert tok.decode(with_sys) == f"{BOS}S{USER}q{ASSISTANT}{THINK}\n"
     with pytest.raises(ValueError, match="role"):
-        render_prompt([{"role": "tool", "content": "x"}], tok)
+        render_prompt([{"role": "robot", "content": "x"}], tok)
 
 
 def test_sft_pieces_tokenize_like_the_whole_transcript(tok):
@@ -63,27 +72,48 @@ def test_parse_answer_is_empty_when_ambiguous():
     assert parse_completion("no tags at all").answer == ""
 
 
-def test_split_reasoning_modes():
-    assert split_reasoning("thinking\n</think>\nanswer" + EOS, think_opened=True) == ("thinking", "answer")
-    assert split_reasoning("<think>\nthinking\n</think>\nanswer", think_opened=False) == ("thinking", "answer")
-    assert split_reasoning("plain answer", think_opened=False) == ("", "plain answer")
-    assert split_reasoning("still thinking", think_opened=True) == ("still thinking", "")
-    assert split_reasoning("still thinking </thi", think_opened=True) == ("still thinking", "")
-    assert split_reasoning("<thi", think_opened=False) == ("", "")
+def _split(chat_tok, text: str, think_opened: bool, final: bool = True, stop=()) -> tuple[str, str]:
+    """(reasoning, content) of generated text fed to the server's TextStream in one piece."""
+    stream = chat_tok.stream(think_opened=think_opened, stop=list(stop))
+    stream.feed(chat_tok.encode(text), final=final)
+    return stream.reasoning, stream.content
+
+
+def test_split_reasoning_modes(chat_tok):
+    assert _split(chat_tok, "thinking\n</think>\nanswer" + EOS, True) == ("thinking", "answer")
+    assert _split(chat_tok, "<think>\nthinking\n</think>\nanswer", False) == ("thinking", "answer")
+    assert _split(chat_tok, "plain answer", False) == ("", "plain answer")
+    assert _split(chat_tok, "still thinking", True) == ("still thinking", "")
+    # Mid-stream, a half-generated tag is held back: it may still become </think> or <think>.
+    assert _split(chat_tok, "still thinking </thi", True, final=False) == ("still thinking", "")
+    assert _split(chat_tok, "<thi", False, final=False) == ("", "")
+    # Stop strings cut the answer only, never the reasoning.
+    assert _split(chat_tok, "step 7\n</think>\nthe answer is 7 ok", True, stop=["7"]) == ("step 7", "the answer is ")
+
+
+def test_reasoning_tokens_are_counted_only_inside_think(chat_tok):
+    s = chat_tok.stream(think_opened=True)
+    s.feed(chat_tok.encode("a b c\n</think>\n"))
+    n_reasoning = s.reasoning_tokens
+    s.feed(chat_tok.encode("answer"), final=True)
+    # Counted through </think>, and not one more after it.
+    assert n_reasoning == len(chat_tok.encode("a b c\n</think>")) and s.reasoning_tokens == n_reasoning
+    plain = chat_tok.stream(think_opened=False)
+    plain.feed(chat_tok.encode("no reasoning here"), final=True)
+    assert plain.reasoning_tokens == 0 and plain.content == "no reasoning here"
 
 
 @pytest.mark.parametrize("opened,full", [
     (True, "step 1\nstep 2\n</think>\nthe answer is 7" + EOS),
     (False, "<think>\nhmm </ok\n</think>\n  7"),
     (False, "just content <b>x</b>"),
+    (True, "ünï 漢字 </thin k\n</think>\n é 字"),  # multi-byte characters split across tokens
 ])
-def test_split_reasoning_streams_monotonically(opened, full):
-    # Character by character (the worst case for partial tags): each output extends the previous one.
-    final = split_reasoning(full, opened)
-    prev = ("", "")
-    for k in range(len(full) + 1):
-        cur = split_reasoning(full[:k], opened)
-        assert cur[0].startswith(prev[0]) and cur[1].startswith(prev[1]), (k, prev, cur)
-        assert final[0].startswith(cur[0]) and final[1].startswith(cur[1])
-        prev = cur
-    assert prev == final
+def test_split_reasoning_does_not_depend_on_how_tokens_arrive(chat_tok, opened, full):
+    whole = _split(chat_tok, full, opened)
+    stream = chat_tok.stream(think_opened=opened)
+    ids = chat_tok.encode(full)
+    for k, t in enumerate(ids):  # one token at a time: the worst case for partial tags and characters
+        d = stream.feed([t], final=k == len(ids) - 1)
+        assert "\ufffd" not in d.reasoning + d.content
+    assert (stream.reasoning, stream.content) == whole

@@ -142,12 +142,12 @@ def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
 
 
 def test_autocast_choice(monkeypatch):
-    from nanoseek.train import loop
+    from nanoseek import device
 
     cpu = torch.device("cpu")
-    assert loop.autocast_dtype("fp32", cpu) is None and loop.autocast_dtype("bf16", cpu) is torch.bfloat16
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
-    assert loop.autocast_dtype("auto", cpu) is None  # AVX2-only CPUs: bf16 matmuls are far slower
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: True)
-    assert loop.autocast_dtype("auto", cpu) is torch.bfloat16
-    assert loop.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert device.autocast_dtype("fp32", cpu) is None and device.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert device.autocast_dtype("auto", cpu) is None  # AVX2-only CPUs: bf16 matmuls are far slower
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert device.autocast_dtype("auto", cpu) is torch.bfloat16
+    assert device.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16

@@ -15,6 +15,7 @@ from nanoseek.accounting import (count_params, decode_attention_flops_per_token,
 from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.hf import CheckpointError
 from nanoseek.model import SparseMLA
+from nanoseek.model.dsa import causal_bias
 from nanoseek.model.layers import apply_rope
 from test_parity import _ids as _parity_ids, _randomize_bias, rel_err
 
@@ -194,17 +195,22 @@ def test_absorbed_over_selected_latents_equals_naive(overrides, one_thread):
         naive = attn(x, cos, sin)
         st = attn.project(x, cos, sin)
         assert torch.equal(attn.attend_sequence(st), naive)  # what a cache's prefill calls with st's rows
-        assert rel_err(attn.attend_cached(st, st.kv_row, st.index_key, positions), naive) < 1e-5
+        H = attn.n_heads
+        assert causal_bias(positions[:, -1:], T, H) is None
+        assert rel_err(attn.attend_cached(st, st.kv_row, st.index_key, positions, causal_bias(positions, T, H)),
+                       naive) < 1e-5
         for t in (0, 5, attn.indexer.topk, T - 1):
             step = attn.project(x[:, t:t + 1], cos[t:t + 1], sin[t:t + 1])
-            out = attn.attend_cached(step, st.kv_row[:, :t + 1], st.index_key[:, :t + 1], positions[:, t:t + 1])
+            out = attn.attend_cached(step, st.kv_row[:, :t + 1], st.index_key[:, :t + 1], positions[:, t:t + 1],
+                                     None)
             assert rel_err(out, naive[:, t:t + 1]) < 1e-5, t
         # ragged batch: row 1 decodes position 40 while row 0 decodes position 70, one cache of 71 rows; and
         # the same below index_topk, where attention covers the whole (masked) cache without the indexer
         for a, b in ((70, 40), (attn.indexer.topk - 1, 3)):
             pos = torch.tensor([[a], [b]])
             step = attn.project(x[[0, 1], [a, b]].unsqueeze(1), cos[pos], sin[pos])
-            out = attn.attend_cached(step, st.kv_row[:, :a + 1], st.index_key[:, :a + 1], pos)
+            out = attn.attend_cached(step, st.kv_row[:, :a + 1], st.index_key[:, :a + 1], pos,
+                                     causal_bias(pos, a + 1, H))
             assert rel_err(out[0], naive[0, a:a + 1]) < 1e-5 and rel_err(out[1], naive[1, b:b + 1]) < 1e-5
 
 
@@ -390,10 +396,66 @@ def test_fp8_indexer_weights_as_published(tmp_path, one_thread):
     assert bf16.layers[0].self_attn.indexer.wq_b.weight.dtype == torch.bfloat16
 
 
-def test_cached_decoding_says_what_is_missing():
-    model = nanoseek.Transformer(ModelConfig(**BASE))
-    with pytest.raises(NotImplementedError, match="indexer keys"):
-        model.new_cache(1, 32)
+# ----------------------------------------------------------------------------- cached decoding
+@pytest.fixture(scope="module")
+def mtp_model():
+    torch.manual_seed(5)
+    model = nanoseek.Transformer(ModelConfig(**{**BASE, "num_nextn_predict_layers": 1})).eval()
+    _randomize(model)
+    return model
+
+
+def test_cache_holds_the_indexer_keys(mtp_model):
+    """cache_layout names the second stream; both caches allocate it for every layer, MTP included."""
+    from nanoseek.infer.cache import SlotCache
+
+    n_layers, widths = mtp_model.cache_layout()
+    assert (n_layers, widths) == (4, {"latent": 24 + 8, "index_key": 16})
+    for cache in (mtp_model.new_cache(2, 40), SlotCache.for_model(mtp_model, 2, 40, torch.float32, "cpu")):
+        assert {k: tuple(v.shape) for k, v in cache.data.items()} == {"latent": (4, 2, 40, 32),
+                                                                      "index_key": (4, 2, 40, 16)}
+    dense = nanoseek.Transformer(ModelConfig(**{k: v for k, v in BASE.items() if not k.startswith("index_")}))
+    assert dense.cache_layout()[1] == {"latent": 32}
+
+
+@pytest.mark.parametrize("cache_kind", ["reference", "engine"])
+def test_cached_decoding_equals_full_forward(mtp_model, cache_kind, one_thread):
+    """A prefill longer than index_topk (selection inside it), then one token at a time with rows at
+    different positions, then a two-token verify step: the logits of one full forward, and the MTP head's."""
+    from nanoseek.infer.cache import SlotCache
+
+    model, T = mtp_model, 72
+    ids = _ids(model.config.vocab_size, B=2, T=T, seed=2)
+    with torch.no_grad():
+        full_h, _ = model.hidden_states(ids)
+        full = model.lm_head(model.norm(full_h))
+        (_, mod, mtp_h, _), = model.mtp_hidden_states(full_h, ids)
+        mtp_full = model.lm_head(mod.shared_head.norm(mtp_h))
+        cache = model.new_cache(3, T) if cache_kind == "reference" else \
+            SlotCache.for_model(model, 3, T, torch.float32, "cpu")
+        slots = torch.tensor([2, 0])
+        P = 30  # > index_topk (24)
+        pre, h = model.forward_cached(ids[:, :P], cache.view(slots, torch.zeros(2, dtype=torch.long), P))
+        torch.testing.assert_close(pre, full[:, :P], atol=1e-5, rtol=1e-5)
+        mtp_pre, _ = model.mtp_forward_cached(h[:, :P - 1], ids[:, 1:P], cache.view(slots, torch.zeros(2, dtype=torch.long), P - 1))
+        torch.testing.assert_close(mtp_pre, mtp_full[:, :P - 1], atol=1e-5, rtol=1e-5)
+        # row 0 runs ahead to 60 alone, then both rows step together at different positions
+        for t in range(P, 60):
+            step, _ = model.forward_cached(ids[:1, t:t + 1], cache.view(slots[:1], torch.tensor([t]), 1))
+            torch.testing.assert_close(step[0, 0], full[0, t], atol=1e-5, rtol=1e-5)
+        for i in range(8):
+            pos = torch.tensor([60 + i, P + i])
+            step, h = model.forward_cached(ids[[0, 1], pos].unsqueeze(1), cache.view(slots, pos, 1))
+            for b in range(2):
+                torch.testing.assert_close(step[b, 0], full[b, int(pos[b])], atol=1e-5, rtol=1e-5)
+        # a speculative verify step (two tokens per row), rolled back by one and repeated
+        for _ in range(2):
+            pos = torch.tensor([68, P + 8])
+            two = torch.stack([ids[0, 68:70], ids[1, P + 8:P + 10]])
+            step, _ = model.forward_cached(two, cache.view(slots, pos, 2))
+            for b in range(2):
+                p = int(pos[b])
+                torch.testing.assert_close(step[b], full[b, p:p + 2], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -431,3 +493,31 @@ def test_deepseek_v32_accounting():
     # training at 128K: the main attention sees ~2048 keys instead of 64K
     assert training_flops_per_token(v32, 131072) < 0.5 * training_flops_per_token(v3, 131072)
     assert training_flops_per_token(v32, 1024) > training_flops_per_token(v3, 1024)
+
+
+# ----------------------------------------------------------------------------- engine, generate, serve
+def _greedy_full_forward(model, prompt, n):
+    """Greedy tokens by one uncached full forward over the whole sequence per step."""
+    from test_engine import greedy_reference
+
+    return greedy_reference(model, prompt, n)
+
+
+def test_engine_generate_and_speculation_on_v32(mtp_model, one_thread):
+    """The engine (continuous batching, rows at different positions) and nanoseek.generate give the greedy
+    tokens of the uncached full forward on a V3.2 model, with prompts and outputs either side of index_topk;
+    MTP speculative decoding gives the same tokens and drafts for real."""
+    from nanoseek.infer import Engine, SamplingParams, generate
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, mtp_model.config.vocab_size, (n,), generator=g).tolist() for n in (31, 6, 17)]
+    n_new = 22  # the 6-token prompt crosses index_topk (24) while decoding; the 31-token one starts past it
+    want = [_greedy_full_forward(mtp_model, p, n_new) for p in prompts]
+    engine = Engine(mtp_model, max_batch_size=2, max_len=64)  # 3 requests, 2 slots: one joins mid-batch
+    got = engine.generate_batch(prompts, SamplingParams(max_tokens=n_new))
+    assert [c.token_ids for c in got] == want
+    assert generate(mtp_model, prompts, n_new) == want
+    spec_engine = Engine(mtp_model, max_batch_size=3, max_len=64, speculative=True)
+    spec = spec_engine.generate_batch(prompts, SamplingParams(max_tokens=n_new))
+    assert [c.token_ids for c in spec] == want
+    assert spec_engine.stats.drafted > 0

@@ -3,7 +3,8 @@
 tests/parallel_worker.py runs a few training steps of the tiny model on fixed data; the same global
 batch is split over the ranks. Also checked: the routing bias stays identical on every rank, the gathered
 full state matches the 1-process weights, and gather -> load -> gather is exact (model and AdamW state).
-The last test drives the real `nanoseek train` CLI under torchrun and compares metrics.jsonl.
+The last default test drives the real `nanoseek train` CLI under torchrun and compares metrics.jsonl.
+The slow ones (`make test-slow`) add 4 ranks, replicated weights, FP8, bf16 autocast and resume.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def single(tmp_path_factory):
     return _worker(tmp_path_factory.mktemp("par"), "single", 1)
 
 
+# fp32 throughout: splitting the batch over ranks changes only the order of float sums (measured ~1e-7
+# relative on the losses), so the README's "the losses of one process, to 1e-6" is checked as written.
+LOSS_REL = 1e-6
+
+
 def _assert_same_run(ref: tuple[dict, dict], got: tuple[dict, dict]) -> None:
     (r, rs), (g, gs) = ref, got
     for key in ("loss", "mtp_loss", "grad_norm"):
-        assert g[key] == pytest.approx(r[key], rel=1e-5, abs=1e-6), key
+        assert g[key] == pytest.approx(r[key], rel=LOSS_REL), key
     assert g["bias_spread"] == 0.0, "routing biases differ across ranks"
     assert g["roundtrip_max_diff"] == 0.0
     assert set(gs) == set(rs)
@@ -89,17 +95,90 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.skipif(not (ROOT / "configs" / "tiny.toml").exists(), reason="configs/tiny.toml not present")
-def test_cli_torchrun_ep2_matches_single_process(tmp_path):
-    nanoseek = shutil.which("nanoseek", path=str(BIN)) or str(BIN / "nanoseek")
-    steps = ["--set", "train.steps=4", "--set", "train.log_every=1", "--set", "train.save_every=0"]
+def _nanoseek() -> str:
+    return shutil.which("nanoseek", path=str(BIN)) or str(BIN / "nanoseek")
+
+
+def _cli_pair(tmp_path: Path, *flags: str, steps: int = 4) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl of `nanoseek train` on configs/tiny.toml in one process and under torchrun with 2."""
+    common = ["--config", "configs/tiny.toml", "--set", f"train.steps={steps}", "--set", "train.log_every=1",
+              "--set", "train.save_every=0", *flags]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([nanoseek, "train", "--config", "configs/tiny.toml", "--out", str(one), *steps])
-    _run([*_torchrun(2), "--no-python", nanoseek, "train", "--config", "configs/tiny.toml", "--out", str(two),
-          "--set", "parallel.ep=2", *steps])
+    _run([_nanoseek(), "train", "--out", str(one), *common])
+    _run([*_torchrun(2), "--no-python", _nanoseek(), "train", "--out", str(two), "--set", "parallel.ep=2", *common])
     a, b = _metrics(one / "metrics.jsonl"), _metrics(two / "metrics.jsonl")
-    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) == 4
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
+    return a, b
+
+
+def test_cli_torchrun_ep2_matches_single_process(tmp_path):
+    # train.dtype pinned: "auto" picks bf16 autocast on CPUs with fast bf16, and the claim is about fp32.
+    a, b = _cli_pair(tmp_path, "--set", "train.dtype=fp32")
     for ma, mb in zip(a, b):
-        # bf16 autocast (the CLI default) rounds differently when the batch is split: a looser tolerance.
-        assert mb["loss"] == pytest.approx(ma["loss"], rel=2e-3), (ma, mb)
-        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=2e-3), (ma, mb)
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=LOSS_REL), (ma, mb)
+        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=LOSS_REL), (ma, mb)
+
+
+# ----------------------------------------------------------------------------- slow: more layouts (make test-slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,ep", [(4, 2), (4, 4)], ids=["dp2xep2", "ep4"])
+def test_four_processes_match_single_process(single, tmp_path, nproc, ep):
+    """A [world/ep, ep] mesh with an expert data-parallel dimension (4 ranks, EP=2), and EP over all 4."""
+    got = _worker(tmp_path, f"w{nproc}ep{ep}", nproc, "--ep", str(ep))
+    assert got[0]["world"] == nproc and got[0]["ep"] == ep
+    _assert_same_run(single, got)
+
+
+@pytest.mark.slow
+def test_replicated_expert_parallel_matches_single_process(single, tmp_path):
+    """parallel.fsdp=false: the non-expert weights are replicated instead of sharded."""
+    _assert_same_run(single, _worker(tmp_path, "ep2_nofsdp", 2, "--ep", "2", "--no-fsdp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 1], ids=["ep2", "fsdp2"])
+def test_fp8_multi_process_stays_within_fp8_noise_of_one_process(tmp_path, ep):
+    """FP8 training (train/fp8.py) under 2 ranks against the 1-process FP8 run. Not bit-exact by design: the
+    weight-gradient GEMM quantizes both operands in 128x1 tiles along the token dimension (V3 section
+    3.3), and each rank tiles only its own tokens. Measured after 4 steps: losses within 1.3e-4 relative,
+    grad norms within 2e-3; the fp32 runs above agree to 1e-7."""
+    r, _ = _worker(tmp_path, "fp8_single", 1, "--fp8")
+    g, _ = _worker(tmp_path, f"fp8_ep{ep}", 2, "--ep", str(ep), "--fp8")
+    assert g["world"] == 2 and g["ep"] == ep
+    for key, rel in (("loss", 1e-3), ("mtp_loss", 1e-3), ("grad_norm", 1e-2)):
+        assert g[key] == pytest.approx(r[key], rel=rel), key
+    assert g["bias_spread"] == 0.0 and g["roundtrip_max_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_torchrun_ep2_under_bf16_autocast(tmp_path):
+    """bf16 autocast rounds each rank's matmuls on its own rows: not bit-exact, measured <= 2e-5 relative."""
+    a, b = _cli_pair(tmp_path, "--set", "train.dtype=bf16")
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4), (ma, mb)
+        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=1e-4), (ma, mb)
+
+
+@pytest.mark.slow
+def test_cli_resume_of_a_two_process_run_is_exact(tmp_path):
+    """A checkpoint written by 2 processes (EP=2) resumes under torchrun and in one process, and both give
+    the uninterrupted run's remaining steps."""
+    common = ["--config", "configs/tiny.toml", "--set", "train.steps=6", "--set", "train.log_every=1",
+              "--set", "train.save_every=3", "--set", "train.dtype=fp32", "--set", "data.n_docs=600"]
+    full = tmp_path / "full"
+    _run([*_torchrun(2), "--no-python", _nanoseek(), "train", "--out", str(full), "--set", "parallel.ep=2", *common])
+    ref = _metrics(full / "metrics.jsonl")
+    assert [m["step"] for m in ref] == list(range(1, 7))
+    for name, head, ep in (("two", [*_torchrun(2), "--no-python"], "2"), ("one", [], "1")):
+        out = tmp_path / name
+        shutil.copytree(full, out)  # as if the run had died right after the step-3 checkpoint
+        shutil.rmtree(out / "checkpoints" / "step_0000006")
+        shutil.rmtree(out / "final")
+        _run([*head, _nanoseek(), "train", "--out", str(out), "--resume", "--set", f"parallel.ep={ep}", *common])
+        got = _metrics(out / "metrics.jsonl")
+        assert [m["step"] for m in got] == list(range(1, 7)), name
+        # One process sums the grad norm's squares in another order than two shards do (seen: 1.6e-6).
+        norm_rel = LOSS_REL if ep == "2" else 1e-5
+        for ma, mb in zip(ref, got):
+            for key, rel in (("loss", LOSS_REL), ("mtp_loss", LOSS_REL), ("lr", LOSS_REL), ("grad_norm", norm_rel)):
+                assert mb[key] == pytest.approx(ma[key], rel=rel), (name, key, ma, mb)

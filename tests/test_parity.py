@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import nanoseek
+from conftest import require_module
 from nanoseek.config import preset
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers", "pip install 'transformers>=5,<6' (in the [dev] extra)")
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
             first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
@@ -115,7 +116,7 @@ def test_hub_style_config(tmp_path):
 
 
 def test_exported_config_names_the_routing():
-    """Consumers that miss scoring_func assume softmax gating (REFERENCE.md section 5): we always write it."""
+    """Consumers that miss scoring_func assume softmax gating (llama.cpp's converter does): we always write it."""
     d = preset("deepseek-v3").to_hf()
     assert d["scoring_func"] == "sigmoid" and d["topk_method"] == "noaux_tc"
     assert d["rope_scaling"]["type"] == "yarn" and d["rope_theta"] == 10000.0

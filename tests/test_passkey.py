@@ -6,9 +6,9 @@ import re
 import pytest
 
 from nanoseek.data.corpus import builtin_corpus
-from nanoseek.data.passkey import MAX_DIFFICULTY, make_passkey, words_for
+from nanoseek.data.tasks.passkey import MAX_DIFFICULTY, make_passkey, words_for
 from nanoseek.data.tasks import check_answer, get_task
-from nanoseek.rl.chat import render_completion
+from nanoseek.data.chat import render_completion
 from nanoseek.rl.rewards import accuracy_reward, combined_reward
 
 TASK = get_task("passkey")

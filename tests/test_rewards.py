@@ -5,8 +5,7 @@ import json
 import pytest
 
 from nanoseek.data.tasks import get_task, load_jsonl_task
-from nanoseek.data.tokenizer import EOS, USER
-from nanoseek.rl.chat import render_completion
+from nanoseek.data.chat import EOS, USER, render_completion
 from nanoseek.rl.rewards import REWARDS, accuracy_reward, combined_reward, format_reward
 
 ARITH = get_task("arithmetic").examples("train", 1, seed=3)[0]

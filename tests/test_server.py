@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from conftest import CHAT_ANSWER, CHAT_REASONING, SERVER_API_KEY
+from conftest import CHAT_ANSWER, CHAT_REASONING, SERVER_API_KEY, require_module
 
-openai = pytest.importorskip("openai")
+openai = require_module("openai", "pip install openai (in the [dev] extra)")
 MODEL = "nanoseek-tiny"
 HI = [{"role": "user", "content": "Hi"}]
 

@@ -7,9 +7,9 @@ import torch
 
 from nanoseek.config import preset
 from nanoseek.data.corpus import builtin_corpus
-from nanoseek.data.tokenizer import END_THINK, EOS, train_tokenizer
+from nanoseek.data.chat import END_THINK, EOS, encode_sft, render_prompt
+from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.rl.chat import encode_sft, render_prompt
 from nanoseek.rl.sft import SFTConfig, completion_loss, load_sft_data, sft_tensors, sft_train
 
 
@@ -74,11 +74,10 @@ def test_jsonl_formats_and_errors(tok, tmp_path):
         load_sft_data("no_such_task", tok)
 
 
-def test_sft_on_a_task_lowers_the_completion_loss(tok):
+def test_sft_on_a_task_lowers_the_completion_loss(tok, one_thread):
     pairs = load_sft_data("arithmetic", tok, n=64, difficulty=1, seed=0)
     assert all(p[-1] == tok.think_id or tok.decode(p).endswith("<think>\n") for p, _ in pairs)
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     before = completion_loss(model, pairs, tok.pad_id)
     recs = sft_train(model, pairs, SFTConfig(steps=25, batch_size=16, lr=3e-3, warmup_steps=2, log_every=5),

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_module
+from nanoseek.data.chat import EOS, THINK
 from nanoseek.data.corpus import builtin_corpus, read_corpus
 from nanoseek.data.shards import PackedDataset, tokenize_to_shards
 from nanoseek.data.tasks import TASKS, get_task
-from nanoseek.data.tokenizer import EOS, THINK, train_tokenizer
+from nanoseek.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_read_corpus_formats(tmp_path):
 
 
 def test_read_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = require_module("pyarrow", "pip install 'nanoseek[data]' (or pyarrow)")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["x", None, "y"], "id": [1, 2, 3]}), tmp_path / "d.parquet")

@@ -1,5 +1,6 @@
 """The quick speedrun end to end: report.json with its keys, plots, and an exported model that loads;
-plus the sft / eval / grpo command lines on its outputs."""
+plus the sft / eval / grpo / distill command lines on its outputs. The full speedrun on the default plan,
+with its headline numbers as a regression test, is in the slow suite (`make test-slow`)."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 import nanoseek
+from conftest import require_module
 from nanoseek.cli import main
 
 
@@ -45,7 +47,7 @@ def test_exported_model_loads_with_tokenizer_and_template(run_dir):
     out = nanoseek.generate(model, [tok.encode("1+2=?")], max_new_tokens=3)
     assert len(out[0]) == 3
     # The exported directory is a transformers model with the same logits, and its tokenizer loads there.
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", "pip install 'transformers>=5,<6' (in the [dev] extra)")
     import torch
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -82,16 +84,48 @@ def test_clis_on_the_speedrun_model(run_dir, tmp_path):
     r = subprocess.run(py + ["grpo", "--model", model, "--out", str(tmp_path / "g2"), "--set", "nope=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "nope" in r.stderr
-    # The quick model rarely solves anything: distill must either train on what it kept or say it kept nothing.
-    r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "tiny",
+    # A teacher that cannot be right: each answer is 10 CJK characters, 30 byte-level tokens for this
+    # tokenizer (its merges come from ASCII text), more than --max-new-tokens allows. Distill must keep
+    # nothing, say so, exit 1 and write no student. (A teacher that is right: tests/test_rl_train.py.)
+    task = tmp_path / "impossible.jsonl"
+    rows = [{"prompt": f"Make {t} from 2 3 5", "answer": "漢字" * 5, "split": "train"} for t in (6, 10, 13, 30)]
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    r = subprocess.run(py + ["distill", "--teacher", model, "--task", str(task), "--student-config", "tiny",
                              "--out", str(tmp_path / "student"), "--n", "4", "--k", "2", "--max-new-tokens", "24",
                              "--steps", "2", "--no-progress", "--threads", "1"], capture_output=True, text=True)
-    assert r.returncode in (0, 1), r.stderr
-    assert "kept" in r.stderr and (tmp_path / "student" / "traces.jsonl").is_file()
-    if r.returncode == 0:
-        assert nanoseek.load(tmp_path / "student").config.hidden_size == 64
-    else:
-        assert "no verified-correct trace" in r.stderr
+    assert r.returncode == 1, r.stderr
+    assert "kept 0 of 8 samples (0.0%); 0 of 4 problems covered" in r.stderr, r.stderr
+    assert "nanoseek distill: the teacher produced no verified-correct trace; nothing to train on" in r.stderr
+    assert (tmp_path / "student" / "traces.jsonl").read_text() == ""
+    assert not (tmp_path / "student" / "config.json").exists()
     r = subprocess.run(py + ["distill", "--teacher", model, "--task", "countdown", "--student-config", "nope",
                              "--out", str(tmp_path / "s2")], capture_output=True, text=True)
     assert r.returncode == 2 and "neither a preset" in r.stderr
+
+
+# Held-out pass@1 of the default speedrun (configs/speedrun.toml: 200 Countdown problems x 4 samples) in
+# the runs reported so far: pretrained 2.5%, after SFT 28.9-30.0%, after GRPO 48.9-50.5% (+20.0 and
+# +20.5 points; README, and the reports of earlier sessions). The margins are half of those gains, well
+# outside the run-to-run spread (the sampling noise of 800 samples alone is ~1.7 points).
+SFT_OVER_BASE = 0.13
+GRPO_OVER_SFT = 0.10
+GRPO_AT_LEAST = 0.35
+
+
+@pytest.mark.slow
+def test_full_speedrun_headline_numbers(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "speedrun", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=3 * 3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    base, sft, grpo = rep["accuracy_base"], rep["accuracy_before_rl"], rep["accuracy_after_rl"]
+    summary = f"pretrained {base:.1%}, SFT {sft:.1%}, GRPO {grpo:.1%}; stages {rep['stage_seconds']}"
+    print(summary)
+    assert sft >= base + SFT_OVER_BASE, summary
+    assert grpo >= sft + GRPO_OVER_SFT, summary
+    assert grpo >= GRPO_AT_LEAST, summary
+    assert rep["evals"]["grpo"]["n"] == 200 and rep["evals"]["grpo"]["k"] == 4
+    assert f"held-out pass@1: {sft:.1%} after SFT -> {grpo:.1%} after GRPO" in r.stdout
+    model = nanoseek.load(rep["model_dir"])
+    assert model.config.num_hidden_layers == 4 and len(model.mtp) == 1  # the default plan's model, exported

@@ -140,7 +140,7 @@ def test_program_task_answers_come_from_running_the_snippet():
 
 
 def test_sandbox_limits():
-    from nanoseek.data.program import run_sandboxed
+    from nanoseek.data.tasks.program import run_sandboxed
 
     out = run_sandboxed([
         "print(1)",

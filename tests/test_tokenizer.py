@@ -2,10 +2,9 @@
 
 import pytest
 
+from nanoseek.data.chat import ASSISTANT, BOS, END_THINK, EOS, THINK, USER, render_prompt
 from nanoseek.data.corpus import builtin_corpus
-from nanoseek.data.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, USER,
-                                     load_tokenizer, train_tokenizer)
-from nanoseek.rl.chat import render_prompt
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 SAMPLES = [
     "Hello world, 12+7*3=33.",

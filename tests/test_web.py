@@ -1,5 +1,6 @@
 """The web chat page in a real headless Chromium: type a message, see the streamed answer (Markdown
-rendered, model text escaped) and the thinking panel; the screenshot is kept in docs/webchat.png."""
+rendered, model text escaped) and the thinking panel. The test takes a screenshot under its temporary
+folder (docs/webchat.png is one such screenshot)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_REASONING, SERVER_API_KEY
+from conftest import CHAT_REASONING, SERVER_API_KEY, require, require_module
 
 CHROMIUM = os.environ.get("NANOSEEK_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "webchat.png"
+# At module level, so that a missing browser is reported before the (session-scoped) server starts.
+require(Path(CHROMIUM).exists(), f"Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; "
+                                 "NANOSEEK_CHROMIUM names another binary)")
+sync_api = require_module("playwright.sync_api", "pip install playwright (in the [dev] extra)")
 
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium: `make browser`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
@@ -29,7 +30,7 @@ def page():
             browser.close()
 
 
-def test_web_chat_streams_answer_and_thinking(page, chat_server):
+def test_web_chat_streams_answer_and_thinking(page, chat_server, tmp_path):
     page.goto(chat_server + "/")
     page.fill("#api-key", SERVER_API_KEY)
     page.fill("#temperature", "0")
@@ -47,8 +48,9 @@ def test_web_chat_streams_answer_and_thinking(page, chat_server):
     page.locator(".msg.assistant details.thinking summary").last.click()  # open the collapsed panel
     assert CHAT_REASONING in thinking.locator(".thinking-text").inner_text()
     assert page.locator("#history button").count() == 1
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    shot = tmp_path / "webchat.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0 and page.locator("#history button").count() == 2
 

@@ -1,4 +1,4 @@
-"""nanoseek: DeepSeek-V3 / R1 at any scale. The public API (DESIGN.md section 3)."""
+"""nanoseek: DeepSeek-V3 / R1 at any scale. The public API: load, save, generate, the config and the model."""
 
 from .config import ConfigError, ModelConfig, preset
 from .hf import CheckpointError, load, save

@@ -1,7 +1,7 @@
 """Parameter counts, KV-cache bytes and training FLOPs per token of a ModelConfig, and `nanoseek params`.
 
 Pure arithmetic on `nanoseek.config.ModelConfig`, shape by shape as the Hugging Face `deepseek_v3`
-checkpoint lays the weights out (REFERENCE.md section 4), so the counts equal what a loader sees:
+checkpoint lays the weights out (the names nanoseek.hf maps), so the counts equal what a loader sees:
 
   per layer      input_layernorm [D], post_attention_layernorm [D]
   MLA            q_a_proj [q_lora, D], q_a_layernorm [q_lora], q_b_proj [H*qk_head_dim, q_lora]
@@ -19,9 +19,10 @@ checkpoint lays the weights out (REFERENCE.md section 4), so the counts equal wh
                  wk [E, D], k_norm weight + bias [E] (a LayerNorm), weights_proj [I, D]
                  (I = index_n_heads, E = index_head_dim): 13,959,424 per layer for DeepSeek-V3.2
 
-For the `deepseek-v3` preset: 671.03B total, 37.55B active, 11.61B own MTP parameters (the V3
-README_WEIGHTS rounds this to "11.5B": the decoder block alone is 11.51B, eh_proj adds 0.10B; with its
-embedding and head copies 13.46B, "14B" there), and 61 x (512 + 64) x 2 = 70,272 KV-cache bytes per token.
+For the `deepseek-v3` preset: 671.03B total, 37.55B active, 11.61B own MTP parameters (DeepSeek's weight
+notes, https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md, round this to "11.5B": the
+decoder block alone is 11.51B, eh_proj adds 0.10B; with its embedding and head copies 13.46B, "14B"
+there), and 61 x (512 + 64) x 2 = 70,272 KV-cache bytes per token.
 `deepseek-v3.2` adds 61 x 13,959,424 = 0.85B indexer parameters (671.88B total) and 61 x 128 x 2 = 15,616
 bytes of indexer keys per token in BF16 (DeepSeek's kernels keep them in FP8 with one fp32 scale per 128
 values: 61 x 132 = 8,052 bytes).
@@ -149,6 +150,18 @@ def _mtp_block_is_moe(cfg: ModelConfig, i: int) -> bool:
     # MTP layers sit at index num_hidden_layers + i, past first_k_dense_replace, so they are MoE
     # layers whenever the model has experts (as in V3's checkpoint).
     return cfg.n_routed_experts > 0 and cfg.num_hidden_layers + i >= cfg.first_k_dense_replace
+
+
+def block_params(cfg: ModelConfig, moe: bool) -> dict[str, int]:
+    """One decoder block's parameters: `total`, `routed` (all routed experts, the part expert parallelism
+    shards), `active_matmul` (what 6N multiplies per token) and `attention_matmul` (MLA projections)."""
+    b = _block(cfg, moe)
+    return {"total": b.total, "routed": b.routed, "active_matmul": b.active_matmul, "attention_matmul": b.attn_mm}
+
+
+def mtp_block_is_moe(cfg: ModelConfig, i: int = 0) -> bool:
+    """Whether MTP module i's decoder block is a MoE block."""
+    return _mtp_block_is_moe(cfg, i)
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:

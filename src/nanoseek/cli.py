@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("nanoseek.accounting", "parameter counts, KV-cache bytes and FLOPs per token of a config"),
     "cost": ("nanoseek.cost", "GPU-hours and dollars for a training run, or the MFU implied by a known cost"),
+    "plan": ("nanoseek.plan.cli", "per-GPU memory and step time of a PP x EP x ZeRO layout; search the ones that fit"),
     "train": ("nanoseek.train.cli", "pretrain a model (single process or under torchrun)"),
     "sft": ("nanoseek.rl.sft_cli", "cold-start supervised fine-tuning on chat data or a built-in task"),
     "grpo": ("nanoseek.rl.grpo_cli", "GRPO reinforcement learning with rule-based rewards"),
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.infer.cli_chat", "chat with a model in the terminal"),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible API server and web chat"),
     "convert": ("nanoseek.convert", "convert a checkpoint: V3 -> V3.2 (adds freshly initialised DSA indexers)"),
+    "build-kernels": ("nanoseek.infer.fast.build", "build the C++ CPU decode kernels now (not on first use); say where"),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export"),
 }
 

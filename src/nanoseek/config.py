@@ -8,8 +8,8 @@ found in the wild:
     `scoring_func`, `seq_aux`, `quantization_config`, ...), and
   * the transformers 5 style (`rope_parameters: {"rope_type": ..., "rope_theta": ...}`, `rope_interleave`).
 `to_hf()` writes both spellings so that transformers, vLLM, SGLang and llama.cpp's converter all read
-the same architecture (REFERENCE.md section 5: a config without `scoring_func` is read as softmax gating
-by some consumers).
+the same architecture (a config without `scoring_func` is read as softmax gating by some consumers:
+llama.cpp's HF-to-GGUF converter then silently computes the wrong router).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """qk_head_dim ** -0.5, times mscale**2 when YaRN sets mscale_all_dim (REFERENCE.md section 5)."""
+        """qk_head_dim ** -0.5, times mscale**2 when YaRN sets mscale_all_dim, where
+        mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (DeepSeek-V3's inference/model.py does the same)."""
         scale = self.qk_head_dim ** -0.5
         rs = self.rope_scaling
         if rs and rs.get("mscale_all_dim"):

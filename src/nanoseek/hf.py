@@ -1,5 +1,5 @@
-"""Hugging Face `deepseek_v3` / `deepseek_v32` checkpoint directories: load and save (DESIGN.md section 3,
-REFERENCE.md sections 4 and 8).
+"""Hugging Face `deepseek_v3` / `deepseek_v32` checkpoint directories: load and save (the package's public
+contract), in the on-disk layout DeepSeek publishes (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md).
 
 One key map, used in both directions: our module names are the HF names without the `model.` prefix,
 except that routed experts are stacked ([E, 2F, D] gate|up and [E, D, F] down) and MTP modules live at
@@ -170,17 +170,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
 
 
 def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: ModelConfig) -> None:
+    """Copy every checkpoint tensor into its place, shard by shard; fail on a stray, misshapen or missing one."""
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-    todo: dict[str, set] = {n: {None} for n in params}  # name -> parts still missing (expert slices below)
-    for n, p in params.items():
-        if n.endswith("experts.gate_up_proj"):
-            todo[n] = {(e, w) for e in range(p.shape[0]) for w in ("gate_proj", "up_proj")}
-        elif n.endswith("experts.down_proj"):
-            todo[n] = {(e, "down_proj") for e in range(p.shape[0])}
-    qcfg = cfg.quantization_config or {}
-    block = tuple(qcfg.get("weight_block_size") or (128, 128))
-    Fh = cfg.moe_intermediate_size
+    todo = _parts_to_fill(params)
+    block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
     by_file: dict[str, list[str]] = {}
     for k, f in weight_map.items():
         by_file.setdefault(f, []).append(k)
@@ -188,49 +182,17 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
         with _open(path / fname) as fh:
             for key in sorted(by_file[fname]):
                 if key.endswith("weight_scale_inv"):
-                    continue
+                    continue  # read with its weight
                 name = hf_to_ours(key, cfg.num_hidden_layers)
                 if cfg.tie_word_embeddings and name == "lm_head.weight" and "model.embed_tokens.weight" in weight_map:
                     name = None  # tied: some writers store the head too; the embedding is the one we keep
-                try:
-                    t = fh.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{path / fname}: cannot read tensor {key!r} ({e})") from None
-                if t.dtype == torch.float8_e4m3fn:
-                    skey = key[: -len("weight")] + "weight_scale_inv"
-                    if skey not in weight_map:
-                        raise CheckpointError(f"{key}: FP8 weight without {skey}")
-                    if weight_map[skey] == fname:
-                        scale = fh.get_tensor(skey)
-                    else:
-                        with _open(path / weight_map[skey]) as fs:
-                            scale = fs.get_tensor(skey)
-                    t = _dequant_fp8(t, scale, block, key)
+                t = _read(fh, key, path, fname, weight_map, block)
                 if name is None:  # MTP copy of embedding/head: must match the shared tensor's shape
                     ref = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
                     if tuple(t.shape) != tuple(ref.shape):
                         raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
                     continue
-                m = _EXPERT_RE.match(name)
-                if m:
-                    prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
-                    target = f"{prefix}.mlp.experts.{'down_proj' if which == 'down_proj' else 'gate_up_proj'}"
-                    if target not in params or e >= params[target].shape[0]:
-                        raise CheckpointError(f"unexpected tensor {key!r} (no such expert in the config)")
-                    dst = params[target][e]
-                    if which == "gate_proj":
-                        dst = dst[:Fh]
-                    elif which == "up_proj":
-                        dst = dst[Fh:]
-                    part = (e, which)
-                else:
-                    if name not in params:
-                        hint = (" (a V3.2 indexer weight: its config.json should say model_type deepseek_v32)"
-                                if ".indexer." in key and not cfg.is_dsa else "")
-                        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight{hint}")
-                    target, dst, part = name, params[name], None
-                    if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-                        part = "fused"  # transformers' in-memory fused layout
+                target, dst, part = _destination(name, key, params, cfg)
                 if tuple(t.shape) != tuple(dst.shape):
                     raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the config's "
                                           f"{tuple(dst.shape)}")
@@ -240,6 +202,66 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                     todo[target] = set()
                 else:
                     todo[target].discard(part)
+    _check_complete(todo, params, path, cfg)
+
+
+def _parts_to_fill(params: dict[str, torch.Tensor]) -> dict[str, set]:
+    """name -> the parts still missing: {None} for a whole tensor, (expert, projection) for stacked experts."""
+    todo: dict[str, set] = {n: {None} for n in params}
+    for n, p in params.items():
+        if n.endswith("experts.gate_up_proj"):
+            todo[n] = {(e, w) for e in range(p.shape[0]) for w in ("gate_proj", "up_proj")}
+        elif n.endswith("experts.down_proj"):
+            todo[n] = {(e, "down_proj") for e in range(p.shape[0])}
+    return todo
+
+
+def _read(fh, key: str, path: Path, fname: str, weight_map: dict[str, str], block: tuple[int, int]) -> torch.Tensor:
+    """One tensor of an open shard; an FP8 weight comes back dequantised with its scale (from any shard)."""
+    try:
+        t = fh.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{path / fname}: cannot read tensor {key!r} ({e})") from None
+    if t.dtype != torch.float8_e4m3fn:
+        return t
+    skey = key[: -len("weight")] + "weight_scale_inv"
+    if skey not in weight_map:
+        raise CheckpointError(f"{key}: FP8 weight without {skey}")
+    if weight_map[skey] == fname:
+        scale = fh.get_tensor(skey)
+    else:
+        with _open(path / weight_map[skey]) as fs:
+            scale = fs.get_tensor(skey)
+    return _dequant_fp8(t, scale, block, key)
+
+
+def _destination(name: str, key: str, params: dict[str, torch.Tensor],
+                 cfg: ModelConfig) -> tuple[str, torch.Tensor, object]:
+    """(our tensor's name, the view to copy into, the part it fills) for the HF tensor `key` (ours: `name`).
+
+    A per-expert HF weight fills one slice of our stacked [E, 2F, D] gate|up or [E, D, F] down tensor;
+    transformers' in-memory fused layout fills the whole stack at once ("fused")."""
+    m = _EXPERT_RE.match(name)
+    if m:
+        prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
+        target = f"{prefix}.mlp.experts.{'down_proj' if which == 'down_proj' else 'gate_up_proj'}"
+        if target not in params or e >= params[target].shape[0]:
+            raise CheckpointError(f"unexpected tensor {key!r} (no such expert in the config)")
+        dst = params[target][e]
+        if which == "gate_proj":
+            dst = dst[: cfg.moe_intermediate_size]
+        elif which == "up_proj":
+            dst = dst[cfg.moe_intermediate_size:]
+        return target, dst, (e, which)
+    if name not in params:
+        hint = (" (a V3.2 indexer weight: its config.json should say model_type deepseek_v32)"
+                if ".indexer." in key and not cfg.is_dsa else "")
+        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight{hint}")
+    fused = name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
+    return name, params[name], "fused" if fused else None
+
+
+def _check_complete(todo: dict[str, set], params: dict[str, torch.Tensor], path: Path, cfg: ModelConfig) -> None:
     missing = sorted(n for n, parts in todo.items() if parts)
     # Checkpoints without aux-loss-free balancing (V2) have no correction bias: it is zero.
     for n in [n for n in missing if n.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc"]:
@@ -247,16 +269,19 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
         missing.remove(n)
     if missing:
         shown = ", ".join(ours_to_hf(n, cfg.num_hidden_layers) for n in missing[:8])
-        raise CheckpointError(f"{path}: missing tensor(s) {shown}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(f"{path}: missing tensor(s) {shown}{more}")
 
 
 # ----------------------------------------------------------------------------- saving
-def _hf_tensors(model: Transformer):
-    """Yields (hf_name, tensor) for every tensor of the HF layout, experts split one by one."""
-    cfg = model.config
+def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
+    """Yields (hf_name, tensor) for every tensor of the HF layout that `state` (our names; the whole model or
+    one pipeline stage's part) holds, experts split one by one."""
     L, Fh = cfg.num_hidden_layers, cfg.moe_intermediate_size
-    state = model.state_dict()
+    relayout = cfg.is_dsa and not cfg.rope_interleave  # see the module docstring
     for name, t in state.items():
+        if relayout:
+            t = interleave_rope_rows(name, t, cfg)
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
@@ -272,9 +297,48 @@ def _hf_tensors(model: Transformer):
                 yield f"{base}{e}.down_proj.weight", t[e]
         else:
             yield ours_to_hf(name, L), t
-    for k in range(len(model.mtp)):  # the published layout gives each MTP layer its own embedding and head
-        yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
-        yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+    for k in range(cfg.num_nextn_predict_layers):  # the published layout gives each MTP layer its own copies
+        if "embed_tokens.weight" in state:
+            yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        if "lm_head.weight" in state:
+            yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+
+
+def write_config(cfg: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    """config.json (dequantised weights: no quantization_config) and generation_config.json."""
+    if cfg.is_dsa and not cfg.rope_interleave:  # the rope rows are re-laid interleaved (hf_tensors)
+        cfg = cfg.replace(rope_interleave=True)
+    hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
+    hf_cfg.pop("quantization_config", None)
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def write_index(path: Path) -> None:
+    """model.safetensors.index.json for the model-*-of-*.safetensors shards in `path` (read from their headers)."""
+    weight_map, total = {}, 0
+    for f in sorted(path.glob("model-*-of-*.safetensors")):
+        with _open(f) as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * _DTYPE_BYTES[sl.get_dtype()]
+                weight_map[k] = f.name
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1, "BOOL": 1}
+
+
+def copy_tokenizer(src: str | os.PathLike | None, path: Path) -> None:
+    if src and Path(src).resolve() != path.resolve():
+        for f in TOKENIZER_FILES:
+            if f != "generation_config.json" and (Path(src) / f).exists():
+                shutil.copy2(Path(src) / f, path / f)
 
 
 def interleave_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -298,23 +362,15 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    dtype = model.embed_tokens.weight.dtype
-    relayout = cfg.is_dsa and not cfg.rope_interleave  # see the module docstring
     if cfg.is_dsa and (cfg.scoring_func, cfg.topk_method) != ("sigmoid", "noaux_tc"):
         warnings.warn(f"{cfg.scoring_func}/{cfg.topk_method} routing: transformers' deepseek_v32 routes every "
                       "V3.2 checkpoint with sigmoid/noaux_tc, so only nanoseek and DeepSeek's reference code read "
                       "this one right", stacklevel=2)
-    hf_cfg = (cfg.replace(rope_interleave=True) if relayout else cfg).to_hf(dtype=str(dtype).removeprefix("torch."))
-    hf_cfg.pop("quantization_config", None)  # we write dequantised weights
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_config(cfg, model.embed_tokens.weight.dtype, path)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in _hf_tensors(model):
-        if relayout:
-            t = interleave_rope_rows(name, t, cfg)
+    for name, t in hf_tensors(model.state_dict(), cfg):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -339,9 +395,5 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    src = tokenizer_dir or getattr(model, "tokenizer_dir", None)
-    if src and Path(src).resolve() != path.resolve():
-        for f in TOKENIZER_FILES:
-            if f != "generation_config.json" and (Path(src) / f).exists():
-                shutil.copy2(Path(src) / f, path / f)
+    copy_tokenizer(tokenizer_dir or getattr(model, "tokenizer_dir", None), path)
     return path

@@ -163,8 +163,9 @@ def probe_matmul_flops(device: torch.device, dtype: torch.dtype, size: int, warm
 def probe_size(device: torch.device, dtype: torch.dtype, max_size: int, target_s: float = 0.1) -> int:
     """The matmul size (a multiple of 256, at most max_size) that takes about `target_s` here.
 
-    Needed because bf16 speed spans 1000x across machines: a CPU without AVX-512 BF16 runs a bf16
-    matmul at ~1 GFLOP/s (a 2048^3 product takes a minute there), one with AMX at ~450 GFLOP/s."""
+    Needed because bf16 speed spans orders of magnitude across machines: a CPU without AVX-512 BF16 or
+    AMX emulates bf16 matmuls (a 2048^3 product can take a minute there), one with AMX runs them in
+    hardware."""
     rate = probe_matmul_flops(device, dtype, 256, warmup=1, iters=1)
     n = int((target_s * rate / 2.0) ** (1 / 3)) // 256 * 256
     return max(256, min(max_size, n))

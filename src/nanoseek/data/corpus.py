@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from nanoseek.data.chat import transcript_text
 from nanoseek.data.tasks import TASKS
 
 _NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia", "Noor")
@@ -62,8 +63,6 @@ _TEXT_GENERATORS = (_number_fact, _times_table, _counting, _story)
 
 def builtin_corpus(n_docs: int, seed: int = 0, task_fraction: float = 0.6, max_difficulty: int = 2) -> Iterator[str]:
     """`n_docs` generated documents: task transcripts (train split only) mixed with plain text."""
-    from nanoseek.rl.chat import transcript_text  # imported here: rl.chat imports the data package
-
     rng = random.Random(f"builtin-corpus:{seed}")
     tasks = sorted(name for name, task in TASKS.items() if task.in_corpus)
     # Problems come in blocks of 256 per (task, difficulty), each block a pure function of (seed, block).

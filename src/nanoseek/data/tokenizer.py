@@ -1,15 +1,18 @@
-"""Byte-level BPE tokenizer with DeepSeek's special tokens and the DeepSeek-R1 chat template.
+"""Byte-level BPE tokenizer with DeepSeek's special tokens and the DeepSeek-R1 chat template
+(defined in nanoseek.data.special_tokens and nanoseek.data.chat_template).
 
 Trained with the `tokenizers` library and saved as the three files Hugging Face tools read
 (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`), so a trained directory loads in
 `transformers.AutoTokenizer` with identical ids and a working `apply_chat_template`.
 
 Special tokens keep DeepSeek-V3's spellings (fullwidth bars, U+2581 for spaces) and fixed ids: 0 bos,
-1 eos, 2 pad, then User, Assistant, System, `<think>`, `</think>`. Digits are split one per token
+1 eos, 2 pad, then User, Assistant, System, `<think>`, `</think>`, then DeepSeek's nine tool-call tokens
+(`<｜tool▁calls▁begin｜>` ... `<｜tool▁output▁end｜>`, ids 8-16). Digits are split one per token
 before BPE: tiny models learn arithmetic far faster when every number is spelled digit by digit.
 
-The chat template follows DeepSeek-R1's: bos, the system text, `<｜User｜>` turns, `<｜Assistant｜>` turns
-closed by eos (earlier turns lose their reasoning), and a generation prompt that opens `<think>\n`.
+The chat template (nanoseek.data.chat_template) follows DeepSeek-R1's: bos, the system text, `<｜User｜>`
+turns, `<｜Assistant｜>` turns closed by eos (earlier turns lose their reasoning), and a generation prompt
+that opens `<think>\n`; tool calls and the thinking switch follow DeepSeek-V3.1.
 """
 
 from __future__ import annotations
@@ -23,35 +26,16 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"  # DeepSeek-V3's own spelling of the pad token
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-SYSTEM = "<｜System｜>"
-THINK = "<think>"
-END_THINK = "</think>"
-# Order fixes the ids: bos=0, eos=1, pad=2, ...
-SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, THINK, END_THINK)
+from nanoseek.data.chat_template import CHAT_TEMPLATE, register_filters
+from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, SPECIAL_TOKENS, SYSTEM, THINK,
+                                          TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+                                          TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
+                                          TOOL_SEP, TOOL_TOKENS, USER)
 
-# DeepSeek-R1 style. Whitespace control (`{%-`) keeps every literal newline explicit, so the template
-# renders the same under transformers' settings (trim_blocks, lstrip_blocks) and ours.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{- message['content'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '" + USER + "' + message['content'] -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- if '" + END_THINK + "' in content -%}{%- set content = content.split('" + END_THINK + "')[-1].lstrip() -%}{%- endif -%}"
-    "{{- '" + ASSISTANT + "' + content + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + THINK + "\\n' -}}{%- endif -%}"
-)
+__all__ = ["ASSISTANT", "BOS", "CHAT_TEMPLATE", "END_THINK", "EOS", "PAD", "SPECIAL_TOKENS", "SYSTEM", "THINK",
+           "TOOL_CALL_BEGIN", "TOOL_CALL_END", "TOOL_CALLS_BEGIN", "TOOL_CALLS_END", "TOOL_OUTPUT_BEGIN",
+           "TOOL_OUTPUT_END", "TOOL_OUTPUTS_BEGIN", "TOOL_OUTPUTS_END", "TOOL_SEP", "TOOL_TOKENS", "USER",
+           "StreamDecoder", "Tokenizer", "load_tokenizer", "train_tokenizer"]
 
 
 @lru_cache(maxsize=1)
@@ -88,11 +72,14 @@ class Tokenizer:
         self.system_id: int | None = hf.token_to_id(SYSTEM)
         self.think_id: int | None = hf.token_to_id(THINK)
         self.end_think_id: int | None = hf.token_to_id(END_THINK)
+        # The tool-call markup; a tokenizer trained before it existed has none (tool calls then unavailable).
+        self.tool_ids: dict[str, int] = {t: hf.token_to_id(t) for t in TOOL_TOKENS if hf.token_to_id(t) is not None}
         self.special_ids: frozenset[int] = frozenset(
             i for i in (hf.token_to_id(t.content) for t in hf.get_added_tokens_decoder().values() if t.special)
             if i is not None
         )
         self._id_bytes: list[bytes] | None = None
+        self._plain: _HFTokenizer | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -101,6 +88,18 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         # Special-token strings inside `text` become their single ids (chat rendering relies on it).
         return self.hf.encode(text, add_special_tokens=add_bos).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of text with special-token parsing off: a `<｜User｜>` typed by a user stays plain text.
+
+        Message content (user, system, tool and assistant text) must be encoded this way; only the chat
+        template's own markup may become control tokens.
+        """
+        if self._plain is None:
+            plain = _HFTokenizer.from_str(self.hf.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=add_bos)]
@@ -125,19 +124,26 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} out of range for vocab size {len(self._id_bytes)}")
         return self._id_bytes[token_id]
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
-        """Render messages to text exactly as transformers' `apply_chat_template(tokenize=False)` does."""
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                            tools: Sequence[Mapping] | None = None, **template_kwargs) -> str:
+        """Render messages to text exactly as transformers' `apply_chat_template(tokenize=False)` does.
+
+        `tools` and keyword options (e.g. `thinking=False`) go to the template as transformers passes them.
+        """
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a mapping with 'role' and 'content', got {m!r}")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i} has unknown role {m['role']!r} (system, user or assistant)")
+            if not isinstance(m, Mapping) or "role" not in m:
+                raise ValueError(f"message {i} must be a mapping with a 'role', got {m!r}")
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"message {i} has unknown role {m['role']!r} (system, user, assistant or tool)")
+            if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
+                raise ValueError(f"message {i} ({m['role']}) has no 'content'")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        register_filters(env)
         return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS
-        )
+            messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS,
+            tools=list(tools) if tools else None, **template_kwargs)
 
     def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)
@@ -159,7 +165,7 @@ class Tokenizer:
         }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": config["pad_token"],
-                    "additional_special_tokens": [USER, ASSISTANT, SYSTEM, THINK, END_THINK]}
+                    "additional_special_tokens": [t for t in SPECIAL_TOKENS[3:] if self.hf.token_to_id(t) is not None]}
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

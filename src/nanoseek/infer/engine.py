@@ -1,9 +1,12 @@
 """The generation engine: continuous batching over the absorbed MLA latent cache, with MTP speculation.
 
-* Cache: one preallocated `model.new_cache(slots, max_len)` (per token and layer only the normalized
+* Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
   section 2.1, V3 section 2.1.1). A request owns one slot from admission to its end; rolling back after a
-  rejected draft is just a smaller start position.
+  rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
+  (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
+* On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
+  values as the pure model), from the Engine's construction on.
 * Continuous batching (Orca, Yu et al. 2022): requests wait in a bounded queue, join the running batch
   between decode steps (their prompts prefilled together in one forward) and leave as soon as they finish
   or are cancelled, freeing their slot for the next waiting request.
@@ -32,8 +35,9 @@ from typing import Callable
 
 import torch
 
-from nanoseek.infer.sampling import SamplingParams, draw, probs, sample, uniform
-from nanoseek.model import kernels
+from nanoseek.infer import fast
+from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 
 
 class EngineError(ValueError):
@@ -115,7 +119,7 @@ class Engine:
             raise EngineError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model.eval()
+        self.model = fast.accelerate(model.eval())  # a no-op off the CPU
         self.config = cfg
         self.max_batch_size = max_batch_size
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -124,10 +128,8 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         # Two spare positions: a speculative step writes the draft one past the last real token.
-        if param.dtype == torch.float32 and param.is_cpu:
-            kernels.load()  # build the C++ decode kernels now (once per machine), not inside the first request
-        self.cache = model.new_cache(max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
-                                     device=self.device)
+        self.cache = SlotCache.for_model(model, max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
+                                         device=self.device)
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
@@ -204,8 +206,8 @@ class Engine:
 
         The server runs the engine on the main thread and HTTP on another: with GNU OpenMP, a second thread
         that runs parallel regions gets a second worker pool, and with more pool threads than cores libgomp
-        stops spin-waiting, so every parallel region pays a futex wake-up (measured: a bench-config decode
-        step took 8.6 ms on a second thread against 4.2 ms on the first one: benchmarks/bench_kernels.py).
+        stops spin-waiting, so every parallel region pays a futex wake-up (benchmarks/bench_kernels.py times a
+        decode step on both threads: benchmarks/results/kernels.json).
         """
         self._thread = threading.current_thread()
         self._stop = False
@@ -344,10 +346,10 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return device_tensor(rows, torch.long, self.device)  # no host sync (see sampling.device_tensor)
 
     def _logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0].tolist()
+        return token_logprobs(logits, tokens).tolist()
 
     def _prefill(self, reqs: list[Request]) -> None:
         lens = [len(r.prompt) for r in reqs]
@@ -356,8 +358,9 @@ class Engine:
         slots = self._tensor([r.slot for r in reqs])
         zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         rows = torch.arange(len(reqs), device=self.device)
-        last = torch.tensor(lens, device=self.device) - 1
-        logits, hidden = self.model.forward_cached(ids, zeros, slots, self.cache, logits_at=last)
+        last = device_tensor([n - 1 for n in lens], torch.long, self.device)
+        view = self.cache.view(slots, zeros, T)
+        logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
         params = [r.params for r in reqs]
         first = sample(last_logits, params, [r.generator for r in reqs])
@@ -368,12 +371,12 @@ class Engine:
             # MTP position i sees hidden[i] and token i+1; the prompt's last position sees the first sample.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
             nxt[rows, last] = first
-            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, zeros, slots, self.cache, logits_at=last)
+            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view, logits_at=last)
             self._set_drafts(reqs, mtp_logits[:, 0])
-        for i, r in enumerate(reqs):
+        for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
             r.pos = lens[i]
-            r.pending = int(first[i])
-            self._emit(r, [r.pending], [logps[i]])
+            r.pending = t
+            self._emit(r, [t], [logps[i]])
 
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
@@ -382,16 +385,15 @@ class Engine:
                 r.draft = d
             return
         q = probs(mtp_logits, params)
-        d = draw(q, [r.generator for r in reqs], params)
-        for i, r in enumerate(reqs):
-            r.draft = int(d[i])
+        for i, (r, d) in enumerate(zip(reqs, draw(q, [r.generator for r in reqs], params).tolist())):
+            r.draft = d
             r.draft_q = None if r.params.greedy else q[i]
 
     def _decode_plain(self) -> None:
         reqs = self._running
         ids = self._tensor([[r.pending] for r in reqs])
-        logits, _ = self.model.forward_cached(ids, self._tensor([r.pos for r in reqs]),
-                                              self._tensor([r.slot for r in reqs]), self.cache)
+        view = self.cache.view(self._tensor([r.slot for r in reqs]), self._tensor([r.pos for r in reqs]), 1)
+        logits, _ = self.model.forward_cached(ids, view)
         logits = logits[:, 0]
         params = [r.params for r in reqs]
         nxt = sample(logits, params, [r.generator for r in reqs])
@@ -407,46 +409,53 @@ class Engine:
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
         start = self._tensor([r.pos for r in reqs])
         slots = self._tensor([r.slot for r in reqs])
-        logits, hidden = self.model.forward_cached(ids, start, slots, self.cache)  # [B, 2, V], [B, 2, D]
-        params = [r.params for r in reqs]
-        want_lp = any(p.logprobs for p in params)
-        lp = torch.log_softmax(logits.float(), -1) if want_lp else None
-        if all(p.greedy for p in params):
-            top = logits.argmax(-1).tolist()  # [B, 2]
-            p0 = p1 = None
-        else:
-            p0, p1 = probs(logits[:, 0], params), probs(logits[:, 1], params)
-            top = None
-        accepted: list[bool] = []
-        emitted: list[list[int]] = []
-        for i, r in enumerate(reqs):
-            sp = r.params
-            if sp.greedy:
-                a = top[i][0] if top is not None else int(p0[i].argmax())
-                ok = a == r.draft
-                b = (top[i][1] if top is not None else int(p1[i].argmax())) if ok else a
-            else:
-                q = r.draft_q
-                ok = uniform(r.generator) * float(q[r.draft]) < float(p0[i, r.draft])
-                if ok:
-                    b = int(torch.multinomial(p1[i], 1, generator=r.generator)[0])
-                else:
-                    resid = (p0[i] - q).clamp_min(0)
-                    resid = resid if float(resid.sum()) > 0 else p0[i]
-                    b = int(torch.multinomial(resid, 1, generator=r.generator)[0])
-            accepted.append(ok)
-            emitted.append([r.draft, b] if ok else [b])
+        view = self.cache.view(slots, start, 2)
+        logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
+        accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
+        # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
+        read = torch.stack([accepted_t.long(), token_t], 1).tolist()
+        accepted = [bool(a) for a, _ in read]
+        lps = lp_t.tolist() if lp_t is not None else None
+        emitted = [[r.draft, b] if ok else [b] for r, (ok, b) in zip(reqs, read)]
         self.stats.drafted += B
         self.stats.accepted += sum(accepted)
         # Refill the MTP cache at pos (and pos+1 when accepted) and draft the next token. A rejected row
         # writes garbage at pos+1 of the MTP cache; it is overwritten before it can be attended to.
         nxt = self._tensor([[e[0], e[-1]] for e in emitted])
-        mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, start, slots, self.cache)
+        mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view)  # the same positions as the verify
         pick = self._tensor([1 if ok else 0 for ok in accepted])
         self._set_drafts(reqs, mtp_logits[torch.arange(B, device=self.device), pick])
         for i, r in enumerate(reqs):
             toks = emitted[i]
-            logps = [float(lp[i, j, t]) for j, t in enumerate(toks)] if lp is not None else [0.0] * len(toks)
+            logps = lps[i][: len(toks)] if lps is not None else [0.0] * len(toks)
             r.pos += len(toks)
             r.pending = toks[-1]
             self._emit(r, toks, logps)
+
+
+# ------------------------------------------------------------------ the tensor part of a decode step
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row: logits [B, V], tokens [B] -> [B] fp32 (on the logits' device)."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+
+
+def speculative_tensors(logits_B2V: torch.Tensor, reqs: list[Request]):
+    """The tensor part of a speculative step, from the two-token verification logits [B, 2, V]: accepted [B],
+    the token that follows (or replaces) each draft [B], and the log-probabilities [B, 2] of the tokens
+    emitted at the two positions (None unless a request asked for them). Nothing is read to the host."""
+    params = [r.params for r in reqs]
+    dev = logits_B2V.device
+    drafts = device_tensor([r.draft for r in reqs], torch.long, dev)
+    if all(p.greedy for p in params):
+        p0 = p1 = q = None
+        accepted, token = verify_drafts(logits_B2V[:, 0], logits_B2V[:, 1], logits_B2V[:, 0], drafts, params,
+                                        [r.generator for r in reqs])  # greedy rows only take argmaxes
+    else:
+        p0, p1 = probs(logits_B2V[:, 0], params), probs(logits_B2V[:, 1], params)
+        q = torch.stack([p0[i] if r.draft_q is None else r.draft_q for i, r in enumerate(reqs)])
+        accepted, token = verify_drafts(p0, p1, q, drafts, params, [r.generator for r in reqs])
+    lp = None
+    if any(p.logprobs for p in params):
+        first = torch.where(accepted, drafts, token)  # position 0 emits the draft, or its replacement
+        lp = torch.stack([token_logprobs(logits_B2V[:, 0], first), token_logprobs(logits_B2V[:, 1], token)], 1)
+    return accepted, token, lp

@@ -1,4 +1,4 @@
-"""`nanoseek.generate`: the one-call Python API (DESIGN.md section 3) over the batched engine."""
+"""`nanoseek.generate`: the one-call Python API over the batched engine (the package's public contract)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") ->
     import sys
     from pathlib import Path
 
-    import nanoseek
-    from nanoseek.train.loop import cpu_has_fast_bf16
+    from nanoseek.device import cpu_has_fast_bf16
+    from nanoseek.hf import load
 
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    model = nanoseek.load(model_dir, dtype=torch_dtype, device=device).eval()
+    model = load(model_dir, dtype=torch_dtype, device=device).eval()
     stored = model.embed_tokens.weight.dtype
     if dtype is None and device == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
         print(f"nanoseek: {str(stored).removeprefix('torch.')} weights upcast to float32 (this CPU has no fast "

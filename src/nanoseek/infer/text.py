@@ -6,7 +6,8 @@ reasoning / answer split of R1-style outputs (`<think> ... </think> answer`, Dee
   the DeepSeek-V3 layout `<bos>{system}<｜User｜>{user}<｜Assistant｜>{answer}<eos>...`.
 * Templates may already open `<think>` at the generation prompt (R1-0528 does); the stream then starts
   inside the reasoning.
-* Stop strings apply to the answer only (REFERENCE.md section 5), never to the chain of thought.
+* Stop strings apply to the answer only, never to the chain of thought (a stop word the model merely
+  thinks about must not end its answer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 
+from nanoseek.data.chat_template import register_filters
 from nanoseek.data.tokenizer import CHAT_TEMPLATE, END_THINK, THINK, load_tokenizer
 
 class TextError(ValueError):
@@ -32,7 +34,7 @@ def _raise(message: str) -> None:
 class ChatTokenizer:
     """Tokenizer + chat template of a model directory (tokenizer.json, tokenizer_config.json).
 
-    Without a `chat_template` in the directory we use the R1 template of nanoseek.data.tokenizer, the
+    Without a `chat_template` in the directory we use the R1 template of nanoseek.data.chat, the
     one our SFT and RL stages train with (it opens `<think>` at the generation prompt).
     """
 
@@ -52,6 +54,7 @@ class ChatTokenizer:
         self.has_own_template = bool(cfg.get("chat_template"))
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        register_filters(env)  # `tojson` as transformers writes it (templates render tool schemas with it)
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         self.template = env.from_string(template or CHAT_TEMPLATE)
         self.bos_id, self.eos_id = self.tok.bos_id, self.tok.eos_id
@@ -168,6 +171,8 @@ class TextStream:
             else:
                 self._mode, self.reasoning_tokens = "answer", 0
         if self._mode == "reasoning":
+            if not self.reasoning and not delta.reasoning:
+                self._raw = self._raw.lstrip()  # the newline after a <think> the model wrote itself
             i = self._raw.find(END_THINK)
             if i >= 0:
                 delta.reasoning += self._raw[:i].rstrip()

@@ -24,6 +24,9 @@ its tie-breaking is what we inherit). MLA then runs on those tokens only:
     mask. When L <= index_topk every visible token is selected and this is exactly causal MLA;
   * absorbed path (decode): the selected rows of the latent cache are gathered and absorbed attention runs
     over those K rows only (MLA in MQA mode, the report's instantiation): O(K) per query instead of O(L).
+Cache: beside MLA's "latent" stream each token's indexer key is cached as the stream "index_key" (E values
+per token and layer; CacheView.write / read), so a decode step scores its query against every cached key
+without recomputing them.
 The indexer stays O(L) per query, but with I * E multiply-adds per key (64 x 128 for V3.2) against
 H * (2C + R) for dense absorbed MLA (128 x 1088).
 """
@@ -37,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import MLA
-from .layers import Linear, apply_rope
+from .attention import MLA, CacheView
+from .layers import apply_rope
 
 # Scores are built this many fp32 elements ([queries, I, L]) at a time, so that a long prefill never holds
 # the whole [T, I, L] product (16K tokens x 64 heads would be 64 GiB).
@@ -52,10 +55,10 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
-        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first R dims, half-split whatever MLA's layout (module docstring)."""
@@ -124,6 +127,7 @@ class SparseMLA(MLA):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.indexer = Indexer(cfg)
+        self.cache_widths = {**self.cache_widths, "index_key": cfg.index_head_dim}
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> SparseStep:
         q_latent = self._query_latent(x)
@@ -132,15 +136,22 @@ class SparseMLA(MLA):
         return SparseStep(q_nope, q_rope, index_q, index_w, torch.cat([latent, k_rope], dim=-1),
                           self.indexer.keys(x, cos, sin))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView | None = None,
                 layer: int = 0) -> torch.Tensor:
-        """The naive path over a whole sequence (training, prefill without a cache)."""
-        if cache is not None:
-            raise NotImplementedError("DeepSeek Sparse Attention decodes through attend_cached; the latent "
-                                      "cache does not store indexer keys yet")
-        if x.shape[1] <= self.indexer.topk:
-            return super().forward(x, cos, sin)  # every visible token is selected: exactly causal MLA
-        return self.attend_sequence(self.project(x, cos, sin))
+        """Without a cache the naive path over the whole sequence (training); with one, the new tokens' rows
+        are written ("latent" and "index_key") and a prefill takes the naive path, a decode step the
+        absorbed path over the cached rows its queries select."""
+        if cache is None:
+            if x.shape[1] <= self.indexer.topk:
+                return super().forward(x, cos, sin)  # every visible token is selected: exactly causal MLA
+            return self.attend_sequence(self.project(x, cos, sin))
+        st = self.project(x, cos, sin)
+        cache.write(layer, "latent", st.kv_row)
+        cache.write(layer, "index_key", st.index_key)
+        if cache.prefill:  # every row starts at 0: the new tokens attend to each other only
+            return self.attend_sequence(st)
+        return self.attend_cached(st, cache.read(layer, "latent"), cache.read(layer, "index_key"),
+                                  cache.positions, cache.score_bias(self.n_heads))
 
     def attend_sequence(self, st: SparseStep) -> torch.Tensor:
         """Naive path for st's T tokens at positions 0..T-1 attending to each other -> [B, T, hidden]: MLA
@@ -156,24 +167,21 @@ class SparseMLA(MLA):
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(self.o_proj.weight.dtype))
 
     def attend_cached(self, st: SparseStep, kv_BLW: torch.Tensor, index_keys_BLE: torch.Tensor,
-                      positions_BT: torch.Tensor) -> torch.Tensor:
+                      positions_BT: torch.Tensor, bias_BML: torch.Tensor | None) -> torch.Tensor:
         """The absorbed path: attention of st's queries over the cache rows they select -> [B, T, hidden].
 
         kv_BLW ([B, L, C + R]) and index_keys_BLE ([B, L, E]) hold the cached rows of positions 0..L-1 (st's
-        own rows already written); positions_BT is each query's position. Only the K selected latent rows
-        per query are gathered and scored, so the cost is O(K) per query after the O(L) indexer.
+        own rows already written); positions_BT is each query's position and bias_BML the causal score
+        bias [B, T*H, L] they give (CacheView.score_bias, causal_bias; None when nothing is masked). Only the
+        K selected latent rows per query are gathered and scored, so the cost is O(K) per query after the
+        O(L) indexer.
         """
         B, T, H, _ = st.q_nope.shape
         C, dtype = self.kv_rank, kv_BLW.dtype
         L = kv_BLW.shape[1]
         if L <= self.indexer.topk:
             # Every cached token is selected: this is MLA's absorbed attention (no indexer, no gather).
-            allowed = torch.arange(L, device=kv_BLW.device) <= positions_BT[:, :, None]  # [B, T, L]
-            bias = None
-            if not bool(allowed.all()):
-                bias = torch.zeros(allowed.shape, device=kv_BLW.device).masked_fill_(~allowed, float("-inf"))
-                bias = bias[:, :, None, :].expand(B, T, H, L).reshape(B, T * H, L)
-            out = self._absorbed(st.q_nope, st.q_rope, kv_BLW, bias)
+            out = self._absorbed(st.q_nope, st.q_rope, kv_BLW, bias_BML)
             return self.o_proj(out.reshape(B, T, H * self.v_dim).to(self.o_proj.weight.dtype))
         idx, valid = self.indexer.select(st.index_q, st.index_w, index_keys_BLE, positions_BT)  # [B, T, K]
         K = idx.shape[-1]
@@ -189,3 +197,15 @@ class SparseMLA(MLA):
         o_lat = torch.matmul(probs, sel[..., :C])  # [B, T, H, C]
         out = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # kv_b's value half folded into the output
         return self.o_proj(out.reshape(B, T, H * self.v_dim).to(self.o_proj.weight.dtype))
+
+
+def causal_bias(positions_BT: torch.Tensor, L: int, n_heads: int) -> torch.Tensor | None:
+    """Additive [B, T*H, L] score bias letting query (b, t) see keys 0..positions[b, t]; None when every
+    query sees all L keys (CacheView.score_bias for a caller that has positions but no cache view)."""
+    B, T = positions_BT.shape
+    allowed = torch.arange(L, device=positions_BT.device) <= positions_BT[:, :, None]  # [B, T, L]
+    if bool(allowed.all()):
+        return None
+    bias = torch.zeros(allowed.shape, device=positions_BT.device).masked_fill_(~allowed, float("-inf"))
+    return bias[:, :, None, :].expand(B, T, n_heads, L).reshape(B, T * n_heads, L)
+

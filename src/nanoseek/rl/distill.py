@@ -5,7 +5,7 @@ DeepSeek-R1 (arXiv 2501.12948, sections 2.3.3 and 2.4) rejection-samples the RL 
 responses whose answers are correct (and readable), and fine-tunes smaller dense models on the ~800K
 kept samples with plain SFT (no RL for the students). Here: the teacher draws k completions per
 train-split problem in one batched engine call; a completion is kept only when it parses strictly
-(nanoseek.rl.chat.parse_completion) AND its answer passes the task's checker; identical traces of the
+(nanoseek.data.chat.parse_completion) AND its answer passes the task's checker; identical traces of the
 same problem are kept once. The student (a fresh model of any config, or an existing model directory)
 is then trained with nanoseek.rl.sft.sft_train on exactly those token sequences (the teacher's own
 tokens, so nothing is lost re-tokenizing), and the traces are also written as JSONL usable by
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import parse_completion, render_prompt
 from nanoseek.data.tasks import Task, check_answer
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.rl.chat import parse_completion, render_prompt
 from nanoseek.rl.sft import Pair
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanoseek.rl.sft import SFTConfig
+    from nanoseek.rl.sft_cli import add_set_argument
 
     d = SFTConfig()
     parser.add_argument("--teacher", required=True, help="teacher model directory (with its tokenizer)")
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--seed", type=int, default=0)
+    add_set_argument(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -44,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.distill import build_student, rejection_sample, write_traces
-    from nanoseek.rl.sft import SFTConfig, sft_train
+    from nanoseek.rl.sft import sft_train
+    from nanoseek.rl.sft_cli import sft_config
+    from nanoseek.train.step import NonFiniteLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,11 +56,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoseek distill: {args.teacher} is not a model directory (no config.json)", file=sys.stderr)
         return 2
     try:
+        cfg = sft_config(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed), args.sets)
         task = get_task(args.task)
         tok = load_tokenizer(args.teacher)
         student = build_student(args.student_config, tok.vocab_size, seed=args.seed)
-        cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
-                        seed=args.seed).validate()
     except (ValueError, KeyError, FileNotFoundError, ConfigError) as e:
         print(f"nanoseek distill: {e}", file=sys.stderr)
         return 2
@@ -73,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
         print("nanoseek distill: the teacher produced no verified-correct trace; nothing to train on", file=sys.stderr)
         return 1
     del teacher
-    recs = sft_train(student, pairs, cfg, tok.pad_id, progress=not args.no_progress, desc="distill")
+    try:
+        recs = sft_train(student, pairs, cfg, tok.pad_id, progress=not args.no_progress, desc="distill")
+    except NonFiniteLoss as e:
+        print(f"nanoseek {e}; stopped, no student was written (try a lower --lr)", file=sys.stderr)  # "distill: ..."
+        return 1
     nanoseek.save(student, out, tokenizer_dir=args.teacher)
     (out / "distill.json").write_text(json.dumps({**asdict(stats), "keep_rate": stats.keep_rate,
                                                   "final_loss": recs[-1]["loss"]}, indent=2) + "\n")

@@ -20,9 +20,9 @@ from fractions import Fraction
 
 import torch
 
+from nanoseek.data.chat import parse_completion, render_prompt
 from nanoseek.data.tasks import Example, Task, check_answer
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.rl.chat import parse_completion, render_prompt
 
 
 # ----------------------------------------------------------------------------- metrics on samples
@@ -76,7 +76,7 @@ class EvalResult:
     k: int
     pass_at_1: float
     cons_at_k: float
-    format_rate: float          # share of samples that parse strictly (nanoseek.rl.chat.parse_completion)
+    format_rate: float          # share of samples that parse strictly (nanoseek.data.chat.parse_completion)
     mean_length: float          # completion tokens per sample
     truncated: float            # share of samples cut at max_new_tokens
     temperature: float

@@ -58,7 +58,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
 
 def zero_variance_fraction(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> float:
-    """Share of groups whose rewards are all equal: they contribute no policy gradient (REFERENCE.md 5)."""
+    """Share of groups whose rewards are all equal: they contribute no policy gradient (with (r - mean)/std
+    advantages every advantage is 0; truncation at the length limit is the usual cause)."""
     r_NG = rewards.float().flatten().view(-1, group_size)
     return float((r_NG.std(dim=1, unbiased=False) <= eps).float().mean())
 
@@ -105,6 +106,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     completion tokens. With old_logp == logp.detach() (one update per rollout) rho is 1 and clipping is
     inactive, but the gradient is still A * grad log pi, as in the paper's single-update case.
     """
+    loss, diag = grpo_loss_tensors(logp, old_logp, advantages, mask, ref_logp, clip_eps, beta, aggregation)
+    stats = LossStats(loss=float(loss.detach()), kl=float(diag["kl"]), clip_fraction=float(diag["clip_fraction"]),
+                      ratio_mean=float(diag["ratio_mean"]), tokens=int(diag["tokens"]))
+    return loss, stats
+
+
+def grpo_loss_tensors(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      ref_logp: torch.Tensor | None = None, clip_eps: float = 0.2, beta: float = 0.001,
+                      aggregation: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """grpo_loss without reading anything back to the host: the loss and its diagnostics as 0-d tensors on
+    logp's device (keys kl, clip_fraction, ratio_mean, tokens)."""
     if clip_eps < 0:
         raise ValueError(f"clip_eps must be >= 0, got {clip_eps}")
     if beta > 0 and ref_logp is None:
@@ -125,10 +137,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     with torch.no_grad():
         n = mask.sum().clamp_min(1.0)
         clipped = ((ratio > 1 + clip_eps) & (A_B1 > 0)) | ((ratio < 1 - clip_eps) & (A_B1 < 0))
-        stats = LossStats(loss=float(loss), kl=float((kl * mask).sum() / n),
-                          clip_fraction=float((clipped.to(mask.dtype) * mask).sum() / n),
-                          ratio_mean=float((ratio * mask).sum() / n), tokens=int(mask.sum()))
-    return loss, stats
+        diag = {"kl": (kl * mask).sum() / n, "clip_fraction": (clipped.to(mask.dtype) * mask).sum() / n,
+                "ratio_mean": (ratio * mask).sum() / n, "tokens": mask.sum()}
+    return loss, diag
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int

@@ -11,13 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 # flag name -> GRPOConfig field
 FLAGS = {"G": "G", "beta": "beta", "clip_eps": "clip_eps", "lr": "lr", "temperature": "temperature",
@@ -27,9 +21,10 @@ FLAGS = {"G": "G", "beta": "beta", "clip_eps": "clip_eps", "lr": "lr", "temperat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nanoseek.config_io import field_types
     from nanoseek.rl.trainer import GRPOConfig
 
-    hints = typing.get_type_hints(GRPOConfig)
+    hints = field_types(GRPOConfig)
     parser.add_argument("--model", required=True, help="HF model directory with its tokenizer (usually an SFT model)")
     parser.add_argument("--task", default=None, help="built-in task name or a task JSONL file (default arithmetic)")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, metrics, plots, final/")
@@ -44,55 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _coerce(name: str, value, hints: dict):
-    tp = hints[name]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"grpo {name} must be {tp.__name__}, got {value!r}")
-    if name == "reward_weights" and value is not None:
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
-            raise ValueError(f"grpo reward_weights must be a table of numbers, got {value!r}")
-        value = {k: float(v) for k, v in value.items()}
-    return value
-
-
 def build_config(args: argparse.Namespace):
-    """GRPOConfig from defaults < [grpo] of --config < flags < --set."""
+    """GRPOConfig from defaults < [grpo] of --config < flags < --set (nanoseek.config_io checks every key)."""
+    from nanoseek.config_io import apply_sets, read_toml, typed_values
     from nanoseek.rl.trainer import GRPOConfig
 
-    hints = typing.get_type_hints(GRPOConfig)
     values: dict = {}
     if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{args.config}: no such config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{args.config}: not valid TOML ({e})") from None
-        section = doc.get("grpo", {})
-        if not isinstance(section, dict):
-            raise ValueError(f"{args.config}: [grpo] must be a table")
-        for k, v in section.items():
-            if k not in hints:
-                raise ValueError(f"{args.config}: unknown key grpo.{k}; [grpo] has {sorted(hints)}")
-            values[k] = _coerce(k, v, hints)
+        values.update(typed_values(GRPOConfig, read_toml(args.config).get("grpo", {}), "grpo", args.config))
     for name in FLAGS.values():
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.task is not None:
         values["task"] = args.task
-    for item in args.sets:
-        key, eq, text = item.partition("=")
-        key = key.strip().removeprefix("grpo.")
-        if not eq or key not in hints:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(hints)}")
-        try:
-            v = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            v = text
-        values[key] = _coerce(key, v, hints)
+    values = apply_sets({"grpo": values}, args.sets, {"grpo": GRPOConfig}, default_section="grpo")["grpo"]
     return dataclasses.replace(GRPOConfig(), **values).validate()
 
 
@@ -103,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.trainer import GRPOTrainer, plot_grpo
+    from nanoseek.train.step import NonFiniteLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("nanoseek grpo: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130
+    except NonFiniteLoss as e:
+        print(f"nanoseek {e}; stopped, no checkpoint was written after it", file=sys.stderr)  # e: "grpo: ..."
+        return 1
     final = out / "final"
     nanoseek.save(model, final, tokenizer_dir=args.model)
     plot_grpo(trainer.state.history, out / "reward.png")

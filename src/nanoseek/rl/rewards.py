@@ -5,7 +5,7 @@ Each reward is a small plain function `f(completion_text, example) -> float`, re
 
 * accuracy: 1.0 when the answer after the single `</think>` passes the task's checker, else 0 (also 0
   when no answer can be extracted unambiguously, e.g. two `</think>`).
-* format: 1.0 only for a strictly well-formed completion (see `nanoseek.rl.chat.parse_completion`).
+* format: 1.0 only for a strictly well-formed completion (see `nanoseek.data.chat.parse_completion`).
 * `combined_reward` with no weights follows TinyZero's shaping: 1.0 correct and well-formed, 0.1
   well-formed but wrong, 0 otherwise (a correct answer in a broken format earns nothing, so format
   hacks never pay). With weights it is the weighted sum of the registered rewards.
@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from nanoseek.data.chat import parse_completion
 from nanoseek.data.tasks import Example, check_answer
-from nanoseek.rl.chat import parse_completion
 
 RewardFn = Callable[[str, Example], float]
 

@@ -4,7 +4,7 @@ DeepSeek-R1 (arXiv 2501.12948, section 2.3.1) fine-tunes the base model on a sma
 chain-of-thought examples in the `<think>...</think>` format before RL, so that RL starts from a model
 that already answers readably; section 2.3.3 does the same with rejection-sampled traces (and
 nanoseek.rl.distill reuses `sft_train` for that). Each example is a (prompt ids, completion ids) pair:
-the prompt is the chat template up to the opened think block (nanoseek.rl.chat.render_prompt), the
+the prompt is the chat template up to the opened think block (nanoseek.data.chat.render_prompt), the
 completion is `reasoning\\n</think>\\nanswer<eos>`. Only completion tokens carry loss (targets of prompt
 and padding positions are -100), so the model is never trained to write the user's turn.
 
@@ -14,27 +14,26 @@ traces), or a JSONL file whose lines are any of
   {"prompt": "question", "completion": "text after the opened <think>\\n"}
   {"prompt": "question", "answer": "a", "solution": "r"}          (the task JSONL format)
 
-Training: AdamW (weight decay on matrices only, nanoseek.train.optim), linear warm-up then cosine decay,
-grad clip, MTP loss kept on (so the fine-tuned model can still draft for speculative decoding), and
-the aux-loss-free routing bias kept balancing as in pretraining (nanoseek.train.balance).
+Training: the optimizer step every trainer shares (nanoseek.train.step: AdamW with weight decay on matrices
+only, linear warm-up then cosine decay, grad clip, a NaN/inf guard), MTP loss kept on (so the fine-tuned
+model can still draft for speculative decoding), and the aux-loss-free routing bias kept balancing as in
+pretraining (nanoseek.train.balance).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import EOS, encode_sft, render_completion, render_prompt
 from nanoseek.data.tasks import TASKS, get_task
-from nanoseek.data.tokenizer import EOS, Tokenizer
-from nanoseek.rl.chat import encode_sft, render_completion, render_prompt
+from nanoseek.data.tokenizer import Tokenizer
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
@@ -144,21 +143,18 @@ def sft_tensors(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return ids, targets
 
 
-def _lr(step: int, cfg: SFTConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
 # ----------------------------------------------------------------------------- training
 def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id: int, progress: bool = True,
               on_log: Callable[[dict], None] | None = None, desc: str = "sft") -> list[dict]:
-    """Fine-tune `model` in place on the completion tokens of `pairs`; returns the logged records."""
+    """Fine-tune `model` in place on the completion tokens of `pairs`; returns the logged records.
+
+    The optimizer step is nanoseek.train.step's: the LR warms up then decays along a cosine over all the
+    steps (decay_frac 1), and a NaN/inf loss or gradient norm raises NonFiniteLoss naming the step.
+    """
     from tqdm.auto import tqdm
 
-    from nanoseek.train.balance import BiasBalancer
-    from nanoseek.train.optim import param_groups
+    from nanoseek.train.optim import OptimConfig
+    from nanoseek.train.step import TrainStep
 
     cfg.validate()
     kept = [pr for pr in pairs if len(pr[0]) + len(pr[1]) <= cfg.max_len]
@@ -170,14 +166,18 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
     rng = random.Random(f"sft:{cfg.seed}")
     order: list[int] = []
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            foreach=False)
-    balancer = BiasBalancer(model.moe_layers(), cfg.bias_update_speed)
-    balancer.attach(opt)
-    model.reset_load()
+    # decay_frac 1: cosine over every step after the warm-up. fused=False: the single-tensor AdamW SFT has
+    # always used (the fused kernel would change its numbers at the rounding level).
+    stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=1.0), bias_update_speed=cfg.bias_update_speed,
+                        name=desc, fused=False)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        out = model.forward_train(*batch, mtp_weight=cfg.mtp_weight, aux_alpha=0.0)
+        return out.loss, {"loss": out.lm_loss, "mtp_loss": out.mtp_loss}
+
     records: list[dict] = []
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not progress)
-    t0, tokens = time.perf_counter(), 0
+    dev = next(model.parameters()).device  # batches are built on the host; the model may live on a GPU
     for step in bar:
         batch = []
         while len(batch) < cfg.batch_size:
@@ -185,23 +185,11 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
                 order = list(range(len(kept)))
                 rng.shuffle(order)
             batch.append(kept[order.pop()])
-        ids, targets = sft_tensors(batch, pad_id)
-        lr = _lr(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        out = model.forward_train(ids, targets, mtp_weight=cfg.mtp_weight, aux_alpha=0.0)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"{desc}: non-finite loss at step {step + 1}")
-        out.loss.backward()
-        gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += int(ids.numel())
-        loss = float(out.lm_loss.detach())
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+        ids, targets = (t.to(dev, non_blocking=True) for t in sft_tensors(batch, pad_id))
+        rec = stepper(step, [(ids, targets)], loss_fn, tokens=int(ids.numel()))
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}", refresh=False)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or step == 0:
-            rec = {"step": step + 1, "loss": loss, "mtp_loss": float(out.mtp_loss.detach()), "lr": lr, "grad_norm": gn,
-                   "tokens": tokens, "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}
+            rec = {"step": step + 1, **rec, "tokens_per_s": stepper.throughput()}
             records.append(rec)
             if on_log:
                 on_log(rec)
@@ -214,9 +202,10 @@ def completion_loss(model: torch.nn.Module, pairs: list[Pair], pad_id: int, batc
     """Mean cross-entropy per completion token (no gradient): how well the model fits the pairs."""
     total, count = 0.0, 0
     model.eval()
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
-            ids, targets = sft_tensors(pairs[i:i + batch_size], pad_id)
+            ids, targets = (t.to(dev) for t in sft_tensors(pairs[i:i + batch_size], pad_id))
             logits = model(ids)
             n = int((targets != -100).sum())
             total += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),

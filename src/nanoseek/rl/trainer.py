@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -41,10 +40,10 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import render_prompt
 from nanoseek.data.tasks import Task, get_task
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.rl import grpo
-from nanoseek.rl.chat import render_prompt
 from nanoseek.rl.rewards import accuracy_reward, combined_reward, format_reward
 
 
@@ -122,7 +121,8 @@ class GRPOTrainer:
                  tokenizer_dir: str | Path | None = None, progress: bool = True,
                  on_log: Callable[[dict], None] | None = None, task: Task | None = None):
         from nanoseek.infer import Engine
-        from nanoseek.train.optim import param_groups
+        from nanoseek.train.optim import OptimConfig
+        from nanoseek.train.step import TrainStep
 
         self.cfg = cfg.validate()
         self.model, self.tok = model, tok
@@ -138,8 +138,11 @@ class GRPOTrainer:
         # The MTP head is not part of the RL objective: keep it out of the optimizer.
         for p in model.mtp.parameters():
             p.requires_grad_(False)
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                     eps=1e-8, foreach=False)
+        # Warm-up then a constant LR (decay_frac 0); routing biases frozen (speed 0: loads measured, not applied);
+        # the single-tensor AdamW GRPO has always used (fused=False keeps its numbers to the bit).
+        self.stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=0.0), bias_update_speed=0.0, name="grpo",
+                                 fused=False)
+        self.opt = self.stepper.opt
         longest = max(len(render_prompt(ex.prompt, tok)) for ex in self.task.examples(
             "train", 64, seed=cfg.seed, difficulty=cfg.difficulty))
         max_len = min(model.config.max_position_embeddings, 2 * longest + cfg.max_new_tokens + 16)
@@ -188,12 +191,11 @@ class GRPOTrainer:
         return grpo.token_log_probs(model(ids), targets)
 
     def update(self, ro: Rollouts, step: int) -> dict:
+        """mu passes of `minibatches` optimizer steps on the clipped objective; the step's mean statistics."""
         cfg = self.cfg
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        adv = grpo.group_advantages(ro.rewards, cfg.G)
-        ids, targets, mask = grpo.completion_batch(ro.prompts, ro.completions, self.tok.pad_id)
+        dev = next(self.model.parameters()).device  # rollouts are host lists; the model may live on a GPU
+        adv = grpo.group_advantages(ro.rewards, cfg.G).to(dev)
+        ids, targets, mask = (t.to(dev) for t in grpo.completion_batch(ro.prompts, ro.completions, self.tok.pad_id))
         B = ids.shape[0]
         mb = B // cfg.minibatches
         off_policy = cfg.mu * cfg.minibatches > 1
@@ -202,28 +204,20 @@ class GRPOTrainer:
             self.model.eval()
             old = self._logp(self.model, ids, targets) if off_policy else None
         self.model.train()
-        stats, norms = [], []
-        for _ in range(cfg.mu):
-            for k in range(cfg.minibatches):
-                sl = slice(k * mb, (k + 1) * mb)
-                logp = self._logp(self.model, ids[sl], targets[sl])
-                loss, st = grpo.grpo_loss(logp, old[sl] if old is not None else logp.detach(), adv[sl], mask[sl],
-                                          ref_logp=ref[sl] if ref is not None else None, clip_eps=cfg.clip_eps,
-                                          beta=cfg.beta, aggregation=cfg.aggregation)
-                if not math.isfinite(st.loss):
-                    raise FloatingPointError(f"grpo: non-finite loss at step {step + 1}")
-                loss.backward()
-                norms.append(float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip or float("inf"))))
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                stats.append(st)
-        self.model.reset_load()  # routing biases are frozen in RL; drop the load counts the forwards left
+
+        def loss_fn(sl: slice) -> tuple[torch.Tensor, dict]:
+            logp = self._logp(self.model, ids[sl], targets[sl])
+            loss, st = grpo.grpo_loss(logp, old[sl] if old is not None else logp.detach(), adv[sl], mask[sl],
+                                      ref_logp=ref[sl] if ref is not None else None, clip_eps=cfg.clip_eps,
+                                      beta=cfg.beta, aggregation=cfg.aggregation)
+            return loss, {"loss": st.loss, "kl": st.kl, "clip_frac": st.clip_fraction, "ratio": st.ratio_mean}
+
+        recs = [self.stepper(step, [slice(k * mb, (k + 1) * mb)], loss_fn)
+                for _ in range(cfg.mu) for k in range(cfg.minibatches)]
         self.model.eval()
-        n = len(stats)
-        return {"loss": sum(s.loss for s in stats) / n, "kl": sum(s.kl for s in stats) / n,
-                "clip_frac": sum(s.clip_fraction for s in stats) / n, "ratio": sum(s.ratio_mean for s in stats) / n,
-                "grad_norm": sum(norms) / n, "lr": lr}
+        n = len(recs)
+        keys = ("loss", "kl", "clip_frac", "ratio", "grad_norm", "max_vio")
+        return {**{key: sum(r[key] for r in recs) / n for key in keys}, "lr": recs[-1]["lr"]}
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server (FastAPI) and the web chat page, over one shared `infer.Engine`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streamed as SSE or not),
-GET /health, GET /metrics (Prometheus text), GET / (the web chat in static/).
+GET /health, GET /metrics (Prometheus text, serve/metrics.py), GET / (the web chat in static/). The routes
+are plain functions on one router; each reads the server's state (engine, tokenizer, model name, API key,
+request counters) from the app that received the request.
 
 Each HTTP request becomes engine requests; the engine thread reports tokens through a callback that hops
 onto the event loop (`call_soon_threadsafe`). Text is produced incrementally (infer.text.TextStream):
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.infer.engine import Engine, EngineError, QueueFull
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.infer.text import ChatTokenizer, TextError, TextStream
+from nanoseek.serve.metrics import prometheus_text
 from nanoseek.serve.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id,
                                      now)
 
@@ -74,7 +77,6 @@ def create_app(engine: Engine, tokenizer: ChatTokenizer, model_name: str, api_ke
                max_body_bytes: int = 4 << 20, start_engine: bool = True) -> FastAPI:
     """The FastAPI app. With start_engine the app runs the engine on a background thread for its lifetime;
     `nanoseek serve` passes False and runs it on the main thread itself (see Engine.serve_forever)."""
-    state = ServerState(engine, tokenizer, model_name, api_key, max_body_bytes)
 
     async def lifespan(app: FastAPI):
         if start_engine:
@@ -84,111 +86,139 @@ def create_app(engine: Engine, tokenizer: ChatTokenizer, model_name: str, api_ke
             engine.stop()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.nanoseek = state
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        try:
-            size = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            size = 0
-        if size > state.max_body_bytes:
-            resp = error_response(413, f"request body of {size} bytes exceeds the limit of "
-                                       f"{state.max_body_bytes} bytes", code="request_too_large")
-        elif state.api_key and path.startswith("/v1/") and not _authorized(request, state.api_key):
-            resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                  "authentication_error", code="invalid_api_key")
-        else:
-            resp = await call_next(request)
-        state.requests[(path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other",
-                        resp.status_code)] += 1
-        return resp
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError):
-        return _validation_response(e.errors())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-    @app.get("/health")
-    async def health():
-        ok = engine.running
-        body = {"status": "ok" if ok else "stopped", "model": model_name, "queue_depth": engine.queue_depth(),
-                "batch_size": engine.batch_size()}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(_prometheus(state), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        card = ModelCard(id=model_name, created=state.created, max_model_len=engine.max_len)
-        return ModelList(data=[card]).model_dump()
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        _check_model(state, model_id)
-        return ModelCard(id=model_name, created=state.created, max_model_len=engine.max_len).model_dump()
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _parse(request, ChatCompletionRequest)
-        _check_model(state, body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        try:
-            prompt, think_opened = tokenizer.chat_prompt(messages)
-        except TextError as e:
-            raise APIError(400, str(e), param="messages") from None
-        choices = _start(state, prompt, body, think_opened=think_opened, split=True)
-        if body.stream:
-            return _sse(_chat_stream(state, body, choices, len(prompt)), choices)
-        await _run_to_end(request, choices)
-        out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": model_name,
-               "choices": [{"index": c.index, "logprobs": None, "finish_reason": c.finish_reason,
-                            "message": {"role": "assistant", "content": c.text.content,
-                                        "reasoning_content": c.text.reasoning or None}} for c in choices],
-               "usage": _usage(len(prompt), choices)}
-        return JSONResponse(out)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
-        _check_model(state, body.model)
-        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-        if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        choices = _start(state, prompt, body, think_opened=False, split=False)
-        echo = tokenizer.decode(prompt) if body.echo else ""
-        if body.stream:
-            return _sse(_text_stream(state, body, choices, len(prompt), echo), choices)
-        await _run_to_end(request, choices)
-        out = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name,
-               "choices": [{"index": c.index, "text": echo + c.text.content, "logprobs": None,
-                            "finish_reason": c.finish_reason} for c in choices],
-               "usage": _usage(len(prompt), choices)}
-        return JSONResponse(out)
-
+    app.state.nanoseek = ServerState(engine, tokenizer, model_name, api_key, max_body_bytes)
+    app.middleware("http")(_guard)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(routes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/")
-    async def index():
-        return FileResponse(STATIC / "index.html")
-
     return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.nanoseek
+
+
+# ----------------------------------------------------------------------------- guard and errors
+async def _guard(request: Request, call_next):
+    """Body-size limit and API key before any route runs; counts every response by path and status."""
+    state = _state(request)
+    path = request.url.path
+    try:
+        size = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        size = 0
+    if size > state.max_body_bytes:
+        resp = error_response(413, f"request body of {size} bytes exceeds the limit of "
+                                   f"{state.max_body_bytes} bytes", code="request_too_large")
+    elif state.api_key and path.startswith("/v1/") and not _authorized(request, state.api_key):
+        resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                              "authentication_error", code="invalid_api_key")
+    else:
+        resp = await call_next(request)
+    state.requests[(path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other",
+                    resp.status_code)] += 1
+    return resp
+
+
+async def _api_error(request: Request, e: APIError):
+    return error_response(e.status, e.message, e.type, e.param, e.code)
+
+
+async def _validation_error(request: Request, e: RequestValidationError):
+    return _validation_response(e.errors())
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(e.status_code, str(e.detail), kind)
+
+
+async def _internal_error(request: Request, e: Exception):
+    return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+# ----------------------------------------------------------------------------- routes
+routes = APIRouter()
+
+
+@routes.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    ok = state.engine.running
+    body = {"status": "ok" if ok else "stopped", "model": state.model_name,
+            "queue_depth": state.engine.queue_depth(), "batch_size": state.engine.batch_size()}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: Request):
+    state = _state(request)
+    return PlainTextResponse(prometheus_text(state.engine, state.requests), media_type="text/plain; version=0.0.4")
+
+
+@routes.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.engine.max_len)
+    return ModelList(data=[card]).model_dump()
+
+
+@routes.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    state = _state(request)
+    _check_model(state, model_id)
+    return ModelCard(id=state.model_name, created=state.created, max_model_len=state.engine.max_len).model_dump()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = _state(request)
+    body = await _parse(request, ChatCompletionRequest)
+    _check_model(state, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    try:
+        prompt, think_opened = state.tokenizer.chat_prompt(messages)
+    except TextError as e:
+        raise APIError(400, str(e), param="messages") from None
+    choices = _start(state, prompt, body, think_opened=think_opened, split=True)
+    if body.stream:
+        return _sse(_chat_stream(state, body, choices, len(prompt)), choices)
+    await _run_to_end(request, choices)
+    out = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": state.model_name,
+           "choices": [{"index": c.index, "logprobs": None, "finish_reason": c.finish_reason,
+                        "message": {"role": "assistant", "content": c.text.content,
+                                    "reasoning_content": c.text.reasoning or None}} for c in choices],
+           "usage": _usage(len(prompt), choices)}
+    return JSONResponse(out)
+
+
+@routes.post("/v1/completions")
+async def completions(request: Request):
+    state = _state(request)
+    body = await _parse(request, CompletionRequest)
+    _check_model(state, body.model)
+    prompt = body.prompt if isinstance(body.prompt, list) else state.tokenizer.encode(body.prompt)
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    choices = _start(state, prompt, body, think_opened=False, split=False)
+    echo = state.tokenizer.decode(prompt) if body.echo else ""
+    if body.stream:
+        return _sse(_text_stream(state, body, choices, len(prompt), echo), choices)
+    await _run_to_end(request, choices)
+    out = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_name,
+           "choices": [{"index": c.index, "text": echo + c.text.content, "logprobs": None,
+                        "finish_reason": c.finish_reason} for c in choices],
+           "usage": _usage(len(prompt), choices)}
+    return JSONResponse(out)
+
+
+@routes.get("/")
+async def index():
+    return FileResponse(STATIC / "index.html")
 
 
 # ----------------------------------------------------------------------------- request handling
@@ -392,35 +422,3 @@ async def _text_stream(state: ServerState, body: CompletionRequest, choices: lis
     if body.include_usage:
         yield {"id": cid, "object": "text_completion", "created": created, "model": state.model_name,
                "choices": [], "usage": _usage(prompt_tokens, choices)}
-
-
-# ----------------------------------------------------------------------------- metrics
-def _prometheus(state: ServerState) -> str:
-    e, s = state.engine, state.engine.stats
-    rate = s.generated_tokens / s.busy_seconds if s.busy_seconds else 0.0
-    lines = [
-        "# HELP nanoseek_http_requests_total HTTP requests by path and status code.",
-        "# TYPE nanoseek_http_requests_total counter",
-    ]
-    for (path, status), n in sorted(state.requests.items()):
-        lines.append(f'nanoseek_http_requests_total{{path="{path}",status="{status}"}} {n}')
-    rows = [
-        ("engine_requests_submitted_total", "counter", "Requests accepted by the engine.", s.requests_submitted),
-        ("engine_requests_finished_total", "counter", "Requests that ran to a stop token or max_tokens.",
-         s.requests_finished),
-        ("engine_requests_cancelled_total", "counter", "Requests cancelled (client gone, stop string).",
-         s.requests_cancelled),
-        ("engine_requests_rejected_total", "counter", "Requests refused because the queue was full.",
-         s.requests_rejected),
-        ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", s.prompt_tokens),
-        ("generated_tokens_total", "counter", "Tokens generated.", s.generated_tokens),
-        ("engine_busy_seconds_total", "counter", "Seconds the engine spent in steps.", round(s.busy_seconds, 6)),
-        ("generation_tokens_per_second", "gauge", "Generated tokens per busy engine second.", round(rate, 3)),
-        ("queue_depth", "gauge", "Requests waiting for a batch slot.", e.queue_depth()),
-        ("batch_size", "gauge", "Requests in the running batch.", e.batch_size()),
-        ("max_batch_size", "gauge", "Batch slots (preallocated cache).", e.max_batch_size),
-        ("speculative_acceptance_rate", "gauge", "Accepted MTP drafts / drafts.", round(s.acceptance_rate, 6)),
-    ]
-    for name, kind, help_text, value in rows:
-        lines += [f"# HELP nanoseek_{name} {help_text}", f"# TYPE nanoseek_{name} {kind}", f"nanoseek_{name} {value}"]
-    return "\n".join(lines) + "\n"

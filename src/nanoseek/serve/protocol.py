@@ -1,4 +1,5 @@
-"""Pydantic models of the OpenAI-compatible API (REFERENCE.md section 6): the requests, and the model list.
+"""Pydantic models of the OpenAI-compatible API (https://platform.openai.com/docs/api-reference/chat): the
+requests, and the model list.
 
 Requests are validated strictly on types and ranges (each failure becomes a 400 naming the field) but
 ignore unknown fields, as OpenAI-compatible servers commonly do, so clients that send extra options work.

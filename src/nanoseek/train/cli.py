@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoseek.config import ConfigError
     from nanoseek.train.config import load_run_config
-    from nanoseek.train.loop import NonFiniteLoss, TrainingError, train
+    from nanoseek.train.loop import train
+    from nanoseek.train.step import NonFiniteLoss, TrainingError
 
     try:
         cfg = load_run_config(args.config, args.sets)

@@ -1,32 +1,27 @@
 """RunConfig: the typed pretraining run configuration, read from TOML with `--set section.key=value` overrides.
 
-Sections and keys follow the pretraining issue: `[model]` (a preset name plus HF deepseek_v3 field
-overrides), `[data]`, `[train]`, `[moe]`, `[mtp]`, `[parallel]`, `[fp8]`. Defaults are the V3 report's
-(REFERENCE.md section 2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001,
-sequence-wise aux alpha 1e-4, MTP weight 0.3. Every key is type-checked; an unknown key or a bad value
-is a ConfigError naming it, because a misspelt key that silently does nothing wastes a training run.
+Sections: `[model]` (a preset name plus HF deepseek_v3 field overrides), `[data]`, `[train]`, `[moe]`,
+`[mtp]`, `[parallel]`, `[fp8]`. Defaults are the V3 report's (section 4.2 and 2.1.2): AdamW beta2 0.95,
+weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001, sequence-wise aux alpha 1e-4, MTP weight 0.3.
+Every key is type-checked (nanoseek.config_io); an unknown key or a bad value is a ConfigError naming it,
+because a misspelt key that silently does nothing wastes a training run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
-from nanoseek.config_io import model_config_from_mapping, read_toml
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from nanoseek.config_io import (apply_sets, field_types, from_table, model_config_from_mapping, read_toml, set_value,
+                                split_set, suggest)
+from nanoseek.train.schedule import ON_EXTEND
 
 DTYPES = ("auto", "bf16", "fp32")
-FP8_BACKENDS = ("auto", "emulate", "scaled_mm")
+FP8_BACKENDS = ("auto", "emulate", "blockwise", "scaled_mm")  # = nanoseek.train.fp8_gemm.BACKENDS
 
 
 @dataclass
@@ -49,6 +44,7 @@ class TrainConfig:
     min_lr: float = 1e-4         # the end of the cosine decay (V3: 2.2e-4 -> 2.2e-5)
     warmup_steps: int = 10
     decay_frac: float = 0.3      # the last fraction of the steps decays along a cosine; constant before
+    schedule_on_extend: str = "continue"  # resuming with a changed schedule (more steps): "continue" | "rewarm"
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1
@@ -73,17 +69,25 @@ class MTPConfig:
     loss_weight: float = 0.3
 
 
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")  # = nanoseek.train.pipeline_plan.SCHEDULES
+
+
 @dataclass
 class ParallelConfig:
-    ep: int = 1          # expert-parallel degree
+    ep: int = 1          # expert-parallel degree (inside each pipeline stage)
     fsdp: bool = True    # shard parameters with FSDP2 when world > 1
+    pp: int = 1          # pipeline-parallel degree (nanoseek.train.pipeline)
+    pp_schedule: str = "1F1B"    # 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV
+    pp_microbatches: int = 0     # per step and data-parallel rank; 0 = batch / micro_batch_size, or the stages
+    pp_virtual_stages: int = 0   # stages per pipeline rank; 0 = the schedule's (1 for 1F1B, else 2)
+    pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage; [] = as even as possible
 
 
 @dataclass
 class FP8Config:
     enabled: bool = False
     block: int = 128            # activation tiles 1 x block, weight blocks block x block (V3: 128)
-    backend: str = "auto"       # auto | emulate (quantize-dequantize) | scaled_mm (FP8 tensor cores)
+    backend: str = "auto"       # auto | emulate | blockwise (Hopper FP8 kernels) | scaled_mm (K-sliced)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "moe": MoEConfig, "mtp": MTPConfig,
@@ -142,6 +146,8 @@ class RunConfig:
         need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
         need(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
         need(0 <= t.decay_frac <= 1, f"train.decay_frac must be in [0, 1], got {t.decay_frac}")
+        need(t.schedule_on_extend in ON_EXTEND,
+             f"train.schedule_on_extend must be one of {ON_EXTEND}, got {t.schedule_on_extend!r}")
         need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
         need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
@@ -154,6 +160,9 @@ class RunConfig:
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
         need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        from nanoseek.train.pipeline_plan import check_config
+
+        check_config(self)  # schedule name, stages per rank, layer plan
         need(self.fp8.block >= 1, f"fp8.block must be >= 1, got {self.fp8.block}")
         need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
         d = self.data
@@ -186,54 +195,7 @@ def _bad(key: str, v: Any) -> str:
     raise ConfigError(f"{key}: value {v!r} cannot be written to TOML")
 
 
-# ----------------------------------------------------------------------------- typing and coercion
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, value) for a TOML-decoded value against a dataclass field type; ints are accepted as floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return True, None
-        for a in args:
-            if a is not type(None):
-                ok, v = _type_ok(value, a)
-                if ok:
-                    return True, v
-        return False, value
-    if tp is Any:
-        return True, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin in (list, dict):
-        return isinstance(value, origin), value
-    return isinstance(value, tp), value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _parse_literal(text: str) -> Any:
-    """`--set` values are read as TOML literals (30, 1e-3, true, "x", [1, 2]); anything else is a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        if text.lower() in ("none", "null"):
-            return None
-        return text
-
-
+# ----------------------------------------------------------------------------- TOML and --set (nanoseek.config_io)
 def build(doc: dict[str, Any], source: str = "config") -> RunConfig:
     """A validated RunConfig from a decoded TOML document."""
     unknown = sorted(set(doc) - set(SECTIONS) - {"model"})
@@ -245,19 +207,7 @@ def build(doc: dict[str, Any], source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: [model] must be a table")
         cfg.model = dict(doc["model"])
     for name, cls in SECTIONS.items():
-        values = doc.get(name, {})
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table, got {type(values).__name__}")
-        hints = _hints(cls)
-        kw = {}
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"{source}: unknown key {name}.{key}; [{name}] has {sorted(hints)}")
-            ok, v = _type_ok(value, hints[key])
-            if not ok:
-                raise ConfigError(f"{source}: {name}.{key} must be {_type_name(hints[key])}, got {value!r}")
-            kw[key] = v
-        setattr(cfg, name, cls(**kw))
+        setattr(cfg, name, from_table(cls, doc.get(name, {}), name, source))
     try:
         cfg.validate()
     except ConfigError as e:
@@ -266,40 +216,24 @@ def build(doc: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of `doc` with each `section.key=value` applied; the key must exist (model: HF field names)."""
+    """A copy of `doc` with each `section.key=value` applied; the key must exist (model: a preset or an HF
+    deepseek_v3 field name)."""
     doc = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
-    model_hints = _hints(ModelConfig)
+    model_fields = {"preset": str, **field_types(ModelConfig)}
+    others = []
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        path, text = item.split("=", 1)
-        section, _, key = path.strip().partition(".")
-        if not key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value (e.g. train.steps=30)")
-        value = _parse_literal(text.strip())
-        if section == "model":
-            if key == "preset":
-                if not isinstance(value, str) or value not in PRESETS:
-                    raise ConfigError(f"--set model.preset: unknown preset {value!r}; choose one of {sorted(PRESETS)}")
-            elif key not in model_hints:
-                raise ConfigError(f"--set {path}: unknown model field {key!r} (use HF deepseek_v3 names)")
-            else:
-                ok, value = _type_ok(value, model_hints[key])
-                if not ok:
-                    raise ConfigError(f"--set {path}: expected {_type_name(model_hints[key])}, got {text!r}")
-        elif section in SECTIONS:
-            hints = _hints(SECTIONS[section])
-            if key not in hints:
-                raise ConfigError(f"--set {path}: unknown key; [{section}] has {sorted(hints)}")
-            if hints[key] is str and not isinstance(value, str):
-                value = text.strip()  # data.source=123 is a path named 123
-            ok, value = _type_ok(value, hints[key])
-            if not ok:
-                raise ConfigError(f"--set {path}: expected {_type_name(hints[key])}, got {text!r}")
-        else:
-            raise ConfigError(f"--set {path}: unknown section {section!r}; expected model or {sorted(SECTIONS)}")
-        doc.setdefault(section, {})[key] = value
-    return doc
+        section, key, text = split_set(item)
+        if section != "model":
+            others.append(item)
+            continue
+        if key not in model_fields:
+            raise ConfigError(f"--set model.{key}: unknown model field {key!r}{suggest(key, model_fields)}; "
+                              "use HF deepseek_v3 names")
+        value = set_value(text, model_fields[key], f"--set model.{key}")
+        if key == "preset" and value not in PRESETS:
+            raise ConfigError(f"--set model.preset: unknown preset {value!r}; choose one of {sorted(PRESETS)}")
+        doc.setdefault("model", {})[key] = value
+    return apply_sets(doc, others, {"model": ModelConfig, **SECTIONS})
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

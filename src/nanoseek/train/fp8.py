@@ -14,16 +14,17 @@ What the report does, and what this module does the same way:
     weights and weight gradients stay FP32;
   * embedding, output head, router (gating), norms and the attention core stay in high precision.
 
-Emulation (CPU, and any device without FP8 GEMMs): quantize to torch.float8_e4m3fn with the scale,
-dequantize, multiply in FP32: the numbers are exactly those of an FP8 GEMM with FP32 accumulation.
-On CUDA GPUs with FP8 tensor cores (sm89+), each 128-wide K slice is one torch._scaled_mm with row-wise
-scales (the 1x128 tile scales of that slice and the 128x128 block scales broadcast along columns), and
-the slices are summed in FP32; the GEMM output per slice is BF16, as _scaled_mm's row-wise mode requires.
+Where the GEMMs run (nanoseek.train.fp8_gemm, which also holds the shape guards and the agreement bound):
+on Hopper GPUs the native block-scaled kernels (torch.nn.functional.scaled_mm with 1x128 / 128x128 scaling,
+FP32 output); elsewhere the emulation (quantize to torch.float8_e4m3fn with the scale, dequantize, multiply in
+FP32), which is exactly FP8 arithmetic with FP32 accumulation and stays the reference. Both see the same
+quantized values: this module quantizes, the backend only multiplies.
 Departure from the report: the activations saved for backward are kept in their original precision
 (the report caches them in FP8 to save memory); wgrad quantizes them into 128x1 tiles directly.
 
 The routed experts (stacked [E, 2F, D] and [E, D, F] weights) use the same function on a padded
-[E, capacity, D] buffer: per-expert 128x128 weight blocks, and wgrad tiles that never straddle experts.
+[E, capacity, D] buffer: per-expert 128x128 weight blocks, and wgrad tiles that never straddle experts
+(on Hopper one blockwise GEMM per expert: no grouped GEMM takes these scales, see fp8_gemm).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import MLA
-from ..model.layers import MLP, Linear
+from ..model.layers import MLP
 from ..model.moe import GroupedExperts
+from .fp8_gemm import BACKENDS, dequantize_blocks, dequantize_tiles, gemm, resolve
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -45,13 +47,13 @@ E4M3_MAX = 448.0
 @dataclass(frozen=True)
 class FP8Options:
     block: int = 128          # tile width for activations and block side for weights
-    backend: str = "auto"     # "auto" (scaled_mm on FP8-capable CUDA, else emulate), "emulate", "scaled_mm"
+    backend: str = "auto"     # one of fp8_gemm.BACKENDS: auto, emulate, blockwise, scaled_mm
 
     def __post_init__(self):
         if self.block < 1:
             raise ValueError(f"fp8 block size must be >= 1, got {self.block}")
-        if self.backend not in ("auto", "emulate", "scaled_mm"):
-            raise ValueError(f"fp8 backend must be auto, emulate or scaled_mm, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"fp8 backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -71,10 +73,6 @@ def quantize_tiles(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
     return q.flatten(-2)[..., :K], scale
 
 
-def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    return q.float() * scale.repeat_interleave(block, dim=-1)[..., : q.shape[-1]]
-
-
 def quantize_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """block x block tiles over the last two dims: (float8 [..., N, K], fp32 scales [..., ceil(N/b), ceil(K/b)])."""
     N, K = w.shape[-2:]
@@ -88,82 +86,35 @@ def quantize_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     return q.flatten(-4, -3).flatten(-2)[..., :N, :K], scale
 
 
-def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    N, K = q.shape[-2:]
-    s = scale.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :N, :K]
-    return q.float() * s
-
-
 # ----------------------------------------------------------------------------- FP8 GEMMs
-def _use_scaled_mm(opts: FP8Options, device: torch.device) -> bool:
-    if opts.backend == "emulate":
-        return False
-    if opts.backend == "scaled_mm":
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _gemm_tiles_blocks(a_q, a_s, b_q, b_s, block: int, scaled_mm: bool) -> torch.Tensor:
-    """out[z] = A[z] @ B[z]^T in FP32, A [Z,M,K] in 1x128 tiles (scales [Z,M,K/b]), B [Z,N,K] in
-    128x128 blocks (scales [Z,N/b,K/b])."""
-    if not scaled_mm:
-        return torch.bmm(dequantize_tiles(a_q, a_s, block), dequantize_blocks(b_q, b_s, block).transpose(1, 2))
-    # Column scales of B per K slice: the block scale of each row's block.
-    b_cols = b_s.repeat_interleave(block, dim=1)[:, : b_q.shape[1]]  # [Z, N, K/b]
-    return _scaled_mm_sliced(a_q, a_s, b_q, b_cols, block)
-
-
-def _gemm_tiles_tiles(a_q, a_s, b_q, b_s, block: int, scaled_mm: bool) -> torch.Tensor:
-    """out[z] = A[z] @ B[z]^T in FP32 with both operands in 1x128 tiles along the contraction dim K."""
-    if not scaled_mm:
-        return torch.bmm(dequantize_tiles(a_q, a_s, block), dequantize_tiles(b_q, b_s, block).transpose(1, 2))
-    return _scaled_mm_sliced(a_q, a_s, b_q, b_s, block)
-
-
-def _scaled_mm_sliced(a_q, a_s, b_q, b_s, block: int) -> torch.Tensor:
-    """torch._scaled_mm per (batch, 128-wide K slice) with row-wise scales, summed in FP32."""
-    Z, M, K = a_q.shape
-    N = b_q.shape[1]
-    out = torch.zeros(Z, M, N, dtype=torch.float32, device=a_q.device)
-    for z in range(Z):
-        for j, k0 in enumerate(range(0, K, block)):
-            k1 = min(K, k0 + block)
-            a = a_q[z, :, k0:k1].contiguous()
-            b = b_q[z, :, k0:k1].contiguous().t()  # column-major [kc, N], as _scaled_mm wants
-            out[z] += torch._scaled_mm(a, b, scale_a=a_s[z, :, j:j + 1].contiguous(),
-                                       scale_b=b_s[z, :, j][None, :].contiguous(),
-                                       out_dtype=torch.bfloat16).float()
-    return out
-
-
 class _FP8BatchedLinear(torch.autograd.Function):
     """y[z] = x[z] @ w[z]^T for x [Z,M,K], w [Z,N,K], with all three GEMMs in fine-grained FP8."""
 
     @staticmethod
     def forward(ctx, x, w, opts: FP8Options, out_dtype: torch.dtype):
         b = opts.block
-        sm = _use_scaled_mm(opts, x.device)
+        backend = resolve(opts.backend, b, x.device)
         w_q, w_s = quantize_blocks(w, b)
         x_q, x_s = quantize_tiles(x, b)
-        y = _gemm_tiles_blocks(x_q, x_s, w_q, w_s, b, sm)
+        y = gemm(x_q, x_s, w_q, w_s, True, backend, b)
         ctx.save_for_backward(x, w_q, w_s)
-        ctx.opts, ctx.sm, ctx.x_dtype, ctx.w_dtype = opts, sm, x.dtype, w.dtype
+        ctx.block, ctx.backend, ctx.x_dtype, ctx.w_dtype = b, backend, x.dtype, w.dtype
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w_q, w_s = ctx.saved_tensors
-        b, sm = ctx.opts.block, ctx.sm
+        b, backend = ctx.block, ctx.backend
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # dgrad: contraction over N. dy in 1x128 tiles along N; W^T's blocks are W's blocks transposed.
             dy_q, dy_s = quantize_tiles(dy, b)
-            dx = _gemm_tiles_blocks(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), b, sm).to(ctx.x_dtype)
+            dx = gemm(dy_q, dy_s, w_q.transpose(1, 2), w_s.transpose(1, 2), True, backend, b).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # wgrad: contraction over tokens M. dy^T and x^T in 1x128 tiles along M (128x1 tiles of dy, x).
             dyt_q, dyt_s = quantize_tiles(dy.transpose(1, 2), b)
             xt_q, xt_s = quantize_tiles(x.transpose(1, 2), b)
-            dw = _gemm_tiles_tiles(dyt_q, dyt_s, xt_q, xt_s, b, sm).to(ctx.w_dtype)
+            dw = gemm(dyt_q, dyt_s, xt_q, xt_s, False, backend, b).to(ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -200,9 +151,9 @@ class FP8GroupedExperts(GroupedExperts):
     fp8: FP8Options
 
     def use_grouped_mm(self, dtype: torch.dtype, cap: int = 0) -> bool:
-        return False  # MoE.route_local and forward() then take forward_padded, which runs in FP8 here
+        return False  # forward() then takes forward_padded, which runs in FP8 here
 
-    # GroupedExperts.forward (the expert-parallel entry) scatters into a zero-padded buffer and calls this;
+    # GroupedExperts.forward scatters the sorted rows into a zero-padded buffer and calls this;
     # zero padding rows neither change a tile's max-abs nor contribute to wgrad.
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """All experts on a zero-padded [E, cap, D] buffer, both GEMMs in FP8."""
@@ -221,7 +172,7 @@ def enable_fp8(model: nn.Module, fp8_cfg=None) -> nn.Module:
     to fine-grained FP8, in place. Embedding, head, router, norms and MTP's eh_proj stay as they are.
 
     Call before parallelize(): it swaps module classes and keeps every parameter and state-dict name.
-    fp8_cfg may carry `block` (default 128) and `backend` ("auto" | "emulate" | "scaled_mm").
+    fp8_cfg may carry `block` (default 128) and `backend` ("auto" | "emulate" | "blockwise" | "scaled_mm").
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -231,10 +182,10 @@ def enable_fp8(model: nn.Module, fp8_cfg=None) -> nn.Module:
     for mod in list(model.modules()):
         if isinstance(mod, (MLA, MLP)):
             for child in mod.children():
-                if type(child) in (nn.Linear, Linear):
+                if isinstance(child, nn.Linear) and not isinstance(child, FP8Linear):
                     child.__class__ = FP8Linear
                     child.fp8 = opts
-        elif type(mod) is GroupedExperts:
+        elif isinstance(mod, GroupedExperts) and not isinstance(mod, FP8GroupedExperts):
             mod.__class__ = FP8GroupedExperts
             mod.fp8 = opts
     return model

@@ -1,6 +1,7 @@
-"""The pretraining loop (V3 report sections 2-4): AdamW, warm-up/constant/cosine schedule, grad clip,
-bf16 autocast, gradient accumulation, MTP and balance losses, aux-loss-free bias updates, metrics,
-atomic checkpoints and exact resume.
+"""The pretraining loop (V3 report sections 2-4): data, model, bf16 autocast, MTP and balance losses,
+metrics, atomic checkpoints and exact resume. The optimizer step itself (AdamW, the warm-up/constant/cosine
+schedule, gradient accumulation, clipping, the NaN/inf guard, aux-loss-free bias updates) is
+nanoseek.train.step's, shared with SFT and GRPO.
 
 One process or many: under torchrun, `nanoseek.train.parallel` (imported only then) provides
 `init_distributed() -> Dist`, `parallelize(model, run_cfg, dist)` (FSDP2 + expert parallelism),
@@ -19,12 +20,10 @@ state saved in the checkpoint, which is what makes a resumed run reproduce the u
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +32,17 @@ import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.data import PackedDataset
+from nanoseek.device import autocast_dtype, device_peak_flops, resolve_device
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
-from nanoseek.train.balance import BiasBalancer
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import MetricsLogger, plot_expert_load, plot_loss, truncate_metrics
-from nanoseek.train.optim import build_optimizer, load_optimizer_state, lr_at, optimizer_state, set_lr
+from nanoseek.train.optim import OptimConfig, load_optimizer_state, optimizer_state
 from nanoseek.train.prepare import prepare_data
+from nanoseek.train.schedule import Schedule, resume_schedule
+from nanoseek.train.step import NonFiniteLoss, TrainingError, TrainStep
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue; the message says why."""
-
-
-class NonFiniteLoss(TrainingError):
-    """A NaN or inf loss or gradient norm; the run stopped before applying that step."""
+__all__ = ["Trainer", "train", "NonFiniteLoss", "TrainingError"]
 
 
 @dataclass
@@ -60,58 +55,25 @@ class LocalDist:
     backend: str | None = None
 
 
-# ----------------------------------------------------------------------------- device and precision
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: without them a bf16 matmul on a CPU is far slower than fp32 (~300x on AVX2)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.dtype (None = plain fp32). Master weights and moments stay fp32."""
-    if dtype == "fp32":
-        return None
-    if dtype == "bf16":
-        return torch.bfloat16
-    fast = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-    return torch.bfloat16 if fast else None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available")
-    return dev
-
-
+# ----------------------------------------------------------------------------- processes
 def init_dist(cfg: RunConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from nanoseek.train.parallel import init_distributed
 
         dist = init_distributed()
     else:
-        dist = LocalDist(0, 1, 0, resolve_device(cfg.train.device))
+        dist = LocalDist(0, 1, 0, resolve_device(cfg.train.device, "train.device"))
     if dist.world % cfg.parallel.ep:
         raise ConfigError(f"parallel.ep={cfg.parallel.ep} must divide the number of processes ({dist.world})")
     return dist
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """Peak matmul FLOP/s of one device: a known GPU's table figure, else measured once and cached."""
-    from nanoseek import mfu
-
-    if device.type == "cuda":
-        try:
-            return mfu.peak_flops(mfu.device_name(device), "bf16")
-        except ValueError:
-            pass
-    return mfu.measured_peak_flops(device, dtype or torch.float32)
+def saved_schedule(state: dict) -> Schedule | None:
+    """The LR schedule a checkpoint was trained with (older checkpoints: from their run config's [train])."""
+    if "schedule" in state:
+        return Schedule.from_dict(state["schedule"])
+    train = state.get("run_config", {}).get("train")
+    return Schedule.from_dict(train) if isinstance(train, dict) else None
 
 
 def moe_layer_names(model: Transformer) -> list[str]:
@@ -123,6 +85,9 @@ def moe_layer_names(model: Transformer) -> list[str]:
 
 # ----------------------------------------------------------------------------- the run
 class Trainer:
+    """One pretraining run in DIR: setup (data, model, the TrainStep, resume), run (the loop), checkpoints
+    and the final export. train() below is the usual way in."""
+
     def __init__(self, cfg: RunConfig, out_dir: str | Path, progress: bool = True):
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         t = cfg.train
@@ -133,14 +98,27 @@ class Trainer:
         self.device = self.dist.device
         self.amp = autocast_dtype(t.dtype, self.device)
         W = self.dist.world
-        if t.batch_size % W:
-            raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({W})")
-        self.per_rank = t.batch_size // W
-        self.micro = t.micro_batch_size or self.per_rank
-        if self.per_rank % self.micro:
-            raise ConfigError(f"the per-process batch ({t.batch_size} / {W} = {self.per_rank}) must be a multiple "
-                              f"of train.micro_batch_size ({self.micro})")
-        self.accum = self.per_rank // self.micro
+        self.pipe = None  # nanoseek.train.pipeline.Pipeline when parallel.pp > 1
+        if cfg.parallel.pp > 1:  # the batch is split over the data-parallel ranks of a stage, world / pp
+            from nanoseek.train.pipeline_plan import microbatches
+
+            self.accum, note = microbatches(cfg, W)  # checks the layout against the world and the schedule
+            if note:
+                self.log(note)
+            self.data_world = W // cfg.parallel.pp
+            self.data_rank = self.dist.rank % self.data_world
+            self.per_rank = t.batch_size // self.data_world
+            self.micro = self.per_rank // self.accum
+        else:
+            if t.batch_size % W:
+                raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({W})")
+            self.data_world, self.data_rank = W, self.dist.rank
+            self.per_rank = t.batch_size // W
+            self.micro = t.micro_batch_size or self.per_rank
+            if self.per_rank % self.micro:
+                raise ConfigError(f"the per-process batch ({t.batch_size} / {W} = {self.per_rank}) must be a multiple "
+                                  f"of train.micro_batch_size ({self.micro})")
+            self.accum = self.per_rank // self.micro
         self.ckpt_root = self.out / "checkpoints"
 
     def log(self, msg: str) -> None:
@@ -159,123 +137,133 @@ class Trainer:
         if not resume and ckpt.list_checkpoints(self.ckpt_root):
             raise TrainingError(f"{self.out} already holds checkpoints: pass --resume to continue that run, "
                                 "or choose another --out")
+        self._prepare_data()
+        self.model = self._build_model()
+        if self.pipe is not None:
+            from nanoseek.train.pipeline import PipelineStep
+
+            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
+                                        dist=self.dist)
+        else:
+            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
+                                     dist=self.dist)
+        self.step = 0
+        if resume:
+            self._resume()
+        if self.main:
+            truncate_metrics(self.out / "metrics.jsonl", self.step)  # drop what a killed run logged after its checkpoint
+        from nanoseek.accounting import training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(self.model_cfg, t.seq_len)
+        self.peak = device_peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
+
+    def _prepare_data(self) -> None:
+        """Tokenizer and token shards (rank 0 builds them, the others wait and read), the saved config."""
+        cfg = self.cfg
         if self.main:
             prepare_data(cfg.data, self.out, progress=self.progress, log=self.log)
         self._barrier()
         tok, self.tok_dir, data_dir = prepare_data(cfg.data, self.out, progress=False, log=lambda m: None)
-        self.data = PackedDataset(data_dir, t.seq_len)
+        self.data = PackedDataset(data_dir, cfg.train.seq_len)
         self.model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
         if self.main:
             cfg.save(self.out, self.model_cfg)
 
+    def _build_model(self) -> Transformer:
+        """The seeded model on this process's device, with FP8 and FSDP2 + EP applied from outside."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
         model = Transformer(self.model_cfg)
         model.init_weights(seed=t.seed)
+        self.n_params = model.num_params()
         model.to(self.device)
         if cfg.fp8.enabled:
             from nanoseek.train.fp8 import enable_fp8
 
             model = enable_fp8(model, cfg.fp8) or model  # it may convert in place and return None
-        if self.dist.world > 1:
+        if cfg.parallel.pp > 1:
+            from nanoseek.train.pipeline import build_pipeline
+
+            self.pipe = build_pipeline(model, cfg, self.dist, self.amp)
+            model = self.pipe.shell  # this rank's stages only; state-dict names are the full model's
+        elif self.dist.world > 1:
             from nanoseek.train.parallel import parallelize
 
             model = parallelize(model, cfg, self.dist)
         model.train()
-        self.model = model
-        self.opt = build_optimizer(model, t)
-        reduce = None
-        if self.dist.world > 1:
-            from nanoseek.train.parallel import all_reduce_sum
+        return model
 
-            reduce = lambda x: all_reduce_sum(x, self.dist)  # noqa: E731
-        self.all_reduce = reduce
-        self.balancer = BiasBalancer(model.moe_layers(), cfg.moe.bias_update_speed, reduce)
-        self.balancer.attach(self.opt)  # the bias update runs after each optimizer step
-        self.step, self.tokens = 0, 0
-        metrics = self.out / "metrics.jsonl"
-        if resume:
-            path = ckpt.latest_valid(self.ckpt_root, warn=lambda m: self.log(f"warning: {m}"))
-            if path is None:
-                self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
-            else:
-                self._restore(path)
-            self._barrier()  # every rank has chosen before rank 0 renames anything
-            if self.main:
-                for p in ckpt.set_aside(self.ckpt_root, self.step):
-                    self.log(f"warning: set the invalid checkpoint aside as {p}")
+    def _resume(self) -> None:
+        path = ckpt.latest_valid(self.ckpt_root, warn=lambda m: self.log(f"warning: {m}"))
+        if path is None:
+            self.log(f"no valid checkpoint in {self.ckpt_root}: starting from step 0")
+        else:
+            self._restore(path)
+        self._barrier()  # every rank has chosen before rank 0 renames anything
         if self.main:
-            truncate_metrics(metrics, self.step)  # drop what a killed run logged after its checkpoint
-        from nanoseek.accounting import training_flops_per_token
-
-        self.flops_per_token = training_flops_per_token(self.model_cfg, t.seq_len)
-        self.peak = peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
+            for p in ckpt.set_aside(self.ckpt_root, self.step):
+                self.log(f"warning: set the invalid checkpoint aside as {p}")
 
     def _restore(self, path: Path) -> None:
-        t = self.cfg.train
+        if self.pipe is not None:
+            from nanoseek.train import pipeline_state
+
+            pipeline_state.load_checkpoint(path, self.pipe, self.stepper.opt)
+            rng, state = ckpt.read_rng_and_state(path)
+            self._resumed(path, rng, state)
+            return
         model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
+        opt = self.stepper.opt
+        if self.dist.world > 1:
+            from nanoseek.train.parallel import load_full_state
+
+            load_full_state(self.model, opt, model_state, optim_state, self.dist)
+        else:
+            self.model.load_state_dict(model_state)
+            load_optimizer_state(self.model, opt, optim_state)
+        self._resumed(path, rng, state)
+
+    def _resumed(self, path: Path, rng: dict, state: dict) -> None:
+        t = self.cfg.train
         for key in ("batch_size", "seq_len", "seed"):
             if state.get(key) != getattr(t, key):
                 self.log(f"warning: train.{key} is {getattr(t, key)} but the checkpoint was trained with "
                          f"{state.get(key)}: the resumed run will not match an uninterrupted one")
-        if self.dist.world > 1:
-            from nanoseek.train.parallel import load_full_state
-
-            load_full_state(self.model, self.opt, model_state, optim_state, self.dist)
-        else:
-            self.model.load_state_dict(model_state)
-            load_optimizer_state(self.model, self.opt, optim_state)
         ckpt.set_rng_state(rng)
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.step, self.stepper.tokens = int(state["step"]), int(state["tokens"])
         self.log(f"resumed from {path} (step {self.step})")
+        self.stepper.schedule, change = resume_schedule(saved_schedule(state), self.stepper.schedule, self.step,
+                                                        t.schedule_on_extend)
+        if change:
+            self.log(change)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        lr = lr_at(step, t)
-        set_lr(self.opt, lr)
-        x, y = self.data.batch(step, t.batch_size, self.dist.rank, self.dist.world, seed=t.seed)
+        t = self.cfg.train
+        x, y = self.data.batch(step, t.batch_size, self.data_rank, self.data_world, seed=t.seed)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
-        sums = torch.zeros(3, device=self.device)
-        for i in range(self.accum):
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce grads on the last only
-                self.model.set_requires_gradient_sync(i == self.accum - 1)
-            xs, ys = x[i * self.micro:(i + 1) * self.micro], y[i * self.micro:(i + 1) * self.micro]
-            with amp:
-                out = self.model.forward_train(xs, ys, mtp_weight=cfg.mtp.loss_weight,
-                                               aux_alpha=cfg.moe.seq_aux_alpha)
-            (out.loss / self.accum).backward()
-            sums += torch.stack([out.lm_loss, out.mtp_loss, out.aux_loss]).detach().float() / self.accum
-        if self.all_reduce is not None:
-            self.all_reduce(sums)
-            sums /= self.dist.world
-        lm, mtp, aux = sums.tolist()
-        if not all(math.isfinite(v) for v in (lm, mtp, aux)):
-            raise NonFiniteLoss(f"non-finite loss at step {step + 1}: loss={lm}, mtp_loss={mtp}, aux_loss={aux}")
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        if self.dist.world > 1:
-            from nanoseek.train.parallel import clip_grad_norm
+        m = self.micro
+        micro_batches = [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]) for i in range(self.accum)]
+        loss = None if self.pipe is not None else self._loss  # a pipeline computes it on its last stage
+        return self.stepper(step, micro_batches, loss, tokens=t.batch_size * t.seq_len)
 
-            gn = float(clip_grad_norm(self.model, max_norm, self.dist))
-        else:
-            gn = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        if not math.isfinite(gn):
-            raise NonFiniteLoss(f"non-finite gradient norm ({gn}) at step {step + 1} (loss={lm})")
-        self.opt.step()  # the balancer's post-hook updates the routing biases here
-        self.opt.zero_grad(set_to_none=True)
-        return {"loss": lm, "mtp_loss": mtp, "aux_loss": aux, "lr": lr, "grad_norm": gn,
-                "max_vio": self.balancer.last_max_vio}
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with amp:
+            out = self.model.forward_train(*batch, mtp_weight=cfg.mtp.loss_weight, aux_alpha=cfg.moe.seq_aux_alpha)
+        return out.loss, {"loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
 
     # ------------------------------------------------------------------ checkpoints and exports
     def _full_model(self):
         """(a model holding the full weights on rank 0 or None elsewhere, the flat optimizer state)."""
         if self.dist.world == 1:
-            return self.model, optimizer_state(self.model, self.opt)
+            return self.model, optimizer_state(self.model, self.stepper.opt)
         from nanoseek.train.parallel import gather_full_state
 
-        model_state, optim_state = gather_full_state(self.model, self.opt, self.dist)
+        model_state, optim_state = gather_full_state(self.model, self.stepper.opt, self.dist)
         if not self.main:
             return None, None
         full = Transformer(self.model_cfg)  # on CPU; its own init is overwritten right away
@@ -284,11 +272,19 @@ class Trainer:
 
     def save(self, step: int) -> None:
         t = self.cfg.train
+        state = {"tokens": self.stepper.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
+                 "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
+                 "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
+                 "run_config": self.cfg.to_dict()}
+        if self.pipe is not None:  # every stage writes its own shard
+            from nanoseek.train import pipeline_state
+
+            path = pipeline_state.save_checkpoint(self.ckpt_root, step, self.pipe, self.stepper.opt, state,
+                                                  self.tok_dir, t.keep_last)
+            self.log(f"step {step}: checkpoint {path}")
+            return
         model, optim_state = self._full_model()
         if self.main:
-            state = {"tokens": self.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
-                     "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
-                     "world": self.dist.world, "run_config": self.cfg.to_dict()}
             path = ckpt.save_checkpoint(self.ckpt_root, step, model, optim_state, state, self.tok_dir, t.keep_last)
             self.log(f"step {step}: checkpoint {path}")
         self._barrier()
@@ -297,6 +293,10 @@ class Trainer:
         """DIR/final: the trained model as a HF directory with its tokenizer (write, then rename)."""
         from nanoseek.hf import save as save_hf
 
+        if self.pipe is not None:
+            from nanoseek.train import pipeline_state
+
+            return pipeline_state.export(self.out, self.pipe, self.tok_dir)
         model, _ = self._full_model() if self.dist.world > 1 else (self.model, None)
         final = self.out / "final"
         if self.main:
@@ -312,9 +312,10 @@ class Trainer:
 
     def plots(self) -> None:
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
-        loads = self.balancer.total_loads
+        loads = self.stepper.balancer.total_loads
         if loads is not None:
-            plot_expert_load(loads, moe_layer_names(self.model), self.out / "expert_load.png",
+            names = self.pipe.moe_names() if self.pipe is not None else moe_layer_names(self.model)
+            plot_expert_load(loads, names, self.out / "expert_load.png",
                              f"expert load, steps {self.first_step + 1}-{self.step}")
 
     # ------------------------------------------------------------------ the loop
@@ -326,28 +327,24 @@ class Trainer:
         logger = MetricsLogger(self.out) if self.main else None
         bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.main and self.progress))
-        tokens_per_step = t.batch_size * t.seq_len
-        self.log(f"{self.model_cfg.num_hidden_layers} layers, {self.model.num_params():,} parameters, "
+        if self.pipe is not None:
+            p = self.pipe
+            self.log(f"pipeline: pp={p.pp} x dp={p.dp} (ep={p.ep}), {p.plan.schedule}, {p.plan.n_stages} stages with "
+                     f"{[len(x) for x in p.plan.layers]} layers; this rank runs stages {p.local}")
+        self.log(f"{self.model_cfg.num_hidden_layers} layers, {self.n_params:,} parameters, "
                  f"vocab {self.model_cfg.vocab_size}; {self.dist.world} process(es) on {self.device}, "
                  f"{'bf16 autocast' if self.amp else 'fp32'}; global batch {t.batch_size} x {t.seq_len} tokens "
                  f"({self.accum} micro-batch(es) of {self.micro} per process)")
-        t0, tok0 = time.perf_counter(), self.tokens
+        self.stepper.start_clock()
         try:
             for step in range(self.step, t.steps):
                 rec = self.train_step(step)
-                self.step, self.tokens = step + 1, self.tokens + tokens_per_step
-                done = self.step
+                self.step = done = step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 if done == 1 or done % t.log_every == 0 or done == t.steps:
-                    now = time.perf_counter()
-                    tps = (self.tokens - tok0) / max(now - t0, 1e-9)
-                    t0, tok0 = now, self.tokens
-                    rec = {"step": done, **rec, "tokens": self.tokens, "tokens_per_s": tps,
-                           "mfu": self.flops_per_token * tps / self.peak if self.peak else 0.0}
-                    if logger:
-                        logger.log(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:.0f}",
+                    rec = self._log_step(done, rec, logger)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     mfu=f"{rec['mfu']:.1%}", max_vio=f"{rec['max_vio']:.2f}")
                 if done == t.steps or (t.save_every and done % t.save_every == 0):
                     self.save(done)
@@ -358,6 +355,15 @@ class Trainer:
         self.export_final()
         if self.main:
             self.plots()
+
+    def _log_step(self, done: int, rec: dict, logger: MetricsLogger | None) -> dict:
+        """The step's metrics.jsonl record: the step's own, throughput since the last log, MFU."""
+        tps = self.stepper.throughput()
+        rec = {"step": done, **rec, "tokens_per_s": tps,
+               "mfu": self.flops_per_token * tps / self.peak if self.peak else 0.0}
+        if logger:
+            logger.log(rec)
+        return rec
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:

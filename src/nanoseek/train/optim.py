@@ -1,19 +1,21 @@
-"""AdamW with the V3 report's settings and the warm-up -> constant -> cosine learning-rate schedule.
+"""AdamW with the V3 report's settings, the optimizer settings every trainer shares, and AdamW state by name.
 
-V3 report section 4.2: AdamW with beta1 0.9, beta2 0.95, weight decay 0.1; the learning rate warms up
-linearly, stays constant, then decays along a cosine to a tenth of its peak. Weight decay applies to
+V3 report section 4.2: AdamW with beta1 0.9, beta2 0.95, weight decay 0.1. Weight decay applies to
 matrices only (linear, embedding and expert weights); norms, biases and other 1-D parameters are exempt.
-The schedule is a pure function of the step, so resuming needs only the step (no scheduler object).
+The learning-rate schedule is nanoseek.train.schedule; nanoseek.train.step runs the optimizer step.
+Optimizer state is saved keyed by parameter name, so a checkpoint does not depend on how the parameters
+are grouped or sharded.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
-from nanoseek.train.config import TrainConfig
+from nanoseek.train.schedule import Schedule
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -28,29 +30,49 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # The fused kernel updates each element with the same arithmetic however the parameters are grouped or
-    # sharded (so resume and 1-vs-N-process runs stay exact) and is 2x faster than the per-tensor loop on a
-    # CPU, where the optimizer step is memory-bound and a large part of an MoE step (every expert is updated).
-    # FSDP2's DTensor parameters take the single-tensor path, which has the same per-element guarantee.
+@dataclass(frozen=True)
+class OptimConfig:
+    """What every trainer's optimizer step needs: AdamW, the schedule and the clip. Pretraining takes these
+    keys from [train]; SFT decays over all its steps (decay_frac 1), GRPO keeps the LR constant after its
+    warm-up (decay_frac 0)."""
+    lr: float
+    steps: int
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_frac: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0       # 0 = no clipping
+
+    @classmethod
+    def of(cls, cfg: Any, **fixed: Any) -> "OptimConfig":
+        """The fields `cfg` (a TrainConfig, SFTConfig, GRPOConfig...) has, then `fixed`."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **fixed})
+
+
+def build_optimizer(model: nn.Module, cfg: Any, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over param_groups(model) with cfg's lr, weight_decay, beta1 and beta2.
+
+    fused=None chooses the fused kernel unless the parameters are FSDP2 DTensors. The fused kernel updates
+    each element with the same arithmetic however the parameters are grouped or sharded (so resume and
+    1-vs-N-process runs stay exact) and is faster than the per-tensor loop on a CPU, where the optimizer
+    step is memory-bound and a large part of an MoE step (every expert is updated). DTensor parameters
+    take the single-tensor path, which has the same per-element guarantee.
+    """
     from torch.distributed.tensor import DTensor
 
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    kind = {"foreach": False} if sharded else {"fused": True}
+    if fused is None:
+        fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    kind = {"fused": True} if fused else {"foreach": False}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=1e-8, **kind)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, constant, cosine to min_lr."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = int(round(cfg.decay_frac * cfg.steps))
-    decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
-    if step < decay_start or cfg.steps <= decay_start:
-        return cfg.lr
-    frac = min(1.0, (step - decay_start) / max(1, cfg.steps - 1 - decay_start))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * frac))
+def lr_at(step: int, cfg: Any) -> float:
+    """Learning rate of optimizer step `step` (0-based) under cfg's schedule keys (see Schedule)."""
+    return Schedule.of(cfg)(step)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

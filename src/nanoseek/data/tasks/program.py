@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from nanoseek.data.tasks import Example, Task, check_exact, split_of
+from nanoseek.data.tasks.base import Example, Task, check_exact
 
 # Results travel on a private copy of stdout; fd 1 itself points to /dev/null so that anything a snippet
 # writes around Python's sys.stdout (child processes, os.write) cannot corrupt the protocol.
@@ -118,23 +118,10 @@ class ProgramOutput(Task):
         return out
 
     def examples(self, split: str, n: int, seed: int = 0, difficulty: int = 1) -> list[Example]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be one of ('train', 'test'), got {split!r}")
-        if difficulty < 1:
-            raise ValueError(f"difficulty must be >= 1, got {difficulty}")
-        # Same sampling rule as Task.examples, but every snippet runs in one sandboxed batch.
-        rng = random.Random(f"{self.name}:{split}:{seed}:{difficulty}")
-        seen: dict[str, Example] = {}
-        attempts = 0
-        while len(seen) < n and attempts < 50 * n + 2000:
-            attempts += 1
-            d = self._draft(rng, difficulty)
-            if d.prompt not in seen and split_of(self.name, d.prompt) == split:
-                seen[d.prompt] = d
-        drafts = list(seen.values())
-        if len(drafts) < n and split == "train" and drafts:
-            drafts += [drafts[rng.randrange(len(drafts))] for _ in range(n - len(drafts))]
-        done = {e.prompt: e for e in self._finish(list(seen.values()))}
+        # Task.examples' sampling rule, but every snippet of the call runs in one sandboxed batch.
+        rng, unique = self._distinct(split, n, seed, difficulty, self._draft)
+        drafts = self._fill_up(unique, split, n, rng)
+        done = {e.prompt: e for e in self._finish(unique)}
         return [done[d.prompt] for d in drafts]
 
     def check(self, predicted_answer: str, example: Example) -> bool:

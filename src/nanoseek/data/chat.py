@@ -1,4 +1,6 @@
-"""The R1 chat format: render prompts and completions, and parse completions strictly.
+"""The DeepSeek-R1 chat format: how prompts and completions are rendered and parsed (strictly, for
+rewards). The special tokens are in nanoseek.data.special_tokens and the template (tools, tool calls,
+thinking on/off) in nanoseek.data.chat_template; both are re-exported here.
 
 DeepSeek-R1 (arXiv 2501.12948, section 2.2) asks for the reasoning inside `<think>...</think>` followed by
 the answer. As in R1's released chat template, the prompt itself opens the think block:
@@ -6,19 +8,27 @@ the answer. As in R1's released chat template, the prompt itself opens the think
     bos [system] <｜User｜>question<｜Assistant｜><think>\\n   <- prompt (render_prompt)
     reasoning\\n</think>\\nanswer<｜end▁of▁sentence｜>        <- completion (render_completion)
 
-Format rewards get hacked unless parsing is strict (REFERENCE.md section 5), so `parse_completion`
-accepts exactly one `</think>`, at most one `<think>` (only at the very start), non-empty reasoning and
-answer, no other special tokens, and the answer closed by eos with nothing after it (a completion cut off
-at the length limit is not well formed). `split_reasoning` is the lenient, streaming
-counterpart the server uses to fill `reasoning_content`.
+Special tokens keep DeepSeek-V3's spellings (fullwidth bars, U+2581 for spaces). Format rewards get
+hacked (repeated closing tags) unless parsing is strict, so `parse_completion` accepts exactly one
+`</think>`, at most one `<think>` (only at the very start), non-empty reasoning and answer, no other
+special tokens, and the answer closed by eos with nothing after it (a completion cut off at the length
+limit is not well formed). The lenient, streaming split of reasoning and answer for the API
+(`reasoning_content`) is nanoseek.infer.text.TextStream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from nanoseek.data.tokenizer import (ASSISTANT, BOS, END_THINK, EOS, PAD, SYSTEM, THINK, USER, Tokenizer)
+from nanoseek.data.chat_template import CHAT_TEMPLATE  # noqa: F401 (re-exported)
+from nanoseek.data.special_tokens import ASSISTANT, BOS, END_THINK, EOS, PAD, SYSTEM, THINK, USER  # noqa: F401
+
+if TYPE_CHECKING:
+    from nanoseek.data.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
 
 _FORBIDDEN_IN_COMPLETION = (BOS, PAD, USER, ASSISTANT, SYSTEM)
 
@@ -87,37 +97,3 @@ def parse_completion(text: str) -> Parsed:
     reasoning, answer = reasoning.strip(), answer.strip()
     ok = ok and bool(reasoning) and bool(answer) and THINK not in reasoning
     return Parsed(reasoning=reasoning, answer=answer, well_formed=ok)
-
-
-def _hold_back(text: str, *tags: str) -> str:
-    """`text` minus a trailing proper prefix of any tag: it may be a tag still being generated."""
-    held = 0
-    for tag in tags:
-        for k in range(min(len(tag) - 1, len(text)), held, -1):
-            if text.endswith(tag[:k]):
-                held = k
-                break
-    return text[: len(text) - held]
-
-
-def split_reasoning(text: str, think_opened: bool) -> tuple[str, str]:
-    """(reasoning, content) of generated text, for the API's `reasoning_content` and `content`.
-
-    `think_opened` says the prompt already ended with `<think>` (our template does); otherwise a
-    leading `<think>` in the text opens the block, and text without one is all content. Works on
-    partial text while streaming: a half-generated tag at the end is held back, and each call's output
-    extends the previous call's, so callers can stream the differences. Text from eos on is dropped.
-    """
-    text = text.partition(EOS)[0]
-    if not think_opened:
-        head = text.lstrip()
-        if head.startswith(THINK):
-            text = head[len(THINK):]
-        elif THINK.startswith(head):
-            return "", ""  # maybe the start of <think>: wait for more
-        else:
-            return "", _hold_back(head, EOS)
-    if END_THINK in text:
-        reasoning, _, content = text.partition(END_THINK)
-        return reasoning.strip(), _hold_back(content.lstrip(), EOS)
-    return _hold_back(text, END_THINK, EOS).strip(), ""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from types import MappingProxyType
 
-from nanoseek.data.tasks import Example, Task, check_numeric
+from nanoseek.data.tasks.base import Example, Task, check_numeric
 
 MAX_DIFFICULTY = 7
 # The words of the built-in corpus's stories (nanoseek.data.corpus), so its tokenizer knows them too.
