@@ -24,6 +24,13 @@ its tie-breaking is what we inherit). MLA then runs on those tokens only:
     mask. When L <= index_topk every visible token is selected and this is exactly causal MLA;
   * absorbed path (decode): the selected rows of the latent cache are gathered and absorbed attention runs
     over those K rows only (MLA in MQA mode, the report's instantiation): O(K) per query instead of O(L).
+Training (report section 2.1.1), from a V3 checkpoint with fresh indexers: `set_train_stage(model, stage)`
+  * "dense" (warm-up): attention stays dense, and each layer's indexer learns the main attention's
+    distribution: KL(p_t || softmax(I_t)) per query t, where p_t is the attention probabilities summed over
+    the heads and L1-normalised (the caller freezes everything but the indexers);
+  * "sparse": attention over the top-k selection, the same KL restricted to the selected tokens; the
+    indexer's inputs are detached, so it learns from the KL only and the model from the LM loss only.
+  Each layer leaves its KL (mean over queries) in `indexer_kl`; `indexer_kl_loss(model)` averages them.
 Cache: beside MLA's "latent" stream each token's indexer key is cached as the stream "index_key" (E values
 per token and layer; CacheView.write / read), so a decode step scores its query against every cached key
 without recomputing them.
@@ -128,13 +135,16 @@ class SparseMLA(MLA):
         super().__init__(cfg)
         self.indexer = Indexer(cfg)
         self.cache_widths = {**self.cache_widths, "index_key": cfg.index_head_dim}
+        self.train_stage: str | None = None        # None, or one of TRAIN_STAGES (set_train_stage)
+        self.indexer_kl: torch.Tensor | None = None  # the last training forward's KL (a 0-dim tensor)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> SparseStep:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, detach_indexer: bool = False) -> SparseStep:
         q_latent = self._query_latent(x)
         q_nope, q_rope, latent, k_rope = self._project(x, cos, sin, q_latent)
-        index_q, index_w = self.indexer.queries(x, q_latent, cos, sin)
+        xi, qi = (x.detach(), q_latent.detach()) if detach_indexer else (x, q_latent)
+        index_q, index_w = self.indexer.queries(xi, qi, cos, sin)
         return SparseStep(q_nope, q_rope, index_q, index_w, torch.cat([latent, k_rope], dim=-1),
-                          self.indexer.keys(x, cos, sin))
+                          self.indexer.keys(xi, cos, sin))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -142,6 +152,8 @@ class SparseMLA(MLA):
         are written ("latent" and "index_key") and a prefill takes the naive path, a decode step the
         absorbed path over the cached rows its queries select."""
         if cache is None:
+            if self.train_stage is not None:
+                return self.train_forward(x, cos, sin)
             if x.shape[1] <= self.indexer.topk:
                 return super().forward(x, cos, sin)  # every visible token is selected: exactly causal MLA
             return self.attend_sequence(self.project(x, cos, sin))
@@ -165,6 +177,40 @@ class SparseMLA(MLA):
             mask = torch.zeros(B, T, T, dtype=torch.bool, device=idx.device).scatter_(-1, idx, valid).unsqueeze(1)
         out = self._naive(st.q_nope, st.q_rope, latent, k_rope, mask)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(self.o_proj.weight.dtype))
+
+    def train_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The naive path of a training stage (module docstring): dense ("dense") or top-k ("sparse")
+        attention over the sequence, and the indexer's KL to that attention left in self.indexer_kl."""
+        B, T, _ = x.shape
+        st = self.project(x, cos, sin, detach_indexer=True)
+        latent, k_rope = st.kv_row.split([self.kv_rank, self.rope], dim=-1)
+        positions = torch.arange(T, device=x.device)
+        allowed = (positions[None, :] <= positions[:, None]).expand(B, T, T)  # causal
+        mask = None
+        if self.train_stage == "sparse" and T > self.indexer.topk:
+            idx, valid = self.indexer.select(st.index_q, st.index_w, st.index_key, positions.expand(B, T))
+            allowed = torch.zeros(B, T, T, dtype=torch.bool, device=x.device).scatter_(-1, idx, valid)
+            mask = allowed.unsqueeze(1)
+        out = self._naive(st.q_nope, st.q_rope, latent, k_rope, mask)
+        with torch.no_grad():
+            target = self._head_summed_probs(st, allowed)
+        log_q = self.indexer.scores(st.index_q, st.index_w, st.index_key).masked_fill(~allowed, float("-inf"))
+        log_q = log_q.log_softmax(dim=-1)
+        # KL(p || q) per query over the allowed keys (p is 0 elsewhere; masked so 0 * -inf never appears)
+        kl = (torch.xlogy(target, target) - target * log_q.masked_fill(~allowed, 0.0)).sum(-1)
+        self.indexer_kl = kl.mean()
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(x.dtype))
+
+    def _head_summed_probs(self, st: SparseStep, allowed_BTL: torch.Tensor) -> torch.Tensor:
+        """The main attention's probabilities over the allowed keys, summed over heads, L1-normalised
+        ([B, T, L] fp32): the indexer's training target."""
+        B, T, H, _ = st.q_nope.shape
+        latent, k_rope = st.kv_row.split([self.kv_rank, self.rope], dim=-1)
+        k_nope = self.kv_b_proj(latent).view(B, -1, H, self.nope + self.v_dim)[..., : self.nope]
+        s = torch.einsum("bthn,blhn->bhtl", st.q_nope.float(), k_nope.float())
+        s = s + torch.einsum("bthr,blr->bhtl", st.q_rope.float(), k_rope.float())
+        p = (s * self.scale).masked_fill(~allowed_BTL[:, None], float("-inf")).softmax(dim=-1).sum(1)
+        return p / p.sum(-1, keepdim=True)
 
     def attend_cached(self, st: SparseStep, kv_BLW: torch.Tensor, index_keys_BLE: torch.Tensor,
                       positions_BT: torch.Tensor, bias_BML: torch.Tensor | None) -> torch.Tensor:
@@ -209,3 +255,26 @@ def causal_bias(positions_BT: torch.Tensor, L: int, n_heads: int) -> torch.Tenso
     bias = torch.zeros(allowed.shape, device=positions_BT.device).masked_fill_(~allowed, float("-inf"))
     return bias[:, :, None, :].expand(B, T, n_heads, L).reshape(B, T * n_heads, L)
 
+
+TRAIN_STAGES = ("dense", "sparse")
+
+
+def set_train_stage(model: nn.Module, stage: str | None) -> None:
+    """Put every SparseMLA of `model` into a training stage (or back to plain forwards with None)."""
+    if stage is not None and stage not in TRAIN_STAGES:
+        raise ValueError(f"unknown DSA training stage {stage!r}; choose one of {TRAIN_STAGES}")
+    for m in model.modules():
+        if isinstance(m, SparseMLA):
+            m.train_stage, m.indexer_kl = stage, None
+
+
+def indexer_kl_loss(model: nn.Module) -> torch.Tensor:
+    """The mean over layers of the KL each SparseMLA left in its last training forward (then cleared)."""
+    kls = []
+    for m in model.modules():
+        if isinstance(m, SparseMLA) and m.indexer_kl is not None:
+            kls.append(m.indexer_kl)
+            m.indexer_kl = None
+    if not kls:
+        raise RuntimeError("no indexer KL to collect: set_train_stage first, then run a training forward")
+    return torch.stack(kls).mean()
