@@ -17,7 +17,7 @@ from nanoseek.hf import CheckpointError
 from nanoseek.model import SparseMLA
 from nanoseek.model.dsa import causal_bias
 from nanoseek.model.layers import apply_rope
-from test_parity import _ids as _parity_ids, _randomize_bias, rel_err
+from test_parity import VARIANTS as V3_VARIANTS, _ids as _parity_ids, _randomize_bias, rel_err
 
 transformers = pytest.importorskip("transformers")
 # transformers added deepseek_v32 in 5.x (5.24 here); older installs skip the parity tests only.
@@ -33,16 +33,14 @@ SEQ = 112  # > 4 x index_topk: most queries choose among many more keys than the
 
 VARIANTS = {
     "group_routing": {},
-    "plain_routing": dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=2),
-    "yarn_v3_style": dict(rope_scaling={"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
-                                        "mscale": 1.0, "mscale_all_dim": 1.0,
-                                        "original_max_position_embeddings": 16}),
+    # the V3 parity suite's variants, now with indexers
+    **{k: V3_VARIANTS[k] for k in ("plain_routing", "yarn_v3_style")},
     # mscale != mscale_all_dim scales cos/sin themselves: the indexer's rope must see that factor too
     "yarn_attention_factor": dict(rope_scaling={"type": "yarn", "factor": 8.0, "beta_fast": 32, "beta_slow": 1,
                                                 "mscale": 1.0, "mscale_all_dim": 0.707,
                                                 "original_max_position_embeddings": 32}),
-    "half_split_mla_rope": dict(rope_interleave=False),
-    "several_dense_layers": dict(num_hidden_layers=4, first_k_dense_replace=2),
+    "half_split_mla_rope": V3_VARIANTS["half_split_rope"],
+    "several_dense_layers": V3_VARIANTS["several_dense_layers"],
     "mlp_layer_pattern": dict(num_hidden_layers=4, mlp_layer_types=["dense", "sparse", "dense", "sparse"]),
     "wide_q_lora_rope_only_indexer": dict(q_lora_rank=48, index_head_dim=8),  # indexer dims all rotated
     "with_mtp": dict(num_nextn_predict_layers=1),

@@ -15,8 +15,8 @@ The lightning indexer (report eq. 1) scores query t against key s as
 The first R dims of q and k are rotated with the model's cos/sin, *half-split* (pairs (i, i + R/2)) even
 though MLA's official weights rotate interleaved pairs: DeepSeek's first V3.2 inference code rotated them
 interleaved and lost accuracy (fixed 2025-11). DeepSeek's kernels also rotate q and k by a Hadamard matrix
-and score in FP8; the rotation is orthogonal (Hq . Hk = q . k) and FP8 is a speed measure, so, as in
-transformers' DeepseekV32Indexer, both are left out and these are the exact fp32 scores.
+and score in 8-bit floats; the rotation is orthogonal (Hq . Hk = q . k) and 8-bit scoring is a speed
+measure, so, as in transformers' DeepseekV32Indexer, both are left out and these are the exact fp32 scores.
 
 Selection: the K highest scores among the keys the causal mask allows, by torch.topk (transformers' call;
 its tie-breaking is what we inherit). MLA then runs on those tokens only:
