@@ -435,7 +435,8 @@ def test_cached_decoding_equals_full_forward(mtp_model, cache_kind, one_thread):
         P = 30  # > index_topk (24)
         pre, h = model.forward_cached(ids[:, :P], cache.view(slots, torch.zeros(2, dtype=torch.long), P))
         torch.testing.assert_close(pre, full[:, :P], atol=1e-5, rtol=1e-5)
-        mtp_pre, _ = model.mtp_forward_cached(h[:, :P - 1], ids[:, 1:P], cache.view(slots, torch.zeros(2, dtype=torch.long), P - 1))
+        zeros = torch.zeros(2, dtype=torch.long)
+        mtp_pre, _ = model.mtp_forward_cached(h[:, :P - 1], ids[:, 1:P], cache.view(slots, zeros, P - 1))
         torch.testing.assert_close(mtp_pre, mtp_full[:, :P - 1], atol=1e-5, rtol=1e-5)
         # row 0 runs ahead to 60 alone, then both rows step together at different positions
         for t in range(P, 60):

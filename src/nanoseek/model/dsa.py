@@ -138,7 +138,9 @@ class SparseMLA(MLA):
         self.train_stage: str | None = None        # None, or one of TRAIN_STAGES (set_train_stage)
         self.indexer_kl: torch.Tensor | None = None  # the last training forward's KL (a 0-dim tensor)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, detach_indexer: bool = False) -> SparseStep:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                detach_indexer: bool = False) -> SparseStep:
+        """The queries and cache rows of x's tokens; detach_indexer cuts the indexer off the model's graph."""
         q_latent = self._query_latent(x)
         q_nope, q_rope, latent, k_rope = self._project(x, cos, sin, q_latent)
         xi, qi = (x.detach(), q_latent.detach()) if detach_indexer else (x, q_latent)

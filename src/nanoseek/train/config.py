@@ -1,8 +1,9 @@
 """RunConfig: the typed pretraining run configuration, read from TOML with `--set section.key=value` overrides.
 
 Sections: `[model]` (a preset name plus HF deepseek_v3 field overrides), `[data]`, `[train]`, `[moe]`,
-`[mtp]`, `[parallel]`, `[fp8]`, `[dsa]` (the V3.2 indexer's training stages, nanoseek.train.dsa). Defaults are the V3 report's (section 4.2 and 2.1.2): AdamW beta2 0.95,
-weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001, sequence-wise aux alpha 1e-4, MTP weight 0.3.
+`[mtp]`, `[parallel]`, `[fp8]`, `[dsa]` (the V3.2 indexer's training stages, nanoseek.train.dsa).
+Defaults are the V3 report's (section 4.2 and 2.1.2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0,
+balancing speed gamma 0.001, sequence-wise aux alpha 1e-4, MTP weight 0.3.
 Every key is type-checked (nanoseek.config_io); an unknown key or a bad value is a ConfigError naming it,
 because a misspelt key that silently does nothing wastes a training run.
 """
