@@ -1,15 +1,22 @@
-"""Hugging Face `deepseek_v3` checkpoint directories: load and save (the package's public contract), in
-the on-disk layout DeepSeek publishes (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md).
+"""Hugging Face `deepseek_v3` / `deepseek_v32` checkpoint directories: load and save (the package's public
+contract), in the on-disk layout DeepSeek publishes (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md).
 
 One key map, used in both directions: our module names are the HF names without the `model.` prefix,
 except that routed experts are stacked ([E, 2F, D] gate|up and [E, D, F] down) and MTP modules live at
-`model.layers.{num_hidden_layers + k}`. Loading is self-checking: every tensor of the checkpoint must land
-in exactly one place with the right shape, and every parameter must be filled; anything else is a
-CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
+`model.layers.{num_hidden_layers + k}`. V3.2's indexer weights (`self_attn.indexer.{wq_b, wk, k_norm,
+weights_proj}`) have the same names in transformers' layout and in DeepSeek's published checkpoint (there
+wq_b and wk are FP8 with a weight_scale_inv, weights_proj BF16, k_norm FP32 with a bias), so they need no
+entry of their own; the MTP layer carries an indexer too. Loading is self-checking: every tensor of the
+checkpoint must land in exactly one place with the right shape, and every parameter must be filled;
+anything else is a CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
 allocated once (built on the meta device), so peak memory is one model plus one tensor.
 
 FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantised in
 plain torch on the fly.
+
+transformers' deepseek_v32 always rotates MLA's rope interleaved (it has no `rope_interleave`), so a V3.2
+model with half-split MLA rope is saved with its rope rows of q_b_proj and kv_a_proj_with_mqa reordered to
+the interleaved layout (the same function: rope pairs dims (i, i + R/2) one way, (2i, 2i + 1) the other).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def hf_to_ours(key: str, n_layers: int) -> str | None:
     if key == "lm_head.weight":
         return key
     if not key.startswith("model."):
-        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 weight")
+        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 / deepseek_v32 weight")
     key = key[len("model."):]
     m = re.match(r"^layers\.(\d+)\.(.*)$", key)
     if m and int(m.group(1)) >= n_layers:
@@ -143,7 +150,7 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
          weights: str | None = None) -> Transformer:
-    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring.
+    """Load a HF deepseek_v3 or deepseek_v32 directory into a Transformer (eval mode). See the module docstring.
 
     `weights` is the storage format of the linear and expert weights (nanoseek.infer.quant): None keeps
     the checkpoint's (dense, or the bf16 / int8 of a `nanoseek quantize` output); "bf16" or "int8"
@@ -231,7 +238,7 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                     if tuple(t.shape) != tuple(ref.shape):
                         raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
                     continue
-                target, dst, part = _destination(name, key, params, cfg.moe_intermediate_size)
+                target, dst, part = _destination(name, key, params, cfg)
                 if target in as_stored and t.dtype != _STORED_DTYPE[stored_fmt]:
                     raise CheckpointError(f"{key}: {t.dtype} in a checkpoint whose config.json says {stored_fmt} "
                                           "weights (a mismatched or partly overwritten quantized checkpoint)")
@@ -268,7 +275,7 @@ def _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, w
         if not t.is_floating_point():
             t = dequantize(t, scale, dst.dtype)
         return t
-    _, sdst, spart = _destination(name, key, {target: params[target + "_scale"]}, cfg.moe_intermediate_size)
+    _, sdst, spart = _destination(name, key, {target: params[target + "_scale"]}, cfg)
     if t.is_floating_point():  # quantized now, one tensor at a time
         t, scale = quantize_int8(t, t.shape[-1] // sdst.shape[-1])
     if tuple(scale.shape) != tuple(sdst.shape):
@@ -318,7 +325,7 @@ def _companion(fh, key: str, skey: str, path: Path, fname: str, weight_map: dict
 
 
 def _destination(name: str, key: str, params: dict[str, torch.Tensor],
-                 moe_inter: int) -> tuple[str, torch.Tensor, object]:
+                 cfg: ModelConfig) -> tuple[str, torch.Tensor, object]:
     """(our tensor's name, the view to copy into, the part it fills) for the HF tensor `key` (ours: `name`).
 
     A per-expert HF weight fills one slice of our stacked [E, 2F, D] gate|up or [E, D, F] down tensor;
@@ -331,12 +338,14 @@ def _destination(name: str, key: str, params: dict[str, torch.Tensor],
             raise CheckpointError(f"unexpected tensor {key!r} (no such expert in the config)")
         dst = params[target][e]
         if which == "gate_proj":
-            dst = dst[:moe_inter]
+            dst = dst[: cfg.moe_intermediate_size]
         elif which == "up_proj":
-            dst = dst[moe_inter:]
+            dst = dst[cfg.moe_intermediate_size:]
         return target, dst, (e, which)
     if name not in params:
-        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight")
+        hint = (" (a V3.2 indexer weight: its config.json should say model_type deepseek_v32)"
+                if ".indexer." in key and not cfg.is_dsa else "")
+        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight{hint}")
     fused = name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
     return name, params[name], "fused" if fused else None
 
@@ -358,7 +367,10 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """Yields (hf_name, tensor) for every tensor of the HF layout that `state` (our names; the whole model or
     one pipeline stage's part) holds, experts split one by one."""
     L, Fh = cfg.num_hidden_layers, cfg.moe_intermediate_size
+    relayout = cfg.is_dsa and not cfg.rope_interleave  # see the module docstring
     for name, t in state.items():
+        if relayout:
+            t = interleave_rope_rows(name, t, cfg)
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
@@ -383,6 +395,8 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 def write_config(cfg: ModelConfig, dtype: torch.dtype, path: Path) -> None:
     """config.json (dequantised weights: no quantization_config) and generation_config.json."""
+    if cfg.is_dsa and not cfg.rope_interleave:  # the rope rows are re-laid interleaved (hf_tensors)
+        cfg = cfg.replace(rope_interleave=True)
     hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
     hf_cfg.pop("quantization_config", None)
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -417,15 +431,34 @@ def copy_tokenizer(src: str | os.PathLike | None, path: Path) -> None:
                 shutil.copy2(Path(src) / f, path / f)
 
 
+def interleave_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Reorder the rope output rows of q_b_proj / kv_a_proj_with_mqa from the half-split to the interleaved
+    layout (other tensors are returned as they are): an interleaved reader then rotates the same pairs."""
+    R, N, C = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    half = torch.arange(R // 2)
+    perm = torch.stack([half, half + R // 2], dim=1).flatten()  # 0, R/2, 1, R/2 + 1, ...
+    if name.endswith("self_attn.q_b_proj.weight"):
+        w = t.view(cfg.num_attention_heads, N + R, t.shape[-1])
+        return torch.cat([w[:, :N], w[:, N:][:, perm]], dim=1).view_as(t)
+    if name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+        return torch.cat([t[:C], t[C:][perm]], dim=0)
+    return t
+
+
 def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
          max_shard_bytes: int = 4 * 1024**3) -> Path:
-    """Write a HF deepseek_v3 directory (config, safetensors shards + index, tokenizer files)."""
+    """Write a HF deepseek_v3 (or, with DSA, deepseek_v32) directory (config, safetensors shards + index,
+    tokenizer files)."""
     if getattr(model, "weight_format", None) is not None:
         raise CheckpointError(f"this model has {model.weight_format['format']} weights (nanoseek.infer.quant): "
                               "save the dense model, and write quantized copies with `nanoseek quantize`")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if cfg.is_dsa and (cfg.scoring_func, cfg.topk_method) != ("sigmoid", "noaux_tc"):
+        warnings.warn(f"{cfg.scoring_func}/{cfg.topk_method} routing: transformers' deepseek_v32 routes every "
+                      "V3.2 checkpoint with sigmoid/noaux_tc, so only nanoseek and DeepSeek's reference code read "
+                      "this one right", stacklevel=2)
     write_config(cfg, model.embed_tokens.weight.dtype, path)
 
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -2,7 +2,8 @@
 
 * Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
-  section 2.1, V3 section 2.1.1). A request owns one slot from admission to its end; rolling back after a
+  section 2.1, V3 section 2.1.1; a V3.2 model adds its indexer keys as a second stream, "index_key", as
+  its cache_layout says). A request owns one slot from admission to its end; rolling back after a
   rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
   (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
 * On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same

@@ -20,6 +20,7 @@ state saved in the checkpoint, which is what makes a resumed run reproduce the u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ from nanoseek.data import PackedDataset
 from nanoseek.device import autocast_dtype, device_peak_flops, resolve_device
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import dsa
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import MetricsLogger, plot_expert_load, plot_loss, truncate_metrics
 from nanoseek.train.optim import OptimConfig, load_optimizer_state, optimizer_state
@@ -139,14 +141,13 @@ class Trainer:
                                 "or choose another --out")
         self._prepare_data()
         self.model = self._build_model()
+        speed = cfg.moe.bias_update_speed if cfg.dsa.stage != "warmup" else 0.0  # the warm-up freezes the model
         if self.pipe is not None:
             from nanoseek.train.pipeline import PipelineStep
 
-            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
-                                        dist=self.dist)
+            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=speed, dist=self.dist)
         else:
-            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
-                                     dist=self.dist)
+            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=speed, dist=self.dist)
         self.step = 0
         if resume:
             self._resume()
@@ -160,12 +161,18 @@ class Trainer:
     def _prepare_data(self) -> None:
         """Tokenizer and token shards (rank 0 builds them, the others wait and read), the saved config."""
         cfg = self.cfg
+        data_cfg = cfg.data
+        if cfg.train.init_from and data_cfg.tokenizer == "train":  # the starting model's own tokenizer
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=cfg.train.init_from)
         if self.main:
-            prepare_data(cfg.data, self.out, progress=self.progress, log=self.log)
+            prepare_data(data_cfg, self.out, progress=self.progress, log=self.log)
         self._barrier()
-        tok, self.tok_dir, data_dir = prepare_data(cfg.data, self.out, progress=False, log=lambda m: None)
+        tok, self.tok_dir, data_dir = prepare_data(data_cfg, self.out, progress=False, log=lambda m: None)
         self.data = PackedDataset(data_dir, cfg.train.seq_len)
         self.model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
+        if self.model_cfg.vocab_size < tok.vocab_size:
+            raise ConfigError(f"train.init_from: the model's vocabulary ({self.model_cfg.vocab_size}) is smaller "
+                              f"than the tokenizer's ({tok.vocab_size})")
         if self.main:
             cfg.save(self.out, self.model_cfg)
 
@@ -177,7 +184,15 @@ class Trainer:
         random.seed(t.seed)
         model = Transformer(self.model_cfg)
         model.init_weights(seed=t.seed)
+        if t.init_from:
+            from nanoseek.hf import load
+
+            model.load_state_dict(load(t.init_from, dtype=torch.float32).state_dict())
+            self.log(f"weights from {t.init_from} (train.init_from; the model config is its config.json)")
         self.n_params = model.num_params()
+        self.n_trained = dsa.apply_stage(model, cfg.dsa)
+        if cfg.dsa.stage != "off":
+            self.log(f"V3.2 indexer training, stage {cfg.dsa.stage}: {self.n_trained:,} trained parameters")
         model.to(self.device)
         if cfg.fp8.enabled:
             from nanoseek.train.fp8 import enable_fp8
@@ -254,7 +269,11 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
         with amp:
             out = self.model.forward_train(*batch, mtp_weight=cfg.mtp.loss_weight, aux_alpha=cfg.moe.seq_aux_alpha)
-        return out.loss, {"loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+        metrics = {"loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+        if cfg.dsa.stage == "off":
+            return out.loss, metrics
+        loss, kl = dsa.stage_loss(self.model, out.loss, cfg.dsa)
+        return loss, {**metrics, "indexer_kl": kl}
 
     # ------------------------------------------------------------------ checkpoints and exports
     def _full_model(self):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.attention import MLA
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import GroupedExperts, MoE
 from nanoseek.model.transformer import Block, MTPModule
@@ -219,6 +220,8 @@ class _DecodeInKernel:
     def _decode(self, x, cos, sin, cache, layer):
         K = max(1, self.self_attn.cfg.num_experts_per_tok)
         if x.shape[0] * x.shape[1] * K > KERNEL_ASSIGNMENTS or not hasattr(cache, "kernel_cache"):
+            return None
+        if type(self.self_attn) is not MLA:  # the C++ block is dense MLA (V3.2's SparseMLA runs in torch)
             return None
         if not kernels.usable(x, cos):
             return None
