@@ -106,6 +106,17 @@ def main() -> None:
         report["replica_divergence"] = replica_divergence(replicas, dist)
         report["replicated_experts"] = int((replicas.placement.logcnt > 1).sum())
         report["phy2log"] = replicas.placement.phy2log.tolist()
+        # Rows each physical slot computed in the last forward, over the EP group: a hot expert's replicas
+        # must all have served tokens, evenly (round-robin: within one row per source rank).
+        spread, least = 0, None
+        for layer, moe in enumerate(model.moe_layers()):
+            parts = [torch.empty_like(moe.last_slot_counts) for _ in range(dist.ep)]
+            torch.distributed.all_gather(parts, moe.last_slot_counts.contiguous(), group=dist.ep_group)
+            per_slot = torch.cat(parts)
+            for e in torch.nonzero(replicas.placement.logcnt[layer] > 1).flatten().tolist():
+                c = per_slot[[p for p in replicas.placement.log2phy[layer, e].tolist() if p >= 0]]
+                spread, least = max(spread, int(c.max() - c.min())), min(least or 10**9, int(c.min()))
+        report["replica_token_spread"], report["replica_min_tokens"] = spread, least
     state, optim = par.gather_full_state(model, opt, dist)
     # Round trip: scramble parameters and moments, load the gathered state back, gather again.
     with torch.no_grad():

@@ -91,6 +91,40 @@ def test_fsdp_data_parallel_matches_single_process(single, tmp_path):
     _assert_same_run(single, got)
 
 
+# ----------------------------------------------------------------------------- redundant experts (EPLB)
+REPLICAS = ("--redundant", "2", "--rebalance-every", "2")
+
+
+def _assert_replicas_exact(ref: tuple[dict, dict], got: tuple[dict, dict], ep: int) -> None:
+    """Replicated experts change which rank computes a token, not the result: the losses, grad norms,
+    the first step's full gradients (to 1e-5) and the final weights of the run without replicas."""
+    _assert_same_run(ref, got)
+    (g, gs), (_, rs) = got, ref
+    assert g["rebalances"] == 2 and g["replicated_experts"] > 0
+    assert g["replica_divergence"] == 0.0, "the copies of an expert drifted apart"
+    assert g["replica_min_tokens"] > 0 and g["replica_token_spread"] <= ep, "a hot expert's tokens were not split"
+    assert g["state_shapes"]["layers.1.mlp.experts.gate_up_proj"][0] == 8  # logical layout in the state
+    grads = [k for k in rs if k.startswith("grad/")]
+    assert any("experts.down_proj" in k for k in grads)
+    for k in grads:
+        torch.testing.assert_close(gs[k], rs[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_redundant_experts_match_single_process(single, tmp_path):
+    """EP=2 with 2 redundant experts per MoE layer (5 slots per rank), EPLB re-placing them every 2 steps
+    from the measured loads, against one process without replicas."""
+    _assert_replicas_exact(single, _worker(tmp_path, "ep2_red", 2, "--ep", "2", *REPLICAS), ep=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [(), ("--no-fsdp",)], ids=["sharded", "replicated"])
+def test_redundant_experts_with_expert_data_parallel(single, tmp_path, flags):
+    """4 ranks, EP=2: the expert slots are also FSDP-sharded (or replicated) over 2 expert data-parallel
+    ranks, so a replica's rows sit on different shards."""
+    got = _worker(tmp_path, "dp2ep2_red", 4, "--ep", "2", *REPLICAS, *flags)
+    _assert_replicas_exact(single, got, ep=2)
+
+
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -182,3 +216,37 @@ def test_cli_resume_of_a_two_process_run_is_exact(tmp_path):
         for ma, mb in zip(ref, got):
             for key, rel in (("loss", LOSS_REL), ("mtp_loss", LOSS_REL), ("lr", LOSS_REL), ("grad_norm", norm_rel)):
                 assert mb[key] == pytest.approx(ma[key], rel=rel), (name, key, ma, mb)
+
+
+@pytest.mark.slow
+def test_cli_resume_between_runs_with_and_without_redundant_experts(tmp_path):
+    """Checkpoints hold logical experts: a 2-process run with redundant experts (re-placed every 2 steps)
+    resumes with its placement (exact), into EP without replicas and into one process; and a run without
+    replicas resumes into one with them. Each gives the uninterrupted run's remaining steps."""
+    common = ["--config", "configs/tiny.toml", "--set", "train.steps=6", "--set", "train.log_every=1",
+              "--set", "train.save_every=3", "--set", "train.dtype=fp32", "--set", "data.n_docs=600"]
+    rep = ["--set", "parallel.ep=2", "--set", "parallel.redundant_experts=2", "--set", "parallel.eplb_interval=2"]
+    plain = ["--set", "parallel.ep=2"]
+    two = [*_torchrun(2), "--no-python"]
+    runs = {"replicas": rep, "plain": plain}
+    ref = {}
+    for name, flags in runs.items():
+        full = tmp_path / f"full_{name}"
+        _run([*two, _nanoseek(), "train", "--out", str(full), *flags, *common])
+        ref[name] = _metrics(full / "metrics.jsonl")
+        assert [m["step"] for m in ref[name]] == list(range(1, 7))
+    state = json.loads((tmp_path / "full_replicas" / "checkpoints" / "step_0000003" / "train_state.json").read_text())
+    assert len(state["eplb"]["phy2log"][0]) == 8 + 2 and state["eplb"]["steps_in_window"] == 1
+    cases = [("replicas", "same", two, rep, LOSS_REL), ("replicas", "plain", two, plain, 1e-5),
+             ("replicas", "one", [], [], 1e-5), ("plain", "replicas", two, rep, 1e-5)]
+    for src, name, head, flags, rel in cases:
+        out = tmp_path / f"{src}_to_{name}"
+        shutil.copytree(tmp_path / f"full_{src}", out)  # as if the run had died right after the step-3 checkpoint
+        shutil.rmtree(out / "checkpoints" / "step_0000006")
+        shutil.rmtree(out / "final")
+        _run([*head, _nanoseek(), "train", "--out", str(out), "--resume", *flags, *common])
+        got = _metrics(out / "metrics.jsonl")
+        assert [m["step"] for m in got] == list(range(1, 7)), name
+        for ma, mb in zip(ref[src], got):
+            for key in ("loss", "mtp_loss", "lr", "grad_norm"):
+                assert mb[key] == pytest.approx(ma[key], rel=rel), (src, name, key, ma, mb)

@@ -311,7 +311,9 @@ def initial_placement(num_layers: int, num_experts: int, num_ranks: int, num_red
     logcnt = torch.bincount(phy2log, minlength=E)
     log2phy = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
     seen = [0] * E
-    for p, e in enumerate(phy2log.tolist()):  # replica 0 is the original, the copies follow in slot order
+    originals = [p for p in range(E + R) if p % (El + Rl) < El]
+    for p in originals + [p for p in range(E + R) if p % (El + Rl) >= El]:  # replica 0 is the original
+        e = int(phy2log[p])
         log2phy[e, seen[e]] = p
         seen[e] += 1
     L = num_layers

@@ -145,6 +145,7 @@ class ExpertParallelMoE(MoE):
     replicas = None        # ExpertReplicas shared by the model's MoE layers, or None (one copy per expert)
     layer_index = 0        # this layer's row in the placement
     last_received = 0      # (token, expert) rows this rank's experts computed in the last forward
+    last_slot_counts = None  # [n_local] of those rows per local slot (a device tensor)
 
     def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         ep, S = self.ep, self.n_local
@@ -164,7 +165,7 @@ class ExpertParallelMoE(MoE):
         send = counts_RS.sum(1).tolist()
         recv = recv_counts_RS.sum(1).tolist()
         x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.ep_group, float(ep))
-        self.last_received = x_recv.shape[0]
+        self.last_received, self.last_slot_counts = x_recv.shape[0], recv_counts_RS.sum(0)
         # Received rows are ordered (source rank, local slot); the experts want them by local slot.
         local_e = torch.repeat_interleave(torch.arange(S, device=x_ND.device).repeat(ep),
                                           recv_counts_RS.flatten(), output_size=x_recv.shape[0])
