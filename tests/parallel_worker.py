@@ -51,7 +51,10 @@ def main() -> None:
     par.parallelize(model, run_cfg, dist)
     compute_dtypes = set()  # the dtype of a projection's weight as its forward runs (FSDP2 unshards it then)
     probe = next(m for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear))
-    hook = probe.register_forward_pre_hook(lambda mod, inputs: compute_dtypes.add(str(mod.weight.dtype)))
+    hooks = [probe.register_forward_pre_hook(lambda mod, inputs: compute_dtypes.add(str(mod.weight.dtype)))]
+    router_dtypes = set()  # the routers stay fp32 under FSDP2 mixed precision
+    hooks += [m.gate.register_forward_pre_hook(lambda mod, inputs: router_dtypes.add(str(mod.weight.dtype)))
+              for m in model.moe_layers()]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1234)
     rows = args.batch // dist.world
@@ -98,8 +101,11 @@ def main() -> None:
     bias = torch.cat([m.gate.e_score_correction_bias for m in model.moe_layers()])
     spread = par.all_reduce_sum((bias - par.all_reduce_mean(bias.clone(), dist)).abs().sum(), dist)
     report["bias_spread"] = spread.item()
-    hook.remove()
-    report["compute_dtypes"] = sorted(compute_dtypes)
+    for h in hooks:
+        h.remove()
+    report["compute_dtypes"], report["router_dtypes"] = sorted(compute_dtypes), sorted(router_dtypes)
+    policy = getattr(getattr(model.layers[0], "_get_fsdp_state", lambda: None)(), "_mp_policy", None)
+    report["fsdp_reduce_dtype"] = str(policy.reduce_dtype) if policy is not None else None
     if replicas is not None:
         from nanoseek.train.expert_replicas import replica_divergence
 
