@@ -64,7 +64,7 @@ def main() -> None:
     replicas = dist.replicas if dist.world > 1 else None
     first_grads: dict = {}
     model.train()
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     for step in range(args.steps):
         data = torch.randint(0, V, (args.batch, args.seq + 1), generator=gen)
         mine = data[dist.rank * rows:(dist.rank + 1) * rows].to(dist.device)
