@@ -133,24 +133,33 @@ def _nanoseek() -> str:
     return shutil.which("nanoseek", path=str(BIN)) or str(BIN / "nanoseek")
 
 
-def _cli_pair(tmp_path: Path, *flags: str, steps: int = 4) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl of `nanoseek train` on configs/tiny.toml in one process and under torchrun with 2."""
+def _cli_pair(tmp_path: Path, *flags: str, steps: int = 4, two: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl of `nanoseek train` on configs/tiny.toml in one process and under torchrun with 2
+    (`two`: extra flags for the 2-process run only)."""
     common = ["--config", "configs/tiny.toml", "--set", f"train.steps={steps}", "--set", "train.log_every=1",
               "--set", "train.save_every=0", *flags]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, out2 = tmp_path / "one", tmp_path / "two"
     _run([_nanoseek(), "train", "--out", str(one), *common])
-    _run([*_torchrun(2), "--no-python", _nanoseek(), "train", "--out", str(two), "--set", "parallel.ep=2", *common])
-    a, b = _metrics(one / "metrics.jsonl"), _metrics(two / "metrics.jsonl")
+    _run([*_torchrun(2), "--no-python", _nanoseek(), "train", "--out", str(out2), "--set", "parallel.ep=2", *two, *common])
+    a, b = _metrics(one / "metrics.jsonl"), _metrics(out2 / "metrics.jsonl")
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, steps + 1))
     return a, b
 
 
 def test_cli_torchrun_ep2_matches_single_process(tmp_path):
+    """The 2-process run also serves 2 redundant experts, re-placed by EPLB after steps 2 and 4 (the
+    trainer's path: loads from the balancer, weights and AdamW moments moved): still the one-process run."""
     # train.dtype pinned: "auto" picks bf16 autocast on CPUs with fast bf16, and the claim is about fp32.
-    a, b = _cli_pair(tmp_path, "--set", "train.dtype=fp32")
+    a, b = _cli_pair(tmp_path, "--set", "train.dtype=fp32",
+                     two=("--set", "parallel.redundant_experts=2", "--set", "parallel.eplb_interval=2"))
     for ma, mb in zip(a, b):
         assert mb["loss"] == pytest.approx(ma["loss"], rel=LOSS_REL), (ma, mb)
         assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=LOSS_REL), (ma, mb)
+    from nanoseek.train.eplb import initial_placement
+
+    eplb = json.loads((tmp_path / "two" / "checkpoints" / "step_0000004" / "train_state.json").read_text())["eplb"]
+    assert eplb["steps_in_window"] == 0 and len(eplb["phy2log"][0]) == 10  # 8 experts + 2 copies, 5 per rank
+    assert eplb["phy2log"] != initial_placement(len(eplb["phy2log"]), 8, 2, 2).phy2log.tolist()  # re-placed
 
 
 # ----------------------------------------------------------------------------- slow: more layouts (make test-slow)
@@ -253,6 +262,28 @@ def test_cli_resume_between_runs_with_and_without_redundant_experts(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bf16: FSDP2 mixed precision
+def test_mixed_precision_policy_follows_the_run_dtype():
+    from types import SimpleNamespace
+
+    from nanoseek.config import ConfigError
+    from nanoseek.train.config import load_run_config
+    from nanoseek.train.parallel import Dist, _param_dtype, mixed_precision_policies
+
+    cpu = Dist()
+    run = lambda dtype: SimpleNamespace(train=SimpleNamespace(dtype=dtype))  # noqa: E731
+    assert _param_dtype(run("bf16"), cpu) == torch.bfloat16 and _param_dtype(run("fp32"), cpu) is None
+    assert mixed_precision_policies(None) == (None, None)
+    model_mp, router_mp = mixed_precision_policies(torch.bfloat16)
+    assert (model_mp.param_dtype, model_mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert router_mp.param_dtype == torch.float32
+    for sets, message in ((["parallel.redundant_experts=2"], "needs parallel.ep > 1"),
+                          (["parallel.ep=2", "parallel.redundant_experts=3"], "must be a multiple of it"),
+                          (["parallel.ep=2", "parallel.eplb_interval=5"], "set parallel.redundant_experts too"),
+                          (["parallel.ep=2", "parallel.pp=2", "parallel.redundant_experts=2"], "pipeline parallelism")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(ROOT / "configs" / "tiny.toml", sets)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", [1, 2], ids=["fsdp2", "ep2"])
 def test_bf16_fsdp_mixed_precision_tracks_one_bf16_process(tmp_path, ep):
