@@ -88,6 +88,12 @@ class ExpertReplicas:
         self._local = placement.phy2log[:, self.ep_rank * S:(self.ep_rank + 1) * S].to(dev)  # [L, S] logical ids
         self._first = placement.log2phy[:, :, 0].to(dev)  # [L, E] replica 0 of each expert
         self._hot = [torch.nonzero(placement.logcnt[layer] > 1).flatten().tolist() for layer in range(len(self.moes))]
+        # Per layer: each local slot's row in that layer's buffer of replicated experts, -1 for a single copy.
+        self._slot_pos = []
+        for layer, hot in enumerate(self._hot):
+            pos = torch.full((self.num_experts,), -1, dtype=torch.long)
+            pos[hot] = torch.arange(len(hot))
+            self._slot_pos.append(pos.to(dev)[self._local[layer]])
 
     @property
     def slots_per_rank(self) -> int:
@@ -129,9 +135,7 @@ class ExpertReplicas:
             if p.grad is None:  # never used on any rank this step: a zero gradient, as its replicas get
                 p.grad = torch.zeros_like(p)
             g, row0, copies = _local_rows(p.grad)
-            pos = torch.full((self.num_experts,), -1, dtype=torch.long, device=g.device)
-            pos[torch.tensor(hot, device=g.device)] = torch.arange(len(hot), device=g.device)
-            slot_pos = pos[self._local[layer][row0:row0 + g.shape[0]].to(g.device)]
+            slot_pos = self._slot_pos[layer][row0:row0 + g.shape[0]].to(g.device)
             rows = torch.nonzero(slot_pos >= 0).flatten()
             buf = g.new_zeros((len(hot), *g.shape[1:]), dtype=torch.float32)
             # A slot replicated over `copies` expert data-parallel ranks holds the same averaged gradient there.
