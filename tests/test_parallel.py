@@ -195,11 +195,13 @@ def test_fp8_multi_process_stays_within_fp8_noise_of_one_process(tmp_path, ep):
 
 @pytest.mark.slow
 def test_cli_torchrun_ep2_under_bf16_autocast(tmp_path):
-    """bf16 autocast rounds each rank's matmuls on its own rows: not bit-exact, measured <= 2e-5 relative."""
+    """train.dtype=bf16: one process runs bf16 autocast on fp32 weights, two run FSDP2 mixed precision (bf16
+    parameters; the experts, one copy per rank and outside FSDP here, under autocast). They round
+    differently: measured up to 1.4e-4 relative on the losses over 4 steps (2e-5 with autocast on both)."""
     a, b = _cli_pair(tmp_path, "--set", "train.dtype=bf16")
     for ma, mb in zip(a, b):
-        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4), (ma, mb)
-        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=1e-4), (ma, mb)
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-3), (ma, mb)
+        assert mb["mtp_loss"] == pytest.approx(ma["mtp_loss"], rel=1e-3), (ma, mb)
 
 
 @pytest.mark.slow
