@@ -179,7 +179,7 @@ class ExpertReplicas:
     def rebalance(self, model: nn.Module, opt: torch.optim.Optimizer | None, dist) -> ExpertPlacement:
         """EPLB on the window's loads, then every expert weight and its AdamW moments moved into the new
         slots. Collective over the EP group (and the FSDP mesh); the window starts again."""
-        from nanoseek.train.parallel import _gather, _scatter
+        from nanoseek.train.full_state import _gather, _scatter
 
         new = eplb_rebalance(self.window, self.ep, self.redundant)
         params = dict(model.named_parameters())
