@@ -83,6 +83,8 @@ class ParallelConfig:
     pp_microbatches: int = 0     # per step and data-parallel rank; 0 = batch / micro_batch_size, or the stages
     pp_virtual_stages: int = 0   # stages per pipeline rank; 0 = the schedule's (1 for 1F1B, else 2)
     pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage; [] = as even as possible
+    redundant_experts: int = 0   # EPLB: extra expert replicas per MoE layer over the EP group (a multiple of ep)
+    eplb_interval: int = 0       # re-place the replicas by EPLB every N steps from the measured loads; 0 = never
 
 
 @dataclass
@@ -174,7 +176,18 @@ class RunConfig:
         need(self.moe.bias_update_speed >= 0, f"moe.bias_update_speed must be >= 0, got {self.moe.bias_update_speed}")
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
-        need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        par = self.parallel
+        need(par.ep >= 1, f"parallel.ep must be >= 1, got {par.ep}")
+        need(par.redundant_experts >= 0 and par.eplb_interval >= 0,
+             f"parallel.redundant_experts and parallel.eplb_interval must be >= 0, got {par.redundant_experts}, "
+             f"{par.eplb_interval}")
+        need(par.redundant_experts == 0 or (par.ep > 1 and par.redundant_experts % par.ep == 0),
+             f"parallel.redundant_experts={par.redundant_experts} needs parallel.ep > 1 and must be a multiple of "
+             f"it (every EP rank holds as many expert slots), got ep={par.ep}")
+        need(par.redundant_experts == 0 or par.pp == 1,
+             "parallel.redundant_experts is not supported with pipeline parallelism (parallel.pp > 1) yet")
+        need(par.eplb_interval == 0 or par.redundant_experts > 0,
+             "parallel.eplb_interval re-places redundant experts: set parallel.redundant_experts too")
         from nanoseek.train.pipeline_plan import check_config
 
         check_config(self)  # schedule name, stages per rank, layer plan

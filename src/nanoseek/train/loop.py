@@ -234,6 +234,11 @@ class Trainer:
         if self.dist.world > 1:
             from nanoseek.train.parallel import load_full_state
 
+            replicas = getattr(self.dist, "replicas", None)
+            # Checkpoints hold logical experts; the placement only says which slots serve which tokens.
+            if replicas is not None and not replicas.load_state_dict(state.get("eplb") or {}):
+                self.log("the checkpoint has no placement for this layout of redundant experts: starting from "
+                         "the initial placement")
             load_full_state(self.model, opt, model_state, optim_state, self.dist)
         else:
             self.model.load_state_dict(model_state)
@@ -295,6 +300,8 @@ class Trainer:
                  "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
                  "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
                  "run_config": self.cfg.to_dict()}
+        if getattr(self.dist, "replicas", None) is not None:
+            state["eplb"] = self.dist.replicas.state_dict()
         if self.pipe is not None:  # every stage writes its own shard
             from nanoseek.train import pipeline_state
 
@@ -359,6 +366,7 @@ class Trainer:
             for step in range(self.step, t.steps):
                 rec = self.train_step(step)
                 self.step = done = step + 1
+                self._eplb(done)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 if done == 1 or done % t.log_every == 0 or done == t.steps:
@@ -375,6 +383,23 @@ class Trainer:
         if self.main:
             self.plots()
 
+    def _eplb(self, done: int) -> None:
+        """Redundant experts: add the step's loads to the window; every parallel.eplb_interval steps, EPLB
+        re-places the replicas (nanoseek.train.expert_replicas)."""
+        replicas = getattr(self.dist, "replicas", None)
+        if replicas is None or self.stepper.balancer.last_loads is None:
+            return
+        replicas.observe(self.stepper.balancer.last_loads)
+        if replicas.due(done):
+            from nanoseek.train.eplb import imbalance
+
+            window, old = replicas.window.clone(), replicas.placement
+            new = replicas.rebalance(self.model, self.stepper.opt, self.dist)
+            self.log(f"step {done}: EPLB re-placed {replicas.redundant} redundant experts; on the last "
+                     f"{replicas.interval} steps' loads, max/mean tokens per EP rank "
+                     f"{float(imbalance(old.rank_loads(window)).mean()):.3f} -> "
+                     f"{float(imbalance(new.rank_loads(window)).mean()):.3f}")
+
     def _log_step(self, done: int, rec: dict, logger: MetricsLogger | None) -> dict:
         """The step's metrics.jsonl record: the step's own, throughput since the last log, MFU."""
         tps = self.stepper.throughput()
@@ -386,11 +411,18 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or continue) a pretraining run; returns DIR/final. Raises NonFiniteLoss, ConfigError, TrainingError."""
-    trainer = Trainer(cfg, out_dir, progress=progress)
-    trainer.setup(resume)
-    if trainer.step >= cfg.train.steps and (Path(out_dir) / "final" / "config.json").exists():
-        trainer.log(f"the run is already complete ({trainer.step} steps)")
+    """Run (or continue) a pretraining run; returns DIR/final. Raises NonFiniteLoss, ConfigError, TrainingError.
+    Under torchrun the process group is destroyed on the way out, whether the run finished or raised."""
+    try:
+        trainer = Trainer(cfg, out_dir, progress=progress)
+        trainer.setup(resume)
+        if trainer.step >= cfg.train.steps and (Path(out_dir) / "final" / "config.json").exists():
+            trainer.log(f"the run is already complete ({trainer.step} steps)")
+            return Path(out_dir) / "final"
+        trainer.run()
         return Path(out_dir) / "final"
-    trainer.run()
-    return Path(out_dir) / "final"
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from nanoseek.train.parallel import destroy
+
+            destroy()
