@@ -12,6 +12,13 @@ counts, the grammar matcher) lives on the engine's Request. Speculative decoding
 the position after a drafted token: `process(..., after=drafts)` treats each row's draft as already
 emitted (counts + 1, the matcher advanced by it and rolled back) without changing any state.
 
+Closing in time: a grammar row that nears its max_tokens would end as cut-off JSON (a weak or random
+model can write one string forever). In its last CLOSE_RESERVE tokens the row is steered to finish: while
+it still reasons, towards the trigger (`</think>`); then, among the tokens the grammar allows, towards EOS,
+then `"` (ends a string; at a value position starts the shortest one), then `}` / `]`, then `0` (the
+shortest number). A schema's own bounds still hold (the mask comes after); a deep required structure may
+still need more tokens than the reserve.
+
 Log-probabilities returned to clients are those of the raw model distribution (before any of this), as
 vLLM reports them by default: `raw_logprobs` computes them and their top-k.
 """
@@ -26,6 +33,9 @@ import torch
 from nanoseek.infer.sampling import SamplingParams, device_tensor
 
 
+CLOSE_RESERVE = 16  # tokens before max_tokens at which a grammar row is steered to finish
+
+
 @dataclass
 class LogitsState:
     """What one request's processing needs between steps (engine-private, made at submit time)."""
@@ -35,6 +45,9 @@ class LogitsState:
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     counts: torch.Tensor | None = None  # [V] float32: how often each token was generated (penalties only)
+    emitted: int = 0
+    closers: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, bias) that finish the JSON soonest
+    openers: tuple[torch.Tensor, torch.Tensor] | None = None  # (trigger ids, bias): end the reasoning
 
     @classmethod
     def make(cls, params: SamplingParams, vocab_size: int, device: torch.device, matcher=None) -> "LogitsState":
@@ -45,7 +58,27 @@ class LogitsState:
             st.bias_values = device_tensor([float(params.logit_bias[i]) for i in ids], torch.float32, device)
         if params.penalized:
             st.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if matcher is not None:
+            gt = matcher.tokenizer
+            pairs = [(e, 4e4) for e in gt.eos_token_ids]
+            pairs += [(i, b) for c, b in (('"', 3e4), ("}", 2e4), ("]", 2e4), ("0", 1e4))
+                      if (i := gt.token_id(c)) is not None]
+            st.closers = (device_tensor([i for i, _ in pairs], torch.long, device),
+                          device_tensor([b for _, b in pairs], torch.float32, device))
+            if matcher.trigger_ids:
+                ids = sorted(matcher.trigger_ids)
+                st.openers = (device_tensor(ids, torch.long, device), device_tensor([4e4] * len(ids), torch.float32, device))
         return st
+
+    def steering(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The close-out bias for this step, or None (see the module docstring)."""
+        m = self.matcher
+        if m is None or m.error is not None:
+            return None
+        reserve = min(CLOSE_RESERVE, max(1, self.params.max_tokens // 2))
+        if self.params.max_tokens - self.emitted > reserve:
+            return None
+        return self.closers if m.active else self.openers
 
     @property
     def active(self) -> bool:
@@ -53,6 +86,7 @@ class LogitsState:
 
     def observe(self, tokens: Sequence[int]) -> bool:
         """Record emitted tokens; False when the grammar refuses one (the request must then end)."""
+        self.emitted += len(tokens)
         if self.counts is not None and tokens:
             idx = device_tensor(list(tokens), torch.long, self.counts.device)
             self.counts.index_add_(0, idx, torch.ones(len(tokens), device=self.counts.device))
@@ -73,11 +107,12 @@ def process(logits: torch.Tensor, states: Sequence[LogitsState | None],
     if not rows:
         return logits
     dev = logits.device
-    biased = [i for i in rows if states[i].bias_ids is not None]
-    if biased:
-        r = torch.cat([torch.full_like(states[i].bias_ids, i) for i in biased])
-        c = torch.cat([states[i].bias_ids for i in biased])
-        v = torch.cat([states[i].bias_values for i in biased]).to(logits.dtype)
+    biases = [(i, (states[i].bias_ids, states[i].bias_values)) for i in rows if states[i].bias_ids is not None]
+    biases += [(i, st) for i in rows if (st := states[i].steering()) is not None]
+    if biases:
+        r = torch.cat([torch.full_like(ids, i) for i, (ids, _) in biases])
+        c = torch.cat([ids for _, (ids, _) in biases])
+        v = torch.cat([vals for _, (_, vals) in biases]).to(logits.dtype)
         logits.index_put_((r, c), v, accumulate=True)
     penalized = [i for i in rows if states[i].counts is not None]
     if penalized:
