@@ -14,6 +14,7 @@ BENCHMARKS = [
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
+    ("bench_serve", "serving: structured-output overhead per generated token at batch 1 and 16"),
 ]
 
 
