@@ -81,6 +81,11 @@ def test_required_tool_call(client):
         assert call.type == "function" and call.id.startswith("call_")
         schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
         jsonschema.validate(json.loads(call.function.arguments), schema)
+    # the reply sent back as the client library dumps it, with the tool's result: accepted and rendered
+    history = [{"role": "user", "content": "Weather in Paris?"}, c.message.model_dump(exclude_none=True),
+               *[{"role": "tool", "tool_call_id": t.id, "content": '{"ok": true}'} for t in c.message.tool_calls]]
+    again = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER, TIME], max_tokens=4)
+    assert again.usage.prompt_tokens > r.usage.prompt_tokens
 
 
 def test_named_tool_call_streamed_equals_plain(client):
