@@ -24,7 +24,7 @@ from nanoseek.data.special_tokens import TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN
 from nanoseek.infer.grammar import GrammarError, Matcher, response_format_grammar
 from nanoseek.infer.text import TextError
 from nanoseek.infer.tools import resolve_tool_choice, tool_call_grammar, validate_tools
-from nanoseek.serve.generation import (APIError, Plan, chat_logprobs, merged, parse, read_body, run_to_end, sse,
+from nanoseek.serve.generation import (APIError, Plan, chat_logprobs, merged, read_request, run_to_end, sse,
                                        start, usage)
 from nanoseek.serve.protocol import ChatCompletionRequest, new_id, now
 
@@ -33,11 +33,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    state = request.app.state.nanoseek
-    started = time.perf_counter()
-    raw = await read_body(request, state.max_body_bytes)
-    body = await state.blocking(parse, raw, ChatCompletionRequest)
-    state.check_model(body.model)
+    state, body, started = await read_request(request, ChatCompletionRequest)
     _early_length_check(state, body)
     plan = await state.blocking(chat_plan, state, body)
     choices = start(state, plan, body)

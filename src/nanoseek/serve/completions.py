@@ -19,7 +19,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from nanoseek.serve.generation import (APIError, Plan, cancel, completion_logprobs, merged, parse, read_body,
+from nanoseek.serve.generation import (APIError, Plan, cancel, completion_logprobs, merged, read_request,
                                        run_to_end, sse, start, usage)
 from nanoseek.serve.protocol import CompletionRequest, new_id, now
 
@@ -33,11 +33,7 @@ FIM_TOKENS = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 
 @router.post("/v1/completions")
 async def completions(request: Request):
-    state = request.app.state.nanoseek
-    started = time.perf_counter()
-    raw = await read_body(request, state.max_body_bytes)
-    body = await state.blocking(parse, raw, CompletionRequest)
-    state.check_model(body.model)
+    state, body, started = await read_request(request, CompletionRequest)
     for p in body.prompts:
         text = p if isinstance(p, str) else ""
         if (len(text) + len(body.suffix or "")) // state.tokenizer.max_token_bytes > state.engine.max_len:

@@ -56,6 +56,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_request(request: Request, model: type[BaseModel]):
+    """(server state, validated body, arrival time) of a generating request: the body read under the size
+    limit, parsed on a worker thread, and its model checked."""
+    state = request.app.state.nanoseek
+    started = time.perf_counter()
+    raw = await read_body(request, state.max_body_bytes)
+    body = await state.blocking(parse, raw, model)
+    state.check_model(body.model)
+    return state, body, started
+
+
 def validation_error(errors: list) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
