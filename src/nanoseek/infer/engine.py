@@ -60,9 +60,8 @@ class Completion:
 
 # on_event(request, new_token_ids, finished): called on the engine thread after every step that
 # emits tokens for the request, and once more with finished=True (possibly with no new tokens). Their
-# log-probabilities, when asked for, are the last len(new_token_ids) entries of request.logprobs (and
-# request.top_logprobs) during the call. An exception raised by it fails that request only (finish_reason
-# "error", the message in request.error); the engine goes on with the others.
+# logprobs are the last len(new_token_ids) entries of request.logprobs / .top_logprobs during the call. An
+# exception in it fails that request only (finish_reason "error", request.error says why).
 EventFn = Callable[["Request", list[int], bool], None]
 
 
@@ -167,9 +166,8 @@ class Engine:
                *, bounded: bool = True, matcher=None) -> Request:
         """Queue a request (raises EngineError for a bad one, QueueFull when the queue is at its bound).
 
-        `matcher` (a nanoseek.infer.grammar.Matcher, fresh for this request) constrains its output; its
-        EOS ids should be among params.stop_token_ids.
-        """
+        `matcher` (a fresh nanoseek.infer.grammar.Matcher) constrains the output; its EOS ids should be
+        among params.stop_token_ids."""
         prompt = [int(t) for t in prompt]
         self.validate(prompt, params)
         V = self.config.vocab_size
@@ -257,9 +255,7 @@ class Engine:
         return len(self._free_slots)
 
     def cache_metrics(self) -> dict[str, float]:
-        """Gauges of the cache for /metrics, from the cache's own `metrics()` when it has one (the paged
-        cache reports e.g. blocks_used, blocks_total, prefix_hit_tokens, prefix_query_tokens); names map
-        to `nanoseek_cache_<name>` (nanoseek.serve.metrics)."""
+        """The cache's own `metrics()` dict for /metrics, when it has one (nanoseek.serve.metrics says how)."""
         fn = getattr(self.cache, "metrics", None)
         return dict(fn()) if callable(fn) else {}
 
@@ -411,18 +407,14 @@ class Engine:
         on the device, and per row the raw log-probability and top alternatives when any row asks for them."""
         params = [r.params for r in reqs]
         want = any(p.logprobs for p in params)
-        lp = tops = None
-        if want:
-            k = max(p.top_logprobs for p in params)
-            lp, top_ids, top_vals = raw_logprobs(logits, k)
-        process(logits, [r.logits_state for r in reqs])
-        tokens = sample(logits, params, [r.generator for r in reqs])
+        if want:  # the raw distribution, before processing changes the logits in place
+            lp, top_ids, top_vals = raw_logprobs(logits, max(p.top_logprobs for p in params))
+        tokens = sample(process(logits, [r.logits_state for r in reqs]), params, [r.generator for r in reqs])
         if not want:
             return tokens, [0.0] * len(reqs), None
-        chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
-        if top_ids is not None:
-            tops = [[list(zip(i, v))[: p.top_logprobs]] for i, v, p in zip(top_ids.tolist(), top_vals.tolist(), params)]
-        return tokens, chosen, tops
+        tops = None if top_ids is None else [[list(zip(i, v))[: p.top_logprobs]] for i, v, p in
+                                              zip(top_ids.tolist(), top_vals.tolist(), params)]
+        return tokens, lp.gather(-1, tokens[:, None])[:, 0].tolist(), tops
 
     def _prefill(self, reqs: list[Request]) -> None:
         lens = [len(r.prompt) for r in reqs]

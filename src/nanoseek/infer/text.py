@@ -24,8 +24,10 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 
-from nanoseek.data.chat_template import ChatFormatError, Segment, encode_segments, register_filters, render_chat
-from nanoseek.data.tokenizer import CHAT_TEMPLATE, END_THINK, THINK, load_tokenizer
+from nanoseek.data.chat_template import (ChatFormatError, Segment, encode_segments, register_filters, render_chat,
+                                         thinking_option)
+from nanoseek.data.tokenizer import (CHAT_TEMPLATE, END_THINK, THINK, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN,
+                                     load_tokenizer)
 
 class TextError(ValueError):
     """A chat the template cannot render, or a tokenizer directory we cannot read; `param` names the field."""
@@ -177,6 +179,18 @@ class ChatTokenizer:
             # where no request string is left to tell apart (the whole text counts as markup).
             return [Segment(self.render(messages, tools=tools, thinking=thinking), True)]
         return [s for s in segments if s.text]
+
+    def thinking(self, thinking: object = None, chat_template_kwargs: object = None) -> bool:
+        """Thinking on or off from a request (nanoseek.data.chat_template.thinking_option); TextError if malformed."""
+        try:
+            return thinking_option(thinking, chat_template_kwargs)
+        except ChatFormatError as e:
+            raise TextError(str(e), e.param) from None
+
+    @property
+    def call_opening_ids(self) -> list[int]:
+        """The tokens that open a tool call (banned when tool_choice is "none"); empty without tool tokens."""
+        return [self.tool_ids[t] for t in (TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN) if t in self.tool_ids]
 
     def stream(self, think_opened: bool = False, stop: list[str] | None = None,
                split_reasoning: bool = True) -> "TextStream":

@@ -19,8 +19,6 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from nanoseek.data.chat_template import ChatFormatError, thinking_option
-from nanoseek.data.special_tokens import TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN
 from nanoseek.infer.grammar import GrammarError, Matcher, response_format_grammar
 from nanoseek.infer.text import TextError
 from nanoseek.infer.tools import resolve_tool_choice, tool_call_grammar, validate_tools
@@ -83,11 +81,11 @@ def chat_plan(state, body: ChatCompletionRequest) -> Plan:
     """Render and tokenise the chat and build its constraint (a worker thread runs this)."""
     tok = state.tokenizer
     try:
-        thinking = thinking_option(body.thinking.model_dump() if body.thinking else None, body.chat_template_kwargs)
+        thinking = tok.thinking(body.thinking.model_dump() if body.thinking else None, body.chat_template_kwargs)
         functions = validate_tools(body.tools)
         mode, allowed = resolve_tool_choice(body.tool_choice, functions)
         grammar = response_format_grammar(body.response_format)
-    except (ChatFormatError, GrammarError) as e:  # ToolError is a GrammarError
+    except (TextError, GrammarError) as e:  # ToolError is a GrammarError
         raise APIError(400, str(e), param=e.param) from None
     if grammar is not None and functions and mode != "none":
         raise APIError(400, "response_format cannot be combined with tools unless tool_choice is \"none\"",
@@ -101,7 +99,7 @@ def chat_plan(state, body: ChatCompletionRequest) -> Plan:
         plan.tool_names = [f.name for f in functions]
         plan.first_only = mode == "auto" and not body.parallel_tool_calls
     elif functions:  # the tools stay in the prompt, but no call may start
-        plan.bias = {tok.tool_ids[t]: -100.0 for t in (TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN) if t in tok.tool_ids}
+        plan.bias = {i: -100.0 for i in tok.call_opening_ids}
     try:
         if mode == "required":
             gtok = tok.grammar_tokenizer(state.engine.config.vocab_size)
