@@ -11,6 +11,7 @@ BENCHMARKS = [
     ("bench_generate", "greedy decode vs transformers generate(), server load test, MTP speculative decoding"),
     ("bench_fp8", "FP8 vs full-precision training loss gap"),
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
+    ("bench_grpo_trl", "one GRPO step vs TRL's GRPOTrainer, side by side (needs the [bench] extra)"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
@@ -25,7 +26,7 @@ def main() -> int:
         t = time.time()
         try:
             importlib.import_module(f"benchmarks.{name}").main([])
-        except Exception as e:  # keep going: one broken benchmark must not hide the others' numbers
+        except (Exception, SystemExit) as e:  # keep going: one broken benchmark must not hide the others' numbers
             failed.append(name)
             print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         print(f"=== {name} took {time.time() - t:.0f}s", flush=True)

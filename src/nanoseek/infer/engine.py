@@ -38,7 +38,7 @@ import torch
 from nanoseek.infer import fast
 from nanoseek.infer.cache import SlotCache
 from nanoseek.infer.logits import LogitsState, process, raw_logprobs
-from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample
+from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample
 from nanoseek.infer.speculative import speculative_tensors, token_logprobs  # noqa: F401 (token_logprobs re-exported)
 
 
@@ -85,7 +85,7 @@ class Request:
     pending: int = 0
     draft: int = 0
     draft_q: torch.Tensor | None = None  # the draft distribution, for sampled speculative rows
-    generator: torch.Generator | None = None
+    generator: RowRandom | None = None  # the request's uniforms, from its own seeded generator
     logits_state: LogitsState | None = None  # bias, penalties, grammar (nanoseek.infer.logits)
     cancelled: bool = False
 
@@ -175,7 +175,7 @@ class Engine:
         if bad:
             raise EngineError(f"logit_bias token id(s) {bad[:5]} out of range for vocab_size {V}")
         req = Request(next(self._ids), prompt, params, on_event)
-        req.generator = params.make_generator()
+        req.generator = RowRandom(params.make_generator())
         state = LogitsState.make(params, V, self.device, matcher)
         req.logits_state = state if state.active else None
         with self._lock:
