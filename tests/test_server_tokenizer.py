@@ -6,6 +6,8 @@ its own stop ids, FIM through `suffix`, and a clear 400 for what needs our tool 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,11 +60,17 @@ def client(server):
 
 
 def test_its_own_template_and_special_tokens(client, foreign_dir):
-    transformers = require_module("transformers", "pip install transformers (in the [dev] extra)")
-    ref = transformers.AutoTokenizer.from_pretrained(str(foreign_dir))
+    require_module("transformers", "pip install transformers (in the [dev] extra)")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
-    text = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    expected = ref(text, add_special_tokens=False)["input_ids"]
+    # transformers' rendering, in a fresh interpreter (this one already runs many native thread pools)
+    code = ("import json, sys, transformers\n"
+            "ref = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "m = json.loads(sys.argv[2])\n"
+            "text = ref.apply_chat_template(m, add_generation_prompt=True, tokenize=False)\n"
+            "print(json.dumps(ref(text, add_special_tokens=False)['input_ids']))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(foreign_dir), json.dumps(messages)], capture_output=True,
+                         text=True, timeout=600, check=True)
+    expected = json.loads(out.stdout.strip().splitlines()[-1])
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     assert r.usage.prompt_tokens == len(expected)
     from nanoseek.infer.text import ChatTokenizer
