@@ -17,6 +17,7 @@ BENCHMARKS = [
     ("bench_dsa", "attention cost per token vs context length, MLA vs V3.2 sparse attention"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
+    ("bench_serve", "serving: structured-output overhead per generated token at batch 1 and 16"),
 ]
 
 # long or disk-hungry: only with `python -m benchmarks.run_all --slow`

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         prompt, think_opened = tok.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
-        prompt, think_opened = [tok.bos_id] + tok.encode(args.prompt), False
+        prompt, think_opened = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(args.prompt), False
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop_token_ids=[tok.eos_id])
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=list(tok.eos_ids))
     engine = Engine(model, max_batch_size=1, max_len=len(prompt) + args.max_tokens, speculative=args.speculative)
     stream = tok.stream(think_opened=think_opened, split_reasoning=False)
     if think_opened:
