@@ -349,3 +349,15 @@ def test_nanoseek_kernels_0_disables_them(tmp_path):
                 "print(kernels.load() is None, kernels.usable(torch.ones(1)), kernels.status()['state'])", env)
     assert r.stdout.split() == ["True", "False", "disabled"] and "building" not in r.stderr
     assert not (tmp_path / "ext").exists()
+
+
+def test_build_lock_removes_the_baton_a_killed_build_left(tmp_path):
+    """torch's build lock is a plain file: one left by a killed build would make every later build wait
+    forever. Under nanoseek's flock a baton can only be stale, so it goes."""
+    from nanoseek.infer.fast import build
+
+    (tmp_path / "lock").touch()
+    with build._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    with build._build_lock(tmp_path):  # released: a second build takes it again
+        pass

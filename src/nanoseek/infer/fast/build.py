@@ -26,6 +26,7 @@ it) without loading it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -219,6 +220,31 @@ class _Kernels:
         return self.module
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One build per directory at a time, under an flock the kernel releases when its holder dies.
+
+    torch's own lock is a plain file (FileBaton) that a killed build leaves behind, after which every later
+    process waits for it forever. Every nanoseek build runs under this flock, so a baton found while we
+    hold it was left by a dead process, and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's baton alone
+        yield
+        return
+    with open(directory / "nanoseek_build.flock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                print(f"nanoseek: removing a stale build lock left by a killed build ({stale})", file=sys.stderr,
+                      flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build(key: dict, directory: Path):
     from torch.utils.cpp_extension import load as build
 
@@ -238,8 +264,10 @@ def _build(key: dict, directory: Path):
     if mode == "none":
         print(f"nanoseek: {key['compiler']} has no OpenMP: the decode kernels run single-threaded (install "
               "libgomp / libomp and run `nanoseek build-kernels --force` to change that)", file=sys.stderr, flush=True)
-    module = build(name=key["name"], sources=[str(directory / name) for name in SOURCES], extra_cflags=key["cflags"] + omp_cflags,
-                   extra_ldflags=omp_ldflags, build_directory=str(directory), verbose=False)
+    with _build_lock(directory):
+        module = build(name=key["name"], sources=[str(directory / name) for name in SOURCES],
+                       extra_cflags=key["cflags"] + omp_cflags, extra_ldflags=omp_ldflags,
+                       build_directory=str(directory), verbose=False)
     seconds = time.perf_counter() - t0
     (directory / "nanoseek_build.json").write_text(json.dumps(
         {**key, "openmp": mode, "openmp_flags": omp_cflags + omp_ldflags, "seconds": round(seconds, 1)}, indent=2) + "\n")
