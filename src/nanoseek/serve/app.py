@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI) and the web chat page, over one shared `infer.Engine`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions (streamed as SSE or not),
-GET /health, GET /metrics (Prometheus text, serve/metrics.py), GET / (the web chat in static/). The routes
+POST /tokenize (vLLM's: the token count of a chat, which the web chat sizes max_tokens by), GET /health,
+GET /metrics (Prometheus text, serve/metrics.py), GET / (the web chat in static/). The routes
 are plain functions on one router; each reads the server's state (engine, tokenizer, model name, API key,
 request counters) from the app that received the request.
 
@@ -33,8 +34,8 @@ from nanoseek.infer.engine import Engine, EngineError, QueueFull
 from nanoseek.infer.sampling import SamplingError, SamplingParams
 from nanoseek.infer.text import ChatTokenizer, TextError, TextStream
 from nanoseek.serve.metrics import prometheus_text
-from nanoseek.serve.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id,
-                                     now)
+from nanoseek.serve.protocol import (ChatCompletionRequest, CompletionRequest, ModelCard, ModelList,
+                                     TokenizeRequest, new_id, now)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -113,12 +114,12 @@ async def _guard(request: Request, call_next):
     if size > state.max_body_bytes:
         resp = error_response(413, f"request body of {size} bytes exceeds the limit of "
                                    f"{state.max_body_bytes} bytes", code="request_too_large")
-    elif state.api_key and path.startswith("/v1/") and not _authorized(request, state.api_key):
+    elif state.api_key and _protected(path) and not _authorized(request, state.api_key):
         resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                               "authentication_error", code="invalid_api_key")
     else:
         resp = await call_next(request)
-    state.requests[(path if path.startswith("/v1/") or path in ("/health", "/metrics") else "other",
+    state.requests[(path if path.startswith("/v1/") or path in ("/health", "/metrics", "/tokenize") else "other",
                     resp.status_code)] += 1
     return resp
 
@@ -178,10 +179,8 @@ async def chat_completions(request: Request):
     state = _state(request)
     body = await _parse(request, ChatCompletionRequest)
     _check_model(state, body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
     try:
-        prompt, think_opened = state.tokenizer.chat_prompt(messages)
+        prompt, think_opened = state.tokenizer.chat_prompt(_chat_messages(body.messages))
     except TextError as e:
         raise APIError(400, str(e), param="messages") from None
     choices = _start(state, prompt, body, think_opened=think_opened, split=True)
@@ -216,12 +215,34 @@ async def completions(request: Request):
     return JSONResponse(out)
 
 
+@routes.post("/tokenize")
+async def tokenize(request: Request):
+    """Token count of a chat or prompt and the room it leaves (vLLM's /tokenize shape, plus `room`)."""
+    state = _state(request)
+    body = await _parse(request, TokenizeRequest)
+    if body.model is not None:
+        _check_model(state, body.model)
+    if body.messages is not None:
+        try:
+            ids, _ = state.tokenizer.chat_prompt(_chat_messages(body.messages))
+        except TextError as e:
+            raise APIError(400, str(e), param="messages") from None
+    else:
+        ids = state.tokenizer.encode(body.prompt)
+    n = state.engine.max_len
+    return {"count": len(ids), "max_model_len": n, "room": max(n - len(ids), 0), "tokens": ids}
+
+
 @routes.get("/")
 async def index():
     return FileResponse(STATIC / "index.html")
 
 
 # ----------------------------------------------------------------------------- request handling
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/tokenize"
+
+
 def _authorized(request: Request, key: str) -> bool:
     given = request.headers.get("authorization", "")
     token = given[7:].strip() if given.lower().startswith("bearer ") else ""
@@ -252,6 +273,10 @@ async def _parse(request: Request, model: type[BaseModel]):
         resp = _validation_response(e.errors(include_url=False))
         err = json.loads(resp.body)["error"]
         raise APIError(400, err["message"], param=err["param"], code=err["code"]) from None
+
+
+def _chat_messages(messages) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 def _check_model(state: ServerState, name: str) -> None:
