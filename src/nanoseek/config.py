@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import NanoseekError
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 ROPE_TYPES = ("default", "yarn")
@@ -35,7 +37,7 @@ _KNOWN_IGNORED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(NanoseekError, ValueError):
     """An invalid or unreadable model configuration; the message names the offending field."""
 
 

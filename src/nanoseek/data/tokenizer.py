@@ -31,6 +31,7 @@ from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, S
                                           TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
                                           TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
                                           TOOL_SEP, TOOL_TOKENS, USER)
+from nanoseek.errors import DataError
 
 __all__ = ["ASSISTANT", "BOS", "CHAT_TEMPLATE", "END_THINK", "EOS", "PAD", "SPECIAL_TOKENS", "SYSTEM", "THINK",
            "TOOL_CALL_BEGIN", "TOOL_CALL_END", "TOOL_CALLS_BEGIN", "TOOL_CALLS_END", "TOOL_OUTPUT_BEGIN",
@@ -222,20 +223,34 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     return tok
 
 
+class TokenizerError(DataError, FileNotFoundError):
+    """No readable tokenizer at a path (a FileNotFoundError too, as it always was)."""
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json), or a tokenizer.json."""
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
+    if not p.exists():
+        raise TokenizerError("no such tokenizer directory", p, "check the path")
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {p}")
-    hf = _HFTokenizer.from_file(str(file))
+        raise TokenizerError("no tokenizer.json", p, "a model saved with nanoseek.save(..., tokenizer_dir=...) or "
+                                                     "by nanoseek's commands has one")
+    if file.name != "tokenizer.json":
+        raise TokenizerError("a file, not a tokenizer directory", p, f"pass the folder that holds it: {p.parent}")
+    try:
+        hf = _HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+        raise DataError(f"tokenizer.json is not a readable tokenizer ({e})", file,
+                        "restore the file, or export the model again") from None
     template, max_len = CHAT_TEMPLATE, 4096
     cfg_file = file.parent / "tokenizer_config.json"
     if cfg_file.is_file():
         try:
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+            raise DataError(f"tokenizer_config.json is not valid JSON ({e})", cfg_file,
+                            "restore the file, or export the model again") from None
         template = cfg.get("chat_template") or template
         max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
     return Tokenizer(hf, chat_template=template, model_max_length=max_len)

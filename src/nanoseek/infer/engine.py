@@ -32,11 +32,12 @@ from typing import Callable
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
 from nanoseek.model import kernels
 
 
-class EngineError(ValueError):
+class EngineError(NanoseekError, ValueError):
     """A request the engine cannot run (empty prompt, too long for the cache, bad token id, ...)."""
 
 

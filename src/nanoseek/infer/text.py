@@ -22,8 +22,9 @@ import jinja2.sandbox
 
 from nanoseek.data.chat_template import register_filters
 from nanoseek.data.tokenizer import CHAT_TEMPLATE, END_THINK, THINK, load_tokenizer
+from nanoseek.errors import NanoseekError
 
-class TextError(ValueError):
+class TextError(NanoseekError, ValueError):
     """A chat the template cannot render, or a tokenizer directory we cannot read."""
 
 
@@ -40,10 +41,7 @@ class ChatTokenizer:
 
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
-        try:
-            self.tok = load_tokenizer(d)
-        except (FileNotFoundError, ValueError) as e:
-            raise TextError(f"{d}: cannot load the tokenizer ({e})") from None
+        self.tok = load_tokenizer(d)  # a missing or corrupt tokenizer is a DataError naming the file
         cfg_path = d / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
         self.bos_token = _token_text(cfg.get("bos_token")) or self.tok.hf.id_to_token(self.tok.bos_id)

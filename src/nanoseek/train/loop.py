@@ -131,7 +131,8 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        if self.main:
+        if self.main:  # after the resume: a config that cannot continue the run leaves the saved one as it was
+            cfg.save(self.out, self.model_cfg)
             truncate_metrics(self.out / "metrics.jsonl", self.step)  # drop what a killed run logged after its checkpoint
         from nanoseek.accounting import training_flops_per_token
 
@@ -139,7 +140,7 @@ class Trainer:
         self.peak = device_peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
 
     def _prepare_data(self) -> None:
-        """Tokenizer and token shards (rank 0 builds them, the others wait and read), the saved config."""
+        """Tokenizer and token shards (rank 0 builds them, the others wait and read)."""
         cfg = self.cfg
         if self.main:
             prepare_data(cfg.data, self.out, progress=self.progress, log=self.log)
@@ -147,8 +148,6 @@ class Trainer:
         tok, self.tok_dir, data_dir = prepare_data(cfg.data, self.out, progress=False, log=lambda m: None)
         self.data = PackedDataset(data_dir, cfg.train.seq_len)
         self.model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
-        if self.main:
-            cfg.save(self.out, self.model_cfg)
 
     def _build_model(self) -> Transformer:
         """The seeded model on this process's device, with FP8 and FSDP2 + EP applied from outside."""
@@ -184,6 +183,8 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         t = self.cfg.train
         model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
+        for warning in ckpt.check_resumable(path, model_state, self.model_cfg):  # another model: an error
+            self.log(f"warning: {warning}")
         for key in ("batch_size", "seq_len", "seed"):
             if state.get(key) != getattr(t, key):
                 self.log(f"warning: train.{key} is {getattr(t, key)} but the checkpoint was trained with "
@@ -292,6 +293,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 if done == 1 or done % t.log_every == 0 or done == t.steps:
                     rec = self._log_step(done, rec, logger)
+                    if not self.progress:  # no bar: the same numbers as a log line
+                        self.log(f"step {done}/{t.steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+                                 f"{rec['tokens_per_s']:.0f} tok/s, MFU {rec['mfu']:.1%}, max_vio {rec['max_vio']:.2f}")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     mfu=f"{rec['mfu']:.1%}", max_vio=f"{rec['max_vio']:.2f}")
                 if done == t.steps or (t.save_every and done % t.save_every == 0):
