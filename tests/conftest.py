@@ -201,3 +201,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the quick speedrun, once
+@pytest.fixture(scope="session")
+def speedrun_quick(tmp_path_factory) -> Path:
+    """The output folder of one `nanoseek speedrun --quick` (~1 minute, built once per session): report,
+    plots, pretrain/final, sft/, grpo/ and the exported model/. Tests must not write into it."""
+    from nanoseek.cli import main
+
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["speedrun", "--out", str(out), "--quick", "--no-progress", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -19,7 +19,7 @@ from nanoseek.infer.cli_generate import add_dtype_argument
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF deepseek_v3 layout with tokenizer files)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else open)")
     p.add_argument("--model-name", default=None,
