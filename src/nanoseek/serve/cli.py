@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def served_model_name(model_dir: Path) -> str:
     """The default `model` id: the directory's name, or its run folder's name when the directory is the
     final/ or model/ that nanoseek's commands write (runs/speedrun/model -> "speedrun")."""
-    d = model_dir.resolve()
+    d = Path(os.path.abspath(model_dir))  # the path as given (a symlinked run folder keeps its name)
     return d.parent.name if d.name in ("final", "model") and d.parent.name else d.name
 
 
