@@ -192,7 +192,6 @@ async function* sseEvents(response) {
 async function send(text) {
   if (!state.current) newConversation();
   const conv = state.current;
-  if (!state.model) await loadModel();
   if (conv.messages.length === 0) conv.title = text.slice(0, 40);
   conv.messages.push({ role: "user", content: text });
   const reply = { role: "assistant", content: "", reasoning: "", done: false, error: null, stopped: false };
@@ -202,8 +201,9 @@ async function send(text) {
   renderAll();
   reply.view.details.open = true;
   state.controller = new AbortController();
-  $("send").hidden = true; $("stop").hidden = false;
+  $("send").hidden = true; $("stop").hidden = false;  // before any await: one request at a time
   try {
+    if (!state.model) await loadModel();  // the first load may have lacked the API key
     const body = {
       model: state.model || "nanoseek", messages: history, stream: true,
       temperature: parseFloat($("temperature").value), max_tokens: await tokenLimit(history),
