@@ -191,3 +191,23 @@ def test_model_text_is_escaped(page, chat_server):
     assert "<img" not in html and "&lt;img" in html and "<strong>b</strong>" in html
     assert "<a " not in html  # only http(s) links become links
     assert "&lt;script&gt;" in html and "<script>" not in html
+
+
+def test_the_readme_screenshot_script(chat_server, tmp_path):
+    """scripts/webchat_screenshots.py, which made docs/webchat.png and docs/webchat-phone.png from the
+    speedrun model, run here against the tests' server: two real PNGs of the pictured answer."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "webchat_screenshots.py"
+    r = subprocess.run([sys.executable, str(script), "--url", chat_server, "--api-key", SERVER_API_KEY,
+                        "--prompt", "Hi", "--max-tokens", "64", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the answer: 'Hello world! x = 1'" in r.stdout, r.stdout
+    for name, width in (("webchat.png", 1100), ("webchat-phone.png", 780)):  # the phone at 2x
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == width
+    r = subprocess.run([sys.executable, str(script), "--url", chat_server, "--api-key", "wrong",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "the chat failed: Error: HTTP 401" in r.stderr, r.stderr
