@@ -1,10 +1,10 @@
-"""The C++ decode kernels (nanoseek.model.kernels) against the torch paths they replace, piece by piece.
+"""The C++ decode kernels (nanoseek.infer.fast) against the torch paths they replace, piece by piece.
 
-1. few-row matmuls: kernels.rows_matmul vs F.linear (and vs layers.linear's torch-only layouts, used
-   without the kernels), weight bandwidth (GB/s) of an 8192x512 weight (the `bench` head) at 1, 2 and 16
-   rows, and the call time on a small 64x128 weight at 2 rows;
-2. one `bench` MoE layer (router, routed and shared experts) at 1 and 16 tokens: the kernel vs the torch path
-   (kernels disabled: per-assignment GEMVs or the padded batched GEMM);
+1. few-row matmuls: kernels.rows_matmul vs F.linear (and vs the torch-only few-row layouts that
+   nanoseek.infer.fast uses without the kernels), weight bandwidth (GB/s) of an 8192x512 weight (the
+   `bench` head) at 1, 2 and 16 rows, and the call time on a small 64x128 weight at 2 rows;
+2. one `bench` MoE layer (router, routed and shared experts; the model accelerated) at 1 and 16 tokens:
+   the kernel vs the torch path (kernels disabled: per-assignment GEMVs or the padded batched GEMM);
 3. RMSNorm of one 512-wide row: the kernel vs F.rms_norm;
 4. one `bench` decode step (batch 1, kernels on) run on the main thread vs on a second thread: with GNU
    OpenMP the second thread gets its own worker pool, which is why `nanoseek serve` keeps the engine on
@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import nanoseek
 from benchmarks.common import write_result
 from nanoseek.config import preset
-from nanoseek.model import kernels
-from nanoseek.model.layers import linear
+from nanoseek.infer import fast
+from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.fast import kernels
+from nanoseek.infer.fast.modules import few_rows_linear
 
 
 def per_call(fn, calls: int) -> float:
@@ -46,8 +48,8 @@ def bench_matmul() -> dict:
         x = torch.randn(rows, 512)
         t_torch = per_call(lambda: [F.linear(x, w) for w in weights], 3) / len(weights)
         t_kernel = per_call(lambda: [kernels.rows_matmul(x, w) for w in weights], 3) / len(weights)
-        with kernels.disabled():  # layers.linear's torch-only layouts (split GEMV, W @ x^T)
-            t_fallback = per_call(lambda: [linear(x, w) for w in weights], 3) / len(weights)
+        with kernels.disabled():  # the torch-only few-row layouts (split GEMV, W @ x^T)
+            t_fallback = per_call(lambda: [few_rows_linear(x, w) for w in weights], 3) / len(weights)
         out[f"rows_{rows}_gbs"] = {"F.linear": round(gb / t_torch, 1), "torch_fallback": round(gb / t_fallback, 1),
                                    "kernel": round(gb / t_kernel, 1)}
     small, x = torch.randn(64, 128), torch.randn(2, 128)
@@ -80,19 +82,19 @@ def bench_rmsnorm() -> dict:
 
 
 def bench_threads(model) -> dict:
-    cache = model.new_cache(1, 256)
+    cache = SlotCache.for_model(model, 1, 256, torch.float32, "cpu")
     zero = torch.zeros(1, dtype=torch.long)
-    model.forward_cached(torch.randint(3, 1000, (1, 32)), zero, zero, cache)
+    model.forward_cached(torch.randint(3, 1000, (1, 32)), cache.view(zero, zero, 32))
     tok = torch.ones(1, 1, dtype=torch.long)
     result = {}
 
     def steps(name: str) -> None:
         with torch.inference_mode():
             for p in range(32, 40):
-                model.forward_cached(tok, torch.tensor([p]), zero, cache)
+                model.forward_cached(tok, cache.view(zero, torch.tensor([p]), 1))
             t = time.perf_counter()
             for p in range(40, 140):
-                model.forward_cached(tok, torch.tensor([p]), zero, cache)
+                model.forward_cached(tok, cache.view(zero, torch.tensor([p]), 1))
             result[name] = round((time.perf_counter() - t) / 100 * 1e3, 2)
 
     steps("main_thread_ms")
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
     if kernels.load() is None:
         raise SystemExit("the decode kernels could not be built here (see the warning above)")
     torch.manual_seed(0)
-    model = nanoseek.Transformer(preset("bench")).eval()
+    model = fast.accelerate(nanoseek.Transformer(preset("bench")).eval())
     with torch.inference_mode():
         result = {"matmul": bench_matmul(), "experts": bench_experts(model), "rmsnorm": bench_rmsnorm()}
     result["decode_step_batch_1"] = bench_threads(model)

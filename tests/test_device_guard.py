@@ -136,7 +136,7 @@ def test_attention_naive_and_absorbed_paths():
     q_nope = torch.randn(B, T, H, cfg.qk_nope_head_dim, device=META)
     q_rope = torch.randn(B, T, H, cfg.qk_rope_head_dim, device=META)
     latent, k_rope = torch.randn(B, T, cfg.kv_lora_rank, device=META), torch.randn(B, T, cfg.qk_rope_head_dim, device=META)
-    assert on_meta(att._naive(q_nope, q_rope, latent, k_rope, mask=None))
+    assert on_meta(att._naive(q_nope, q_rope, latent, k_rope))
     kv = torch.randn(B, L, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=META)
     for bias in (None, torch.zeros(B, T * H, L, device=META)):
         for dtype in (torch.float32, torch.bfloat16):

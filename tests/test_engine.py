@@ -3,12 +3,15 @@ speculation do not change greedy tokens, seeds reproduce, stop ids and max_token
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import nanoseek
 from nanoseek.config import preset
-from nanoseek.infer import Engine, EngineError, QueueFull, SamplingParams, generate
+from nanoseek.infer import Engine, EngineError, QueueFull, SamplingParams, fast, generate
+from nanoseek.infer.cache import SlotCache
 from nanoseek.infer.sampling import probs
 from nanoseek.model import Transformer
 
@@ -30,7 +33,10 @@ def prompts_of(lengths, seed=1, vocab=512):
 
 
 def greedy_reference(model, prompt, n):
-    """Greedy decoding by recomputing the full forward over the whole sequence every step (no cache)."""
+    """Greedy decoding by recomputing the full forward over the whole sequence every step (no cache), on the
+    pure model (an Engine accelerates the model it is given; this undoes that on a copy)."""
+    model = fast.restore(copy.deepcopy(model))
+    assert all(type(m) not in fast.modules.SWAPS.values() for m in model.modules())
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -42,16 +48,30 @@ def test_cache_logits_equal_full_forward(model):
     ids = torch.tensor(prompts_of([12, 12]))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(2, 16)
+        cache = SlotCache.for_model(model, 2, 16, torch.float32, "cpu")  # the engine's cache
         slots, zeros = torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long)
-        pre, _ = model.forward_cached(ids[:, :5], zeros, slots, cache)  # prefill 5, then one at a time
-        steps = [model.forward_cached(ids[:, t:t + 1], torch.full((2,), t), slots, cache)[0] for t in range(5, 12)]
+        pre, _ = model.forward_cached(ids[:, :5], cache.view(slots, zeros, 5))  # prefill 5, then one at a time
+        steps = [model.forward_cached(ids[:, t:t + 1], cache.view(slots, torch.full((2,), t), 1))[0]
+                 for t in range(5, 12)]
     torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_cache_reads_contiguous_slots_as_a_view():
+    cache = SlotCache(2, 4, 8, {"latent": 3}, torch.float32, "cpu")
+    view = cache.view(torch.tensor([1, 2]), torch.tensor([0, 2]), 2)
+    assert view.first_slot == 1
+    view.write(1, "latent", torch.arange(12.0).view(2, 2, 3))
+    got = view.read(1, "latent")
+    assert got.data_ptr() == cache.data["latent"][1, 1].data_ptr()  # a view, no copy
+    assert got[0, :2].flatten().tolist() == list(range(6)) and got[1, 2:4].flatten().tolist() == list(range(6, 12))
+    gathered = cache.view(torch.tensor([2, 1]), torch.tensor([2, 0]), 2)
+    assert gathered.first_slot is None and torch.equal(gathered.read(1, "latent"), got.flip(0))
 
 
 def test_engine_greedy_equals_full_recompute(model):
     prompts = prompts_of([3, 9, 17])
     out = Engine(model, max_batch_size=3, max_len=64).generate_batch(prompts, SamplingParams(max_tokens=12))
+    assert type(model.layers[0]) is fast.modules.FastBlock  # the engine decodes with the CPU fast paths
     for p, c in zip(prompts, out):
         assert c.token_ids == greedy_reference(model, p, 12)
         assert c.finish_reason == "length" and c.prompt_tokens == len(p)
@@ -93,20 +113,21 @@ class OracleDrafts(torch.nn.Module):
         self.seqs = {tuple(p): p + c for p, c in zip(prompts, continuations)}
         self.slot_seq: dict[int, list[int]] = {}
 
-    def new_cache(self, *a, **k):
-        return self.inner.new_cache(*a, **k)
+    def cache_layout(self):
+        return self.inner.cache_layout()
 
-    def forward_cached(self, ids, start, slots, cache, logits_at=None):
+    def forward_cached(self, ids, cache, logits_at=None):
         for b in range(ids.shape[0]):
-            if int(start[b]) == 0:  # a prefill: remember which sequence this slot holds
+            if int(cache.start_pos[b]) == 0:  # a prefill: remember which sequence this slot holds
                 row = ids[b].tolist()
-                self.slot_seq[int(slots[b])] = next(s for p, s in self.seqs.items() if list(p) == row[:len(p)]
-                                                    and all(t == 0 for t in row[len(p):]))
-        return self.inner.forward_cached(ids, start, slots, cache, logits_at=logits_at)
+                self.slot_seq[int(cache.slots[b])] = next(s for p, s in self.seqs.items() if list(p) == row[:len(p)]
+                                                          and all(t == 0 for t in row[len(p):]))
+        return self.inner.forward_cached(ids, cache, logits_at=logits_at)
 
-    def mtp_forward_cached(self, hidden, next_ids, start, slots, cache, logits_at=None):
-        logits, h = self.inner.mtp_forward_cached(hidden, next_ids, start, slots, cache, logits_at=logits_at)
+    def mtp_forward_cached(self, hidden, next_ids, cache, logits_at=None):
+        logits, h = self.inner.mtp_forward_cached(hidden, next_ids, cache, logits_at=logits_at)
         logits = logits.clone()
+        start, slots = cache.start_pos, cache.slots
         for b in range(logits.shape[0]):
             seq = self.slot_seq[int(slots[b])]
             for t in range(logits.shape[1]):
@@ -218,8 +239,8 @@ def test_background_thread_survives_a_failing_step(model):
             super().__init__()
             self.inner, self.config, self.fail = model, model.config, True
 
-        def new_cache(self, *a, **k):
-            return self.inner.new_cache(*a, **k)
+        def cache_layout(self):
+            return self.inner.cache_layout()
 
         def forward_cached(self, *a, **k):
             if self.fail:

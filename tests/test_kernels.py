@@ -1,16 +1,50 @@
-"""The C++ decode kernels (nanoseek.model.kernels) against the torch paths they replace."""
+"""The C++ decode kernels (nanoseek.infer.fast) against the torch paths they replace, their argument checks,
+and their build: the cache key and the failed-build record.
+
+A machine without a working compiler fails these tests rather than skipping them, unless the kernels are
+turned off on purpose (NANOSEEK_KERNELS=0); under NANOSEEK_STRICT=1 (CI) even that is a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanoseek.config import preset
-from nanoseek.model import Transformer, kernels
+from nanoseek.infer import Engine, SamplingParams, fast
+from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.fast import build, kernels, modules
+from nanoseek.model import Transformer
+from nanoseek.model.transformer import Block
 
-pytestmark = pytest.mark.skipif(kernels.load() is None, reason="no C++ toolchain: the torch paths are used")
+STRICT = os.environ.get("NANOSEEK_STRICT") == "1"
+
+
+@pytest.fixture(scope="module")
+def built():
+    if not build.enabled():
+        msg = "the C++ decode kernels are turned off (NANOSEEK_KERNELS=0)"
+        if STRICT:
+            pytest.fail(msg + " under NANOSEEK_STRICT=1")
+        pytest.skip(msg)
+    if kernels.load() is None:
+        pytest.fail(f"the C++ decode kernels did not build ({kernels.status()['reason']}); fix the toolchain "
+                    "or set NANOSEEK_KERNELS=0 to run without them")
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **{"initializer_range": 0.1, **kw})).eval()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_matmul_equals_f_linear(threads):
+def test_rows_matmul_equals_f_linear(built, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -20,24 +54,34 @@ def test_rows_matmul_equals_f_linear(threads):
             for rows in (1, 2, 3, 7, 8, 9, 16, 32):
                 x = torch.randn(rows, n_in)
                 torch.testing.assert_close(kernels.rows_matmul(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
+        # FastLinear's few-row path goes through the kernel up to KERNEL_ROWS rows, whatever the input's shape.
+        w = torch.randn(384, 256)
+        with torch.no_grad():
+            for rows in (1, 2, 5, 32, 33):
+                x = torch.randn(rows, 256)
+                for xin in (x, x[:, None, :], x.view(1, rows, 256)):
+                    got = modules.few_rows_linear(xin, w)
+                    assert got.shape == xin.shape[:-1] + (384,) and got.is_contiguous()
+                    torch.testing.assert_close(got, torch.nn.functional.linear(xin, w), rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(old)
 
 
-def test_experts_rows_equals_torch_experts():
+def test_experts_rows_and_rms_norm_equal_torch(built):
     torch.manual_seed(0)
-    cfg = preset("tiny", initializer_range=0.2, n_routed_experts=8, num_experts_per_tok=3)
-    moe = Transformer(cfg).layers[1].mlp.eval()
+    moe = tiny(initializer_range=0.2, n_routed_experts=8, num_experts_per_tok=3).layers[1].mlp
     with torch.no_grad():
         for n in (1, 2, 5, 40):  # 40 tokens x 3 puts more than 8 rows (one register block) on some experts
-            x = torch.randn(n, cfg.hidden_size)
+            x = torch.randn(n, moe.cfg.hidden_size)
             w, idx, _ = moe.gate(x)
-            ref = moe.route_local(x, w, idx, torch.bincount(idx.flatten(), minlength=8))
+            ref = moe.routed_experts(x, w, idx)  # the pure module: grouped_mm
             got = kernels.experts_rows(x, moe.experts.gate_up_proj, moe.experts.down_proj, idx, w)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-        with pytest.raises(RuntimeError, match="expert id out of range"):
-            kernels.experts_rows(x[:1], moe.experts.gate_up_proj, moe.experts.down_proj,
-                                 torch.tensor([[0, 1, 8]]), w[:1])
+        x, weight = torch.randn(3, 5, 200), torch.randn(200)
+        ref = weight * torch.nn.functional.rms_norm(x, (200,), eps=1e-6)
+        torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kernels.rms_norm(x.transpose(0, 1), weight, 1e-6), ref.transpose(0, 1),
+                                   rtol=1e-5, atol=1e-6)  # a strided input
 
 
 VARIANTS = [
@@ -50,39 +94,258 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)
-def test_decode_blocks_in_kernels_equal_the_torch_blocks(overrides):
-    """Transformer.forward_cached runs decode steps through kernels.block_decode; logits and the MTP head's
-    must equal the Python blocks' (kernels disabled) for every routing / attention variant."""
-    torch.manual_seed(0)
-    cfg = preset("tiny", initializer_range=0.1, hidden_size=256, moe_intermediate_size=256, **overrides)
-    model = Transformer(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (3, 12))
+def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkeypatch):
+    """The accelerated model runs decode steps through kernels.block_decode (every block, every step);
+    logits and the MTP head's must equal the pure model's for every routing / attention variant."""
+    pure = tiny(hidden_size=256, moe_intermediate_size=256, **overrides)
+    acc = fast.accelerate(copy.deepcopy(pure))
+    calls = []
+    monkeypatch.setattr(kernels, "block_decode", lambda *a, f=kernels.block_decode: calls.append(1) or f(*a))
+    ids = torch.randint(0, pure.config.vocab_size, (3, 12))
     slots = torch.tensor([2, 0, 1])  # not a contiguous range: the cache rows are gathered
     outs = []
-    for use in (True, False):
-        cache = model.new_cache(3, 16)
-        with torch.inference_mode(), (kernels.disabled() if not use else torch.inference_mode()):
-            _, h = model.forward_cached(ids[:, :10], torch.zeros(3, dtype=torch.long), slots, cache)
-            view_x = model.embed_tokens(ids[:, 10:11])
-            from nanoseek.model.attention import CacheView
-            assert model._decode_in_kernels(view_x, CacheView(cache, slots, torch.full((3,), 10), 1),
-                                           list(model.layers) + list(model.mtp)) == use
-            step, h1 = model.forward_cached(ids[:, 10:11], torch.full((3,), 10), slots, cache)
-            verify, _ = model.forward_cached(ids[:, 10:12], torch.tensor([10, 9, 10]), slots, cache)  # mixed starts
-            mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], torch.full((3,), 10), slots, cache)
-            mixed, _ = model.forward_cached(ids[:, 11:12], torch.tensor([11, 7, 11]), slots, cache)  # masked keys
-        outs.append((step, verify, mtp, mixed))
+    for model in (acc, pure):
+        cache = SlotCache.for_model(model, 3, 16, torch.float32, "cpu")
+        with torch.inference_mode():
+            _, h = model.forward_cached(ids[:, :10], cache.view(slots, torch.zeros(3, dtype=torch.long), 10))
+            assert not calls  # a prefill takes the naive attention in Python (and the pure model never C++)
+            step, h1 = model.forward_cached(ids[:, 10:11], cache.view(slots, torch.full((3,), 10), 1))
+            verify, _ = model.forward_cached(ids[:, 10:12], cache.view(slots, torch.tensor([10, 9, 10]), 2))
+            mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], cache.view(slots, torch.full((3,), 10), 1))
+            mixed, _ = model.forward_cached(ids[:, 11:12], cache.view(slots, torch.tensor([11, 7, 11]), 1))
+            ranged, _ = model.forward_cached(ids[:2, 11:12], cache.view(torch.tensor([0, 1]), torch.full((2,), 11), 1))
+        outs.append((step, verify, mtp, mixed, ranged))
+        if model is acc:
+            assert len(calls) == 4 * pure.config.num_hidden_layers + 1  # four steps and the MTP module, in C++
+            calls.clear()
     for got, ref in zip(*outs):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_a_bf16_cache_keeps_the_torch_blocks():
-    """The kernel block reads and writes an fp32 cache; an engine built with another cache dtype must still
-    decode (through the Python blocks), not fail."""
-    from nanoseek.infer import Engine, SamplingParams
+def test_decode_block_follows_reloaded_cast_and_replaced_weights(built):
+    """The C++ block reads the block's current tensors: after load_state_dict, a round trip through bf16
+    and a replaced Parameter, its steps still equal the pure model's with the same weights."""
+    pure = tiny(hidden_size=128, moe_intermediate_size=128)
+    acc = fast.accelerate(copy.deepcopy(pure))
+    ids = torch.randint(0, pure.config.vocab_size, (2, 8))
+    slots = torch.tensor([0, 1])
 
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", initializer_range=0.1)).eval()
+    def step(model):
+        cache = SlotCache.for_model(model, 2, 16, torch.float32, "cpu")
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :7], cache.view(slots, torch.zeros(2, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], cache.view(slots, torch.full((2,), 7), 1))[0]
+
+    def same():
+        torch.testing.assert_close(step(acc), step(pure), rtol=1e-4, atol=1e-5)
+
+    same()
+    torch.manual_seed(1)
+    new = {k: torch.randn_like(v) * 0.1 if v.is_floating_point() else v for k, v in pure.state_dict().items()}
+    for model in (pure, acc):
+        model.load_state_dict(new)
+    same()
+    acc.cast(torch.bfloat16).cast(torch.float32)
+    pure.cast(torch.bfloat16).cast(torch.float32)
+    same()
+    w = torch.randn_like(pure.layers[1].self_attn.o_proj.weight)
+    for model in (pure, acc):
+        model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(w.clone())
+        model.layers[1].mlp.experts.gate_up_proj = torch.nn.Parameter(model.layers[1].mlp.experts.gate_up_proj * 2)
+    same()
+
+
+def greedy_with_cache(model, prompt, n, dtype):
+    """Greedy tokens of one prompt decoded by hand on a reference cache of `dtype`."""
+    cache = model.new_cache(1, len(prompt) + n, dtype=dtype)
+    zero = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        logits, _ = model.forward_cached(torch.tensor([prompt]), cache.view(zero, zero, len(prompt)))
+        out = [int(logits[0, -1].argmax())]
+        for pos in range(len(prompt), len(prompt) + n - 1):
+            logits, _ = model.forward_cached(torch.tensor([[out[-1]]]), cache.view(zero, torch.tensor([pos]), 1))
+            out.append(int(logits[0, 0].argmax()))
+    return out
+
+
+def test_a_bf16_cache_keeps_the_torch_blocks(built, monkeypatch):
+    """The kernel block reads and writes an fp32 cache; an engine with a bf16 cache must decode through the
+    Python blocks, and give the tokens of the pure model on a bf16 cache."""
+    pure = tiny()
+    model = copy.deepcopy(pure)
+    monkeypatch.setattr(kernels, "block_decode", lambda *a: pytest.fail("the C++ block ran on a bf16 cache"))
     engine = Engine(model, max_batch_size=2, max_len=24, dtype=torch.bfloat16)
-    out = engine.generate_batch([[3, 4, 5], [6, 7]], SamplingParams(max_tokens=5))
-    assert [len(c.token_ids) for c in out] == [5, 5]
+    assert engine.cache.dtype == torch.bfloat16 and type(model.layers[0]) is modules.FastBlock
+    prompts = [[3, 4, 5], [6, 7]]
+    out = engine.generate_batch(prompts, SamplingParams(max_tokens=8))
+    assert [c.token_ids for c in out] == [greedy_with_cache(pure, p, 8, torch.bfloat16) for p in prompts]
+
+
+def test_kernel_entry_points_check_their_arguments(built):
+    """Every shape, size, dtype and layout the kernels rely on is checked before a pointer is touched."""
+    ext = kernels.load()
+    w = torch.randn(16, 8)
+    for args, match in [((torch.zeros(0, 8), w), "empty batch"), ((torch.randn(2, 7), w), "has 7 columns"),
+                        ((torch.randn(2, 8).double(), w), "fp32"), ((torch.randn(8, 2).t(), w), "contiguous"),
+                        ((torch.randn(2, 8), torch.zeros(0, 8)), "empty weight")]:
+        with pytest.raises(RuntimeError, match=match):
+            ext.rows_matmul(*args)
+    w1, w2 = torch.randn(4, 6, 8), torch.randn(4, 8, 3)
+    x, gate = torch.randn(2, 8), torch.rand(2, 2)
+    for args, match in [((x, w1, w2, torch.tensor([[0, 4], [1, 2]]), gate), "expert id out of range"),
+                        ((x, w1, w2, torch.tensor([[0, -1], [1, 2]]), gate), "expert id out of range"),
+                        ((x[:0], w1, w2, torch.zeros(0, 2, dtype=torch.long), gate[:0]), "no assignments"),
+                        ((x, w1, torch.randn(4, 8, 4), torch.tensor([[0, 1], [1, 2]]), gate), "w2 must have shape"),
+                        ((x, w1, w2, torch.tensor([[0, 1, 2], [1, 2, 3]]), gate), "gate must have shape"),
+                        ((x, w1, w2, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), gate), "int64")]:
+        with pytest.raises(RuntimeError, match=match):
+            ext.experts_rows(*args)
+    with pytest.raises(RuntimeError, match="has 8 features but the weight 7"):
+        ext.rms_norm(x, torch.ones(7), 1e-6)
+
+    # block_decode: a valid call, then one broken argument at a time.
+    model = fast.accelerate(tiny())
+    block = model.layers[1]
+    plan = modules._KernelPlan(block)
+    cache = SlotCache.for_model(model, 3, 16, torch.float32, "cpu")
+    view = cache.view(torch.tensor([2, 0]), torch.tensor([5, 3]), 1)
+    kv, index = view.kernel_cache(1, block.self_attn.n_heads)
+    x = torch.randn(2, 1, model.config.hidden_size)
+    cos, sin = model.rotary(view.positions)
+
+    def call(**change):
+        a = {**dict(x=x, cos=cos, sin=sin, kv_layer=kv, index=index, weights=plan.weights(), config=plan.config),
+             **change}
+        with torch.inference_mode():
+            return ext.block_decode(a["x"], a["cos"], a["sin"], a["kv_layer"], a["index"], a["weights"], a["config"])
+
+    got = call()
+    with torch.inference_mode():
+        ref, _ = Block.forward(block, x, cos, sin, view, 1)  # the pure block's forward
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+    def index_with(**f):
+        base = dict(slots=index.slots, positions=index.positions, first_slot=index.first_slot, kv_len=index.kv_len,
+                    bias=index.bias)
+        return ext.CacheIndex(**{**base, **f})
+
+    def weights_with(**f):
+        return kernels.block_weights(**{**dict(zip(plan.names, plan._tensors)), **f})
+
+    def config_with(**f):
+        cfg = ext.BlockConfig()
+        for name in dir(plan.config):
+            if not name.startswith("_") and name != "check":
+                setattr(cfg, name, getattr(plan.config, name))
+        for name, value in f.items():
+            setattr(cfg, name, value)
+        return cfg
+
+    C, D = model.config.kv_lora_rank, model.config.hidden_size
+    cases = [
+        (dict(x=x[:0]), "empty batch"),
+        (dict(x=torch.randn(2, 1, D + 1)), "features, the config hidden_size"),
+        (dict(x=x.double()), "fp32"),
+        (dict(cos=cos[:, :, :-1].contiguous()), "cos must have shape"),
+        (dict(kv_layer=kv[..., :-1].contiguous()), "cache rows hold"),
+        (dict(index=index_with(slots=torch.tensor([2, 3]))), "slot 3 out of range"),
+        (dict(index=index_with(positions=torch.tensor([[5], [16]]), kv_len=6)), "outside"),
+        (dict(index=index_with(kv_len=17)), "kv_len 17 outside"),
+        (dict(index=index_with(first_slot=2)), "first_slot"),
+        (dict(index=index_with(bias=torch.zeros(2, 4, 3))), "bias must be"),
+        (dict(weights=weights_with(kv_b_proj=plan._tensors[plan.names.index("kv_b_proj")][:-1])), "kv_b_proj must have shape"),
+        (dict(weights=weights_with(o_proj=plan._tensors[plan.names.index("o_proj")].t())), "o_proj must be contiguous"),
+        (dict(weights=kernels.block_weights()), "is not set"),
+        (dict(config=config_with(topk_method="top2")), "unknown topk_method"),
+        (dict(config=config_with(qk_rope_head_dim=7)), "must be even"),
+        (dict(config=config_with(n_group=3, topk_group=1)), "do not split into 3 groups"),
+        (dict(config=config_with(kv_lora_rank=C + 1)), "cache rows hold"),
+    ]
+    for change, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call(**change)
+
+
+# ----------------------------------------------------------------------------- the build
+def test_build_key_separates_what_a_build_depends_on(tmp_path, monkeypatch):
+    key = build.build_key()
+    copy_ = tmp_path / "elsewhere" / "decode_kernels.cpp"
+    copy_.parent.mkdir()
+    copy_.write_bytes(build.SOURCE.read_bytes())
+    assert build.build_key(copy_) == key  # another checkout of the same source shares the build
+    copy_.write_text(build.SOURCE.read_text() + "\n// changed\n")
+    assert build.build_key(copy_)["name"] != key["name"]
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert build.build_key()["name"] != key["name"]
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "isa_flags", lambda: ("base", []))
+    assert build.build_key()["name"] != key["name"]
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "clang++")
+    assert build.build_key()["name"] != key["name"]
+    monkeypatch.delenv("CXX")
+    assert build.build_key() == key
+    assert key["name"].startswith("nanoseek_decode_") and len(key["source_sha256"]) == 64
+
+
+def _fake_compiler(tmp_path: Path) -> tuple[Path, Path]:
+    calls = tmp_path / "compiler_calls.log"
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'broken-c++: error: this compiler is broken' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    return cxx, calls
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_failed_build_is_recorded_shown_once_and_retried_on_request(tmp_path):
+    cxx, calls = _fake_compiler(tmp_path)
+    env = {**os.environ, "CXX": str(cxx), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "OMP_NUM_THREADS": "1"}
+    env.pop("NANOSEEK_KERNELS", None)
+    code = ("from nanoseek.infer.fast import kernels; import torch\n"
+            "print(kernels.load() is None, kernels.usable(torch.ones(1)), kernels.status()['state'])")
+    first = _python(code, env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["True", "False", "failed"]
+    assert "building the C++ decode kernels once" in first.stderr  # said before the compiler ran
+    assert "has no OpenMP: the decode kernels run single-threaded" in first.stderr  # the probe failed too
+    assert "this compiler is broken" in first.stderr and "nanoseek build-kernels" in first.stderr
+    markers = list((tmp_path / "ext" / "nanoseek").glob("*.failed.json"))
+    assert len(markers) == 1 and "this compiler is broken" in markers[0].read_text()
+    n_calls = len(calls.read_text().splitlines())
+    assert n_calls >= 1
+
+    second = _python(code, env)  # another process: no new attempt, one line saying why and how to retry
+    assert second.stdout.split() == ["True", "False", "failed"]
+    assert len(calls.read_text().splitlines()) == n_calls
+    assert "building" not in second.stderr and second.stderr.count("failed to build earlier") == 1
+    assert "this compiler is broken" in second.stderr and "nanoseek build-kernels" in second.stderr
+
+    retry = subprocess.run([sys.executable, "-m", "nanoseek.cli", "build-kernels"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert retry.returncode == 1 and "this compiler is broken" in retry.stderr
+    assert len(calls.read_text().splitlines()) > n_calls
+
+
+def test_build_kernels_command_reports_the_build(built):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "build-kernels", "--json"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    info = json.loads(r.stdout)
+    key = build.build_key()
+    assert info["ok"] and info["name"] == key["name"] and Path(info["library"]).is_file()
+    assert info["openmp"] in ("-fopenmp", "none") or info["openmp"].startswith("libomp")
+    assert "building" not in r.stderr  # this test session built it already: nothing to do
+
+
+def test_nanoseek_kernels_0_disables_them(tmp_path):
+    env = {**os.environ, "NANOSEEK_KERNELS": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    r = _python("from nanoseek.infer.fast import kernels; import torch\n"
+                "print(kernels.load() is None, kernels.usable(torch.ones(1)), kernels.status()['state'])", env)
+    assert r.stdout.split() == ["True", "False", "disabled"] and "building" not in r.stderr
+    assert not (tmp_path / "ext").exists()

@@ -5,8 +5,10 @@ import torch
 
 from nanoseek.config import ConfigError, ModelConfig, preset
 from nanoseek.model import Transformer
-from nanoseek.model.attention import CacheView
-from nanoseek.model.moe import Router
+from nanoseek.model.moe import GroupedExperts, Router
+
+# Tiny tensors: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def router(**kw):
@@ -82,7 +84,7 @@ def test_absorbed_equals_naive(overrides):
     cos, sin = Transformer(cfg).rotary(torch.arange(24))
     with torch.no_grad():
         q_nope, q_rope, latent, k_rope = attn._project(x, cos, sin)
-        naive = attn._naive(q_nope, q_rope, latent, k_rope, mask=None)
+        naive = attn._naive(q_nope, q_rope, latent, k_rope)
         # The absorbed path takes the cache rows [latent | rope key] and an additive causal mask laid out
         # (token, head) per row.
         causal = torch.zeros(24, 24).masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf"))
@@ -98,37 +100,57 @@ def test_cached_decoding_equals_full_forward_with_mixed_positions():
     ids = torch.randint(0, cfg.vocab_size, (3, 30))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(num_slots=5, max_len=64)
+        cache = model.new_cache(5, max_len=64)
         slots = torch.tensor([4, 0, 2])
         # Rows prefill different lengths (right padding is harmless), then decode one token at a time.
         lens = [12, 7, 1]
-        logits, _ = model.forward_cached(ids[:, :12], torch.zeros(3, dtype=torch.long), slots, cache)
+        zeros = torch.zeros(3, dtype=torch.long)
+        logits, _ = model.forward_cached(ids[:, :12], cache.view(slots, zeros, 12))
         for b, n in enumerate(lens):
             torch.testing.assert_close(logits[b, :n], full[b, :n], rtol=1e-4, atol=1e-5)
         # Logits at one position per row only (how the engine prefills).
-        last, _ = model.forward_cached(ids[:, :12], torch.zeros(3, dtype=torch.long), slots, cache,
-                                       logits_at=torch.tensor(lens) - 1)
+        last, _ = model.forward_cached(ids[:, :12], cache.view(slots, zeros, 12), logits_at=torch.tensor(lens) - 1)
         torch.testing.assert_close(last[:, 0], full[[0, 1, 2], [11, 6, 0]], rtol=1e-4, atol=1e-5)
         pos = torch.tensor(lens)
         while int(pos.min()) < 30:
             step_ids = ids.gather(1, pos.clamp(max=29)[:, None])
-            logits, _ = model.forward_cached(step_ids, pos, slots, cache)
+            logits, _ = model.forward_cached(step_ids, cache.view(slots, pos, 1))
             for b in range(3):
                 if pos[b] < 30:
                     torch.testing.assert_close(logits[b, 0], full[b, pos[b]], rtol=1e-4, atol=1e-5)
             pos = pos + 1
         # A two-token verify step (speculative decoding) at a rolled-back position.
-        logits, _ = model.forward_cached(ids[:, 20:22], torch.full((3,), 20), slots, cache)
+        logits, _ = model.forward_cached(ids[:, 20:22], cache.view(slots, torch.full((3,), 20), 2))
         torch.testing.assert_close(logits, full[:, 20:22], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_view_interface():
+    """What the model reads from a cache view: positions, the prefill flag, the causal mask and its score bias."""
+    model = Transformer(preset("tiny")).eval()
+    cfg = model.config
+    W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert model.cache_layout() == (cfg.num_hidden_layers + cfg.num_nextn_predict_layers, {"latent": W})
+    cache = model.new_cache(3, 8)
+    view = cache.view(torch.tensor([2, 0]), torch.tensor([3, 1]), 2)
+    assert view.positions.tolist() == [[3, 4], [1, 2]] and view.kv_len == 5 and not view.prefill
+    assert view.mask().tolist() == [[[j <= p for j in range(5)] for p in row] for row in ([3, 4], [1, 2])]
+    bias = view.score_bias(n_heads=4)
+    assert bias.shape == (2, 2 * 4, 5) and (bias[1, 4:] == torch.tensor([0, 0, 0, float("-inf"), float("-inf")])).all()
+    assert cache.view(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long), 3).prefill
+    assert cache.view(torch.tensor([0, 1]), torch.tensor([4, 4]), 1).score_bias(4) is None  # nothing to mask
+    rows = torch.randn(2, 2, W)
+    view.write(0, "latent", rows)
+    torch.testing.assert_close(view.read(0, "latent")[0, 3:5], rows[0])
+    torch.testing.assert_close(cache.data["latent"][0, 0, 1:3], rows[1])
 
 
 def test_cache_bounds_are_checked():
     model = Transformer(preset("tiny")).eval()
     cache = model.new_cache(2, 8)
     with pytest.raises(ValueError, match="exceeds the cache length"):
-        CacheView(cache, torch.tensor([0]), torch.tensor([6]), 4)
+        cache.view(torch.tensor([0]), torch.tensor([6]), 4)
     with pytest.raises(ValueError, match="slot out of range"):
-        CacheView(cache, torch.tensor([2]), torch.tensor([0]), 1)
+        cache.view(torch.tensor([2]), torch.tensor([0]), 1)
 
 
 def test_mtp_cached_equals_training_path():
@@ -142,8 +164,8 @@ def test_mtp_cached_equals_training_path():
         ref = model.lm_head(mod.shared_head.norm(h1))  # [B, 15, V]: position i predicts token i+2
         cache = model.new_cache(2, 32)
         slots, start = torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
-        _, hidden = model.forward_cached(ids, start, slots, cache)
-        mtp_logits, _ = model.mtp_forward_cached(hidden[:, :15], ids[:, 1:], start, slots, cache)
+        _, hidden = model.forward_cached(ids, cache.view(slots, start, 16))
+        mtp_logits, _ = model.mtp_forward_cached(hidden[:, :15], ids[:, 1:], cache.view(slots, start, 15))
     torch.testing.assert_close(mtp_logits, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -161,7 +183,14 @@ def test_train_losses_and_load_accounting():
     n_moe = len(model.moe_layers())
     assert 0.5 * 1e-3 * n_moe < out.aux_loss.item() < 3 * 1e-3 * n_moe
     out.loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if "gate.weight" not in n or True)
+    # Every parameter gets a gradient, the router's weight included (through the gate values). Routed
+    # experts that no token chose get exactly zero, every other parameter a non-zero one.
+    experts = {id(p) for m in model.moe_layers() for p in m.experts.parameters()}
+    for name, p in model.named_parameters():
+        assert p.grad is not None and (id(p) in experts or p.grad.abs().sum() > 0), name
+    for m in model.moe_layers():
+        for p in m.experts.parameters():
+            assert (p.grad.flatten(1).abs().sum(1) > 0).tolist() == (m.load > 0).tolist()
     # Every token picks K experts in every MoE layer (MTP layer sees T-1 positions).
     loads = [m.load.sum().item() for m in model.moe_layers()]
     K = cfg.num_experts_per_tok
@@ -171,62 +200,31 @@ def test_train_losses_and_load_accounting():
 
 
 def test_grouped_experts_paths_agree():
-    """The padded-bmm path (fp32) and grouped_mm path (bf16) compute the same function."""
+    """grouped_mm and the padded batched GEMM, each forced, compute the same function; so does grouped_mm
+    under bf16 autocast (to bf16 precision)."""
     torch.manual_seed(0)
     cfg = preset("tiny", hidden_size=64, moe_intermediate_size=32)
     experts = Transformer(cfg).layers[1].mlp.experts
+    assert type(experts) is GroupedExperts and experts.use_grouped_mm(torch.float32, 9)  # 64 / 32: aligned
     counts = torch.tensor([5, 0, 9, 1, 3, 0, 2, 4])
     x = torch.randn(int(counts.sum()), 64)
-    ref = experts(x, counts)
+    grouped = experts.forward_grouped(x, counts)
+    padded = experts.forward_sorted_padded(x, counts, int(counts.max()))
+    torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-6)
+    # ... and both equal each expert applied to its own rows, one at a time.
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    rows = list(x.split(counts.tolist()))
+    ref = torch.cat([torch.nn.functional.silu(r @ w1[e, :32].t()) * (r @ w1[e, 32:].t()) @ w2[e].t()
+                     for e, r in enumerate(rows)])
+    torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(experts(x, counts), grouped)  # forward picks grouped_mm here
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, counts)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-3)
-
-
-def test_few_token_moe_path_equals_batched():
-    """Decoding runs only the chosen experts (GroupedExperts.forward_few); it must equal the all-experts path."""
-    torch.manual_seed(0)
-    cfg = preset("tiny", initializer_range=0.2)
-    moe = Transformer(cfg).layers[1].mlp.eval()
-    T = moe.FEW_ASSIGNMENTS // cfg.num_experts_per_tok + 8  # enough tokens for the batched path
-    x = torch.randn(1, T, cfg.hidden_size)
-    from nanoseek.model import kernels
-
-    with torch.no_grad(), kernels.disabled():  # the torch paths (test_kernels.py covers the C++ one)
-        batched, _ = moe(x)
-        for n in (1, 2, 3):  # one token (plain decoding), two (a speculative verify), three
-            few = torch.cat([moe(x[:, t:t + n])[0] for t in range(0, T - n + 1, n)], dim=1)
-            torch.testing.assert_close(few, batched[:, : few.shape[1]], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("use_kernels", [True, False])
-def test_inference_linear_layouts_equal_f_linear(threads, use_kernels):
-    """layers.linear picks a kernel or GEMM layout for a few rows at inference; the values must be F.linear's."""
-    import contextlib
-
-    from nanoseek.model import kernels
-    from nanoseek.model.layers import linear
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    with contextlib.nullcontext() if use_kernels else kernels.disabled():
-        torch.manual_seed(0)
-        w = torch.randn(384, 256)
-        for rows in (1, 2, 5, 64, 65, 200):
-            x = torch.randn(rows, 256)
-            with torch.no_grad():
-                for xin in (x, x[:, None, :], x.view(1, rows, 256)):
-                    got = linear(xin, w)
-                    assert got.shape == xin.shape[:-1] + (384,) and got.is_contiguous()
-                    torch.testing.assert_close(got, torch.nn.functional.linear(xin, w), rtol=1e-5, atol=1e-5)
-                # A strided weight (a slice of stacked experts, transposed) still gives the same result.
-                torch.testing.assert_close(linear(x, w.t().contiguous().t()), x @ w.t(), rtol=1e-5, atol=1e-5)
-        x = torch.randn(2, 256, requires_grad=True)
-        linear(x, w).sum().backward()  # training keeps F.linear and its autograd
-        torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
-    torch.set_num_threads(old)
+    # Unaligned strides fall back to the padded GEMM.
+    odd = Transformer(preset("tiny", hidden_size=60, moe_intermediate_size=30)).layers[1].mlp.experts
+    assert not odd.use_grouped_mm(torch.float32, 9)
 
 
 def test_cache_reads_non_contiguous_slots():
@@ -237,10 +235,10 @@ def test_cache_reads_non_contiguous_slots():
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(num_slots=4, max_len=16)
+        cache = model.new_cache(4, max_len=16)
         slots = torch.tensor([3, 1])
-        model.forward_cached(ids[:, :9], torch.zeros(2, dtype=torch.long), slots, cache)
-        step, _ = model.forward_cached(ids[:, 9:], torch.full((2,), 9), slots, cache)
+        model.forward_cached(ids[:, :9], cache.view(slots, torch.zeros(2, dtype=torch.long), 9))
+        step, _ = model.forward_cached(ids[:, 9:], cache.view(slots, torch.full((2,), 9), 1))
     torch.testing.assert_close(step[:, 0], full[:, 9], rtol=1e-4, atol=1e-5)
 
 
@@ -255,3 +253,31 @@ def test_experts_with_no_tokens():
         y.float().sum().backward()
         # The input gets a (empty) gradient: under expert parallelism the all-to-all backward must run.
         assert x.grad is not None and x.grad.shape == (0, 64)
+
+
+def test_model_package_is_the_mathematics_only():
+    """model/ imports only torch and nanoseek.config, knows nothing of kernels, FP8, EP or FSDP, and stays
+    about 1,000 lines (the CPU decode paths live in nanoseek.infer.fast, parallelism in nanoseek.train)."""
+    import ast
+    from pathlib import Path
+
+    import nanoseek.model
+
+    root = Path(nanoseek.model.__file__).parent
+    lines = 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text()
+        lines += len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in ("torch", "__future__", "math", "dataclasses") or \
+                    name in (".", "..config") or (name.startswith(".") and name.count(".") == 1), (path.name, name)
+        for word in ("kernels.", "csrc", "fp8", "dispatcher", "fsdp", "forward_decode"):
+            assert word not in text.lower(), (path.name, word)
+    assert lines <= 1100, lines

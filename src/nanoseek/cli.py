@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "generate": ("nanoseek.infer.cli_generate", "generate text from a prompt", MODEL),
     "chat": ("nanoseek.infer.cli_chat", "chat with a model in the terminal", MODEL),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible API server and web chat", MODEL),
+    "build-kernels": ("nanoseek.infer.fast.build", "build the C++ CPU decode kernels now (not on first use); say where",
+                      ()),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export", MODEL),
 }
 # Commands whose device and thread count come from their run config unless the flag is given.

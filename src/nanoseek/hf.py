@@ -307,11 +307,10 @@ def _check_complete(todo: dict[str, set], params: dict[str, torch.Tensor], path:
 
 
 # ----------------------------------------------------------------------------- saving
-def _hf_tensors(model: Transformer):
-    """Yields (hf_name, tensor) for every tensor of the HF layout, experts split one by one."""
-    cfg = model.config
+def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
+    """Yields (hf_name, tensor) for every tensor of the HF layout that `state` (our names; the whole model or
+    one pipeline stage's part) holds, experts split one by one."""
     L, Fh = cfg.num_hidden_layers, cfg.moe_intermediate_size
-    state = model.state_dict()
     for name, t in state.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -328,9 +327,46 @@ def _hf_tensors(model: Transformer):
                 yield f"{base}{e}.down_proj.weight", t[e]
         else:
             yield ours_to_hf(name, L), t
-    for k in range(len(model.mtp)):  # the published layout gives each MTP layer its own embedding and head
-        yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
-        yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+    for k in range(cfg.num_nextn_predict_layers):  # the published layout gives each MTP layer its own copies
+        if "embed_tokens.weight" in state:
+            yield f"model.layers.{L + k}.embed_tokens.weight", state["embed_tokens.weight"]
+        if "lm_head.weight" in state:
+            yield f"model.layers.{L + k}.shared_head.head.weight", state["lm_head.weight"]
+
+
+def write_config(cfg: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    """config.json (dequantised weights: no quantization_config) and generation_config.json."""
+    hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
+    hf_cfg.pop("quantization_config", None)
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def write_index(path: Path) -> None:
+    """model.safetensors.index.json for the model-*-of-*.safetensors shards in `path` (read from their headers)."""
+    weight_map, total = {}, 0
+    for f in sorted(path.glob("model-*-of-*.safetensors")):
+        with _open(f) as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * _DTYPE_BYTES[sl.get_dtype()]
+                weight_map[k] = f.name
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1, "BOOL": 1}
+
+
+def copy_tokenizer(src: str | os.PathLike | None, path: Path) -> None:
+    if src and Path(src).resolve() != path.resolve():
+        for f in TOKENIZER_FILES:
+            if f != "generation_config.json" and (Path(src) / f).exists():
+                shutil.copy2(Path(src) / f, path / f)
 
 
 def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
@@ -339,16 +375,11 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    dtype = model.embed_tokens.weight.dtype
-    hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
-    hf_cfg.pop("quantization_config", None)  # we write dequantised weights
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_config(cfg, model.embed_tokens.weight.dtype, path)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for name, t in _hf_tensors(model):
+    for name, t in hf_tensors(model.state_dict(), cfg):
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -373,9 +404,5 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    src = tokenizer_dir or getattr(model, "tokenizer_dir", None)
-    if src and Path(src).resolve() != path.resolve():
-        for f in TOKENIZER_FILES:
-            if f != "generation_config.json" and (Path(src) / f).exists():
-                shutil.copy2(Path(src) / f, path / f)
+    copy_tokenizer(tokenizer_dir or getattr(model, "tokenizer_dir", None), path)
     return path

@@ -1,5 +1,6 @@
-"""Inference: the batched engine (latent cache, continuous batching, MTP speculation), sampling, and
-`generate`; the `nanoseek generate` and `nanoseek chat` commands live beside them."""
+"""Inference: the batched engine (continuous batching, MTP speculation) over its latent cache (cache.py),
+sampling, and `generate`; fast/ holds the CPU decode transform the engine applies (`fast.accelerate`)
+and its C++ kernels. The `nanoseek generate` and `nanoseek chat` commands live beside them."""
 
 from nanoseek.infer.engine import Completion, Engine, EngineError, QueueFull, Request
 from nanoseek.infer.generate import generate

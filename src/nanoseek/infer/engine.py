@@ -1,9 +1,12 @@
 """The generation engine: continuous batching over the absorbed MLA latent cache, with MTP speculation.
 
-* Cache: one preallocated `model.new_cache(slots, max_len)` (per token and layer only the normalized
+* Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
   section 2.1, V3 section 2.1.1). A request owns one slot from admission to its end; rolling back after a
-  rejected draft is just a smaller start position.
+  rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
+  (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
+* On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
+  values as the pure model), from the Engine's construction on.
 * Continuous batching (Orca, Yu et al. 2022): requests wait in a bounded queue, join the running batch
   between decode steps (their prompts prefilled together in one forward) and leave as soon as they finish
   or are cancelled, freeing their slot for the next waiting request.
@@ -33,8 +36,9 @@ from typing import Callable
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.infer import fast
+from nanoseek.infer.cache import SlotCache
 from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
-from nanoseek.model import kernels
 
 
 class EngineError(NanoseekError, ValueError):
@@ -116,7 +120,7 @@ class Engine:
             raise EngineError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         if max_batch_size < 1:
             raise EngineError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model.eval()
+        self.model = fast.accelerate(model.eval())  # a no-op off the CPU
         self.config = cfg
         self.max_batch_size = max_batch_size
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -125,10 +129,8 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         # Two spare positions: a speculative step writes the draft one past the last real token.
-        if param.dtype == torch.float32 and param.is_cpu:
-            kernels.load()  # build the C++ decode kernels now (once per machine), not inside the first request
-        self.cache = model.new_cache(max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
-                                     device=self.device)
+        self.cache = SlotCache.for_model(model, max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
+                                         device=self.device)
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
@@ -205,8 +207,8 @@ class Engine:
 
         The server runs the engine on the main thread and HTTP on another: with GNU OpenMP, a second thread
         that runs parallel regions gets a second worker pool, and with more pool threads than cores libgomp
-        stops spin-waiting, so every parallel region pays a futex wake-up (measured: a bench-config decode
-        step took 8.6 ms on a second thread against 4.2 ms on the first one: benchmarks/bench_kernels.py).
+        stops spin-waiting, so every parallel region pays a futex wake-up (benchmarks/bench_kernels.py times a
+        decode step on both threads: benchmarks/results/kernels.json).
         """
         self._thread = threading.current_thread()
         self._stop = False
@@ -358,7 +360,8 @@ class Engine:
         zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         rows = torch.arange(len(reqs), device=self.device)
         last = device_tensor([n - 1 for n in lens], torch.long, self.device)
-        logits, hidden = self.model.forward_cached(ids, zeros, slots, self.cache, logits_at=last)
+        view = self.cache.view(slots, zeros, T)
+        logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
         params = [r.params for r in reqs]
         first = sample(last_logits, params, [r.generator for r in reqs])
@@ -369,7 +372,7 @@ class Engine:
             # MTP position i sees hidden[i] and token i+1; the prompt's last position sees the first sample.
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
             nxt[rows, last] = first
-            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, zeros, slots, self.cache, logits_at=last)
+            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view, logits_at=last)
             self._set_drafts(reqs, mtp_logits[:, 0])
         for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
             r.pos = lens[i]
@@ -390,8 +393,8 @@ class Engine:
     def _decode_plain(self) -> None:
         reqs = self._running
         ids = self._tensor([[r.pending] for r in reqs])
-        logits, _ = self.model.forward_cached(ids, self._tensor([r.pos for r in reqs]),
-                                              self._tensor([r.slot for r in reqs]), self.cache)
+        view = self.cache.view(self._tensor([r.slot for r in reqs]), self._tensor([r.pos for r in reqs]), 1)
+        logits, _ = self.model.forward_cached(ids, view)
         logits = logits[:, 0]
         params = [r.params for r in reqs]
         nxt = sample(logits, params, [r.generator for r in reqs])
@@ -407,7 +410,8 @@ class Engine:
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
         start = self._tensor([r.pos for r in reqs])
         slots = self._tensor([r.slot for r in reqs])
-        logits, hidden = self.model.forward_cached(ids, start, slots, self.cache)  # [B, 2, V], [B, 2, D]
+        view = self.cache.view(slots, start, 2)
+        logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
         accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
         read = torch.stack([accepted_t.long(), token_t], 1).tolist()
@@ -419,7 +423,7 @@ class Engine:
         # Refill the MTP cache at pos (and pos+1 when accepted) and draft the next token. A rejected row
         # writes garbage at pos+1 of the MTP cache; it is overwritten before it can be attended to.
         nxt = self._tensor([[e[0], e[-1]] for e in emitted])
-        mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, start, slots, self.cache)
+        mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view)  # the same positions as the verify
         pick = self._tensor([1 if ok else 0 for ok in accepted])
         self._set_drafts(reqs, mtp_logits[torch.arange(B, device=self.device), pick])
         for i, r in enumerate(reqs):

@@ -7,8 +7,14 @@ Two mathematically equal paths:
   * naive (training, prefill): expand the latent to per-head keys/values with kv_b_proj and run SDPA;
   * absorbed (decode): fold kv_b_proj's key half into the query and its value half into the output, so
     attention runs directly against the cached latent. Only the normalised latent [C] and the rotated
-    rope key [R] are cached per token and layer: 70,272 bytes/token for V3 in BF16.
-The softmax scale is that of qk_head_dim (N + R), never of the absorbed dimension (C + R).
+    rope key [R] are cached per token and layer: 61 x (512 + 64) values, 70,272 bytes per token for V3
+    in BF16.
+The softmax scale is that of qk_head_dim (N + R), never of the absorbed dimension: absorption changes
+how the dot products are computed, not their values.
+
+The cache is reached through CacheView, a small interface (write and read rows, positions, the mask) so
+that the storage layout (contiguous rows here, the engine's own in nanoseek.infer.cache) is not the
+model's business.
 """
 
 from __future__ import annotations
@@ -18,101 +24,109 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import Linear, RMSNorm, apply_rope
-
-
-class LatentCache:
-    """Preallocated per-slot cache: [layers, slots, max_len, C + R], the latent and the rope key side by side.
-
-    Storing both in one row lets decode attention score the query against [latent | rope key] in a single
-    batched GEMM. A slot holds one sequence. Callers track each slot's length; writing at a smaller position
-    simply overwrites (that is how speculative decoding rolls back).
-    """
-
-    def __init__(self, n_layers: int, num_slots: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.max_len = max_len
-        self.num_slots = num_slots
-        self.kv_lora_rank = kv_lora_rank
-        self.kv = torch.zeros(n_layers, num_slots, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
-
-    @property
-    def latent(self) -> torch.Tensor:
-        return self.kv[..., : self.kv_lora_rank]
-
-    @property
-    def k_rope(self) -> torch.Tensor:
-        return self.kv[..., self.kv_lora_rank:]
-
-    def nbytes(self) -> int:
-        return self.kv.nbytes
+from .layers import RMSNorm, apply_rope
 
 
 class CacheView:
-    """What one forward needs to read/write the cache: the slot and start position of each row.
+    """One cached forward's window on a latent cache: the whole interface the model uses.
 
-    Everything that is the same for every layer (bounds checks, whether the slots are one contiguous range,
-    the attention mask) is worked out once here rather than once per layer: at batch 1 a decode step is
-    dominated by per-op overhead, not arithmetic.
+    The forward brings T new tokens for each of B rows; row b's tokens sit at positions
+    start_pos[b] .. start_pos[b] + T - 1 of its own sequence, and each attends to every earlier position
+    of that sequence. A cache implementation provides:
+      positions  [B, T] absolute positions of the new tokens (the rope angles);
+      prefill    True when every row starts at position 0 with several tokens: attention over the new
+                 tokens alone is then complete, so MLA takes the naive path;
+      write(layer, name, rows_BTW)  store the new tokens' rows of stream `name`; MLA stores "latent",
+                 the [normalised latent | rotated rope key] row (C + R values) of each token;
+      read(layer, name) -> [B, L, W] positions 0 .. L-1 of each row's sequence, L = kv_len (the longest
+                 row's end; positions beyond a shorter row's end are masked out by the score bias);
+      mask() -> [B, T, L] bool and score_bias(n_heads) -> [B, T*H, L] additive 0 / -inf, or None when
+                 nothing is masked (every row brings one token at the same position).
+    Streams are named so that an attention variant can cache more per token (stream widths come from
+    Transformer.cache_layout). This base class holds the bookkeeping shared by every storage layout;
+    subclasses implement write and read: LatentCacheView below (contiguous rows, the reference) and the
+    engine's cache in nanoseek.infer.cache. Everything that is the same for every layer is computed once
+    per forward: at batch 1 a decode step is dominated by per-op overhead, not arithmetic.
     """
 
-    def __init__(self, cache: LatentCache, slots: torch.Tensor, start_pos: torch.Tensor, n_new: int):
-        self.cache = cache
-        self.slots = slots
+    def __init__(self, start_pos: torch.Tensor, n_new: int):
         self.start_pos = start_pos
-        slot_list, start_list = slots.tolist(), start_pos.tolist()
-        end = max(start_list) + n_new
-        if end > cache.max_len:
-            raise ValueError(f"sequence length {end} exceeds the cache length {cache.max_len}")
-        if max(slot_list) >= cache.num_slots or min(slot_list) < 0:
-            raise ValueError(f"cache slot out of range [0, {cache.num_slots})")
         self.n_new = n_new
-        self.kv_len = end  # positions [0, kv_len) are read
-        self.prefill = n_new > 1 and max(start_list) == 0
+        starts = start_pos.tolist()
+        self.kv_len = max(starts) + n_new  # positions [0, kv_len) are read
+        self.prefill = n_new > 1 and max(starts) == 0
         self.positions = start_pos[:, None] + torch.arange(n_new, device=start_pos.device)  # [B, T]
-        # Slots s, s+1, ... are read through a view instead of a gather.
-        s0 = slot_list[0]
-        self._first_slot = s0 if slot_list == list(range(s0, s0 + len(slot_list))) else None
         # Every row sees every cached key only when all rows start at the same place and bring one token.
-        self._needs_mask = n_new > 1 or min(start_list) != max(start_list)
+        self._needs_mask = n_new > 1 or min(starts) != max(starts)
         self._bias = None
 
-    def write(self, layer: int, kv_BTW: torch.Tensor) -> None:
-        """Store [latent | rotated rope key] rows of the new tokens."""
-        rows = self.slots[:, None].expand_as(self.positions)
-        self.cache.kv[layer][rows, self.positions] = kv_BTW.to(self.cache.kv.dtype)
+    def write(self, layer: int, name: str, rows_BTW: torch.Tensor) -> None:
+        raise NotImplementedError
 
-    def read(self, layer: int) -> torch.Tensor:
-        """[B, kv_len, C + R] for this forward's rows (a view when their slots are contiguous)."""
-        kv = self.cache.kv[layer]
-        if self._first_slot is not None:
-            return kv[self._first_slot: self._first_slot + self.slots.shape[0], : self.kv_len]
-        return kv[:, : self.kv_len].index_select(0, self.slots)
-
-    def kernel_args(self, layer: int, n_heads: int) -> tuple:
-        """The cache arguments of kernels.block_decode for this layer."""
-        rows = self.slots[:, None].expand_as(self.positions)
-        first = -1 if self._first_slot is None else self._first_slot
-        return (self.cache.kv[layer], self.slots, rows, self.positions, first, self.kv_len,
-                self.score_bias(n_heads))
+    def read(self, layer: int, name: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def mask(self) -> torch.Tensor:
-        """[B, 1, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
+        """[B, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
         keys = torch.arange(self.kv_len, device=self.positions.device)
-        return (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+        return keys[None, None, :] <= self.positions[:, :, None]
 
     def score_bias(self, n_heads: int) -> torch.Tensor | None:
-        """Additive mask [B, T*H, L] (0 or -inf) for scores laid out (token, head) per row; None when nothing
-        is masked. Built once per forward and shared by all layers."""
+        """Additive mask [B, T*H, L] for scores laid out (token, head) per row; built once per forward."""
         if not self._needs_mask:
             return None
         if self._bias is None:
             B, T = self.positions.shape
-            allowed = self.mask()[:, 0]  # [B, T, L]
+            allowed = self.mask()
             bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
             bias = bias.masked_fill_(~allowed, float("-inf"))
             self._bias = bias[:, :, None, :].expand(B, T, n_heads, self.kv_len).reshape(B, T * n_heads, self.kv_len)
         return self._bias
+
+
+class LatentCache:
+    """The reference cache: per stream one preallocated [layers, rows, max_len, W] tensor.
+
+    A cache row holds one sequence; a forward names the rows it runs on (LatentCache.view). Keeping the
+    latent and the rope key in one row lets decode attention score the query against [latent | rope key]
+    in a single batched GEMM. Writing at a smaller position simply overwrites (that is how speculative
+    decoding rolls back).
+    """
+
+    def __init__(self, n_layers: int, rows: int, max_len: int, widths: dict[str, int], dtype: torch.dtype,
+                 device: torch.device | str):
+        self.n_layers, self.rows, self.max_len = n_layers, rows, max_len
+        self.data = {name: torch.zeros(n_layers, rows, max_len, w, dtype=dtype, device=device)
+                     for name, w in widths.items()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.data.values())).dtype
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.data.values())
+
+    def view(self, rows: torch.Tensor, start_pos: torch.Tensor, n_new: int) -> "LatentCacheView":
+        """The window of one forward: cache rows `rows` [B] bring n_new tokens at start_pos [B]."""
+        return LatentCacheView(self, rows, start_pos, n_new)
+
+
+class LatentCacheView(CacheView):
+    def __init__(self, cache: LatentCache, rows: torch.Tensor, start_pos: torch.Tensor, n_new: int):
+        super().__init__(start_pos, n_new)
+        if self.kv_len > cache.max_len:
+            raise ValueError(f"sequence length {self.kv_len} exceeds the cache length {cache.max_len}")
+        row_list = rows.tolist()
+        if max(row_list) >= cache.rows or min(row_list) < 0:
+            raise ValueError(f"cache slot out of range [0, {cache.rows})")
+        self.cache, self.slots, self._slot_list = cache, rows, row_list
+
+    def write(self, layer: int, name: str, rows_BTW: torch.Tensor) -> None:
+        store = self.cache.data[name][layer]
+        store[self.slots[:, None].expand_as(self.positions), self.positions] = rows_BTW.to(store.dtype)
+
+    def read(self, layer: int, name: str) -> torch.Tensor:
+        return self.cache.data[name][layer][:, : self.kv_len].index_select(0, self.slots)
 
 
 class MLA(nn.Module):
@@ -125,15 +139,17 @@ class MLA(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(D, H * cfg.qk_head_dim, bias=False)
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = Linear(H * cfg.v_head_dim, D, bias=False)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=False)
+        # What a cache holds per token for this layer (CacheView.write / read).
+        self.cache_widths = {"latent": cfg.kv_lora_rank + cfg.qk_rope_head_dim}
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -153,17 +169,18 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
         if cache is None:
-            out = self._naive(q_nope, q_rope, latent, k_rope, mask=None)
+            out = self._naive(q_nope, q_rope, latent, k_rope)
         else:
-            cache.write(layer, torch.cat([latent, k_rope], dim=-1))
+            cache.write(layer, "latent", torch.cat([latent, k_rope], dim=-1))
             if cache.prefill:
                 # Prefill from an empty slot: the naive path over the new tokens is the cheaper one.
-                out = self._naive(q_nope, q_rope, latent, k_rope, mask=None)
+                out = self._naive(q_nope, q_rope, latent, k_rope)
             else:
-                out = self._absorbed(q_nope, q_rope, cache.read(layer), cache.score_bias(self.n_heads))
+                out = self._absorbed(q_nope, q_rope, cache.read(layer, "latent"), cache.score_bias(self.n_heads))
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(x.dtype))  # the cache may be narrower
 
-    def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask):
+    def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR):
+        """Causal attention over the given tokens with per-head keys and values expanded from the latent."""
         B, T, H, _ = q_nope.shape
         L = latent_BLC.shape[1]
         kv = self.kv_b_proj(latent_BLC).view(B, L, H, self.nope + self.v_dim)
@@ -176,10 +193,7 @@ class MLA(nn.Module):
             # Fused (flash) SDPA kernels want one head size for q, k and v; zero columns in v cost a little
             # extra GEMM but avoid the unfused path, which materialises [B,H,T,T] several times (slower on CPU).
             v = F.pad(v, (0, pad))
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2)  # [B,T,H,V]
 
     def _absorbed(self, q_nope, q_rope, kv_BLW, bias):

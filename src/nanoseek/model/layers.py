@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
-from . import kernels
 
 
 class RMSNorm(nn.Module):
@@ -27,56 +26,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 for stability, then cast back before the weight (as transformers does).
-        dtype = x.dtype
-        if dtype == torch.float32 and kernels.usable(x, self.weight):  # inference: one C++ loop
-            return kernels.rms_norm(x, self.weight, self.eps)
-        if dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # The same arithmetic in one fused op (bit-identical in fp32; a third of the time at decode sizes).
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the few-row shapes of CPU decoding laid out for the memory-bound work they are.
-
-    Decoding multiplies 1-16 rows by each weight, so the time is that of streaming the weight from memory,
-    and torch's CPU F.linear gets there poorly (2-core EPYC, fp32: one row runs a single-threaded GEMV at
-    ~13 GB/s; a few rows re-pack the whole weight first). In order of preference:
-      * up to 32 rows, fp32: the C++ kernel of nanoseek.model.kernels (~30 GB/s at one or two rows; on
-        small weights it also beats F.linear's call overhead: 2.8 vs 6.0 us for 64x128 at two rows);
-      * one row without it: the weight's rows split into 4 batches of one bmm, which uses every thread;
-      * 2-64 rows without it: W @ x^T, which streams W once.
-    benchmarks/bench_kernels.py measures all three against F.linear.
-    Without the kernels, small weights (under _RELAYOUT_MIN elements, where call overhead outweighs
-    bandwidth) keep F.linear; so do training (grad enabled), GPUs and bias-carrying layers.
-    """
-    if bias is None and x.is_cpu and not torch.is_grad_enabled() and x.shape[-1]:
-        n_out, n_in = weight.shape
-        rows = x.numel() // n_in
-        if rows <= 32 and weight.is_contiguous() and kernels.usable(x, weight):
-            return kernels.rows_matmul(x.reshape(rows, n_in), weight).view(x.shape[:-1] + (n_out,))
-        if weight.numel() < _RELAYOUT_MIN:
-            return F.linear(x, weight)
-        if rows == 1 and torch.get_num_threads() > 1 and n_out % _GEMV_SPLIT == 0 and weight.is_contiguous():
-            y = torch.bmm(x.reshape(1, 1, n_in).expand(_GEMV_SPLIT, 1, n_in),
-                          weight.view(_GEMV_SPLIT, n_out // _GEMV_SPLIT, n_in).transpose(1, 2))
-            return y.view(x.shape[:-1] + (n_out,))
-        if 2 <= rows <= 64:
-            return torch.mm(weight, x.reshape(rows, n_in).t()).t().contiguous().view(x.shape[:-1] + (n_out,))
-    return F.linear(x, weight, bias)
-
-
-_GEMV_SPLIT = 4
-_RELAYOUT_MIN = 1 << 16
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) that routes through `linear` above."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -84,9 +34,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=False)
-        self.up_proj = Linear(dim, hidden, bias=False)
-        self.down_proj = Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -19,9 +19,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, CacheView, LatentCache
-from .layers import MLP, Linear, RMSNorm, Rotary
-from . import kernels
-from .moe import GroupedExperts, MoE
+from .layers import MLP, RMSNorm, Rotary
+from .moe import MoE
 
 
 class Block(nn.Module):
@@ -41,73 +40,6 @@ class Block(nn.Module):
             y, aux = self.mlp(h), None
         return x + y, aux
 
-    # ------------------------------------------------------------------ decode step in C++
-    def decodes_in_kernel(self) -> bool:
-        """True when forward_decode computes exactly what forward does: plain modules (no FP8 training
-        wrappers, no expert-parallel dispatcher, no FSDP hooks), inference mode."""
-        plan = self._kernel_plan()
-        moe = plan.moe
-        if moe is not None and (moe.training or moe.dispatcher is not None or type(moe.experts) is not GroupedExperts):
-            return False
-        if any(m._forward_pre_hooks or m._forward_hooks for m in plan.hooked):
-            return False
-        return all(type(m) is Linear for m in plan.linears)
-
-    def forward_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView,
-                       layer: int) -> torch.Tensor:
-        """forward() of a decode step (cache attached, not a prefill) as one C++ call: kernels.block_decode
-        runs the same operations in the same order, without a Python call per op."""
-        plan = self._kernel_plan()
-        attn, norms, mlp = ([m._parameters[n] if n in m._parameters else m._buffers[n] for m, n in group]
-                            for group in (plan.attn, plan.norms, plan.mlp))
-        return kernels.block_decode(x, cos, sin, *cache.kernel_args(layer, plan.icfg[0]), attn, norms, mlp,
-                                    plan.icfg, plan.fcfg)
-
-    def _kernel_plan(self) -> "_KernelPlan":
-        plan = self.__dict__.get("_kplan")
-        if plan is None:
-            plan = self.__dict__["_kplan"] = _KernelPlan.of(self)
-        return plan
-
-
-@dataclass
-class _KernelPlan:
-    """What kernels.block_decode needs from one block, gathered once: the (module, tensor name) pairs in
-    the kernel's order, read at each call (so in-place updates, casts and reloads are seen), and the
-    integer / float configuration (see csrc/decode_kernels.cpp)."""
-    attn: list
-    norms: list
-    mlp: list
-    linears: list   # must still be plain Linear at call time (enable_fp8 swaps classes in place)
-    hooked: list    # modules FSDP would hook
-    moe: MoE | None
-    icfg: list
-    fcfg: list
-
-    @classmethod
-    def of(cls, block: Block) -> "_KernelPlan":
-        a, mlp, cfg = block.self_attn, block.mlp, block.self_attn.cfg
-        q = [a.q_proj] if cfg.q_lora_rank is None else [a.q_a_proj, a.q_a_layernorm, a.q_b_proj]
-        attn_mods = q + [a.kv_a_proj_with_mqa, a.kv_a_layernorm, a.kv_b_proj, a.o_proj]
-        icfg = [a.n_heads, a.nope, a.rope, a.v_dim, a.kv_rank, int(cfg.rope_interleave), int(isinstance(mlp, MoE))]
-        if isinstance(mlp, MoE):
-            sh = mlp.shared_experts
-            shared = [] if sh is None else [sh.gate_proj, sh.up_proj, sh.down_proj]
-            mlp_pairs = [(mlp.gate, "weight"), (mlp.gate, "e_score_correction_bias"),
-                         (mlp.experts, "gate_up_proj"), (mlp.experts, "down_proj")] + [(m, "weight") for m in shared]
-            method = {"noaux_tc": 0, "greedy": 1, "group_limited_greedy": 2}[cfg.topk_method]
-            icfg += [cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, int(cfg.scoring_func == "softmax"),
-                     method, int(cfg.norm_topk_prob), int(sh is not None)]
-            mlp_linears = shared
-        else:
-            mlp_linears = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            mlp_pairs = [(m, "weight") for m in mlp_linears]
-        return cls(attn=[(m, "weight") for m in attn_mods],
-                   norms=[(block.input_layernorm, "weight"), (block.post_attention_layernorm, "weight")],
-                   mlp=mlp_pairs, linears=[m for m in attn_mods if not isinstance(m, RMSNorm)] + mlp_linears,
-                   hooked=[block, a, mlp], moe=mlp if isinstance(mlp, MoE) else None, icfg=icfg,
-                   fcfg=[cfg.rms_norm_eps, a.scale, cfg.routed_scaling_factor])
-
 
 class MTPModule(Block):
     """A full decoder block plus the input combination and its own output norm; head and embedding are shared."""
@@ -116,7 +48,7 @@ class MTPModule(Block):
         super().__init__(cfg, moe)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -139,7 +71,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, moe) for moe in cfg.is_moe_layer)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         mtp_moe = cfg.n_routed_experts > 0 and cfg.num_hidden_layers >= cfg.first_k_dense_replace
@@ -219,66 +151,65 @@ class Transformer(nn.Module):
         """Language-model loss, MTP loss (mean over depths) and balance loss; targets -100 are ignored."""
         h, aux = self.hidden_states(input_ids, aux_alpha)
         logits = self.lm_head(self.norm(h))
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        zero = lm_loss.new_zeros(())
-        mtp_losses = []
+        mtp_logits = []
         for k, mod, hk, aux_k in self.mtp_hidden_states(h, input_ids, aux_alpha):
-            mtp_logits = self.lm_head(mod.shared_head.norm(hk))
-            tgt = targets[:, k:]  # position i of depth k predicts token i+k+1 = targets[i+k]
-            mtp_losses.append(F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100))
+            mtp_logits.append(self.lm_head(mod.shared_head.norm(hk)))
             if aux_k is not None:
                 aux = aux_k if aux is None else aux + aux_k
+        return self.train_losses(logits, mtp_logits, targets, aux, mtp_weight)
+
+    @staticmethod
+    def train_losses(logits: torch.Tensor, mtp_logits: list[torch.Tensor], targets: torch.Tensor,
+                     aux: torch.Tensor | None, mtp_weight: float) -> TrainOutput:
+        """The training losses from the head's logits [B,T,V] and each MTP depth's [B,T-k,V]; position i of
+        depth k predicts token i+k+1 = targets[i+k]. (A pipeline's last stage calls this too.)"""
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        zero = lm_loss.new_zeros(())
+        mtp_losses = [F.cross_entropy(lg.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-100)
+                      for k, lg in enumerate(mtp_logits, start=1)]
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else zero
         aux_loss = aux if aux is not None else zero
         return TrainOutput(lm_loss + mtp_weight * mtp_loss + aux_loss, lm_loss, mtp_loss, aux_loss)
 
     # ------------------------------------------------------------------ cached inference
-    def new_cache(self, num_slots: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> LatentCache:
-        ref = self.embed_tokens.weight
-        n_layers = self.config.num_hidden_layers + len(self.mtp)
-        return LatentCache(n_layers, num_slots, max_len, self.config.kv_lora_rank, self.config.qk_rope_head_dim,
-                           dtype or ref.dtype, device or ref.device)
+    def cache_layout(self) -> tuple[int, dict[str, int]]:
+        """What a cache for this model holds: the number of layers (main, then MTP) and, per stream, the
+        values cached per token and layer (MLA: the latent and the rope key, C + R)."""
+        return self.config.num_hidden_layers + len(self.mtp), dict(self.layers[0].self_attn.cache_widths)
 
-    def forward_cached(self, input_ids: torch.Tensor, start_pos: torch.Tensor, slots: torch.Tensor,
-                       cache: LatentCache, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> LatentCache:
+        """A contiguous reference cache for `rows` sequences of up to max_len tokens (the engine keeps its
+        own, nanoseek.infer.cache); run forwards on it through cache.view(rows, start_pos, n_new)."""
+        ref = self.embed_tokens.weight
+        n_layers, widths = self.cache_layout()
+        return LatentCache(n_layers, rows, max_len, widths, dtype or ref.dtype, device or ref.device)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: CacheView,
+                       logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run T new tokens per row against the cache; returns logits [B,T,V] and pre-norm hidden [B,T,D].
 
-        With logits_at ([B] indices into T) only those positions get logits ([B,1,V]): a prefill samples
-        from its last position only, and the head over every prompt token is a large share of its FLOPs.
+        `cache` says where the tokens go (CacheView: positions, what to read and write). With logits_at
+        ([B] indices into T) only those positions get logits ([B,1,V]): a prefill samples from its last
+        position only, and the head over every prompt token is a large share of its FLOPs.
         """
-        view = CacheView(cache, slots, start_pos, input_ids.shape[1])
-        cos, sin = self.rotary(view.positions)
+        cos, sin = self.rotary(cache.positions)
         x = self.embed_tokens(input_ids)
-        fast = self._decode_in_kernels(x, view, self.layers)
         for i, block in enumerate(self.layers):
-            x = block.forward_decode(x, cos, sin, view, i) if fast else block(x, cos, sin, view, layer=i)[0]
+            x, _ = block(x, cos, sin, cache, layer=i)
         return self.lm_head(self.norm(_pick(x, logits_at))), x
 
-    def _decode_in_kernels(self, x: torch.Tensor, view: CacheView, blocks) -> bool:
-        """Run these blocks of a cached forward through kernels.block_decode? Decode steps only (a prefill
-        takes the naive attention path), fp32 on CPU, as many assignments as the expert kernel takes."""
-        if view.prefill or x.shape[0] * x.shape[1] * max(1, self.config.num_experts_per_tok) > MoE.KERNEL_ASSIGNMENTS:
-            return False
-        if not kernels.usable(x, self.embed_tokens.weight, view.cache.kv):  # also rules out grad and autocast
-            return False
-        return all(b.decodes_in_kernel() for b in blocks)
-
-    def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: torch.Tensor,
-                           slots: torch.Tensor, cache: LatentCache, depth: int = 0,
-                           logits_at: torch.Tensor | None = None):
-        """MTP module `depth` at positions start_pos..: combines hidden[i] with Emb(next_ids[i]) (the token at
+    def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: CacheView, depth: int = 0,
+                           logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` at the cache's positions: combines hidden[i] with Emb(next_ids[i]) (the token at
         position i+1) and returns logits for token i+2 and the module's hidden state (logits_at: as in
-        forward_cached)."""
+        forward_cached). Its cache layer comes after the main model's."""
         if depth >= len(self.mtp):
             raise ValueError(f"the model has {len(self.mtp)} MTP module(s); depth {depth} does not exist")
         mod = self.mtp[depth]
-        view = CacheView(cache, slots, start_pos, next_ids.shape[1])
-        cos, sin = self.rotary(view.positions)
+        cos, sin = self.rotary(cache.positions)
         x = mod.combine(hidden, self.embed_tokens(next_ids))
-        layer = self.config.num_hidden_layers + depth
-        h = mod.forward_decode(x, cos, sin, view, layer) if self._decode_in_kernels(x, view, [mod]) else \
-            mod(x, cos, sin, view, layer=layer)[0]
+        h, _ = mod(x, cos, sin, cache, layer=self.config.num_hidden_layers + depth)
         return self.lm_head(mod.shared_head.norm(_pick(h, logits_at))), h
 
 

@@ -6,6 +6,8 @@ Layout of OUT/checkpoints/step_0000100/:
   rng.safetensors         torch CPU/CUDA, numpy and Python RNG states as tensors
   train_state.json        step, tokens seen, the resolved run config
   manifest.json           size and sha256 of every file above, written last
+A pipelined run writes the same folder sharded by pipeline rank (model-0000r-of-0000P.safetensors + index,
+optimizer-0000r-of-0000P.safetensors; nanoseek.train.pipeline_state); either kind resumes under any layout.
 
 Atomicity: everything is written into a hidden temporary folder, each file and the folder are fsynced,
 then one rename publishes it. A crash at any moment leaves either no step_N folder or a complete one;
@@ -31,6 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
+# one file, or one per pipeline rank (nanoseek.train.pipeline_state)
+OPTIM_RE = re.compile(r"^optimizer(-\d{5}-of-\d{5})?\.safetensors$")
 MANIFEST = "manifest.json"
 
 
@@ -97,6 +101,14 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optim_s
         shutil.rmtree(tmp)
     save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
     save_file(optim_state, str(tmp / "optimizer.safetensors"))
+    return publish(tmp, root, step, train_state, keep_last)
+
+
+def publish(tmp: Path, root: Path, step: int, train_state: dict[str, Any], keep_last: int) -> Path:
+    """Finish a checkpoint whose model and optimizer files are in `tmp`: RNG state, train state, manifest,
+    fsync, one rename to step_{step}, prune. (A pipelined run's stages write their files into `tmp` first,
+    nanoseek.train.pipeline_state.)"""
+    final = step_dir(root, step)
     save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
     (tmp / "train_state.json").write_text(json.dumps({"step": step, **train_state}, indent=2) + "\n")
     files = {}
@@ -143,9 +155,11 @@ def verify(path: Path) -> str | None:
         return "no manifest.json (an interrupted save)"
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         return f"unreadable manifest.json ({e})"
-    for need in ("config.json", "optimizer.safetensors", "rng.safetensors", "train_state.json"):
+    for need in ("config.json", "rng.safetensors", "train_state.json"):
         if need not in files:
             return f"manifest lacks {need}"
+    if not any(OPTIM_RE.match(name) for name in files):
+        return "manifest lacks optimizer.safetensors"
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -209,6 +223,14 @@ def check_resumable(path: Path, model_state: dict[str, torch.Tensor], model_cfg)
     return [f"the checkpoint was trained with {d}; continuing with the config's values" for d in diffs]
 
 
+def load_optimizer_files(path: Path) -> dict[str, torch.Tensor]:
+    """The optimizer state of a checkpoint, merged over its files (one, or one per pipeline rank)."""
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(p for p in path.iterdir() if OPTIM_RE.match(p.name)):
+        state.update(load_file(str(f)))
+    return state
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model_state, optim_state, rng, train_state) of a verified checkpoint, all read without pickle."""
     from nanoseek.hf import load as load_hf
@@ -216,7 +238,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     model = load_hf(path, dtype=torch.float32, device=device)
     model_state = {k: v for k, v in model.state_dict().items()}
-    optim_state = load_file(str(path / "optimizer.safetensors"))
-    rng = load_file(str(path / "rng.safetensors"))
-    train_state = json.loads((path / "train_state.json").read_text())
-    return model_state, optim_state, rng, train_state
+    optim_state = load_optimizer_files(path)
+    return (model_state, optim_state, *read_rng_and_state(path))
+
+
+def read_rng_and_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(RNG states, train_state.json) of a checkpoint."""
+    return load_file(str(path / "rng.safetensors")), json.loads((path / "train_state.json").read_text())

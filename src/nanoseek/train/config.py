@@ -69,10 +69,18 @@ class MTPConfig:
     loss_weight: float = 0.3
 
 
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")  # = nanoseek.train.pipeline_plan.SCHEDULES
+
+
 @dataclass
 class ParallelConfig:
-    ep: int = 1          # expert-parallel degree
+    ep: int = 1          # expert-parallel degree (inside each pipeline stage)
     fsdp: bool = True    # shard parameters with FSDP2 when world > 1
+    pp: int = 1          # pipeline-parallel degree (nanoseek.train.pipeline)
+    pp_schedule: str = "1F1B"    # 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV
+    pp_microbatches: int = 0     # per step and data-parallel rank; 0 = batch / micro_batch_size, or the stages
+    pp_virtual_stages: int = 0   # stages per pipeline rank; 0 = the schedule's (1 for 1F1B, else 2)
+    pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage; [] = as even as possible
 
 
 @dataclass
@@ -152,6 +160,9 @@ class RunConfig:
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
         need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        from nanoseek.train.pipeline_plan import check_config
+
+        check_config(self)  # schedule name, stages per rank, layer plan
         need(self.fp8.block >= 1, f"fp8.block must be >= 1, got {self.fp8.block}")
         need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
         d = self.data

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import MLA
-from ..model.layers import MLP, Linear
+from ..model.layers import MLP
 from ..model.moe import GroupedExperts
 from .fp8_gemm import BACKENDS, dequantize_blocks, dequantize_tiles, gemm, resolve
 
@@ -151,9 +151,9 @@ class FP8GroupedExperts(GroupedExperts):
     fp8: FP8Options
 
     def use_grouped_mm(self, dtype: torch.dtype, cap: int = 0) -> bool:
-        return False  # MoE.route_local and forward() then take forward_padded, which runs in FP8 here
+        return False  # forward() then takes forward_padded, which runs in FP8 here
 
-    # GroupedExperts.forward (the expert-parallel entry) scatters into a zero-padded buffer and calls this;
+    # GroupedExperts.forward scatters the sorted rows into a zero-padded buffer and calls this;
     # zero padding rows neither change a tile's max-abs nor contribute to wgrad.
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """All experts on a zero-padded [E, cap, D] buffer, both GEMMs in FP8."""
@@ -182,10 +182,10 @@ def enable_fp8(model: nn.Module, fp8_cfg=None) -> nn.Module:
     for mod in list(model.modules()):
         if isinstance(mod, (MLA, MLP)):
             for child in mod.children():
-                if type(child) in (nn.Linear, Linear):
+                if isinstance(child, nn.Linear) and not isinstance(child, FP8Linear):
                     child.__class__ = FP8Linear
                     child.fp8 = opts
-        elif type(mod) is GroupedExperts:
+        elif isinstance(mod, GroupedExperts) and not isinstance(mod, FP8GroupedExperts):
             mod.__class__ = FP8GroupedExperts
             mod.fp8 = opts
     return model

@@ -98,14 +98,27 @@ class Trainer:
         self.device = self.dist.device
         self.amp = autocast_dtype(t.dtype, self.device)
         W = self.dist.world
-        if t.batch_size % W:
-            raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({W})")
-        self.per_rank = t.batch_size // W
-        self.micro = t.micro_batch_size or self.per_rank
-        if self.per_rank % self.micro:
-            raise ConfigError(f"the per-process batch ({t.batch_size} / {W} = {self.per_rank}) must be a multiple "
-                              f"of train.micro_batch_size ({self.micro})")
-        self.accum = self.per_rank // self.micro
+        self.pipe = None  # nanoseek.train.pipeline.Pipeline when parallel.pp > 1
+        if cfg.parallel.pp > 1:  # the batch is split over the data-parallel ranks of a stage, world / pp
+            from nanoseek.train.pipeline_plan import microbatches
+
+            self.accum, note = microbatches(cfg, W)  # checks the layout against the world and the schedule
+            if note:
+                self.log(note)
+            self.data_world = W // cfg.parallel.pp
+            self.data_rank = self.dist.rank % self.data_world
+            self.per_rank = t.batch_size // self.data_world
+            self.micro = self.per_rank // self.accum
+        else:
+            if t.batch_size % W:
+                raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({W})")
+            self.data_world, self.data_rank = W, self.dist.rank
+            self.per_rank = t.batch_size // W
+            self.micro = t.micro_batch_size or self.per_rank
+            if self.per_rank % self.micro:
+                raise ConfigError(f"the per-process batch ({t.batch_size} / {W} = {self.per_rank}) must be a multiple "
+                                  f"of train.micro_batch_size ({self.micro})")
+            self.accum = self.per_rank // self.micro
         self.ckpt_root = self.out / "checkpoints"
 
     def log(self, msg: str) -> None:
@@ -126,8 +139,14 @@ class Trainer:
                                 "or choose another --out")
         self._prepare_data()
         self.model = self._build_model()
-        self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
-                                 dist=self.dist)
+        if self.pipe is not None:
+            from nanoseek.train.pipeline import PipelineStep
+
+            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
+                                        dist=self.dist)
+        else:
+            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
+                                     dist=self.dist)
         self.step = 0
         if resume:
             self._resume()
@@ -157,12 +176,18 @@ class Trainer:
         random.seed(t.seed)
         model = Transformer(self.model_cfg)
         model.init_weights(seed=t.seed)
+        self.n_params = model.num_params()
         model.to(self.device)
         if cfg.fp8.enabled:
             from nanoseek.train.fp8 import enable_fp8
 
             model = enable_fp8(model, cfg.fp8) or model  # it may convert in place and return None
-        if self.dist.world > 1:
+        if cfg.parallel.pp > 1:
+            from nanoseek.train.pipeline import build_pipeline
+
+            self.pipe = build_pipeline(model, cfg, self.dist, self.amp)
+            model = self.pipe.shell  # this rank's stages only; state-dict names are the full model's
+        elif self.dist.world > 1:
             from nanoseek.train.parallel import parallelize
 
             model = parallelize(model, cfg, self.dist)
@@ -181,14 +206,16 @@ class Trainer:
                 self.log(f"warning: set the invalid checkpoint aside as {p}")
 
     def _restore(self, path: Path) -> None:
-        t = self.cfg.train
+        if self.pipe is not None:
+            from nanoseek.train import pipeline_state
+
+            pipeline_state.load_checkpoint(path, self.pipe, self.stepper.opt)
+            rng, state = ckpt.read_rng_and_state(path)
+            self._resumed(path, rng, state)
+            return
         model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
         for warning in ckpt.check_resumable(path, model_state, self.model_cfg):  # another model: an error
             self.log(f"warning: {warning}")
-        for key in ("batch_size", "seq_len", "seed"):
-            if state.get(key) != getattr(t, key):
-                self.log(f"warning: train.{key} is {getattr(t, key)} but the checkpoint was trained with "
-                         f"{state.get(key)}: the resumed run will not match an uninterrupted one")
         opt = self.stepper.opt
         if self.dist.world > 1:
             from nanoseek.train.parallel import load_full_state
@@ -197,6 +224,14 @@ class Trainer:
         else:
             self.model.load_state_dict(model_state)
             load_optimizer_state(self.model, opt, optim_state)
+        self._resumed(path, rng, state)
+
+    def _resumed(self, path: Path, rng: dict, state: dict) -> None:
+        t = self.cfg.train
+        for key in ("batch_size", "seq_len", "seed"):
+            if state.get(key) != getattr(t, key):
+                self.log(f"warning: train.{key} is {getattr(t, key)} but the checkpoint was trained with "
+                         f"{state.get(key)}: the resumed run will not match an uninterrupted one")
         ckpt.set_rng_state(rng)
         self.step, self.stepper.tokens = int(state["step"]), int(state["tokens"])
         self.log(f"resumed from {path} (step {self.step})")
@@ -208,11 +243,12 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict:
         t = self.cfg.train
-        x, y = self.data.batch(step, t.batch_size, self.dist.rank, self.dist.world, seed=t.seed)
+        x, y = self.data.batch(step, t.batch_size, self.data_rank, self.data_world, seed=t.seed)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         m = self.micro
         micro_batches = [(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]) for i in range(self.accum)]
-        return self.stepper(step, micro_batches, self._loss, tokens=t.batch_size * t.seq_len)
+        loss = None if self.pipe is not None else self._loss  # a pipeline computes it on its last stage
+        return self.stepper(step, micro_batches, loss, tokens=t.batch_size * t.seq_len)
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -237,12 +273,19 @@ class Trainer:
 
     def save(self, step: int) -> None:
         t = self.cfg.train
+        state = {"tokens": self.stepper.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
+                 "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
+                 "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
+                 "run_config": self.cfg.to_dict()}
+        if self.pipe is not None:  # every stage writes its own shard
+            from nanoseek.train import pipeline_state
+
+            path = pipeline_state.save_checkpoint(self.ckpt_root, step, self.pipe, self.stepper.opt, state,
+                                                  self.tok_dir, t.keep_last)
+            self.log(f"step {step}: checkpoint {path}")
+            return
         model, optim_state = self._full_model()
         if self.main:
-            state = {"tokens": self.stepper.tokens, "batch_size": t.batch_size, "seq_len": t.seq_len, "seed": t.seed,
-                     "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
-                     "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
-                     "run_config": self.cfg.to_dict()}
             path = ckpt.save_checkpoint(self.ckpt_root, step, model, optim_state, state, self.tok_dir, t.keep_last)
             self.log(f"step {step}: checkpoint {path}")
         self._barrier()
@@ -251,6 +294,10 @@ class Trainer:
         """DIR/final: the trained model as a HF directory with its tokenizer (write, then rename)."""
         from nanoseek.hf import save as save_hf
 
+        if self.pipe is not None:
+            from nanoseek.train import pipeline_state
+
+            return pipeline_state.export(self.out, self.pipe, self.tok_dir)
         model, _ = self._full_model() if self.dist.world > 1 else (self.model, None)
         final = self.out / "final"
         if self.main:
@@ -268,7 +315,8 @@ class Trainer:
         plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
         loads = self.stepper.balancer.total_loads
         if loads is not None:
-            plot_expert_load(loads, moe_layer_names(self.model), self.out / "expert_load.png",
+            names = self.pipe.moe_names() if self.pipe is not None else moe_layer_names(self.model)
+            plot_expert_load(loads, names, self.out / "expert_load.png",
                              f"expert load, steps {self.first_step + 1}-{self.step}")
 
     # ------------------------------------------------------------------ the loop
@@ -280,7 +328,11 @@ class Trainer:
         logger = MetricsLogger(self.out) if self.main else None
         bar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                    disable=not (self.main and self.progress))
-        self.log(f"{self.model_cfg.num_hidden_layers} layers, {self.model.num_params():,} parameters, "
+        if self.pipe is not None:
+            p = self.pipe
+            self.log(f"pipeline: pp={p.pp} x dp={p.dp} (ep={p.ep}), {p.plan.schedule}, {p.plan.n_stages} stages with "
+                     f"{[len(x) for x in p.plan.layers]} layers; this rank runs stages {p.local}")
+        self.log(f"{self.model_cfg.num_hidden_layers} layers, {self.n_params:,} parameters, "
                  f"vocab {self.model_cfg.vocab_size}; {self.dist.world} process(es) on {self.device}, "
                  f"{'bf16 autocast' if self.amp else 'fp32'}; global batch {t.batch_size} x {t.seq_len} tokens "
                  f"({self.accum} micro-batch(es) of {self.micro} per process)")

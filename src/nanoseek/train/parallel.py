@@ -6,7 +6,8 @@ Follows the V3 report section 3.2 in spirit, on PyTorch's own engine and at the 
     expert with one all-to-all (uneven splits), are computed there, and come back with a second one;
   * data parallelism with FSDP2 `fully_shard`: the non-expert parameters are sharded over all ranks;
     the expert parameters are sharded over the remaining "expert data-parallel" dimension world/ep.
-    The report uses ZeRO-1 and 16-way pipeline parallelism instead; neither is needed at our scale.
+    The report uses ZeRO-1 instead; its 16-way pipeline parallelism is nanoseek.train.pipeline, which
+    builds on the pieces here (shard_experts, clip_grad_norm, the state gathering).
 
 Rank layout: a [world/ep, ep] mesh with the EP dimension innermost, so an EP group is made of
 neighbouring ranks (the GPUs of one node on a real cluster, where the all-to-all is cheapest).
@@ -125,35 +126,54 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
-class ExpertParallelDispatcher:
-    """MoE.dispatcher for expert parallelism: send each (token, expert) assignment to the rank owning the
-    expert, run the local experts there, send the outputs back and combine them with the gate weights."""
+class ExpertParallelMoE(MoE):
+    """MoE whose routed experts are split over an EP group: each (token, expert) assignment is sent to the
+    rank owning the expert, the local experts run there, and the outputs come back to be combined with
+    the gate values. parallelize() swaps a plain MoE's class to this one and sets ep_group, ep and n_local;
+    the router, the shared experts and the balance loss are those of MoE."""
 
-    def __init__(self, group, ep: int, n_local: int):
-        self.group, self.ep, self.n_local = group, ep, n_local
+    ep_group: object
+    ep: int
+    n_local: int
 
-    def __call__(self, moe: MoE, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         ep, El = self.ep, self.n_local
         K = idx_NK.shape[1]
         # Sorting by global expert id also groups the assignments by destination rank (rank r owns
-        # experts [r*El, (r+1)*El)); the stable sort keeps token order inside an expert, as route_local does.
+        # experts [r*El, (r+1)*El)); the stable sort keeps token order inside an expert, as MoE does.
         order_M = idx_NK.flatten().argsort(stable=True)
         token_M = order_M // K
-        counts_RE = torch.bincount(idx_NK.flatten(), minlength=ep * El).view(ep, El)
+        counts_RE = self.count(idx_NK).view(ep, El)  # over the global experts; feeds the balancer's load
         recv_counts_RE = torch.empty_like(counts_RE)  # [source rank, my local expert]
-        tdist.all_to_all_single(recv_counts_RE, counts_RE.contiguous(), group=self.group)
+        tdist.all_to_all_single(recv_counts_RE, counts_RE.contiguous(), group=self.ep_group)
         send = counts_RE.sum(1).tolist()
         recv = recv_counts_RE.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.group, float(ep))
+        x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.ep_group, float(ep))
         # Received rows are ordered (source rank, local expert); the experts want them by local expert.
         local_e = torch.repeat_interleave(torch.arange(El, device=x_ND.device).repeat(ep),
                                           recv_counts_RE.flatten(), output_size=x_recv.shape[0])
         perm = local_e.argsort(stable=True)
-        y_sorted = moe.experts(x_recv[perm], recv_counts_RE.sum(0))
+        y_sorted = self.experts(x_recv[perm], recv_counts_RE.sum(0))
         y_recv = y_sorted[perm.argsort()]
-        y_MD = _AllToAll.apply(y_recv, recv, send, self.group, 1.0 / ep)
+        y_MD = _AllToAll.apply(y_recv, recv, send, self.ep_group, 1.0 / ep)
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
+
+
+def shard_experts(moes: list[MoE], group, ep: int, ep_rank: int) -> None:
+    """Keep this rank's E/ep routed experts of each MoE layer (slice ep_rank) and send every (token, expert)
+    assignment to the rank that owns the expert (an all-to-all over `group`). Used by parallelize() and by
+    the pipeline stages (nanoseek.train.pipeline), whose EP group lies inside one stage."""
+    for moe in moes:
+        ex = moe.experts
+        El = ex.n_experts // ep
+        sl = slice(ep_rank * El, (ep_rank + 1) * El)
+        # Shard in place: the module keeps its class (and any FP8 wrapping) and its state-dict names.
+        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
+        ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
+        ex.n_experts = El
+        moe.__class__ = ExpertParallelMoE
+        moe.ep_group, moe.ep, moe.n_local = group, ep, El
 
 
 def _parallel_options(run_cfg) -> tuple[int, bool]:
@@ -185,6 +205,10 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
         raise ValueError(f"parallel.ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("parallelize() was already applied to this model")
+    if ep > 1 and any(type(m) is not MoE for m in moes):
+        kinds = sorted({type(m).__name__ for m in moes} - {"MoE"})
+        raise ValueError(f"parallel.ep={ep} needs the plain MoE modules, got {kinds} (nanoseek.infer.fast.restore "
+                         "undoes the CPU decode transform)")
     model.to(dist.device)
     dist.ep = ep
     if dist.world == 1:
@@ -204,19 +228,12 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
 
     ignored: set[nn.Parameter] = set()
     if ep > 1:
-        El = cfg.n_routed_experts // ep
-        sl = slice(dist.ep_rank * El, (dist.ep_rank + 1) * El)
+        shard_experts(moes, dist.ep_group, ep, dist.ep_rank)
         for moe in moes:
-            ex = moe.experts
-            # Shard in place: the module keeps its class (and any FP8 wrapping) and its state-dict names.
-            ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
-            ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
-            ex.n_experts = El
-            moe.dispatcher = ExpertParallelDispatcher(dist.ep_group, ep, El)
             if dist.world // ep > 1:
-                fully_shard(ex, mesh=exp_mesh)
+                fully_shard(moe.experts, mesh=exp_mesh)
             else:  # each expert lives on exactly one rank: nothing to shard or average
-                ignored.update(ex.parameters())
+                ignored.update(moe.experts.parameters())
     ign = ignored or None
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, ignored_params=ign)
@@ -385,11 +402,14 @@ def load_full_state(model: Transformer, *args) -> None:
     raise TypeError("load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist)")
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist,
+                   replicas: dict[int, int] | None = None) -> torch.Tensor:
     """Clip the global gradient norm to max_norm; returns the norm before clipping (a plain scalar tensor,
     equal on every rank). torch.nn.utils.clip_grad_norm_ cannot mix FSDP DTensors with the plain expert
     shards and would miss the other EP ranks' experts. Here each rank sums the squares of its local
-    shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced."""
+    shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced.
+    `replicas` maps id(parameter) -> how many ranks hold an identical plain copy of it (a pipeline's
+    weights shared between stages); 1 otherwise."""
     from torch.distributed.tensor import DTensor, Replicate
 
     grads, sqs = [], []
@@ -397,7 +417,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist) -> torch.Tenso
         g = p.grad
         if g is None:
             continue
-        copies = 1
+        copies = (replicas or {}).get(id(p), 1)
         if isinstance(g, DTensor):
             copies = 1
             for size, pl in zip(g.device_mesh.shape, g.placements):

@@ -54,7 +54,7 @@ class TrainStep:
     """The optimizer, schedule, clipping, NaN/inf guard and balancing of one trainer (see the module doc)."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, *, bias_update_speed: float = 0.0, dist: Any = None,
-                 name: str = "", fused: bool | None = None):
+                 name: str = "", fused: bool | None = None, moe_layers: list | None = None):
         self.model, self.cfg, self.dist = model, cfg, dist
         self.world = dist.world if dist is not None else 1
         self.device = dist.device if dist is not None else next(model.parameters()).device
@@ -67,7 +67,10 @@ class TrainStep:
             from nanoseek.train.parallel import all_reduce_sum
 
             self.all_reduce = lambda x: all_reduce_sum(x, dist)  # noqa: E731
-        self.balancer = BiasBalancer(model.moe_layers(), bias_update_speed, self.all_reduce)
+        # A pipeline stage passes every MoE layer of the model in order, None for those other stages hold.
+        layers = model.moe_layers() if moe_layers is None else moe_layers
+        self.balancer = BiasBalancer(layers, bias_update_speed, self.all_reduce)
+        self.metric_ranks = self.world  # how many ranks' metrics the all-reduced sums add up
         self.balancer.attach(self.opt)
         model.reset_load()  # loads counted before this trainer are not its steps'
         self.tokens = 0
@@ -80,6 +83,28 @@ class TrainStep:
             raise ValueError("TrainStep needs at least one micro-batch")
         lr = self.schedule(step)
         set_lr(self.opt, lr)
+        order, names, sums, floats = self.forward_backward(micro_batches, loss_fn)
+        values = self._reduce(names, sums, floats)
+        values = {k: values[k] for k in order}
+        if not all(math.isfinite(v) for v in values.values()):
+            self._drop()
+            raise NonFiniteLoss(f"{self.prefix}non-finite loss at step {step + 1}: "
+                                + ", ".join(f"{k}={v}" for k, v in values.items()))
+        gn = self.clip()
+        if not math.isfinite(gn):
+            self._drop()
+            raise NonFiniteLoss(f"{self.prefix}non-finite gradient norm ({gn}) at step {step + 1} "
+                                f"(loss={values.get('loss')})")
+        self.opt.step()  # the balancer's post-hook updates the routing biases here
+        self.opt.zero_grad(set_to_none=True)
+        self.tokens += tokens
+        return {**values, "lr": lr, "grad_norm": gn, "max_vio": self.balancer.last_max_vio, "tokens": self.tokens}
+
+    def forward_backward(self, micro_batches: Sequence[Any], loss_fn: LossFn):
+        """Steps 2-3: the backward of every micro-batch's loss / n; returns (metric names in order, the
+        tensor-valued ones, their micro-batch means as one tensor, the float-valued means).
+        nanoseek.train.pipeline overrides it with a pipeline schedule."""
+        n = len(micro_batches)
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
         order: list[str] = []
         names: list[str] = []
@@ -99,32 +124,18 @@ class TrainStep:
             for k in order:
                 if k not in names:
                     floats[k] = floats.get(k, 0.0) + float(metrics[k]) / n
-        values = self._reduce(names, sums, floats)
-        values = {k: values[k] for k in order}
-        if not all(math.isfinite(v) for v in values.values()):
-            self._drop()
-            raise NonFiniteLoss(f"{self.prefix}non-finite loss at step {step + 1}: "
-                                + ", ".join(f"{k}={v}" for k, v in values.items()))
-        gn = self.clip()
-        if not math.isfinite(gn):
-            self._drop()
-            raise NonFiniteLoss(f"{self.prefix}non-finite gradient norm ({gn}) at step {step + 1} "
-                                f"(loss={values.get('loss')})")
-        self.opt.step()  # the balancer's post-hook updates the routing biases here
-        self.opt.zero_grad(set_to_none=True)
-        self.tokens += tokens
-        return {**values, "lr": lr, "grad_norm": gn, "max_vio": self.balancer.last_max_vio, "tokens": self.tokens}
+        return order, names, sums, floats
 
     def _reduce(self, names: list[str], sums: torch.Tensor | None, floats: dict[str, float]) -> dict[str, float]:
         """The micro-batch means as floats, averaged over the ranks when there are several (one sync)."""
         if self.all_reduce is not None:
             if sums is not None and names:
                 self.all_reduce(sums)
-                sums /= self.world
+                sums /= self.metric_ranks
             if floats:
                 t = torch.tensor(list(floats.values()), dtype=torch.float64, device=self.device)
                 self.all_reduce(t)
-                floats = dict(zip(floats, (t / self.world).tolist()))
+                floats = dict(zip(floats, (t / self.metric_ranks).tolist()))
         out = dict(zip(names, sums.tolist())) if names and sums is not None else {}
         return {**out, **floats}
 

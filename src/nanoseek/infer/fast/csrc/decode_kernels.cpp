@@ -1,0 +1,581 @@
+// CPU kernels for decoding: a few activation rows times large fp32 weights.
+//
+// A decode step multiplies 1-16 rows by every weight it touches, so its time is that of streaming the
+// weights from memory. torch's CPU GEMM is built for large M: with one row it runs a single-threaded GEMV,
+// with a few rows it re-packs the weight first. These kernels read each weight row once, keep the few
+// activation rows in L1, and split the output features (or the experts) over the intra-op threads.
+//
+// Every entry point checks the shapes, sizes, dtypes and layouts its loops rely on (TORCH_CHECK raises a
+// RuntimeError that names the argument) before touching a pointer.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Tree sum of the 8 lanes (a serial lane-by-lane sum costs as much as the dot product for short rows).
+inline float hsum(v8 v) {
+  typedef float v4 __attribute__((vector_size(16)));
+  v4 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const v4 s = lo + hi;
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
+// y[r, n] = sum_k x[r, k] * w[n, k] for R <= 8 activation rows and n in [n0, n1). Each weight row is read
+// once, in order (one sequential stream for the prefetcher), and each loaded vector of it serves all R rows.
+template <int R>
+void rows_block(const float* x, int64_t K, const float* w, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * K;
+    v8 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = v8{};
+    for (int64_t k = 0; k < K8; k += 8) {
+      const v8 wv = load8(wr + k);
+      for (int r = 0; r < R; ++r) acc[r] += wv * load8(x + r * K + k);
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[r]);
+      for (int64_t k = K8; k < K; ++k) s += x[r * K + k] * wr[k];
+      y[r * ldy + n] = s;
+    }
+  }
+}
+
+void rows_block_any(const float* x, int64_t R, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
+                    int64_t n1) {
+  switch (R) {
+    case 1: rows_block<1>(x, K, w, y, ldy, n0, n1); break;
+    case 2: rows_block<2>(x, K, w, y, ldy, n0, n1); break;
+    case 3: rows_block<3>(x, K, w, y, ldy, n0, n1); break;
+    case 4: rows_block<4>(x, K, w, y, ldy, n0, n1); break;
+    case 5: rows_block<5>(x, K, w, y, ldy, n0, n1); break;
+    case 6: rows_block<6>(x, K, w, y, ldy, n0, n1); break;
+    case 7: rows_block<7>(x, K, w, y, ldy, n0, n1); break;
+    case 8: rows_block<8>(x, K, w, y, ldy, n0, n1); break;
+    default: TORCH_CHECK(false, "rows_block: ", R, " rows (1 to 8 expected)");
+  }
+}
+
+// All M rows of x against weight rows [n0, n1); y has row stride ldy. With more than 8 rows the weight
+// rows go in L2-sized chunks that every block of 8 rows uses before the next chunk is read, so the
+// weight is streamed from memory once, not once per block.
+void rows_range(const float* x, int64_t M, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
+                int64_t n1) {
+  if (M <= 8) {
+    rows_block_any(x, M, w, y, ldy, K, n0, n1);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / (4 * K));  // ~64 KB of weight rows
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t m = 0; m < M; m += 8)
+      rows_block_any(x + m * K, std::min<int64_t>(8, M - m), w, y + m * ldy, ldy, K, c0, c1);
+  }
+}
+
+void check_f32(const at::Tensor& t, const char* what, int64_t dim) {
+  TORCH_CHECK(t.defined(), what, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be an fp32 CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+  TORCH_CHECK(dim < 0 || t.dim() == dim, what, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, what, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_i64(const at::Tensor& t, const char* what, int64_t dim) {
+  TORCH_CHECK(t.defined(), what, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == dim, what,
+              " must be a contiguous int64 CPU tensor with ", dim, " dimensions, got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+}  // namespace
+
+// x [M, K] @ w[N, K]^T -> [M, N]
+torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w) {
+  check_f32(x, "rows_matmul: x", 2);
+  check_f32(w, "rows_matmul: w", 2);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M > 0, "rows_matmul: x has no rows (an empty batch)");
+  TORCH_CHECK(K > 0 && N > 0, "rows_matmul: empty weight ", w.sizes());
+  TORCH_CHECK(w.size(1) == K, "rows_matmul: x has ", K, " columns but w ", w.size(1));
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Small weights stay on one thread: a parallel region costs more than reading them.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_range(xp, M, wp, yp, N, K, n0, n1); });
+  return y;
+}
+
+// Routed experts for a few tokens. x [N, D]; w1 [E, 2F, D] (gate rows then up rows); w2 [E, D, F];
+// idx [N, K] int64 expert ids; gate [N, K] fp32. Returns sum_k gate[n, k] * expert_{idx[n, k]}(x[n]), [N, D].
+// The work is split by expert (each thread reads whole experts, once, for all their tokens); every
+// (token, slot) output lands in its own row, and the weighted sum runs afterwards in slot order.
+torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                           const torch::Tensor& idx, const torch::Tensor& gate) {
+  check_f32(x, "experts_rows: x", 2);
+  check_f32(w1, "experts_rows: w1", 3);
+  check_f32(w2, "experts_rows: w2", 3);
+  check_f32(gate, "experts_rows: gate", 2);
+  check_i64(idx, "experts_rows: idx", 2);
+  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), F2 = w1.size(1), F = F2 / 2, K = idx.size(1);
+  TORCH_CHECK(N > 0 && K > 0, "experts_rows: no assignments (idx has shape ", idx.sizes(), ")");
+  TORCH_CHECK(D > 0 && E > 0 && F > 0 && F2 % 2 == 0, "experts_rows: w1 must be [E, 2F, D], got ", w1.sizes());
+  check_shape(w1, "experts_rows: w1", {E, F2, D});
+  check_shape(w2, "experts_rows: w2", {E, D, F});
+  check_shape(idx, "experts_rows: idx", {N, K});
+  check_shape(gate, "experts_rows: gate", {N, K});
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  // Assignments grouped by expert, in (token, slot) order within each expert.
+  std::vector<std::vector<int64_t>> rows(E);
+  for (int64_t a = 0; a < N * K; ++a) {
+    TORCH_CHECK(ip[a] >= 0 && ip[a] < E, "experts_rows: expert id out of range: ", ip[a], " with ", E, " experts");
+    rows[ip[a]].push_back(a);
+  }
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (!rows[e].empty()) used.push_back(e);
+  auto out = torch::empty({N * K, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* w1p = w1.data_ptr<float>();
+  const float* w2p = w2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> xin, h, act, y;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t e = used[u];
+      const auto& as = rows[e];
+      const int64_t M = static_cast<int64_t>(as.size());
+      xin.resize(M * D);
+      h.resize(M * F2);
+      act.resize(M * F);
+      y.resize(M * D);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(&xin[i * D], xp + (as[i] / K) * D, D * sizeof(float));
+      rows_range(xin.data(), M, w1p + e * F2 * D, h.data(), F2, D, 0, F2);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t f = 0; f < F; ++f) {
+          const float g = h[i * F2 + f], up = h[i * F2 + F + f];
+          act[i * F + f] = g / (1.f + std::exp(-g)) * up;
+        }
+      rows_range(act.data(), M, w2p + e * D * F, y.data(), D, F, 0, D);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(op + as[i] * D, &y[i * D], D * sizeof(float));
+    }
+  });
+  // Weighted sum over slots, as a [N, 1, K] x [N, K, D] batched product (the same order as the torch path).
+  return torch::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
+}
+
+// RMSNorm over the last dim, fp32 (torch's CPU rms_norm is a chain of ~8 ops: most of a small block's time).
+torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x_in.defined() && x_in.dim() >= 1, "rms_norm: x must have at least one dimension");
+  const auto x = x_in.contiguous();
+  check_f32(x, "rms_norm: x", -1);
+  check_f32(w, "rms_norm: weight", 1);
+  const int64_t D = x.size(-1), rows = D > 0 ? x.numel() / D : 0;
+  TORCH_CHECK(D > 0, "rms_norm: the normalised dimension is empty");
+  TORCH_CHECK(w.size(0) == D, "rms_norm: x has ", D, " features but the weight ", w.size(0));
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * D;
+    double ss = 0.0;  // double: a serial fp32 sum over thousands of dims would drift from torch's tree sum
+    for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(xr[d]) * xr[d];
+    const float inv = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(D)) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) yp[r * D + d] = wp[d] * (xr[d] * inv);
+  }
+  return y;
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// One decoder block of a decode step (a few new tokens against the latent cache), computed in C++.
+//
+// The same computation, in the same order, as Block.forward -> MLA.forward/_absorbed -> MoE.forward/Router
+// in the Python model (read those for the why of each line): RMSNorm, rope and the absorbed attention as
+// plain loops, the router as the same ATen ops (so top-k ties break the same way), the matmuls through
+// rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python costs
+// more than the arithmetic.
+
+// The block's hyper-parameters (ModelConfig's names), set once per block by nanoseek.infer.fast.
+struct BlockConfig {
+  int64_t hidden_size = 0, num_attention_heads = 0, qk_nope_head_dim = 0, qk_rope_head_dim = 0, v_head_dim = 0;
+  int64_t kv_lora_rank = 0, q_lora_rank = 0;  // q_lora_rank 0: a plain q_proj
+  bool rope_interleave = true;
+  double rms_norm_eps = 1e-6, softmax_scale = 1.0;
+  bool moe = false;  // the feed-forward is an MoE (router, routed and shared experts), else a dense MLP
+  int64_t num_experts_per_tok = 0, n_group = 1, topk_group = 1;
+  std::string scoring_func = "sigmoid";  // or "softmax"
+  std::string topk_method = "noaux_tc";  // or "greedy", "group_limited_greedy"
+  bool norm_topk_prob = true;
+  double routed_scaling_factor = 1.0;
+
+  void check() const {
+    TORCH_CHECK(hidden_size > 0 && num_attention_heads > 0 && qk_nope_head_dim > 0 && v_head_dim > 0 &&
+                kv_lora_rank > 0 && q_lora_rank >= 0, "BlockConfig: sizes must be positive");
+    TORCH_CHECK(qk_rope_head_dim > 0 && qk_rope_head_dim % 2 == 0, "BlockConfig: qk_rope_head_dim must be even");
+    TORCH_CHECK(scoring_func == "sigmoid" || scoring_func == "softmax",
+                "BlockConfig: scoring_func must be sigmoid or softmax, got ", scoring_func);
+    TORCH_CHECK(topk_method == "noaux_tc" || topk_method == "greedy" || topk_method == "group_limited_greedy",
+                "BlockConfig: unknown topk_method ", topk_method);
+    TORCH_CHECK(!moe || (num_experts_per_tok > 0 && n_group >= 1 && topk_group >= 1 && topk_group <= n_group),
+                "BlockConfig: num_experts_per_tok, n_group and topk_group must be positive, topk_group <= n_group");
+  }
+};
+
+// The block's tensors under their module names; set the attention's q_a_proj, q_a_layernorm and q_b_proj,
+// or q_proj; the dense MLP's gate/up/down_proj, or the MoE's router tensors, experts and shared experts.
+struct BlockWeights {
+  std::optional<at::Tensor> input_layernorm, post_attention_layernorm;
+  std::optional<at::Tensor> q_proj, q_a_proj, q_a_layernorm, q_b_proj;
+  std::optional<at::Tensor> kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj;
+  std::optional<at::Tensor> gate_proj, up_proj, down_proj;                   // dense MLP
+  std::optional<at::Tensor> router_weight, e_score_correction_bias;          // MoE router (fp32)
+  std::optional<at::Tensor> experts_gate_up_proj, experts_down_proj;         // [E, 2F, D], [E, D, F]
+  std::optional<at::Tensor> shared_gate_proj, shared_up_proj, shared_down_proj;  // absent without shared experts
+};
+
+// Where this batch's rows live in the cache, the same for every layer of one forward (see
+// nanoseek.infer.cache.SlotView): the slot of each row, the positions of its new tokens, and the mask.
+struct CacheIndex {
+  at::Tensor slots;      // [B] int64
+  at::Tensor positions;  // [B, T] int64, each in [0, kv_len)
+  int64_t first_slot = -1;  // >= 0 when the B slots are the contiguous range first_slot.. (read as a view)
+  int64_t kv_len = 0;       // positions [0, kv_len) are attended to
+  std::optional<at::Tensor> bias;  // additive mask [B, T * H, kv_len] fp32; absent when nothing is masked
+};
+
+namespace {
+
+constexpr int64_t kKernelRows = 32;
+
+const at::Tensor& need(const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK(t.has_value() && t->defined(), "BlockWeights.", name, " is not set");
+  return *t;
+}
+
+const at::Tensor& weight(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape) {
+  const auto& w = need(t, name);
+  check_f32(w, name, static_cast<int64_t>(shape.size()));
+  check_shape(w, name, shape);
+  return w;
+}
+
+// F.linear for [..., K] inputs, through rows_matmul when the rows are few (as nanoseek.infer.fast does).
+torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t K = x.size(-1), rows = x.numel() / K;
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = w.size(0);
+  if (rows <= kKernelRows) return rows_matmul(x.reshape({rows, K}).contiguous(), w).view(out_shape);
+  if (rows <= 64 && w.numel() >= (int64_t(1) << 16))  // W @ x^T streams W once
+    return at::mm(w, x.reshape({rows, K}).t()).t().contiguous().view(out_shape);
+  return at::linear(x, w);
+}
+
+// apply_rope: x [B, T, H, R] (any strides), cos/sin [B, T, R/2] contiguous -> contiguous [B, T, H, R] holding
+// the rotated pairs as [first halves | second halves]; pairs are (0,1),(2,3).. when interleaved, else
+// (i, i + R/2).
+torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleave) {
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), P = R / 2;
+  auto y = torch::empty({B, T, H, R}, x.options());
+  const auto xa = x.accessor<float, 4>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        float* yr = yp + ((b * T + t) * H + h) * R;
+        const float* c = cp + (b * T + t) * P;
+        const float* s = sp + (b * T + t) * P;
+        for (int64_t i = 0; i < P; ++i) {
+          const float x1 = interleave ? xa[b][t][h][2 * i] : xa[b][t][h][i];
+          const float x2 = interleave ? xa[b][t][h][2 * i + 1] : xa[b][t][h][i + P];
+          yr[i] = x1 * c[i] - x2 * s[i];
+          yr[i + P] = x2 * c[i] + x1 * s[i];
+        }
+      }
+  return y;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  const int64_t n8 = n & ~int64_t(7);
+  v8 acc = v8{};
+  for (int64_t i = 0; i < n8; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = hsum(acc);
+  for (int64_t i = n8; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// MLA._absorbed for a few new tokens, one (row, token, head) per task: the query is taken into the latent
+// space through kv_b's key half, scored against the cached [latent | rope key] rows, and the softmax-
+// weighted latent is taken out through kv_b's value half. The ~15 small ATen ops of that path cost more
+// than its arithmetic at decode sizes. q [B, T, H, N + R] (the rope half unused), q_rope [B, T, H, R],
+// kv [B, L, C + R] (rows contiguous), w = kv_b [H * (N + V), C]; bias [B, T * H, L] or undefined.
+torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_rope, const torch::Tensor& kv,
+                                 const torch::Tensor& w, const torch::Tensor& bias, int64_t N, int64_t V,
+                                 double scale) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), R = q_rope.size(3), L = kv.size(1);
+  const int64_t C = kv.size(2) - R, W = C + R;
+  TORCH_CHECK(q.is_contiguous() && q_rope.is_contiguous() && w.is_contiguous() && kv.stride(2) == 1 &&
+              kv.stride(1) == W, "absorbed_attention: unexpected layout");
+  TORCH_CHECK(!bias.defined() || bias.sizes() == at::IntArrayRef({B, T * H, L}),
+              "absorbed_attention: the bias must be [B, T*H, L]");
+  auto out = torch::empty({B, T, H * V}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* rp = q_rope.data_ptr<float>();
+  const float* kp = kv.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t kv_b = kv.stride(0);
+  at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(W), s(L), ol(C);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
+      const float* qn = qp + ((b * T + t) * H + h) * (N + R);
+      const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
+      std::fill(qf.begin(), qf.begin() + C, 0.f);
+      for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, qf.data(), C);
+      std::memcpy(qf.data() + C, rp + ((b * T + t) * H + h) * R, R * sizeof(float));
+      const float* kb = kp + b * kv_b;
+      const float* brow = bp ? bp + (b * T * H + t * H + h) * L : nullptr;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        s[l] = dot(qf.data(), kb + l * W, W) * static_cast<float>(scale) + (brow ? brow[l] : 0.f);
+        mx = std::max(mx, s[l]);
+      }
+      float sum = 0.f;
+      for (int64_t l = 0; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
+      std::fill(ol.begin(), ol.end(), 0.f);
+      for (int64_t l = 0; l < L; ++l) axpy(s[l] / sum, kb + l * W, ol.data(), C);
+      float* o = op + (b * T + t) * H * V + h * V;
+      for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data(), wk + (N + v) * C, C);
+    }
+  });
+  return out;
+}
+
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up,
+                     const torch::Tensor& down) {
+  return lin(at::silu(lin(x, gate)) * lin(x, up), down);
+}
+
+// The checks block_decode relies on: every tensor's dtype, layout and shape against the config, and the
+// cache index against the cache.
+void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv,
+                 const CacheIndex& ix, const BlockWeights& w, const BlockConfig& c) {
+  c.check();
+  check_f32(x, "block_decode: x", 3);
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  TORCH_CHECK(B > 0 && T > 0, "block_decode: empty batch (x has shape ", x.sizes(), ")");
+  TORCH_CHECK(D == c.hidden_size, "block_decode: x has ", D, " features, the config hidden_size ", c.hidden_size);
+  const int64_t H = c.num_attention_heads, N = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
+  const int64_t C = c.kv_lora_rank, Q = c.q_lora_rank;
+  check_f32(cos, "block_decode: cos", 3);
+  check_f32(sin, "block_decode: sin", 3);
+  check_shape(cos, "block_decode: cos", {B, T, R / 2});
+  check_shape(sin, "block_decode: sin", {B, T, R / 2});
+  check_f32(kv, "block_decode: the cache layer", 3);
+  TORCH_CHECK(kv.size(2) == C + R, "block_decode: cache rows hold ", kv.size(2), " values, the config ", C + R);
+  const int64_t S = kv.size(0), max_len = kv.size(1);
+  check_i64(ix.slots, "CacheIndex.slots", 1);
+  check_i64(ix.positions, "CacheIndex.positions", 2);
+  check_shape(ix.slots, "CacheIndex.slots", {B});
+  check_shape(ix.positions, "CacheIndex.positions", {B, T});
+  TORCH_CHECK(ix.kv_len > 0 && ix.kv_len <= max_len, "CacheIndex.kv_len ", ix.kv_len, " outside [1, ", max_len, "]");
+  TORCH_CHECK(ix.first_slot == -1 || (ix.first_slot >= 0 && ix.first_slot + B <= S),
+              "CacheIndex.first_slot ", ix.first_slot, " out of range for ", B, " rows and ", S, " slots");
+  const int64_t* sp = ix.slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "CacheIndex.slots: slot ", sp[b], " out of range [0, ", S, ")");
+    TORCH_CHECK(ix.first_slot < 0 || sp[b] == ix.first_slot + b, "CacheIndex.first_slot does not match slots");
+  }
+  const int64_t* pp = ix.positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < ix.kv_len, "CacheIndex.positions: ", pp[i], " outside [0, ", ix.kv_len, ")");
+  if (ix.bias.has_value() && ix.bias->defined()) {
+    TORCH_CHECK(ix.bias->device().is_cpu() && ix.bias->scalar_type() == at::kFloat, "CacheIndex.bias must be fp32");
+    TORCH_CHECK(ix.bias->sizes() == at::IntArrayRef({B, T * H, ix.kv_len}), "CacheIndex.bias must be [",
+                B, ", ", T * H, ", ", ix.kv_len, "], got ", ix.bias->sizes());
+  }
+  weight(w.input_layernorm, "input_layernorm", {D});
+  weight(w.post_attention_layernorm, "post_attention_layernorm", {D});
+  if (Q > 0) {
+    weight(w.q_a_proj, "q_a_proj", {Q, D});
+    weight(w.q_a_layernorm, "q_a_layernorm", {Q});
+    weight(w.q_b_proj, "q_b_proj", {H * (N + R), Q});
+  } else {
+    weight(w.q_proj, "q_proj", {H * (N + R), D});
+  }
+  weight(w.kv_a_proj_with_mqa, "kv_a_proj_with_mqa", {C + R, D});
+  weight(w.kv_a_layernorm, "kv_a_layernorm", {C});
+  weight(w.kv_b_proj, "kv_b_proj", {H * (N + V), C});
+  weight(w.o_proj, "o_proj", {D, H * V});
+  if (!c.moe) {
+    const int64_t I = need(w.gate_proj, "gate_proj").size(0);
+    weight(w.gate_proj, "gate_proj", {I, D});
+    weight(w.up_proj, "up_proj", {I, D});
+    weight(w.down_proj, "down_proj", {D, I});
+    return;
+  }
+  const int64_t E = need(w.router_weight, "router_weight").size(0);
+  weight(w.router_weight, "router_weight", {E, D});
+  weight(w.e_score_correction_bias, "e_score_correction_bias", {E});
+  TORCH_CHECK(E % c.n_group == 0, "block_decode: ", E, " experts do not split into ", c.n_group, " groups");
+  TORCH_CHECK(c.num_experts_per_tok <= E, "block_decode: num_experts_per_tok > the number of experts");
+  const int64_t F = need(w.experts_down_proj, "experts_down_proj").size(-1);
+  weight(w.experts_gate_up_proj, "experts_gate_up_proj", {E, 2 * F, D});
+  weight(w.experts_down_proj, "experts_down_proj", {E, D, F});
+  if (w.shared_gate_proj.has_value()) {
+    const int64_t Fs = w.shared_gate_proj->size(0);
+    weight(w.shared_gate_proj, "shared_gate_proj", {Fs, D});
+    weight(w.shared_up_proj, "shared_up_proj", {Fs, D});
+    weight(w.shared_down_proj, "shared_down_proj", {D, Fs});
+  }
+}
+
+}  // namespace
+
+// x [B, T, D]: the block input of the new tokens; cos/sin [B, T, R/2]: their rope angles; kv_layer
+// [slots, max_len, C + R]: this layer's cache; returns the block output [B, T, D] and writes the new
+// tokens' [latent | rope key] rows into the cache.
+torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                           torch::Tensor kv_layer, const CacheIndex& ix, const BlockWeights& w,
+                           const BlockConfig& c) {
+  check_block(x, cos, sin, kv_layer, ix, w, c);
+  const int64_t H = c.num_attention_heads, N = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
+  const int64_t C = c.kv_lora_rank;
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+
+  // --- MLA (MLA._project, cache write/read, MLA._absorbed)
+  const auto h = rms_norm(x, *w.input_layernorm, c.rms_norm_eps);
+  auto q = c.q_lora_rank > 0 ? lin(rms_norm(lin(h, *w.q_a_proj), *w.q_a_layernorm, c.rms_norm_eps), *w.q_b_proj)
+                             : lin(h, *w.q_proj);
+  q = q.view({B, T, H, N + R});
+  const auto q_rope = rope(q.narrow(-1, N, R), cos, sin, c.rope_interleave);
+  const auto kv = lin(h, *w.kv_a_proj_with_mqa);
+  const auto latent = rms_norm(kv.narrow(-1, 0, C), *w.kv_a_layernorm, c.rms_norm_eps);
+  const auto k_rope = rope(kv.narrow(-1, C, R).unsqueeze(2), cos, sin, c.rope_interleave).squeeze(2);
+  const auto rows = ix.slots.unsqueeze(1).expand({B, T});
+  kv_layer.index_put_({rows, ix.positions}, at::cat({latent, k_rope}, -1));
+  const auto cached = ix.first_slot >= 0 ? kv_layer.narrow(0, ix.first_slot, B).narrow(1, 0, ix.kv_len)
+                                         : kv_layer.narrow(1, 0, ix.kv_len).index_select(0, ix.slots);
+  const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : torch::Tensor();  // may be an expanded view
+  const auto attn_out = absorbed_attention(q.contiguous(), q_rope, cached, *w.kv_b_proj, bias, N, V,
+                                           c.softmax_scale);
+  auto out = x + lin(attn_out, *w.o_proj);
+
+  // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
+  const auto h2 = rms_norm(out, *w.post_attention_layernorm, c.rms_norm_eps);
+  if (!c.moe) return out + swiglu(h2, *w.gate_proj, *w.up_proj, *w.down_proj);
+  const int64_t K = c.num_experts_per_tok, G = c.n_group;
+  const auto x_nd = h2.reshape({B * T, D});
+  const auto logits = at::linear(x_nd, *w.router_weight);
+  const auto sc = c.scoring_func == "softmax" ? at::softmax(logits, -1) : at::sigmoid(logits);
+  const bool noaux = c.topk_method == "noaux_tc";
+  auto choice = noaux ? sc + *w.e_score_correction_bias : sc;
+  const int64_t E = sc.size(1);
+  if (G > 1 && c.topk_method != "greedy") {
+    const auto grouped = choice.view({B * T, G, E / G});
+    const auto gs = noaux ? std::get<0>(grouped.topk(2, -1)).sum(-1) : std::get<0>(grouped.max(-1));
+    auto keep = at::zeros_like(gs, gs.options().dtype(torch::kBool));
+    keep.scatter_(1, std::get<1>(gs.topk(c.topk_group, -1)), true);
+    choice = grouped.masked_fill(keep.logical_not().unsqueeze(-1), -INFINITY).view({B * T, E});
+  }
+  const auto idx = std::get<1>(choice.topk(K, -1));
+  auto gates = sc.gather(1, idx);
+  if (c.norm_topk_prob) gates = gates / (gates.sum(-1, true) + 1e-20);
+  gates = gates * c.routed_scaling_factor;
+  auto y = experts_rows(x_nd.contiguous(), *w.experts_gate_up_proj, *w.experts_down_proj, idx.contiguous(),
+                        gates.contiguous());
+  if (w.shared_gate_proj.has_value()) y = y + swiglu(x_nd, *w.shared_gate_proj, *w.shared_up_proj, *w.shared_down_proj);
+  return out + y.view({B, T, D});
+}
+
+// The GIL is released for the duration of each call (they touch no Python object), so the server's HTTP
+// thread runs while the engine computes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  py::class_<BlockConfig>(m, "BlockConfig", "a decoder block's hyper-parameters (ModelConfig's names)")
+      .def(py::init<>())
+      .def_readwrite("hidden_size", &BlockConfig::hidden_size)
+      .def_readwrite("num_attention_heads", &BlockConfig::num_attention_heads)
+      .def_readwrite("qk_nope_head_dim", &BlockConfig::qk_nope_head_dim)
+      .def_readwrite("qk_rope_head_dim", &BlockConfig::qk_rope_head_dim)
+      .def_readwrite("v_head_dim", &BlockConfig::v_head_dim)
+      .def_readwrite("kv_lora_rank", &BlockConfig::kv_lora_rank)
+      .def_readwrite("q_lora_rank", &BlockConfig::q_lora_rank)
+      .def_readwrite("rope_interleave", &BlockConfig::rope_interleave)
+      .def_readwrite("rms_norm_eps", &BlockConfig::rms_norm_eps)
+      .def_readwrite("softmax_scale", &BlockConfig::softmax_scale)
+      .def_readwrite("moe", &BlockConfig::moe)
+      .def_readwrite("num_experts_per_tok", &BlockConfig::num_experts_per_tok)
+      .def_readwrite("n_group", &BlockConfig::n_group)
+      .def_readwrite("topk_group", &BlockConfig::topk_group)
+      .def_readwrite("scoring_func", &BlockConfig::scoring_func)
+      .def_readwrite("topk_method", &BlockConfig::topk_method)
+      .def_readwrite("norm_topk_prob", &BlockConfig::norm_topk_prob)
+      .def_readwrite("routed_scaling_factor", &BlockConfig::routed_scaling_factor)
+      .def("check", &BlockConfig::check);
+  py::class_<BlockWeights>(m, "BlockWeights", "a decoder block's tensors under their module names")
+      .def(py::init<>())
+      .def_readwrite("input_layernorm", &BlockWeights::input_layernorm)
+      .def_readwrite("post_attention_layernorm", &BlockWeights::post_attention_layernorm)
+      .def_readwrite("q_proj", &BlockWeights::q_proj)
+      .def_readwrite("q_a_proj", &BlockWeights::q_a_proj)
+      .def_readwrite("q_a_layernorm", &BlockWeights::q_a_layernorm)
+      .def_readwrite("q_b_proj", &BlockWeights::q_b_proj)
+      .def_readwrite("kv_a_proj_with_mqa", &BlockWeights::kv_a_proj_with_mqa)
+      .def_readwrite("kv_a_layernorm", &BlockWeights::kv_a_layernorm)
+      .def_readwrite("kv_b_proj", &BlockWeights::kv_b_proj)
+      .def_readwrite("o_proj", &BlockWeights::o_proj)
+      .def_readwrite("gate_proj", &BlockWeights::gate_proj)
+      .def_readwrite("up_proj", &BlockWeights::up_proj)
+      .def_readwrite("down_proj", &BlockWeights::down_proj)
+      .def_readwrite("router_weight", &BlockWeights::router_weight)
+      .def_readwrite("e_score_correction_bias", &BlockWeights::e_score_correction_bias)
+      .def_readwrite("experts_gate_up_proj", &BlockWeights::experts_gate_up_proj)
+      .def_readwrite("experts_down_proj", &BlockWeights::experts_down_proj)
+      .def_readwrite("shared_gate_proj", &BlockWeights::shared_gate_proj)
+      .def_readwrite("shared_up_proj", &BlockWeights::shared_up_proj)
+      .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj);
+  py::class_<CacheIndex>(m, "CacheIndex", "where a batch's rows live in the cache (one forward, every layer)")
+      .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("slots"),
+           py::arg("positions"), py::arg("first_slot"), py::arg("kv_len"), py::arg("bias"))
+      .def_readonly("slots", &CacheIndex::slots)
+      .def_readonly("positions", &CacheIndex::positions)
+      .def_readonly("first_slot", &CacheIndex::first_slot)
+      .def_readonly("kv_len", &CacheIndex::kv_len)
+      .def_readonly("bias", &CacheIndex::bias);
+  m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)", py::arg("x"),
+        py::arg("cos"), py::arg("sin"), py::arg("kv_layer"), py::arg("index"), py::arg("weights"),
+        py::arg("config"), nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32, CPU)", nogil);
+  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32, CPU)", nogil);
+  m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (fp32, CPU)", nogil);
+}

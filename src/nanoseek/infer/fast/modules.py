@@ -1,0 +1,240 @@
+"""The module classes `accelerate` swaps in: the pure model's modules with CPU decode paths added.
+
+Each is a subclass of the module it replaces, with the same parameters and state-dict names, and runs
+its own path only at inference (eval mode, autograd off) on a CPU; anything else (training, grad
+enabled, autocast, GPUs, FP8 wrappers, expert-parallel MoE, FSDP hooks) calls the pure module's forward,
+so it computes exactly what the pure model computes.
+
+Why these paths: decoding multiplies 1-16 rows by each weight, so its time is that of streaming the
+weights from memory, and torch's CPU kernels are built for large batches (a single-threaded GEMV for one
+row, a weight re-pack for a few, and a few hundred small ops per step issued from Python, each with its
+own overhead). benchmarks/bench_kernels.py measures each path against the torch one it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.moe import GroupedExperts, MoE
+from nanoseek.model.transformer import Block, MTPModule
+
+from . import kernels
+
+KERNEL_ROWS = 32            # few-row matmuls up to this many rows go through kernels.rows_matmul
+RELAYOUT_MIN = 1 << 16      # without the kernels, weights this small keep F.linear (call overhead dominates)
+GEMV_SPLIT = 4              # one row, no kernels: the weight's rows split into this many batches of one bmm
+FEW_ASSIGNMENTS = 32        # no kernels: up to this many (token, expert) pairs run one GEMV pair each
+KERNEL_ASSIGNMENTS = 4096   # up to this many run kernels.experts_rows (and a decode step the C++ block)
+
+
+def inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """The fast paths apply: eval mode, autograd and autocast off, on the CPU."""
+    return not module.training and x.is_cpu and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for the few-row shapes of CPU decoding, laid out for the memory-bound work they are.
+
+    In order of preference: up to KERNEL_ROWS rows in fp32, the C++ kernel; without it, one row as a bmm
+    over GEMV_SPLIT slices of the weight (which uses every thread), and 2-64 rows as W @ x^T (which streams
+    W once); small weights and everything else, F.linear.
+    """
+    n_out, n_in = weight.shape
+    rows = x.numel() // n_in if n_in else 0
+    if rows == 0:
+        return F.linear(x, weight)
+    if rows <= KERNEL_ROWS and weight.is_contiguous() and kernels.usable(x, weight):
+        return kernels.rows_matmul(x.reshape(rows, n_in), weight).view(x.shape[:-1] + (n_out,))
+    if weight.numel() < RELAYOUT_MIN:
+        return F.linear(x, weight)
+    if rows == 1 and torch.get_num_threads() > 1 and n_out % GEMV_SPLIT == 0 and weight.is_contiguous():
+        y = torch.bmm(x.reshape(1, 1, n_in).expand(GEMV_SPLIT, 1, n_in),
+                      weight.view(GEMV_SPLIT, n_out // GEMV_SPLIT, n_in).transpose(1, 2))
+        return y.view(x.shape[:-1] + (n_out,))
+    if 2 <= rows <= 64:
+        return torch.mm(weight, x.reshape(rows, n_in).t()).t().contiguous().view(x.shape[:-1] + (n_out,))
+    return F.linear(x, weight)
+
+
+class FastLinear(nn.Linear):
+    pure = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and inference(self, x):
+            return few_rows_linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FastRMSNorm(RMSNorm):
+    pure = RMSNorm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference(self, x) and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if kernels.usable(x, self.weight):
+                return kernels.rms_norm(x, self.weight, self.eps)  # one C++ loop
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the weight fused into the op
+        return super().forward(x)
+
+
+class FastExperts(GroupedExperts):
+    pure = GroupedExperts
+
+    def use_grouped_mm(self, dtype: torch.dtype, cap: int) -> bool:
+        # fp32 inference on a CPU: one padded batched GEMM beats grouped_mm for mid-sized batches;
+        # grouped_mm keeps one row per expert (it then reads only the chosen experts' weights).
+        if (cap > 1 and dtype == torch.float32 and not self.training and not torch.is_grad_enabled()
+                and self.gate_up_proj.is_cpu and not torch.is_autocast_enabled("cpu")):
+            return False
+        return super().use_grouped_mm(dtype, cap)
+
+
+def forward_few(experts: GroupedExperts, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    """Weighted expert output [N, D] for a handful of tokens: one GEMV pair per (token, expert) assignment.
+
+    With N*K small, the sort / gather / grouped-GEMM machinery costs more than the arithmetic. Each
+    assignment reads its expert's weights in place; nothing is copied. The loop is over the N*K chosen
+    pairs, so its length does not depend on the number of experts.
+    """
+    w1, w2 = experts.gate_up_proj, experts.down_proj
+    N, K = idx_NK.shape
+    pairs = [(n, e) for n, row in enumerate(idx_NK.tolist()) for e in row]
+    h = torch.cat([few_rows_linear(x_ND[n: n + 1], w1[e]) for n, e in pairs])  # [N*K, 2F]
+    g, u = h.chunk(2, dim=-1)
+    a = F.silu(g) * u
+    y_NKD = torch.cat([few_rows_linear(a[i: i + 1], w2[e]) for i, (_, e) in enumerate(pairs)]).view(N, K, -1)
+    return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1)
+
+
+class FastMoE(MoE):
+    pure = MoE
+
+    def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        if inference(self, x_ND) and type(ex) in (FastExperts, GroupedExperts) and x_ND.dtype == ex.gate_up_proj.dtype:
+            n = idx_NK.numel()
+            if n <= KERNEL_ASSIGNMENTS and kernels.usable(x_ND, ex.gate_up_proj, ex.down_proj):
+                return kernels.experts_rows(x_ND, ex.gate_up_proj, ex.down_proj, idx_NK, w_NK)
+            if n <= FEW_ASSIGNMENTS:
+                return forward_few(ex, x_ND, w_NK, idx_NK).to(x_ND.dtype)
+        return super().routed_experts(x_ND, w_NK, idx_NK)
+
+
+class _KernelPlan:
+    """What kernels.block_decode needs from one block, gathered once: its BlockConfig, and for each
+    BlockWeights field the (tensor dict, name) to read it from. The tensors are looked up at every call
+    and the BlockWeights rebuilt when one was replaced (a reload, a cast to another dtype, ...)."""
+
+    def __init__(self, block: Block):
+        a, mlp, cfg = block.self_attn, block.mlp, block.self_attn.cfg
+        fields = {"input_layernorm": (block.input_layernorm, "weight"),
+                  "post_attention_layernorm": (block.post_attention_layernorm, "weight"),
+                  "kv_a_proj_with_mqa": (a.kv_a_proj_with_mqa, "weight"), "kv_a_layernorm": (a.kv_a_layernorm, "weight"),
+                  "kv_b_proj": (a.kv_b_proj, "weight"), "o_proj": (a.o_proj, "weight")}
+        if cfg.q_lora_rank is None:
+            fields["q_proj"] = (a.q_proj, "weight")
+        else:
+            fields.update(q_a_proj=(a.q_a_proj, "weight"), q_a_layernorm=(a.q_a_layernorm, "weight"),
+                          q_b_proj=(a.q_b_proj, "weight"))
+        moe = isinstance(mlp, MoE)
+        if moe:
+            fields.update(router_weight=(mlp.gate, "weight"), e_score_correction_bias=(mlp.gate, "e_score_correction_bias"),
+                          experts_gate_up_proj=(mlp.experts, "gate_up_proj"), experts_down_proj=(mlp.experts, "down_proj"))
+            if mlp.shared_experts is not None:
+                sh = mlp.shared_experts
+                fields.update(shared_gate_proj=(sh.gate_proj, "weight"), shared_up_proj=(sh.up_proj, "weight"),
+                              shared_down_proj=(sh.down_proj, "weight"))
+        else:
+            fields.update(gate_proj=(mlp.gate_proj, "weight"), up_proj=(mlp.up_proj, "weight"),
+                          down_proj=(mlp.down_proj, "weight"))
+        self.names = list(fields)
+        self.sources = [(m._parameters if n in m._parameters else m._buffers, n) for m, n in fields.values()]
+        self.linears = [m for m, _ in fields.values() if isinstance(m, nn.Linear)]
+        self.norms = [m for m, _ in fields.values() if isinstance(m, RMSNorm)]
+        self.hooked = [block, a, mlp]
+        self.moe = mlp if moe else None
+        self.config = kernels.block_config(
+            hidden_size=cfg.hidden_size, num_attention_heads=a.n_heads, qk_nope_head_dim=a.nope,
+            qk_rope_head_dim=a.rope, v_head_dim=a.v_dim, kv_lora_rank=a.kv_rank, q_lora_rank=cfg.q_lora_rank or 0,
+            rope_interleave=cfg.rope_interleave, rms_norm_eps=cfg.rms_norm_eps, softmax_scale=a.scale, moe=moe,
+            num_experts_per_tok=cfg.num_experts_per_tok if moe else 0, n_group=cfg.n_group,
+            topk_group=cfg.topk_group, scoring_func=cfg.scoring_func, topk_method=cfg.topk_method,
+            norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+        self._tensors: list = []
+        self._impls: list = []
+        self._weights = None
+
+    def __reduce__(self):
+        # A plan is a cache of C++ objects: a deep copy or a pickle of the model builds its own when it runs.
+        return _no_plan, ()
+
+    def plain(self) -> bool:
+        """The block is still made of the modules accelerate put there (nothing wrapped it since)."""
+        moe = self.moe
+        if moe is not None and (type(moe) not in (FastMoE, MoE) or type(moe.experts) not in (FastExperts, GroupedExperts)):
+            return False
+        if any(m._forward_pre_hooks or m._forward_hooks for m in self.hooked):
+            return False
+        return all(type(m) in (FastLinear, nn.Linear) for m in self.linears) and \
+            all(type(m) in (FastRMSNorm, RMSNorm) for m in self.norms)
+
+    def weights(self):
+        """The BlockWeights of the current tensors, or None if one is not fp32 on the CPU."""
+        tensors = [d[n] for d, n in self.sources]
+        if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
+            return None
+        # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them).
+        impls = [t._cdata for t in tensors]
+        if impls != self._impls:
+            self._tensors, self._impls = tensors, impls
+            self._weights = kernels.block_weights(**dict(zip(self.names, tensors)))
+        return self._weights
+
+
+def _no_plan():
+    return None
+
+
+class _DecodeInKernel:
+    """A decode step of the block (cache attached, not a prefill) as one kernels.block_decode call: the
+    same operations in the same order as Block.forward, without a Python call per op."""
+
+    def forward(self, x, cos, sin, cache=None, layer: int = 0, aux_alpha: float = 0.0):
+        if cache is not None and not cache.prefill and inference(self, x):
+            out = self._decode(x, cos, sin, cache, layer)
+            if out is not None:
+                return out, None
+        return super().forward(x, cos, sin, cache, layer, aux_alpha)
+
+    def _decode(self, x, cos, sin, cache, layer):
+        K = max(1, self.self_attn.cfg.num_experts_per_tok)
+        if x.shape[0] * x.shape[1] * K > KERNEL_ASSIGNMENTS or not hasattr(cache, "kernel_cache"):
+            return None
+        if not kernels.usable(x, cos):
+            return None
+        plan = self.__dict__.get("_kernel_plan")
+        if plan is None or plan.hooked[1] is not self.self_attn or plan.hooked[2] is not self.mlp:
+            plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)  # built once (again if a part was replaced)
+        if not plan.plain():
+            return None
+        weights = plan.weights()
+        where = cache.kernel_cache(layer, self.self_attn.n_heads) if weights is not None else None
+        if where is None:
+            return None
+        kv_layer, index = where
+        return kernels.block_decode(x, cos, sin, kv_layer, index, weights, plan.config)
+
+
+class FastBlock(_DecodeInKernel, Block):
+    pure = Block
+
+
+class FastMTPModule(_DecodeInKernel, MTPModule):
+    pure = MTPModule
+
+
+# pure class -> fast class, in the order accelerate applies them
+SWAPS: dict[type, type] = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, GroupedExperts: FastExperts, MoE: FastMoE,
+                           Block: FastBlock, MTPModule: FastMTPModule}
