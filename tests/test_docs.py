@@ -54,6 +54,7 @@ PARSE_ONLY = [
     ("--config configs/small.toml --out runs/small", "trains the `small` preset for minutes"),
     ("--set data.source=my_texts/", "the reader's own folder of text (tests/test_shards.py trains on a folder)"),
     ("torchrun --nproc_per_node 2", "two processes for minutes (tests/test_parallel.py runs torchrun)"),
+    ("torchrun --nproc_per_node 4", "four processes (tests/test_pipeline.py runs pp=2 x ep=2 under torchrun, slow)"),
     ("torchrun --nnodes 2", "two nodes of 8 GPUs"),
     ("--host 0.0.0.0", "binds every interface; the tests serve on loopback only"),
 ]
@@ -132,7 +133,9 @@ def all_commands() -> list[Command]:
 
 
 def parse_only_reason(cmd: Command) -> str | None:
-    return next((why for needle, why in PARSE_ONLY if needle in cmd.text), None)
+    why = next((why for needle, why in PARSE_ONLY if needle in cmd.text), None)
+    assert why or cmd.argv[0] != "torchrun", f"{cmd}: a torchrun command needs a PARSE_ONLY entry (tests/test_docs.py)"
+    return why
 
 
 # ----------------------------------------------------------------------------- the extraction itself
@@ -188,6 +191,13 @@ def test_named_benchmarks_and_make_targets_exist():
     text = (REPO / "README.md").read_text(encoding="utf-8")
     names = set(re.findall(r"python -m benchmarks\.(\w+)", text))
     assert names and all((REPO / "benchmarks" / f"{n}.py").is_file() for n in names), names
+    for doc in DOCS:  # scripts and pictures named in prose
+        body = (REPO / doc).read_text(encoding="utf-8")
+        for script in re.findall(r"\bscripts/[\w.-]+", body):
+            assert (REPO / script).is_file(), (doc, script)
+        for picture in re.findall(r"!\[[^\]]*\]\(([^)]+)\)|<img src=\"([^\"]+)\"", body):
+            picture = picture[0] or picture[1]
+            assert (REPO / doc).parent.joinpath(picture).is_file(), (doc, picture)
     for cmd in all_commands():
         if cmd.argv[0] == "make":
             r = subprocess.run(["make", "-n", *cmd.argv[1:]], cwd=REPO, capture_output=True, text=True)
