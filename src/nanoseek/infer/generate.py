@@ -44,8 +44,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     loaded, in which dtype and on which device.
 
     Without a dtype the weights keep their stored dtype, except that bf16/fp16 weights (real DeepSeek
-    checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16): there
-    a bf16 matmul runs ~300x slower than fp32, and only fp32 takes the C++ decode kernels.
+    checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16, as
+    nanoseek.device.cpu_has_fast_bf16 detects): there bf16 matmuls take a slow scalar path, and only fp32
+    takes the C++ decode kernels.
     """
     from nanoseek.device import cpu_has_fast_bf16
     from nanoseek.hf import load
