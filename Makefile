@@ -41,7 +41,13 @@ test: $(STAMP) browser toolchain
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+# The benchmarks' references (TRL for bench_grpo_trl) on top of the dev install; torch stays the pinned build.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e ".[serve,dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 # GPU targets install nothing: a GPU image brings its own CUDA torch (a venv here would pull the CPU build).

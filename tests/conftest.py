@@ -180,7 +180,7 @@ def chat_server(chat_model_dir, tmp_path_factory):
     """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(chat_model_dir, log, "--model-name", "nanoseek-tiny", "--max-batch-size", "4",
-                        "--max-queue", "4", "--max-len", "512", "--log-level", "warning") as url:
+                        "--max-queue", "4", "--max-len", "1024", "--log-level", "warning") as url:
         yield url
 
 

@@ -65,3 +65,24 @@ def test_speculative_verification_keeps_the_target_distribution():
     acc, tok = verify_drafts(p0.expand(2, -1), p1.expand(2, -1), q.expand(2, -1), torch.tensor([1, 3]), greedy,
                              [None, None])
     assert acc.tolist() == [True, False] and tok.tolist() == [4, 1]
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_row_random_blocks_are_the_generators_own_stream(block):
+    """RowRandom draws its uniforms in blocks; the values, in order, are those of one draw at a time from the
+    same seeded generator (so a request's tokens are the same as unbuffered), across block boundaries,
+    and row_uniforms takes a RowRandom and a plain generator alike."""
+    from nanoseek.infer.sampling import RowRandom
+
+    one_by_one = torch.Generator().manual_seed(7)
+    expected = [float(torch.rand((), generator=one_by_one)) for _ in range(150)]
+    rr = RowRandom(torch.Generator().manual_seed(7), block=block)
+    assert [rr.uniform() for _ in range(150)] == expected
+    params = [SamplingParams(temperature=1.0), SamplingParams(), SamplingParams(temperature=0.5)]
+    a = [RowRandom(torch.Generator().manual_seed(s), block=block) for s in (1, 2, 3)]
+    b = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    for _ in range(70):
+        assert torch.equal(row_uniforms(params, a, "cpu"), row_uniforms(params, b, "cpu"))
+    assert a[1]._buf == []  # the greedy row never drew
+    with pytest.raises(ValueError, match="block"):
+        RowRandom(torch.Generator(), block=0)

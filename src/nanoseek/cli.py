@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "generate": ("nanoseek.infer.cli_generate", "generate text from a prompt", MODEL),
     "chat": ("nanoseek.infer.cli_chat", "chat with a model in the terminal", MODEL),
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible API server and web chat", MODEL),
+    "quantize": ("nanoseek.infer.quant_io", "write a checkpoint with int8 or bf16 weights for fast CPU decoding", ()),
+    "convert": ("nanoseek.convert", "convert a checkpoint: V3 -> V3.2 (adds freshly initialised DSA indexers)", ()),
     "build-kernels": ("nanoseek.infer.fast.build", "build the C++ CPU decode kernels now (not on first use); say where",
                       ()),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export", MODEL),

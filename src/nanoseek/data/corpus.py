@@ -71,7 +71,7 @@ _TEXT_GENERATORS = (_number_fact, _times_table, _counting, _story)
 def builtin_corpus(n_docs: int, seed: int = 0, task_fraction: float = 0.6, max_difficulty: int = 2) -> Iterator[str]:
     """`n_docs` generated documents: task transcripts (train split only) mixed with plain text."""
     rng = random.Random(f"builtin-corpus:{seed}")
-    tasks = sorted(TASKS)
+    tasks = sorted(name for name, task in TASKS.items() if task.in_corpus)
     # Problems come in blocks of 256 per (task, difficulty), each block a pure function of (seed, block).
     pools: dict[tuple[str, int], list] = {}
     blocks: dict[tuple[str, int], int] = {}

@@ -39,6 +39,17 @@ __all__ = ["ASSISTANT", "BOS", "CHAT_TEMPLATE", "END_THINK", "EOS", "PAD", "SPEC
            "StreamDecoder", "Tokenizer", "load_tokenizer", "train_tokenizer"]
 
 
+@lru_cache(maxsize=8)
+def _compiled_template(source: str):
+    """The chat template compiled once: building a jinja environment per call was a visible share of a
+    GRPO rollout, which renders every prompt of the step."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    register_filters(env)
+    return env.from_string(source)
+
+
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's byte-to-printable-character map used by the byte-level pre-tokenizer."""
@@ -56,16 +67,22 @@ def _byte_decoder() -> dict[str, int]:
 class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` with the ids of DeepSeek's special tokens."""
 
-    def __init__(self, hf: _HFTokenizer, chat_template: str = CHAT_TEMPLATE, model_max_length: int = 4096):
+    def __init__(self, hf: _HFTokenizer, chat_template: str = CHAT_TEMPLATE, model_max_length: int = 4096,
+                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None):
+        """bos/eos/pad_token: another model's spellings (its tokenizer_config.json); default DeepSeek's.
+        A tokenizer without a BOS token is allowed only when bos_token is given as "" (bos_id is then None)."""
         self.hf = hf
         self.chat_template = chat_template
         self.model_max_length = model_max_length
-        missing = [t for t in (BOS, EOS) if hf.token_to_id(t) is None]
+        bos = BOS if bos_token is None else bos_token
+        eos = eos_token or EOS
+        missing = [t for t in (bos, eos) if t and hf.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks required special tokens {missing}")
-        self.bos_id: int = hf.token_to_id(BOS)
-        self.eos_id: int = hf.token_to_id(EOS)
-        pad = hf.token_to_id(PAD)
+        self.bos_token, self.eos_token = bos or None, eos
+        self.bos_id: int | None = hf.token_to_id(bos) if bos else None
+        self.eos_id: int = hf.token_to_id(eos)
+        pad = hf.token_to_id(pad_token or PAD)
         self.pad_id: int = self.eos_id if pad is None else pad
         # Present in every tokenizer we train; may be None for a foreign tokenizer.json.
         self.user_id: int | None = hf.token_to_id(USER)
@@ -131,8 +148,6 @@ class Tokenizer:
 
         `tools` and keyword options (e.g. `thinking=False`) go to the template as transformers passes them.
         """
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m:
                 raise ValueError(f"message {i} must be a mapping with a 'role', got {m!r}")
@@ -140,9 +155,7 @@ class Tokenizer:
                 raise ValueError(f"message {i} has unknown role {m['role']!r} (system, user, assistant or tool)")
             if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
                 raise ValueError(f"message {i} ({m['role']}) has no 'content'")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        register_filters(env)
-        return env.from_string(self.chat_template).render(
+        return _compiled_template(self.chat_template).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS,
             tools=list(tools) if tools else None, **template_kwargs)
 
@@ -244,13 +257,37 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"tokenizer.json is not a readable tokenizer ({e})", file,
                         "restore the file, or export the model again") from None
     template, max_len = CHAT_TEMPLATE, 4096
-    cfg_file = file.parent / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"tokenizer_config.json is not valid JSON ({e})", cfg_file,
-                            "restore the file, or export the model again") from None
-        template = cfg.get("chat_template") or template
-        max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
-    return Tokenizer(hf, chat_template=template, model_max_length=max_len)
+    cfg = _json_file(file.parent / "tokenizer_config.json")
+    template = cfg.get("chat_template") or template
+    max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
+    bos, eos, pad = (_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    # generation_config.json names ids; an eos_token_id list's first entry is the primary EOS.
+    gen = _json_file(file.parent / "generation_config.json")
+    if eos is None and gen.get("eos_token_id") is not None:
+        first = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
+        eos = hf.id_to_token(int(first)) if isinstance(first, int) else None
+    if bos is None and "bos_token_id" in gen:  # an explicit null: the model has no BOS
+        bos = hf.id_to_token(int(gen["bos_token_id"])) if isinstance(gen["bos_token_id"], int) else ""
+    if bos is None and "bos_token" in cfg:  # tokenizer_config.json says "bos_token": null
+        bos = ""
+    return Tokenizer(hf, chat_template=template, model_max_length=max_len, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def _json_file(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path.name} is not valid JSON ({e})", path,
+                        "restore the file, or export the model again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name} must hold a JSON object", path, "restore the file, or export the model again")
+    return data
+
+
+def _token_text(v: object) -> str | None:
+    """A token as tokenizer_config.json writes it: a string or an AddedToken dict ({"content": ...})."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None

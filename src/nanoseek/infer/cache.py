@@ -2,8 +2,9 @@
 
 Per token and layer it holds what MLA caches (nanoseek.model.attention.CacheView: the normalised latent
 and the rotated rope key, kv_lora_rank + qk_rope_head_dim values; DeepSeek-V2 section 2.1), for
-`num_slots` sequences of up to `max_len` tokens. A request owns one slot from admission to its end;
-rolling back after a rejected speculative draft is just a smaller start position.
+`num_slots` sequences of up to `max_len` tokens; each stream the model's cache_layout names (a V3.2 model
+adds "index_key", its indexer key per token and layer) is one such store. A request owns one slot from
+admission to its end; rolling back after a rejected speculative draft is just a smaller start position.
 
 The model reaches it through the CacheView interface only (positions, write, read, the mask), so a
 different storage layout changes this file and the engine, not the model. On top of the reference

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
                                 top_p=args.top_p, seed=None if args.seed is None else args.seed + turn,
-                                stop_token_ids=[tok.eos_id])
+                                stop_token_ids=list(tok.eos_ids))
         stream = tok.stream(think_opened=think_opened)
         shown = {"reasoning": False, "answer": False}
 

@@ -10,7 +10,9 @@ from nanoseek.infer.generate import check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = ["float32", "bfloat16", "float16", "int8", "bf16-weights"]
+DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8 and "
+              "bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek quantize`)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_dtype_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
+                   help=DTYPE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.chat:
         prompt, think_opened = tok.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
-        prompt, think_opened = [tok.bos_id] + tok.encode(args.prompt), False
+        prompt, think_opened = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(args.prompt), False
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop_token_ids=[tok.eos_id])
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=list(tok.eos_ids))
     engine = Engine(model, max_batch_size=1, max_len=len(prompt) + args.max_tokens, speculative=args.speculative)
     stream = tok.stream(think_opened=think_opened, split_reasoning=False)
     if think_opened:

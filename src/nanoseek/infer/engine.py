@@ -2,7 +2,8 @@
 
 * Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
-  section 2.1, V3 section 2.1.1). A request owns one slot from admission to its end; rolling back after a
+  section 2.1, V3 section 2.1.1; a V3.2 model adds its indexer keys as a second stream, "index_key", as
+  its cache_layout says). A request owns one slot from admission to its end; rolling back after a
   rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
   (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
 * On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
@@ -38,7 +39,9 @@ import torch
 from nanoseek.errors import NanoseekError
 from nanoseek.infer import fast
 from nanoseek.infer.cache import SlotCache
-from nanoseek.infer.sampling import SamplingParams, device_tensor, draw, probs, sample, verify_drafts
+from nanoseek.infer.logits import LogitsState, process, raw_logprobs
+from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample
+from nanoseek.infer.speculative import speculative_tensors, token_logprobs  # noqa: F401 (token_logprobs re-exported)
 
 
 class EngineError(NanoseekError, ValueError):
@@ -58,7 +61,9 @@ class Completion:
 
 
 # on_event(request, new_token_ids, finished): called on the engine thread after every step that
-# emits tokens for the request, and once more with finished=True (possibly with no new tokens).
+# emits tokens for the request, and once more with finished=True (possibly with no new tokens). Their
+# logprobs are the last len(new_token_ids) entries of request.logprobs / .top_logprobs during the call. An
+# exception in it fails that request only (finish_reason "error", request.error says why).
 EventFn = Callable[["Request", list[int], bool], None]
 
 
@@ -70,7 +75,9 @@ class Request:
     on_event: EventFn | None = None
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
     finish_reason: str | None = None
+    error: str | None = None  # why it ended with "error"
     done: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -80,7 +87,8 @@ class Request:
     pending: int = 0
     draft: int = 0
     draft_q: torch.Tensor | None = None  # the draft distribution, for sampled speculative rows
-    generator: torch.Generator | None = None
+    generator: RowRandom | None = None  # the request's uniforms, from its own seeded generator
+    logits_state: LogitsState | None = None  # bias, penalties, grammar (nanoseek.infer.logits)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -157,12 +165,21 @@ class Engine:
                               f"context of {self.max_len} tokens")
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: EventFn | None = None,
-               *, bounded: bool = True) -> Request:
-        """Queue a request (raises EngineError for a bad one, QueueFull when the queue is at its bound)."""
+               *, bounded: bool = True, matcher=None) -> Request:
+        """Queue a request (raises EngineError for a bad one, QueueFull when the queue is at its bound).
+
+        `matcher` (a fresh nanoseek.infer.grammar.Matcher) constrains the output; its EOS ids should be
+        among params.stop_token_ids."""
         prompt = [int(t) for t in prompt]
         self.validate(prompt, params)
+        V = self.config.vocab_size
+        bad = [t for t in params.logit_bias if t >= V]
+        if bad:
+            raise EngineError(f"logit_bias token id(s) {bad[:5]} out of range for vocab_size {V}")
         req = Request(next(self._ids), prompt, params, on_event)
-        req.generator = params.make_generator()
+        req.generator = RowRandom(params.make_generator())
+        state = LogitsState.make(params, V, self.device, matcher)
+        req.logits_state = state if state.active else None
         with self._lock:
             # Requests about to take a free slot at the next step do not count against the queue bound.
             if bounded and len(self._waiting) >= self.max_queue + len(self._free_slots):
@@ -235,6 +252,15 @@ class Engine:
     def batch_size(self) -> int:
         return len(self._running)
 
+    def free_slots(self) -> int:
+        """Cache slots not held by a request (max_batch_size when idle: nothing leaked)."""
+        return len(self._free_slots)
+
+    def cache_metrics(self) -> dict[str, float]:
+        """The cache's own `metrics()` dict for /metrics, when it has one (nanoseek.serve.metrics says how)."""
+        fn = getattr(self.cache, "metrics", None)
+        return dict(fn()) if callable(fn) else {}
+
     # ------------------------------------------------------------------ the step loop
     def _loop(self, keep_running: Callable[[], bool] | None = None) -> None:
         while True:
@@ -253,18 +279,24 @@ class Engine:
         with self._lock:
             left = list(self._running) + list(self._waiting)
             self._waiting.clear()
-        self._running.clear()
-        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
+        self._running = []
         for r in left:
             self._finish(r, "cancelled")
+            self._release(r)
 
     def _fail_running(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
         for r in self._running:
-            if r.finish_reason is None:
-                self._finish(r, "error")
-            self._free_slots.append(r.slot)
+            r.error = r.error or self.last_error
+            self._finish(r, "error")
+            self._release(r)
         self._running = []
+
+    def _release(self, r: Request) -> None:
+        """Give r's slot back to the pool; exactly once, whichever path (finish, failure, cancel) gets here first."""
+        if r.slot >= 0:
+            slot, r.slot = r.slot, -1
+            self._free_slots.append(slot)
 
     def step(self) -> None:
         """Admit waiting requests (prefill) and advance every running one by one decode step."""
@@ -293,7 +325,7 @@ class Engine:
             if r.finish_reason is None:
                 keep.append(r)
             else:
-                self._free_slots.append(r.slot)
+                self._release(r)
         self._running = keep
         with self._lock:
             dropped = [r for r in self._waiting if r.cancelled]
@@ -313,18 +345,34 @@ class Engine:
         return out
 
     def _finish(self, r: Request, reason: str) -> None:
+        """End r once (later calls are no-ops): count it, tell its callback, wake result() waiters."""
+        if r.finish_reason is not None:
+            return
         r.finish_reason = reason
         with self._lock:
             if reason == "cancelled":
                 self.stats.requests_cancelled += 1
             else:
                 self.stats.requests_finished += 1
-        if r.on_event is not None:
-            r.on_event(r, [], True)
+        self._notify(r, [], True)
         r.done.set()
 
-    def _emit(self, r: Request, tokens: list[int], logps: list[float]) -> None:
+    def _notify(self, r: Request, tokens: list[int], finished: bool) -> bool:
+        """Call r's callback; an exception fails r alone (False), never the step."""
+        if r.on_event is None:
+            return True
+        try:
+            r.on_event(r, tokens, finished)
+            return True
+        except Exception as e:  # noqa: BLE001 - a client's callback must not take the engine down
+            r.error = r.error or f"the request's callback failed: {type(e).__name__}: {e}"
+            return False
+
+    def _emit(self, r: Request, tokens: list[int], logps: list[float],
+              tops: list[list[tuple[int, float]]] | None = None) -> None:
         """Append tokens in order, stopping at a stop token or max_tokens (later tokens are dropped)."""
+        if r.finish_reason is not None:
+            return
         sp = r.params
         new = []
         for i, t in enumerate(tokens):
@@ -332,13 +380,20 @@ class Engine:
             r.output.append(t)
             if sp.logprobs:
                 r.logprobs.append(logps[i])
+                if sp.top_logprobs:
+                    r.top_logprobs.append(tops[i] if tops else [])
             if t in sp.stop_token_ids or len(r.output) >= sp.max_tokens:
                 break
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         self.stats.generated_tokens += len(new)
-        if r.on_event is not None and not r.cancelled:
-            r.on_event(r, new, False)
+        if r.logits_state is not None and not r.logits_state.observe(new):
+            r.error = f"the output left its grammar: {r.logits_state.matcher.error}"
+            self._finish(r, "error")
+            return
+        if not r.cancelled and not self._notify(r, new, False):
+            self._finish(r, "error")
+            return
         last = r.output[-1]
         if last in sp.stop_token_ids:
             self._finish(r, "stop")
@@ -349,8 +404,19 @@ class Engine:
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return device_tensor(rows, torch.long, self.device)  # no host sync (see sampling.device_tensor)
 
-    def _logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        return token_logprobs(logits, tokens).tolist()
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]):
+        """Process (bias, penalties, grammar) and sample one token per row of logits [B, V]: the tokens [B]
+        on the device, and per row the raw log-probability and top alternatives when any row asks for them."""
+        params = [r.params for r in reqs]
+        want = any(p.logprobs for p in params)
+        if want:  # the raw distribution, before processing changes the logits in place
+            lp, top_ids, top_vals = raw_logprobs(logits, max(p.top_logprobs for p in params))
+        tokens = sample(process(logits, [r.logits_state for r in reqs]), params, [r.generator for r in reqs])
+        if not want:
+            return tokens, [0.0] * len(reqs), None
+        tops = None if top_ids is None else [[list(zip(i, v))[: p.top_logprobs]] for i, v, p in
+                                              zip(top_ids.tolist(), top_vals.tolist(), params)]
+        return tokens, lp.gather(-1, tokens[:, None])[:, 0].tolist(), tops
 
     def _prefill(self, reqs: list[Request]) -> None:
         lens = [len(r.prompt) for r in reqs]
@@ -363,9 +429,7 @@ class Engine:
         view = self.cache.view(slots, zeros, T)
         logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
-        params = [r.params for r in reqs]
-        first = sample(last_logits, params, [r.generator for r in reqs])
-        logps = self._logprob(last_logits, first) if any(p.logprobs for p in params) else [0.0] * len(reqs)
+        first, logps, tops = self._sample(last_logits, reqs)
         with self._lock:
             self.stats.prompt_tokens += sum(lens)
         if self.speculative:
@@ -377,7 +441,7 @@ class Engine:
         for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
             r.pos = lens[i]
             r.pending = t
-            self._emit(r, [t], [logps[i]])
+            self._emit(r, [t], [logps[i]], tops[i] if tops else None)
 
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
@@ -395,14 +459,11 @@ class Engine:
         ids = self._tensor([[r.pending] for r in reqs])
         view = self.cache.view(self._tensor([r.slot for r in reqs]), self._tensor([r.pos for r in reqs]), 1)
         logits, _ = self.model.forward_cached(ids, view)
-        logits = logits[:, 0]
-        params = [r.params for r in reqs]
-        nxt = sample(logits, params, [r.generator for r in reqs])
-        logps = self._logprob(logits, nxt) if any(p.logprobs for p in params) else None
+        nxt, logps, tops = self._sample(logits[:, 0], reqs)
         for i, (r, t) in enumerate(zip(reqs, nxt.tolist())):
             r.pos += 1
             r.pending = t
-            self._emit(r, [t], [logps[i]] if logps else [0.0])
+            self._emit(r, [t], [logps[i]], tops[i] if tops else None)
 
     def _decode_speculative(self) -> None:
         reqs = self._running
@@ -412,11 +473,16 @@ class Engine:
         slots = self._tensor([r.slot for r in reqs])
         view = self.cache.view(slots, start, 2)
         logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
-        accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
+        accepted_t, token_t, lp_t, top_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
         read = torch.stack([accepted_t.long(), token_t], 1).tolist()
         accepted = [bool(a) for a, _ in read]
         lps = lp_t.tolist() if lp_t is not None else None
+        tops = None
+        if top_t is not None:  # ids, values [B, 2, k] -> per row, per position, (id, logprob) pairs
+            ids, vals = top_t[0].tolist(), top_t[1].tolist()
+            tops = [[list(zip(ids[b][j], vals[b][j]))[: reqs[b].params.top_logprobs] for j in range(2)]
+                    for b in range(B)]
         emitted = [[r.draft, b] if ok else [b] for r, (ok, b) in zip(reqs, read)]
         self.stats.drafted += B
         self.stats.accepted += sum(accepted)
@@ -431,32 +497,4 @@ class Engine:
             logps = lps[i][: len(toks)] if lps is not None else [0.0] * len(toks)
             r.pos += len(toks)
             r.pending = toks[-1]
-            self._emit(r, toks, logps)
-
-
-# ------------------------------------------------------------------ the tensor part of a decode step
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row: logits [B, V], tokens [B] -> [B] fp32 (on the logits' device)."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
-
-
-def speculative_tensors(logits_B2V: torch.Tensor, reqs: list[Request]):
-    """The tensor part of a speculative step, from the two-token verification logits [B, 2, V]: accepted [B],
-    the token that follows (or replaces) each draft [B], and the log-probabilities [B, 2] of the tokens
-    emitted at the two positions (None unless a request asked for them). Nothing is read to the host."""
-    params = [r.params for r in reqs]
-    dev = logits_B2V.device
-    drafts = device_tensor([r.draft for r in reqs], torch.long, dev)
-    if all(p.greedy for p in params):
-        p0 = p1 = q = None
-        accepted, token = verify_drafts(logits_B2V[:, 0], logits_B2V[:, 1], logits_B2V[:, 0], drafts, params,
-                                        [r.generator for r in reqs])  # greedy rows only take argmaxes
-    else:
-        p0, p1 = probs(logits_B2V[:, 0], params), probs(logits_B2V[:, 1], params)
-        q = torch.stack([p0[i] if r.draft_q is None else r.draft_q for i, r in enumerate(reqs)])
-        accepted, token = verify_drafts(p0, p1, q, drafts, params, [r.generator for r in reqs])
-    lp = None
-    if any(p.logprobs for p in params):
-        first = torch.where(accepted, drafts, token)  # position 0 emits the draft, or its replacement
-        lp = torch.stack([token_logprobs(logits_B2V[:, 0], first), token_logprobs(logits_B2V[:, 1], token)], 1)
-    return accepted, token, lp
+            self._emit(r, toks, logps, tops[i][: len(toks)] if tops else None)

@@ -36,8 +36,15 @@ class SamplingParams:
     seed: int | None = None
     # Generation ends after emitting any of these (the stop token is kept in the output, as in HF generate).
     stop_token_ids: list[int] = field(default_factory=list)
-    # Return the log-probability of each chosen token under the raw model distribution (temperature 1).
+    # Return the log-probability of each chosen token under the raw model distribution (temperature 1),
+    # and that many of the most likely alternatives at each position (0-20).
     logprobs: bool = False
+    top_logprobs: int = 0
+    # OpenAI's penalties and bias, applied before sampling by nanoseek.infer.logits (its docstring has the
+    # definitions): -2..2 each; logit_bias maps token ids to -100..100.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -50,7 +57,21 @@ class SamplingParams:
             raise SamplingError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise SamplingError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise SamplingError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= float(getattr(self, name)) <= 2.0:
+                raise SamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0:
+                raise SamplingError(f"logit_bias keys must be token ids, got {t!r}")
+            if not -100.0 <= float(b) <= 100.0:
+                raise SamplingError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +83,35 @@ class SamplingParams:
         # An unseeded request still gets its own generator: no shared global RNG state between requests.
         g.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
         return g
+
+
+class RowRandom:
+    """One request's stream of U[0, 1) draws from its own CPU generator, drawn `block` values at a time.
+
+    A CPU generator's torch.rand(n) yields the same values as n one-value draws in a row
+    (tests/test_sampling.py checks it on the installed torch), so blocks change no sample; they replace a
+    tensor op and a copy per row and token (the bulk of a sampled batch's per-step host work) with a list
+    read. The generator runs ahead by up to one block: nothing else may draw from it.
+    """
+
+    __slots__ = ("generator", "block", "_buf", "_next")
+
+    def __init__(self, generator: torch.Generator, block: int = 64):
+        if block < 1:
+            raise ValueError(f"RowRandom block must be >= 1, got {block}")
+        self.generator, self.block = generator, block
+        self._buf: list[float] = []
+        self._next = 0
+
+    def uniform(self) -> float:
+        if self._next == len(self._buf):
+            self._buf, self._next = torch.rand(self.block, generator=self.generator).tolist(), 0
+        u = self._buf[self._next]
+        self._next += 1
+        return u
+
+
+Randomness = torch.Generator | RowRandom | None  # a row's source of uniforms (None: the global CPU generator)
 
 
 def device_tensor(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -115,15 +165,13 @@ def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return out
 
 
-def row_uniforms(params: list[SamplingParams], generators: list[torch.Generator | None],
-                 device: torch.device | str) -> torch.Tensor:
-    """[B] on `device`: one U[0, 1) draw from each sampled row's generator (None: the global CPU generator);
-    greedy rows draw nothing and get 0."""
-    u = torch.zeros(len(params))
-    for i, (sp, g) in enumerate(zip(params, generators)):
-        if not sp.greedy:
-            u[i] = torch.rand((), generator=g)
-    return to_device(u, device)
+def row_uniforms(params: list[SamplingParams], generators: list[Randomness], device: torch.device | str
+                 ) -> torch.Tensor:
+    """[B] on `device`: one U[0, 1) draw from each sampled row's generator or RowRandom (None: the global
+    CPU generator); greedy rows draw nothing and get 0."""
+    u = [0.0 if sp.greedy else g.uniform() if isinstance(g, RowRandom) else float(torch.rand((), generator=g))
+         for sp, g in zip(params, generators)]  # float32 values, exact through python floats
+    return to_device(torch.tensor(u, dtype=torch.float32), device)
 
 
 def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -136,7 +184,7 @@ def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, v, right=True)[:, 0].clamp_max(p.shape[-1] - 1)
 
 
-def draw(p: torch.Tensor, generators: list[torch.Generator | None], params: list[SamplingParams]) -> torch.Tensor:
+def draw(p: torch.Tensor, generators: list[Randomness], params: list[SamplingParams]) -> torch.Tensor:
     """One token per row from distributions p [B, V]; greedy rows take the argmax without using randomness."""
     if all(sp.greedy for sp in params):
         return p.argmax(-1)
@@ -144,8 +192,7 @@ def draw(p: torch.Tensor, generators: list[torch.Generator | None], params: list
     return torch.where(greedy, p.argmax(-1), inverse_cdf(p, row_uniforms(params, generators, p.device)))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Randomness]) -> torch.Tensor:
     """[B, V] logits -> [B] token ids (on the logits' device), each row with its own parameters and generator."""
     if all(p.greedy for p in params):
         return logits.argmax(-1)  # the common fast path: no softmax at all
@@ -153,7 +200,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def verify_drafts(p0: torch.Tensor, p1: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
-                  params: list[SamplingParams], generators: list[torch.Generator | None]
+                  params: list[SamplingParams], generators: list[Randomness]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling for a batch: accept each row's draft token, and pick the token that follows.
 

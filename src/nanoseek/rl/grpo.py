@@ -84,29 +84,52 @@ def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.where((targets >= 0) & (targets < V), out, torch.zeros_like(out))
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
-    """Average a [B, T] per-token quantity over the mask: over all tokens ("token") or per sequence first."""
+@dataclass(frozen=True)
+class Whole:
+    """Counts of the whole batch that a part of it (one micro-batch of rows) is averaged over, so that the
+    parts' losses and statistics add up to the whole's: its completion tokens, and its sequences that have
+    at least one."""
+
+    tokens: float
+    sequences: float
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "Whole":
+        m = mask.float()
+        return cls(float(m.sum()), float((m.sum(dim=1) > 0).sum()))
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token", whole: Whole | None = None
+              ) -> torch.Tensor:
+    """Average a [B, T] per-token quantity over the mask: over all tokens ("token") or per sequence first.
+
+    With `whole`, these rows are one part of a larger batch: the sum is divided by the whole batch's token
+    (or sequence) count instead of this part's, so that summing the parts gives the whole's average.
+    """
     if how not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}")
     m = mask.to(per_token.dtype)
     if how == "token":
-        return (per_token * m).sum() / m.sum().clamp_min(1.0)
+        n = m.sum().clamp_min(1.0) if whole is None else max(whole.tokens, 1.0)
+        return (per_token * m).sum() / n
     per_seq = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
     has_tokens = (m.sum(dim=1) > 0).to(per_token.dtype)
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
+    n = has_tokens.sum().clamp_min(1.0) if whole is None else max(whole.sequences, 1.0)
+    return (per_seq * has_tokens).sum() / n
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               ref_logp: torch.Tensor | None = None, clip_eps: float = 0.2, beta: float = 0.001,
-              aggregation: str = "token") -> tuple[torch.Tensor, LossStats]:
+              aggregation: str = "token", whole: Whole | None = None) -> tuple[torch.Tensor, LossStats]:
     """The GRPO loss (to minimise) and its diagnostics.
 
     logp [B, T] carries the gradient; old_logp [B, T] (the sampling policy) and ref_logp [B, T] (the frozen
     reference, None when beta is 0) are treated as constants; advantages [B]; mask [B, T] is 1 on
     completion tokens. With old_logp == logp.detach() (one update per rollout) rho is 1 and clipping is
-    inactive, but the gradient is still A * grad log pi, as in the paper's single-update case.
+    inactive, but the gradient is still A * grad log pi, as in the paper's single-update case. `whole`: these
+    rows are one part of a batch (see aggregate); the loss and statistics are then this part's share.
     """
-    loss, diag = grpo_loss_tensors(logp, old_logp, advantages, mask, ref_logp, clip_eps, beta, aggregation)
+    loss, diag = grpo_loss_tensors(logp, old_logp, advantages, mask, ref_logp, clip_eps, beta, aggregation, whole)
     stats = LossStats(loss=float(loss.detach()), kl=float(diag["kl"]), clip_fraction=float(diag["clip_fraction"]),
                       ratio_mean=float(diag["ratio_mean"]), tokens=int(diag["tokens"]))
     return loss, stats
@@ -114,7 +137,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 def grpo_loss_tensors(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                       ref_logp: torch.Tensor | None = None, clip_eps: float = 0.2, beta: float = 0.001,
-                      aggregation: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      aggregation: str = "token", whole: Whole | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss without reading anything back to the host: the loss and its diagnostics as 0-d tensors on
     logp's device (keys kl, clip_fraction, ratio_mean, tokens)."""
     if clip_eps < 0:
@@ -133,9 +157,9 @@ def grpo_loss_tensors(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
             objective = objective - beta * kl
     else:
         kl = torch.zeros_like(logp)
-    loss = -aggregate(objective, mask, aggregation)
+    loss = -aggregate(objective, mask, aggregation, whole)
     with torch.no_grad():
-        n = mask.sum().clamp_min(1.0)
+        n = mask.sum().clamp_min(1.0) if whole is None else max(whole.tokens, 1.0)
         clipped = ((ratio > 1 + clip_eps) & (A_B1 > 0)) | ((ratio < 1 - clip_eps) & (A_B1 < 0))
         diag = {"kl": (kl * mask).sum() / n, "clip_fraction": (clipped.to(mask.dtype) * mask).sum() / n,
                 "ratio_mean": (ratio * mask).sum() / n, "tokens": mask.sum()}
@@ -163,3 +187,44 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad
         mask[i, len(p) - 1:n] = 1.0
     return ids, targets, mask
 
+
+
+def length_buckets(lengths: list[int], max_buckets: int = 4, min_rows: int = 8, min_saving: float = 0.1
+                   ) -> list[list[int]]:
+    """Rows grouped into at most `max_buckets` micro-batches of similar length, each padded only to its own
+    longest row: the row indices of each bucket (sorted by length).
+
+    A [B, T] batch padded to its longest row computes B * max(length) positions; buckets of consecutive
+    sorted lengths compute sum(rows * longest) instead. The split minimises that (an exact dynamic
+    programme over the sorted lengths) with at least `min_rows` rows per bucket, so that the GEMMs stay
+    large, charging each extra bucket 2% of the padded batch for its extra forward pass; it is used only
+    when it saves at least `min_saving` of the padded positions, otherwise one bucket holds every row in
+    its original order.
+    """
+    B = len(lengths)
+    whole = [list(range(B))]
+    if B == 0 or max_buckets <= 1 or B < 2 * min_rows:
+        return whole
+    order = sorted(range(B), key=lambda i: lengths[i])
+    ln = [lengths[i] for i in order]
+    inf = float("inf")
+    # cost[k][j]: least positions for the first j sorted rows in k buckets; cut[k][j]: where the last starts.
+    cost = [[inf] * (B + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (B + 1) for _ in range(max_buckets + 1)]
+    cost[0][0] = 0
+    for k in range(1, max_buckets + 1):
+        for j in range(k * min_rows, B + 1):
+            for i in range((k - 1) * min_rows, j - min_rows + 1):
+                c = cost[k - 1][i] + (j - i) * ln[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    per_bucket = 0.02 * B * ln[-1]
+    k = min(range(1, max_buckets + 1), key=lambda k: (cost[k][B] + (k - 1) * per_bucket, k))
+    if cost[k][B] > (1 - min_saving) * B * ln[-1]:
+        return whole
+    buckets, j = [], B
+    for kk in range(k, 0, -1):
+        i = cut[kk][j]
+        buckets.append(order[i:j])
+        j = i
+    return buckets[::-1]

@@ -21,8 +21,11 @@ Departures from the paper, all deliberate:
   favours short wrong answers; `aggregation = "sequence"` restores the paper's.
 * Rewards: TinyZero shaping (1.0 correct and well formed, 0.1 well formed but wrong, 0 otherwise) by
   default; the paper adds accuracy and format rewards, which `reward_weights` reproduces.
-* The old-policy log-probabilities are recomputed by the training forward pass, not taken from the
-  sampler, so numerical differences between the cached and full forward cannot masquerade as ratios.
+* The old-policy log-probabilities come from the training forward pass, not from the sampler, so
+  numerical differences between the cached and full forward cannot masquerade as ratios. A minibatch
+  that no optimizer step has touched yet takes them from its own first forward (so mu = minibatches = 1
+  needs no extra forward and rho is exactly 1); later minibatches get one no-grad forward before the
+  first step.
 * Only the main head is optimised: the MTP module (used for speculative decoding) is left as it was,
   and the routing biases are frozen (no aux-loss-free updates) so that rollouts and updates route alike.
 """
@@ -45,6 +48,7 @@ from nanoseek.data.tasks import Task, get_task
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.rl import grpo
 from nanoseek.rl.rewards import accuracy_reward, combined_reward, format_reward
+from nanoseek.train.head import head_log_probs
 
 
 @dataclass
@@ -139,9 +143,8 @@ class GRPOTrainer:
         for p in model.mtp.parameters():
             p.requires_grad_(False)
         # Warm-up then a constant LR (decay_frac 0); routing biases frozen (speed 0: loads measured, not applied);
-        # the single-tensor AdamW GRPO has always used (fused=False keeps its numbers to the bit).
-        self.stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=0.0), bias_update_speed=0.0, name="grpo",
-                                 fused=False)
+        # the fused AdamW kernel (build_optimizer's default; the single-tensor loop it replaced agreed to rounding).
+        self.stepper = TrainStep(model, OptimConfig.of(cfg, decay_frac=0.0), bias_update_speed=0.0, name="grpo")
         self.opt = self.stepper.opt
         longest = max(len(render_prompt(ex.prompt, tok)) for ex in self.task.examples(
             "train", 64, seed=cfg.seed, difficulty=cfg.difficulty))
@@ -187,37 +190,76 @@ class GRPOTrainer:
                         rewards, acc, fmt, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ the update
-    def _logp(self, model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return grpo.token_log_probs(model(ids), targets)
-
     def update(self, ro: Rollouts, step: int) -> dict:
-        """mu passes of `minibatches` optimizer steps on the clipped objective; the step's mean statistics."""
+        """mu passes of `minibatches` optimizer steps on the clipped objective; the step's mean statistics.
+
+        Work the objective does not need is skipped, each skip computing the same loss and gradient
+        (tests/test_grpo_update.py): the old-policy log-probabilities of a minibatch that no optimizer step
+        has touched yet are its own first forward's (detached; so with mu * minibatches = 1 there is no
+        old-policy forward at all, and otherwise only for minibatches 2..k); each optimizer step's rows run
+        in length buckets padded to their own longest row (grpo.length_buckets); the head scores only
+        completion positions (completion_log_probs).
+        """
         cfg = self.cfg
         dev = next(self.model.parameters()).device  # rollouts are host lists; the model may live on a GPU
         adv = grpo.group_advantages(ro.rewards, cfg.G).to(dev)
         ids, targets, mask = (t.to(dev) for t in grpo.completion_batch(ro.prompts, ro.completions, self.tok.pad_id))
         B = ids.shape[0]
         mb = B // cfg.minibatches
-        off_policy = cfg.mu * cfg.minibatches > 1
-        with torch.no_grad():
-            ref = self._logp(self.reference, ids, targets) if self.reference is not None else None
+        lengths = [len(p) + len(c) - 1 for p, c in zip(ro.prompts, ro.completions)]
+        # Per minibatch: its micro-batches (row indices, trimmed length) and the counts its loss averages over.
+        parts = []
+        for k in range(cfg.minibatches):
+            rows = range(k * mb, (k + 1) * mb)
+            buckets = grpo.length_buckets([lengths[i] for i in rows])
+            parts.append([(torch.tensor([k * mb + i for i in b], device=dev), max(lengths[k * mb + i] for i in b))
+                          for b in buckets])
+        wholes = [grpo.Whole.of(mask[k * mb: (k + 1) * mb]) for k in range(cfg.minibatches)]
+
+        def batch(idx: torch.Tensor, T: int):
+            return ids[idx, :T], targets[idx, :T], mask[idx, :T]
+
+        t_ref = time.perf_counter()
+        ref = None
+        if self.reference is not None:
+            ref = torch.zeros(ids.shape, device=dev)
+            for idx, T in (p for ps in parts for p in ps):
+                ref[idx, :T] = reference_log_probs(self.reference, *batch(idx, T))
+        t_ref = time.perf_counter() - t_ref
+        old = torch.zeros(ids.shape, device=dev)
+        fresh = [True] * cfg.minibatches  # minibatch k not yet seen by its first forward
+        if cfg.minibatches > 1:  # later minibatches come after an optimizer step: their old log-probs now
             self.model.eval()
-            old = self._logp(self.model, ids, targets) if off_policy else None
+            with torch.no_grad():
+                for idx, T in (p for ps in parts[1:] for p in ps):
+                    old[idx, :T] = completion_log_probs(self.model, *batch(idx, T))
+            fresh[1:] = [False] * (cfg.minibatches - 1)
         self.model.train()
 
-        def loss_fn(sl: slice) -> tuple[torch.Tensor, dict]:
-            logp = self._logp(self.model, ids[sl], targets[sl])
-            loss, st = grpo.grpo_loss(logp, old[sl] if old is not None else logp.detach(), adv[sl], mask[sl],
-                                      ref_logp=ref[sl] if ref is not None else None, clip_eps=cfg.clip_eps,
-                                      beta=cfg.beta, aggregation=cfg.aggregation)
-            return loss, {"loss": st.loss, "kl": st.kl, "clip_frac": st.clip_fraction, "ratio": st.ratio_mean}
+        def step_on(k: int) -> dict:
+            whole, first = wholes[k], fresh[k]
+            fresh[k] = False
 
-        recs = [self.stepper(step, [slice(k * mb, (k + 1) * mb)], loss_fn)
-                for _ in range(cfg.mu) for k in range(cfg.minibatches)]
+            def loss_fn(part: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, dict]:
+                idx, T = part
+                i, tg, m = batch(idx, T)
+                logp = completion_log_probs(self.model, i, tg, m)
+                if first:  # the policy has not moved since the rollout: pi_old is this very forward
+                    old[idx, :T] = logp.detach()
+                loss, d = grpo.grpo_loss_tensors(logp, old[idx, :T], adv[idx], m,
+                                                 ref_logp=ref[idx, :T] if ref is not None else None,
+                                                 clip_eps=cfg.clip_eps, beta=cfg.beta, aggregation=cfg.aggregation,
+                                                 whole=whole)
+                return loss, {"loss": loss.detach(), "kl": d["kl"], "clip_frac": d["clip_fraction"],
+                              "ratio": d["ratio_mean"]}
+
+            return self.stepper(step, parts[k], loss_fn, average=False)
+
+        recs = [step_on(k) for _ in range(cfg.mu) for k in range(cfg.minibatches)]
         self.model.eval()
         n = len(recs)
         keys = ("loss", "kl", "clip_frac", "ratio", "grad_norm", "max_vio")
-        return {**{key: sum(r[key] for r in recs) / n for key in keys}, "lr": recs[-1]["lr"]}
+        return {**{key: sum(r[key] for r in recs) / n for key in keys}, "lr": recs[-1]["lr"], "reference_s": t_ref}
 
     def train_step(self, step: int) -> dict:
         cfg = self.cfg
@@ -314,6 +356,40 @@ class GRPOTrainer:
         self.model.eval()
         return self.state.history
 
+
+
+def completion_log_probs(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                         ) -> torch.Tensor:
+    """log pi(targets) [B, T] at the completion positions (mask > 0), 0 elsewhere, from one forward.
+
+    Every position runs through the blocks (completions attend to their prompt), but only completion
+    positions go through the final norm and the head, whose log-probabilities come from
+    nanoseek.train.head (no [B, T, V] logits kept for the backward). A model without that decomposition
+    (hidden_states, norm, lm_head) is scored through model(ids).
+    """
+    sel = mask > 0
+    if not all(hasattr(model, a) for a in ("hidden_states", "norm", "lm_head")):
+        return grpo.token_log_probs(model(ids), targets) * sel
+    h_BTD, _ = model.hidden_states(ids)
+    lp_N = head_log_probs(model.norm(h_BTD[sel]), model.lm_head.weight, targets[sel])
+    return torch.zeros(ids.shape, dtype=lp_N.dtype, device=lp_N.device).masked_scatter(sel, lp_N)
+
+
+def reference_log_probs(reference: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                        ) -> torch.Tensor:
+    """completion_log_probs of the frozen reference, as constants.
+
+    Grad mode stays ON: the reference has no parameter that requires a gradient, so autograd records
+    nothing, but the model keeps the code paths it takes in training (one grouped GEMM over the experts,
+    torch's GEMMs for the linears), which at a whole rollout batch are faster than its inference paths
+    (padded expert batches and the few-row decode layouts; benchmarks/bench_grpo_trl.py measures the
+    step). The values are the same to float rounding.
+    """
+    if any(p.requires_grad for p in reference.parameters()):
+        raise ValueError("the reference model must be frozen (no parameter requiring a gradient)")
+    with torch.enable_grad():
+        out = completion_log_probs(reference, ids, targets, mask)
+    return out.detach()
 
 
 def plot_grpo(history: list[dict], out_png: str | Path) -> Path | None:

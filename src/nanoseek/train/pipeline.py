@@ -348,7 +348,9 @@ class PipelineStep(TrainStep):
             raise ValueError(f"the pipeline was built for {self.pipe.n_micro} micro-batches, got {len(micro_batches)}")
         return super().__call__(step, micro_batches, None, tokens)
 
-    def forward_backward(self, micro_batches, loss_fn):
+    def forward_backward(self, micro_batches, loss_fn, average: bool = True):
+        if not average:
+            raise ValueError("pipeline parallelism averages its micro-batches' losses (average=False is not supported)")
         ids = torch.cat([mb[0] for mb in micro_batches])
         targets = torch.cat([mb[1] for mb in micro_batches])
         records = self.pipe.run(ids, targets)

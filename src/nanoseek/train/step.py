@@ -8,8 +8,10 @@ index, that step's micro-batches and a loss function takes one optimizer step:
 
   1. the learning rate of the step, from the schedule;
   2. per micro-batch, `loss, metrics = loss_fn(micro_batch)` and the backward of loss / (number of
-     micro-batches); under FSDP2 the gradient reduce-scatter runs on the last micro-batch only;
-  3. the metrics averaged over the micro-batches (and over the ranks under torchrun), read with one sync;
+     micro-batches) (or of the loss itself with average=False, when each micro-batch's loss is already
+     its share of the whole); under FSDP2 the gradient reduce-scatter runs on the last micro-batch only;
+  3. the metrics averaged (or summed) over the micro-batches and averaged over the ranks under torchrun,
+     read with one sync;
   4. a non-finite metric or gradient norm raises NonFiniteLoss naming the step, before anything is applied
      (the gradients and expert loads of that step are dropped);
   5. the global gradient norm clipped (over FSDP shards and expert-parallel ranks under torchrun,
@@ -77,13 +79,17 @@ class TrainStep:
         self.start_clock()
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, step: int, micro_batches: Sequence[Any], loss_fn: LossFn, tokens: int = 0) -> dict[str, float]:
+    def __call__(self, step: int, micro_batches: Sequence[Any], loss_fn: LossFn, tokens: int = 0,
+                 average: bool = True) -> dict[str, float]:
+        """One optimizer step over `micro_batches`. average=False: each micro-batch's loss and metrics are
+        already its share of the step's whole (normalised by the whole batch's counts, as GRPO's length
+        buckets are), so they are summed instead of averaged."""
         n = len(micro_batches)
         if n == 0:
             raise ValueError("TrainStep needs at least one micro-batch")
         lr = self.schedule(step)
         set_lr(self.opt, lr)
-        order, names, sums, floats = self.forward_backward(micro_batches, loss_fn)
+        order, names, sums, floats = self.forward_backward(micro_batches, loss_fn, average)
         values = self._reduce(names, sums, floats)
         values = {k: values[k] for k in order}
         if not all(math.isfinite(v) for v in values.values()):
@@ -100,11 +106,12 @@ class TrainStep:
         self.tokens += tokens
         return {**values, "lr": lr, "grad_norm": gn, "max_vio": self.balancer.last_max_vio, "tokens": self.tokens}
 
-    def forward_backward(self, micro_batches: Sequence[Any], loss_fn: LossFn):
-        """Steps 2-3: the backward of every micro-batch's loss / n; returns (metric names in order, the
-        tensor-valued ones, their micro-batch means as one tensor, the float-valued means).
-        nanoseek.train.pipeline overrides it with a pipeline schedule."""
+    def forward_backward(self, micro_batches: Sequence[Any], loss_fn: LossFn, average: bool = True):
+        """Steps 2-3: the backward of every micro-batch's loss / n (of the loss itself with average=False);
+        returns (metric names in order, the tensor-valued ones, their micro-batch means (sums) as one tensor,
+        the float-valued means (sums)). nanoseek.train.pipeline overrides it with a pipeline schedule."""
         n = len(micro_batches)
+        div = n if average else 1  # a division, as before: averaged steps keep their numbers to the bit
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
         order: list[str] = []
         names: list[str] = []
@@ -114,16 +121,16 @@ class TrainStep:
             if sync is not None:
                 sync(i == n - 1)
             loss, metrics = loss_fn(mb)
-            (loss / n).backward()
+            (loss / div).backward()
             if sums is None:
                 order = list(metrics)
                 names = [k for k in order if isinstance(metrics[k], torch.Tensor)]
                 sums = torch.zeros(len(names), device=self.device)
             if names:
-                sums += torch.stack([metrics[k] for k in names]).detach().float() / n
+                sums += torch.stack([metrics[k] for k in names]).detach().float() / div
             for k in order:
                 if k not in names:
-                    floats[k] = floats.get(k, 0.0) + float(metrics[k]) / n
+                    floats[k] = floats.get(k, 0.0) + float(metrics[k]) / div
         return order, names, sums, floats
 
     def _reduce(self, names: list[str], sums: torch.Tensor | None, floats: dict[str, float]) -> dict[str, float]:
