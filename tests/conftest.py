@@ -141,7 +141,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 120):
+def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 400):
     """A real `nanoseek serve` process on a free loopback port (API key SERVER_API_KEY); yields its base URL
     once /health answers, and stops it on exit. extra_args go to the command line as they are."""
     import httpx

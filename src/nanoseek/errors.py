@@ -44,3 +44,7 @@ class DataError(NanoseekError, ValueError):
 
 class PathNotFound(NanoseekError, FileNotFoundError):
     """A file or folder the user named does not exist (a FileNotFoundError too)."""
+
+
+class CheckpointError(NanoseekError, RuntimeError):
+    """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""

@@ -33,17 +33,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .errors import NanoseekError
+from .errors import CheckpointError  # noqa: F401 (re-exported: callers import it from here)
+from .model_dir import RUN_MODEL_DIRS, check_model_dir, read_config_json  # noqa: F401 (re-exported)
 from .model import Transformer
 from .model.layers import rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 _EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(NanoseekError, RuntimeError):
-    """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""
 
 
 # ----------------------------------------------------------------------------- key map
@@ -120,49 +117,6 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
             dt = f.get_slice(key).get_dtype()
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dt, torch.bfloat16)
     return torch.float32
-
-
-# Where nanoseek's commands put a model inside their output folder: `train` and `grpo` RUN/final,
-# `speedrun` RUN/model (its stages' RUN/sft and RUN/pretrain/final too), checkpoints RUN/checkpoints/step_N.
-RUN_MODEL_DIRS = ("final", "model", "pretrain/final")
-
-
-def check_model_dir(path: str | os.PathLike) -> Path:
-    """`path` as a Path when it is a model directory (it holds config.json), else a CheckpointError that
-    says what it is instead and what to pass: a missing path, a file (`.../config.json`), or a run folder
-    (`did you mean RUN/final?`)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError("no such model directory", path, "check the path (a `nanoseek train` run keeps its "
-                              "model in RUN/final, a speedrun in RUN/model)")
-    if not path.is_dir():
-        raise CheckpointError("a file, not a model directory", path, f"pass the folder that holds it: {path.parent}")
-    found = [path / d for d in RUN_MODEL_DIRS if (path / d / "config.json").is_file()]
-    steps = sorted((path / "checkpoints").glob("step_*/config.json"))
-    if not found and steps:
-        found = [steps[-1].parent]
-    if found:
-        raise CheckpointError("a run folder, not a model directory", path,
-                              f"did you mean {found[0]}?")
-    raise CheckpointError("not a model directory: no config.json", path,
-                          "pass a Hugging Face deepseek_v3 folder (config.json + model.safetensors), e.g. RUN/final")
-
-
-def read_config_json(path: Path) -> dict:
-    """The parsed config.json of a model directory; a corrupt one is a ConfigError naming the file."""
-    file = path / "config.json"
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise ConfigError(f"config.json is not valid JSON ({getattr(e, 'msg', e)}{where})", file,
-                          "restore the file, or export the model again") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config.json holds a {type(cfg).__name__}, not an object", file,
-                          "restore the file, or export the model again")
-    return cfg
 
 
 def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
