@@ -380,7 +380,8 @@ def model_from_args(args: argparse.Namespace) -> tuple[str, ModelConfig]:
 
 
 def error(command: str, msg: str) -> int:
-    print(f"nanoseek {command}: error: {msg}", file=sys.stderr)
+    """The one-line error of nanoseek.cli's style, for the commands that check their own arguments."""
+    print(f"nanoseek {command}: {msg}", file=sys.stderr)
     return 2
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import NanoseekError
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 ROPE_TYPES = ("default", "yarn")
@@ -43,7 +45,7 @@ MLP_LAYER_TYPES = ("dense", "sparse")
 _V32_DEFAULTS = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
 
 
-class ConfigError(ValueError):
+class ConfigError(NanoseekError, ValueError):
     """An invalid or unreadable model configuration; the message names the offending field."""
 
 

@@ -33,16 +33,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import CheckpointError  # noqa: F401 (re-exported: callers import it from here)
+from .model_dir import RUN_MODEL_DIRS, check_model_dir, read_config_json  # noqa: F401 (re-exported)
 from .model import Transformer
 from .model.layers import rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 _EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""
 
 
 # ----------------------------------------------------------------------------- key map
@@ -133,19 +131,18 @@ def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
     return fmt, group
 
 
-def read_config(path: Path) -> tuple[dict, ModelConfig]:
-    """(config.json as a dict, the ModelConfig it describes) of a checkpoint directory."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    try:
-        cfg_dict = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+def read_config(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
+    """(config.json as a dict, the ModelConfig it describes) of a model directory; errors name the file."""
+    path = check_model_dir(path)
+    cfg_dict = read_config_json(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cfg_dict, ModelConfig.from_hf(cfg_dict)
+        try:
+            return cfg_dict, ModelConfig.from_hf(cfg_dict)
+        except ConfigError as e:
+            if e.path is None:
+                e.path = path / "config.json"
+            raise
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -157,7 +154,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     converts tensor by tensor while filling (never holding the dense model); "dense" expands a quantized
     checkpoint to `dtype`.
     """
-    path = Path(path)
+    path = check_model_dir(path)
     cfg_dict, cfg = read_config(path)
     weight_map = _checkpoint_files(path)
     L = cfg.num_hidden_layers

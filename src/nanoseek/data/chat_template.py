@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, TOOL_CALL_BEGIN,
                                           TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
                                           TOOL_OUTPUT_END, TOOL_SEP, USER)
+from nanoseek.errors import NanoseekError
 
 TOOLS_HEADER = "## Tools\nYou can call the following functions.\n"
 TOOLS_FOOTER = ("\nTo call functions, reply with " + TOOL_CALLS_BEGIN + ", then " + TOOL_CALL_BEGIN + "name"
@@ -100,7 +101,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(NanoseekError, ValueError):
     """Messages, tools or template options the chat format cannot render (HTTP 400); `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None):

@@ -31,6 +31,7 @@ from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, S
                                           TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
                                           TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
                                           TOOL_SEP, TOOL_TOKENS, USER)
+from nanoseek.errors import DataError
 
 __all__ = ["ASSISTANT", "BOS", "CHAT_TEMPLATE", "END_THINK", "EOS", "PAD", "SPECIAL_TOKENS", "SYSTEM", "THINK",
            "TOOL_CALL_BEGIN", "TOOL_CALL_END", "TOOL_CALLS_BEGIN", "TOOL_CALLS_END", "TOOL_OUTPUT_BEGIN",
@@ -235,13 +236,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     return tok
 
 
+class TokenizerError(DataError, FileNotFoundError):
+    """No readable tokenizer at a path (a FileNotFoundError too, as it always was)."""
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json), or a tokenizer.json."""
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
+    if not p.exists():
+        raise TokenizerError("no such tokenizer directory", p, "check the path")
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {p}")
-    hf = _HFTokenizer.from_file(str(file))
+        raise TokenizerError("no tokenizer.json", p, "a model saved with nanoseek.save(..., tokenizer_dir=...) or "
+                                                     "by nanoseek's commands has one")
+    if file.name != "tokenizer.json":
+        raise TokenizerError("a file, not a tokenizer directory", p, f"pass the folder that holds it: {p.parent}")
+    try:
+        hf = _HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+        raise DataError(f"tokenizer.json is not a readable tokenizer ({e})", file,
+                        "restore the file, or export the model again") from None
     template, max_len = CHAT_TEMPLATE, 4096
     cfg = _json_file(file.parent / "tokenizer_config.json")
     template = cfg.get("chat_template") or template
@@ -265,9 +279,10 @@ def _json_file(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise DataError(f"{path.name} is not valid JSON ({e})", path,
+                        "restore the file, or export the model again") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise DataError(f"{path.name} must hold a JSON object", path, "restore the file, or export the model again")
     return data
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.generate import load_model
+from nanoseek.infer.generate import check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
@@ -18,20 +18,26 @@ DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CP
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF deepseek_v3 layout with tokenizer files)")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches this")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: a random one)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    add_dtype_argument(p)
+
+
+def add_dtype_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help=DTYPE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_dir(args.model)
     tok = ChatTokenizer(args.model)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.device)
     if args.chat:
         prompt, think_opened = tok.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -48,11 +54,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(d.content)
         sys.stdout.flush()
 
-    try:
-        req = engine.submit(prompt, params, on_event)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    req = engine.submit(prompt, params, on_event)  # a prompt too long for the model is an EngineError
     while not req.done.is_set():
         engine.step()
     sys.stdout.write("\n")

@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.infer import fast
 from nanoseek.infer.cache import SlotCache
 from nanoseek.infer.logits import LogitsState, process, raw_logprobs
@@ -43,7 +44,7 @@ from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, dr
 from nanoseek.infer.speculative import speculative_tensors, token_logprobs  # noqa: F401 (token_logprobs re-exported)
 
 
-class EngineError(ValueError):
+class EngineError(NanoseekError, ValueError):
     """A request the engine cannot run (empty prompt, too long for the cache, bad token id, ...)."""
 
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.errors import NanoseekError
 
-class SamplingError(ValueError):
+
+class SamplingError(NanoseekError, ValueError):
     """Invalid sampling parameters; the message names the offending field."""
 
 

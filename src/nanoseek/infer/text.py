@@ -28,8 +28,9 @@ from nanoseek.data.chat_template import (ChatFormatError, Segment, encode_segmen
                                          thinking_option)
 from nanoseek.data.tokenizer import (CHAT_TEMPLATE, END_THINK, THINK, TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN,
                                      load_tokenizer)
+from nanoseek.errors import NanoseekError
 
-class TextError(ValueError):
+class TextError(NanoseekError, ValueError):
     """A chat the template cannot render, or a tokenizer directory we cannot read; `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None):
@@ -54,10 +55,7 @@ class ChatTokenizer:
 
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
-        try:
-            self.tok = load_tokenizer(d)
-        except (FileNotFoundError, ValueError) as e:
-            raise TextError(f"{d}: cannot load the tokenizer ({e})") from None
+        self.tok = load_tokenizer(d)  # a missing or corrupt tokenizer is a DataError naming the file
         template = self.tok.chat_template
         if isinstance(template, list):  # the named-template form: [{"name": "default", "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)

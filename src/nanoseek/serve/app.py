@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI) and the web chat page, over one shared `infer.Engine`.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (serve/chat.py) and /v1/completions
-(serve/completions.py), streamed as SSE or not; GET /health, GET /metrics (Prometheus, serve/metrics.py),
+(serve/completions.py), streamed as SSE or not; POST /tokenize (vLLM's: the token count of a chat, which
+the web chat sizes max_tokens by); GET /health, GET /metrics (Prometheus, serve/metrics.py),
 GET / (the web chat in static/). Every route reads the server's state (engine, tokenizer, model name,
 API key, metrics, worker threads) from the app that received the request; serve/generation.py holds what
 the generating routes share.
@@ -30,11 +31,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.text import ChatTokenizer
+from nanoseek.infer.text import ChatTokenizer, TextError
 from nanoseek.serve import chat, completions
-from nanoseek.serve.generation import APIError, error_response, validation_error
+from nanoseek.serve.generation import APIError, error_response, parse, read_body, validation_error
 from nanoseek.serve.metrics import CONTENT_TYPE, ServerMetrics
-from nanoseek.serve.protocol import ModelCard, ModelList, now
+from nanoseek.serve.protocol import ModelCard, ModelList, TokenizeRequest, now
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("nanoseek.serve")
@@ -122,7 +123,7 @@ async def _guard(request: Request, call_next):
     if size > state.max_body_bytes:
         resp = error_response(413, f"request body of {size} bytes exceeds the limit of "
                                    f"{state.max_body_bytes} bytes", code="request_too_large")
-    elif state.api_key and request.url.path.startswith("/v1/") and not _authorized(request, state.api_key):
+    elif state.api_key and _protected(request.url.path) and not _authorized(request, state.api_key):
         resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                               "authentication_error", code="invalid_api_key")
     else:
@@ -132,6 +133,10 @@ async def _guard(request: Request, call_next):
             resp = await _internal_error(request, e)
     state.metrics.observe_response(route_template(request), request.method, resp.status_code)
     return resp
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/tokenize"
 
 
 def _authorized(request: Request, key: str) -> bool:
@@ -191,6 +196,27 @@ async def model(model_id: str, request: Request):
     state = _state(request)
     state.check_model(model_id)
     return ModelCard(id=state.model_name, created=state.created, max_model_len=state.engine.max_len).model_dump()
+
+
+@routes.post("/tokenize")
+async def tokenize(request: Request):
+    """Token count of a chat or prompt and the room it leaves (vLLM's /tokenize shape, plus `room`)."""
+    state = _state(request)
+    body = await state.blocking(parse, await read_body(request, state.max_body_bytes), TokenizeRequest)
+    if body.model is not None:
+        state.check_model(body.model)
+
+    def count() -> list[int]:
+        if body.prompt is not None:
+            return state.tokenizer.encode(body.prompt)
+        try:
+            return state.tokenizer.chat_prompt(chat.template_messages(body))[0]
+        except TextError as e:
+            raise APIError(400, str(e), param=e.param or "messages") from None
+
+    ids = await state.blocking(count)
+    n = state.engine.max_len
+    return {"count": len(ids), "max_model_len": n, "room": max(n - len(ids), 0), "tokens": ids}
 
 
 @routes.get("/")

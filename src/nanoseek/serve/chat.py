@@ -57,7 +57,7 @@ def _early_length_check(state, body: ChatCompletionRequest) -> None:
                             f"{state.engine.max_len} tokens allows", param="messages", code="context_length_exceeded")
 
 
-def _template_messages(body: ChatCompletionRequest) -> list[dict]:
+def template_messages(body: ChatCompletionRequest) -> list[dict]:
     out = []
     for m in body.messages:
         d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -91,7 +91,7 @@ def chat_plan(state, body: ChatCompletionRequest) -> Plan:
         raise APIError(400, "response_format cannot be combined with tools unless tool_choice is \"none\"",
                        param="response_format")
     try:
-        prompt, think_opened = tok.chat_prompt(_template_messages(body), body.tools if functions else None, thinking)
+        prompt, think_opened = tok.chat_prompt(template_messages(body), body.tools if functions else None, thinking)
     except TextError as e:
         raise APIError(400, str(e), param=e.param or "messages") from None
     plan = Plan(prompt, think_opened=think_opened)

@@ -213,6 +213,20 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize, in vLLM's shape: the token count of a chat (rendered with the template, as a chat
+    completion would be) or of a prompt, beside the context length. The web chat sizes max_tokens by it."""
+    model: str | None = None
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "TokenizeRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        return self
+
+
 # ----------------------------------------------------------------------------- responses
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

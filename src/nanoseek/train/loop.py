@@ -151,7 +151,8 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
-        if self.main:
+        if self.main:  # after the resume: a config that cannot continue the run leaves the saved one as it was
+            cfg.save(self.out, self.model_cfg)
             truncate_metrics(self.out / "metrics.jsonl", self.step)  # drop what a killed run logged after its checkpoint
         from nanoseek.accounting import training_flops_per_token
 
@@ -159,7 +160,7 @@ class Trainer:
         self.peak = device_peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
 
     def _prepare_data(self) -> None:
-        """Tokenizer and token shards (rank 0 builds them, the others wait and read), the saved config."""
+        """Tokenizer and token shards (rank 0 builds them, the others wait and read)."""
         cfg = self.cfg
         data_cfg = cfg.data
         if cfg.train.init_from and data_cfg.tokenizer == "train":  # the starting model's own tokenizer
@@ -173,8 +174,6 @@ class Trainer:
         if self.model_cfg.vocab_size < tok.vocab_size:
             raise ConfigError(f"train.init_from: the model's vocabulary ({self.model_cfg.vocab_size}) is smaller "
                               f"than the tokenizer's ({tok.vocab_size})")
-        if self.main:
-            cfg.save(self.out, self.model_cfg)
 
     def _build_model(self) -> Transformer:
         """The seeded model on this process's device, with FP8 and FSDP2 + EP applied from outside."""
@@ -230,6 +229,8 @@ class Trainer:
             self._resumed(path, rng, state)
             return
         model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
+        for warning in ckpt.check_resumable(path, model_state, self.model_cfg):  # another model: an error
+            self.log(f"warning: {warning}")
         opt = self.stepper.opt
         if self.dist.world > 1:
             from nanoseek.train.parallel import load_full_state
@@ -371,6 +372,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 if done == 1 or done % t.log_every == 0 or done == t.steps:
                     rec = self._log_step(done, rec, logger)
+                    if not self.progress:  # no bar: the same numbers as a log line
+                        self.log(f"step {done}/{t.steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+                                 f"{rec['tokens_per_s']:.0f} tok/s, MFU {rec['mfu']:.1%}, max_vio {rec['max_vio']:.2f}")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     mfu=f"{rec['mfu']:.1%}", max_vio=f"{rec['max_vio']:.2f}")
                 if done == t.steps or (t.save_every and done % t.save_every == 0):

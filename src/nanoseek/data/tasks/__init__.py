@@ -30,6 +30,7 @@ from nanoseek.data.tasks.countdown import (Countdown, ExpressionError, check_cou
 from nanoseek.data.tasks.jsonl import CHECKERS, JsonlTask, check_by_name, load_jsonl_task
 from nanoseek.data.tasks.passkey import Passkey
 from nanoseek.data.tasks.program import ProgramOutput, run_sandboxed
+from nanoseek.errors import DataError
 
 TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput(),
                                                                    Passkey())})
@@ -41,7 +42,11 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     if name.endswith(".jsonl") or Path(name).is_file():
         return load_jsonl_task(name)
-    raise KeyError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)} (or give a .jsonl path)")
+    raise UnknownTask(f"unknown task {name!r}", hint=f"use a built-in task {sorted(TASKS)} or a .jsonl file")
+
+
+class UnknownTask(DataError, KeyError):
+    """A task name that is neither built in nor a file (a KeyError too, as it always was)."""
 
 
 def check_answer(predicted_answer: str, example: Example) -> bool:

@@ -415,7 +415,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     elif module is None:
-        print(f"error: the decode kernels did not build: {result['reason']}", file=sys.stderr)
+        print(f"nanoseek build-kernels: the decode kernels did not build: {result['reason']}", file=sys.stderr)
     else:
         print(f"decode kernels: {result['library']}\n  key: torch {key['torch']}, {key['python']}, "
               f"{key['machine']} {key['isa']}, {key['compiler']}, source {key['source_sha256'][:12]}\n"
