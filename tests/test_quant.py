@@ -242,7 +242,7 @@ def test_generate_cli_uses_a_quantized_checkpoint_and_dtype_at_load(chat_model_d
     save_file(tensors, str(out / index["weight_map"][key]))
     r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", "--model", str(out), "--prompt", "x"],
                        capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.startswith("nanoseek generate: ") and len(r.stderr.strip().splitlines()) == 1
     assert key + "_scale" in r.stderr
 
 

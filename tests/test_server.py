@@ -173,13 +173,13 @@ def test_tokenize_counts_what_a_chat_completion_sends(client, chat_server):
     j = r.json()
     usage = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage
     assert j["count"] == usage.prompt_tokens == len(j["tokens"])
-    assert j["max_model_len"] == 512 == client.models.list().data[0].model_extra["max_model_len"]
-    assert j["room"] == 512 - j["count"]
+    assert j["max_model_len"] == 1024 == client.models.list().data[0].model_extra["max_model_len"]
+    assert j["room"] == 1024 - j["count"]
     p = httpx.post(chat_server + "/tokenize", json={"prompt": "Hello"}, headers=auth()).json()
     assert p["count"] == len(p["tokens"]) == client.completions.create(model=MODEL, prompt="Hello",
                                                                        max_tokens=1).usage.prompt_tokens > 0
     full = httpx.post(chat_server + "/tokenize", json={"prompt": "word " * 2000}, headers=auth()).json()
-    assert full["count"] > 512 and full["room"] == 0
+    assert full["count"] > 1024 and full["room"] == 0
     for body, status in (({"prompt": "a", "messages": HI}, 400), ({}, 400), ({"model": "gpt-4", "prompt": "a"}, 404),
                          ({"messages": [{"role": "wizard", "content": "a"}]}, 400)):
         r = httpx.post(chat_server + "/tokenize", json=body, headers=auth())

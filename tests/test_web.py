@@ -28,7 +28,7 @@ sync_api = require_module("playwright.sync_api", "pip install playwright (in the
 
 DESKTOP = {"width": 1100, "height": 700}
 PHONE = {"width": 390, "height": 844}  # an iPhone 12-15 in CSS pixels
-CONTEXT = 512  # the chat_server's --max-len
+CONTEXT = 1024  # the chat_server's --max-len
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_a_failed_request_shows_its_error_in_the_reply(page, chat_server):
     assert error.startswith("Error: HTTP 401: invalid or missing API key"), error
     assert reply.locator(".answer").inner_text() == ""  # no "(empty reply)" beside the error
     page.click("#new-chat")
-    say(page, "word " * 2000)  # past the 512-token context: said before anything is generated
+    say(page, "word " * 2000)  # past the 1024-token context: said before anything is generated
     error = page.locator(".msg.assistant .error").last.inner_text()
     assert "this conversation fills the model's context" in error and f"of {CONTEXT} tokens" in error, error
     page.click("#new-chat")
