@@ -44,7 +44,7 @@ class CacheView:
                  nothing is masked (every row brings one token at the same position).
     Streams are named so that an attention variant can cache more per token (stream widths come from
     Transformer.cache_layout). This base class holds the bookkeeping shared by every storage layout;
-    subclasses implement write and read: LatentCacheView below (contiguous rows, the reference) and the
+    subclasses add write and read (the base class has no placeholders for them): LatentCacheView below (contiguous rows, the reference) and the
     engine's cache in nanoseek.infer.cache. Everything that is the same for every layer is computed once
     per forward: at batch 1 a decode step is dominated by per-op overhead, not arithmetic.
     """
@@ -59,12 +59,6 @@ class CacheView:
         # Every row sees every cached key only when all rows start at the same place and bring one token.
         self._needs_mask = n_new > 1 or min(starts) != max(starts)
         self._bias = None
-
-    def write(self, layer: int, name: str, rows_BTW: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def read(self, layer: int, name: str) -> torch.Tensor:
-        raise NotImplementedError
 
     def mask(self) -> torch.Tensor:
         """[B, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
