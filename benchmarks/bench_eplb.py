@@ -12,11 +12,17 @@ serves future ones, as in deployment):
          4 groups, top-2), counted on held-out built-in text; once as trained (auxiliary-loss-free
          balancing on) and once trained with balancing off (moe.bias_update_speed=0, no sequence aux loss).
 
+  dispatch  the real expert-parallel dispatcher (nanoseek.train.parallel.ExpertParallelMoE) under torchrun
+         (gloo, --dispatch-ranks processes): one MoE layer of 32 experts, top-4, whose routing is skewed by
+         a Zipf-like bias; the placement is fitted on one batch of routed tokens and the rows each rank's
+         experts compute are counted on the next batch, without replicas and with 1, 2, 4 redundant
+         experts per rank. The outputs with replicas are compared with those without (max |difference|).
+
 The ratio is per MoE layer, then averaged over layers (each layer waits for its busiest rank). Writes
 benchmarks/results/eplb.json.
 
     .venv/bin/python -m benchmarks.bench_eplb            # the two 50-step training runs: 6-17 min each on 2 busy cores
-    .venv/bin/python -m benchmarks.bench_eplb --no-train # the synthetic part only, seconds
+    .venv/bin/python -m benchmarks.bench_eplb --no-train # the synthetic and dispatcher parts only, about a minute
 """
 
 from __future__ import annotations
@@ -75,6 +81,86 @@ def zipf_loads(layers: int, experts: int, s: float, assignments: int, seed: int)
                                            minlength=experts) for p in p_LE]).float()
 
     return draw(), draw()
+
+
+# ----------------------------------------------------------------------------- through the dispatcher
+def dispatch_worker(out: str, tokens: int, seed: int, zipf: float, per_rank: list[int]) -> None:
+    """One rank of the dispatcher measurement (run under torchrun by dispatch(); see the module docstring)."""
+    import copy
+
+    import torch.distributed as tdist
+
+    from nanoseek.config import preset
+    from nanoseek.model.moe import MoE
+    from nanoseek.train import parallel as par
+    from nanoseek.train.expert_replicas import ExpertReplicas
+
+    torch.set_num_threads(1)
+    dist = par.init_distributed()
+    ep, rank = dist.world, dist.rank
+    cfg = preset("tiny").replace(n_routed_experts=32, num_experts_per_tok=4, n_group=1, topk_group=1)
+    torch.manual_seed(seed)  # the same weights and skew on every rank
+    base = MoE(cfg)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=cfg.hidden_size ** -0.5)
+    # Zipf-like popularity through the balancing bias: expert of popularity rank r gets +0.1 * log(1 / r^s).
+    pop = torch.randperm(cfg.n_routed_experts) + 1
+    base.gate.e_score_correction_bias.copy_(-0.1 * zipf * pop.float().log())
+    g = torch.Generator().manual_seed(seed + 1 + rank)  # each rank routes its own tokens
+    fit_x, held_x = (torch.randn(1, tokens, cfg.hidden_size, generator=g) for _ in range(2))
+
+    def layer(redundant: int, loads=None) -> MoE:
+        moe = copy.deepcopy(base)
+        reps = None
+        if redundant:
+            reps = ExpertReplicas([moe], {}, ep, rank, redundant, 0, dist.device)
+            reps.set_placement(rebalance(loads, ep, redundant))
+        par.shard_experts([moe], None, ep, rank, reps)
+        return moe.eval()
+
+    with torch.no_grad():
+        plain = layer(0)
+        plain.train()  # count the fit batch's loads
+        plain(fit_x)
+        loads = plain.load.clone()
+        tdist.all_reduce(loads)
+        plain.eval()
+        ref, _ = plain(held_x)
+        rows = []
+        for r in per_rank:
+            moe = layer(r * ep, loads.unsqueeze(0)) if r else plain
+            y, _ = moe(held_x) if r else (ref, None)
+            received = torch.tensor([float(moe.last_received)])
+            every = [torch.zeros(1) for _ in range(ep)]
+            tdist.all_gather(every, received)
+            diff = torch.tensor([float((y - ref).abs().max())])
+            tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
+            per = [float(t) for t in every]
+            rows.append({"redundant_per_rank": r, "redundant_experts": r * ep, "rows_per_rank": per,
+                         "max_over_mean": max(per) / (sum(per) / ep), "max_abs_output_diff": float(diff)})
+    if rank == 0:
+        Path(out).write_text(json.dumps({"ranks": ep, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
+                                         "tokens_per_rank": tokens, "zipf": zipf,
+                                         "expert_load_max_over_mean": float(loads.max() / loads.mean()),
+                                         "rows": rows}))
+    par.destroy(dist)
+
+
+def dispatch(ranks: int, tokens: int, seed: int, zipf: float) -> dict:
+    """Run dispatch_worker under torchrun (gloo) and return rank 0's result."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "dispatch.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "-m", "benchmarks.bench_eplb", "--dispatch-worker", str(out),
+               "--dispatch-tokens", str(tokens), "--seed", str(seed), "--dispatch-zipf", str(zipf)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        return json.loads(out.read_text())
 
 
 # ----------------------------------------------------------------------------- real counts
@@ -145,7 +231,14 @@ def main(argv=None) -> dict:
                     help="extra `nanoseek train` overrides for both runs, after train.batch_size=8")
     ap.add_argument("--work", help="keep the training runs in this folder and reuse finished ones (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dispatch-ranks", type=int, default=4, help="torchrun processes of the dispatcher part (0 = skip)")
+    ap.add_argument("--dispatch-tokens", type=int, default=4096, help="tokens per rank and batch in the dispatcher part")
+    ap.add_argument("--dispatch-zipf", type=float, default=1.0, help="skew of the dispatcher part's routing bias")
+    ap.add_argument("--dispatch-worker", metavar="OUT", help=argparse.SUPPRESS)  # one torchrun rank of it
     args = ap.parse_args(argv)
+    if args.dispatch_worker:
+        dispatch_worker(args.dispatch_worker, args.dispatch_tokens, args.seed, args.dispatch_zipf, [0, 1, 2, 4])
+        return {}
     args.sets = ["train.batch_size=8", *args.sets]
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -160,6 +253,14 @@ def main(argv=None) -> dict:
                                "rows": rows})
         _summary(rows, f"Zipf s={s}: {V3_EXPERTS} experts in {V3_GROUPS} groups, {args.layers} layers")
 
+    if args.dispatch_ranks:
+        d = dispatch(args.dispatch_ranks, args.dispatch_tokens, args.seed, args.dispatch_zipf)
+        result["dispatch"] = d
+        print(f"\ndispatcher under torchrun: {d['ranks']} ranks, {d['experts']} experts top-{d['top_k']}, "
+              f"expert load max/mean {d['expert_load_max_over_mean']:.2f}")
+        for r in d["rows"]:
+            print(f"  {r['redundant_per_rank']} redundant per rank: rows per rank {[int(x) for x in r['rows_per_rank']]}, "
+                  f"max/mean {r['max_over_mean']:.3f}, max |output diff| {r['max_abs_output_diff']:.1e}")
     if not args.no_train:
         with tempfile.TemporaryDirectory() as scratch:
             tmp = args.work or scratch

@@ -1,8 +1,14 @@
 """The C++ decode kernels (nanoseek.infer.fast) against the torch paths they replace, piece by piece.
 
+0. the CPU (`lscpu` model and SIMD flags), the instruction sets it runs and the one selected;
 1. few-row matmuls: kernels.rows_matmul vs F.linear (and vs the torch-only few-row layouts that
    nanoseek.infer.fast uses without the kernels), weight bandwidth (GB/s) of an 8192x512 weight (the
-   `bench` head) at 1, 2 and 16 rows, and the call time on a small 64x128 weight at 2 rows;
+   `bench` head) at 1, 2 and 16 rows, and the call time on a small 64x128 weight at 2 rows; then the
+   same 8192x512 weights as fp32, bf16 and int8 (group 128) through each runnable instruction set's
+   build, as GB/s of weight bytes and as the speed-up over F.linear on the fp32 weight;
+1b. the calibration the decode paths use (kernels.PATHS, nanoseek.infer.fast.modules.few_rows_linear and
+   nanoseek.infer.quant.QuantLinear): kernel vs F.linear measured per shape and row bucket on first use,
+   and which one each shape takes on this machine;
 2. one `bench` MoE layer (router, routed and shared experts; the model accelerated) at 1 and 16 tokens:
    the kernel vs the torch path (kernels disabled: per-assignment GEMVs or the padded batched GEMM);
 3. RMSNorm of one 512-wide row: the kernel vs F.rms_norm;
@@ -23,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
-from benchmarks.common import write_result
+from benchmarks.common import cpu_info, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast
+from nanoseek.infer import quant
 from nanoseek.infer.cache import PagedCache
-from nanoseek.infer.fast import kernels
+from nanoseek.infer.fast import build, kernels
 from nanoseek.infer.fast.modules import few_rows_linear
 
 
@@ -56,6 +63,37 @@ def bench_matmul() -> dict:
     out["small_64x128_rows_2_us"] = {"F.linear": round(per_call(lambda: F.linear(x, small), 2000) * 1e6, 1),
                                      "kernel": round(per_call(lambda: kernels.rows_matmul(x, small), 2000) * 1e6, 1)}
     return out
+
+
+def bench_formats() -> dict:
+    """GB/s of weight bytes per (instruction set, weight format, rows), and the speed-up over F.linear fp32."""
+    weights = [torch.randn(8192, 512) for _ in range(24)]
+    formats = {"fp32": [(w, None) for w in weights], "bf16": [(w.bfloat16(), None) for w in weights],
+               "int8": [quant.quantize_int8(w, 128) for w in weights]}
+    out = {}
+    for rows in (1, 2, 16):
+        x = torch.randn(rows, 512)
+        t_linear = per_call(lambda: [F.linear(x, w) for w in weights], 3) / len(weights)
+        for isa in build.runnable_isas():
+            ext = build.load(isa=isa)
+            if ext is None:
+                continue
+            for fmt, ws in formats.items():
+                nbytes = ws[0][0].numel() * ws[0][0].element_size() + (ws[0][1].numel() * 4 if ws[0][1] is not None else 0)
+                t = per_call(lambda: [ext.rows_matmul(x, w, s) for w, s in ws], 3) / len(ws)
+                out[f"{isa}_{fmt}_rows_{rows}"] = {"weight_gbs": round(nbytes / t / 1e9, 1),
+                                                   "speedup_vs_F.linear_fp32": round(t_linear / t, 2)}
+    return out
+
+
+def bench_calibration(model) -> list[dict]:
+    """The kernel-or-torch choice of every few-row shape one decode step of the model meets."""
+    kernels.PATHS.clear()
+    for rows in (1, 2, 16):
+        with torch.inference_mode():
+            for lin in {m.weight.shape: m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values():
+                lin(torch.randn(rows, lin.in_features))
+    return kernels.PATHS.table()
 
 
 def bench_experts(model) -> dict:
@@ -111,14 +149,25 @@ def main(argv=None) -> dict:
         raise SystemExit("the decode kernels could not be built here (see the warning above)")
     torch.manual_seed(0)
     model = fast.accelerate(nanoseek.Transformer(preset("bench")).eval())
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; SIMD flags: {' '.join(cpu['simd_flags'])}")
+    print(f"kernel builds this CPU runs: {', '.join(build.runnable_isas())}; selected: {kernels.isa()}")
     with torch.inference_mode():
-        result = {"matmul": bench_matmul(), "experts": bench_experts(model), "rmsnorm": bench_rmsnorm()}
+        result = {"cpu": cpu, "runnable_isas": build.runnable_isas(), "selected_isa": kernels.isa(),
+                  "matmul": bench_matmul(), "formats": bench_formats(), "experts": bench_experts(model),
+                  "rmsnorm": bench_rmsnorm()}
+    result["calibration"] = bench_calibration(model)
     result["decode_step_batch_1"] = bench_threads(model)
     m, e = result["matmul"], result["experts"]
     for rows in (1, 2, 16):
         r = m[f"rows_{rows}_gbs"]
         print(f"matmul 8192x512, {rows:>2} row(s): F.linear {r['F.linear']} GB/s, torch fallback "
               f"{r['torch_fallback']} GB/s, kernel {r['kernel']} GB/s")
+    for name, r in result["formats"].items():
+        print(f"matmul 8192x512 {name}: {r['weight_gbs']} GB/s of weight, {r['speedup_vs_F.linear_fp32']}x F.linear fp32")
+    for c in result["calibration"]:
+        print(f"calibration {' '.join(c['key'])}: kernel {c['kernel_s'] * 1e6:.0f} us, F.linear {c['torch_s'] * 1e6:.0f} us"
+              f" -> {c['path']}" if c["kernel_s"] is not None else f"calibration {' '.join(c['key'])}: {c['path']} (forced)")
     s = m["small_64x128_rows_2_us"]
     print(f"matmul 64x128, 2 rows: F.linear {s['F.linear']} us, kernel {s['kernel']} us")
     for tokens in (1, 16):

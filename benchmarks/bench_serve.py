@@ -16,6 +16,12 @@ Paged latent cache and prefix caching (nanoseek.infer.cache), on the `bench` pre
   engines, alternating subprocesses: paging must not slow the C++ decode path down.
 * shared_prefix_batch: 16 requests sharing a 1,000-token system prompt, arriving one step apart, with and
   without prefix caching: total time and prompt tokens computed.
+* structured_output_overhead: the engine's time per generated token with every row constrained by a
+  json_schema grammar (llguidance masks filled before each sampling step, applied to the logits, each
+  token fed back; nanoseek.infer.logits) against the same rows unconstrained, at batch 1 and 16, in
+  alternating rounds. Target: at most 10% more per token. A byte-level BPE is trained here to the
+  preset's vocabulary size; unconstrained rows ignore EOS and run to --max-tokens, constrained rows run
+  until their JSON is complete, so time is divided by the tokens each actually generated.
 
 Run: `.venv/bin/python -m benchmarks.bench_serve [--cases a,b] [--before-src DIR/src] [--threads N]`.
 """
@@ -187,11 +193,69 @@ def case_shared_prefix_batch(args) -> dict:
             "new_tokens": 16, **res}
 
 
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 24},
+    "items": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 40},
+    "score": {"type": "number"}}, "required": ["title", "items", "score"], "additionalProperties": False}
+
+
+def case_structured_output_overhead(args) -> dict:
+    from nanoseek.config import preset
+    from nanoseek.data.corpus import builtin_corpus
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.grammar import GrammarTokenizer, Matcher, response_format_grammar
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.model import Transformer
+
+    texts = list(builtin_corpus(2000, seed=0)) + [json.dumps({"title": "a list", "items": ["x", "yz"], "score": 1.5})] * 50
+    cfg = preset(args.preset)
+    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset, vocab_size=tok.vocab_size)).eval()
+    gtok = GrammarTokenizer(tok.hf, [tok.eos_id], vocab_size=model.config.vocab_size)
+    grammar = gtok.compile(response_format_grammar({"type": "json_schema", "json_schema": {"name": "doc",
+                                                                                           "schema": SCHEMA}}))
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in (1, 16):
+        engine = Engine(model, max_batch_size=batch, max_len=256)
+        prompts = [torch.randint(20, tok.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
+
+        def run(constrained: bool) -> tuple[float, int]:
+            reqs = []
+            for i, p in enumerate(prompts):
+                sp = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i,
+                                    stop_token_ids=[tok.eos_id] if constrained else [])
+                reqs.append(engine.submit(p, sp, matcher=Matcher(gtok, grammar) if constrained else None))
+            engine.step()  # the prefill step (its cost is not per generated token)
+            n0 = sum(len(r.output) for r in reqs)
+            t = time.perf_counter()
+            while not all(r.done.is_set() for r in reqs):
+                engine.step()
+            return time.perf_counter() - t, sum(len(r.output) for r in reqs) - n0
+
+        run(True), run(False)  # warm-up
+        per_token = {"constrained": [], "unconstrained": []}
+        for r in range(args.rounds):
+            for kind in (("constrained", "unconstrained") if r % 2 == 0 else ("unconstrained", "constrained")):
+                dt, n = run(kind == "constrained")
+                per_token[kind].append(dt / max(n, 1))
+        c, u = statistics.median(per_token["constrained"]), statistics.median(per_token["unconstrained"])
+        out[f"batch_{batch}"] = {"unconstrained_ms_per_token": round(u * 1e3, 4),
+                                 "constrained_ms_per_token": round(c * 1e3, 4), "overhead": round(c / u - 1, 4)}
+        print(f"batch {batch:2d}: {u * 1e3:.3f} ms/token free, {c * 1e3:.3f} constrained: overhead {c / u - 1:+.1%}",
+              flush=True)
+    return {"preset": args.preset, "vocab_size": model.config.vocab_size, "max_tokens": args.max_tokens,
+            "rounds": args.rounds, "target_max_overhead": 0.10, **out}
+
+
 CASES = [
     ("ttft_cached_prefix", case_ttft_cached_prefix),
     ("concurrency_before_after", case_concurrency_before_after),
     ("decode_before_after", case_decode_before_after),
     ("shared_prefix_batch", case_shared_prefix_batch),
+    ("structured_output_overhead", case_structured_output_overhead),
 ]
 
 
@@ -205,7 +269,7 @@ def _engine_kwargs(Engine) -> dict:
 def _cache_mb_per_sequence(engine, peak_blocks: int, sequences: int) -> tuple[float, float]:
     """(MB of cache per sequence, MB allocated): paged: peak blocks held / sequences; slots: one slot's rows."""
     total = engine.cache.nbytes()
-    if hasattr(engine, "cache_stats"):
+    if hasattr(engine, "block_size"):
         per_block = total / (engine.cache.num_blocks + 1)  # + the sink block
         return round(peak_blocks * per_block / sequences / 1e6, 3), round(total / 1e6, 1)
     return round(total / engine.max_batch_size / 1e6, 3), round(total / 1e6, 1)
@@ -228,8 +292,8 @@ def worker_concurrency(args) -> dict:
     reqs = [engine.submit(p, sp, bounded=False) for p in prompts]
     while not all(r.done.is_set() for r in reqs):
         engine.step()
-        if hasattr(engine, "cache_stats"):
-            peak = max(peak, engine.cache_stats()["blocks_used"])
+        if hasattr(engine, "block_size"):
+            peak = max(peak, engine.cache_metrics()["blocks_used"])
     seconds = time.perf_counter() - t
     toks = [r.result().token_ids for r in reqs]
     per_seq, total = _cache_mb_per_sequence(engine, peak, n)
@@ -284,6 +348,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=96, help="new tokens per row (structured_output_overhead)")
     ap.add_argument("--before-src", default=None,
                     help="the src/ directory of a checkout before paging (e.g. `git archive main | tar -x -C DIR`)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

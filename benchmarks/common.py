@@ -55,9 +55,31 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
+              "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve", "bf16", "i8mm")
+
+
+def cpu_info() -> dict:
+    """`lscpu`'s model name and the SIMD flags that decide which kernels and dtypes are fast."""
+    import subprocess
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name":
+            model = value.strip()
+        elif key.strip() == "Flags":
+            flags = set(value.split())
+    return {"model": model, "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -13,14 +13,23 @@ BENCHMARKS = [
     ("bench_grpo", "GRPO rollout + update throughput, batched engine vs one-by-one"),
     ("bench_grpo_trl", "one GRPO step vs TRL's GRPOTrainer, side by side (needs the [bench] extra)"),
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
+    ("bench_quant", "bf16 / int8 weight-only decoding vs fp32: logit error, greedy agreement, tokens/s"),
+    ("bench_dsa", "attention cost per token vs context length, MLA vs V3.2 sparse attention"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
+    ("bench_serve", "serving: structured-output overhead per generated token at batch 1 and 16"),
+]
+
+# long or disk-hungry: only with `python -m benchmarks.run_all --slow`
+SLOW = [
+    ("bench_16b", "16B-class checkpoints (V2-Lite, Moonlight shapes): int8 quantize shard by shard, peak RSS, tok/s"),
 ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     failed = []
-    for name, what in BENCHMARKS:
+    for name, what in BENCHMARKS + (SLOW if "--slow" in argv else []):
         print(f"\n=== {name}: {what}", flush=True)
         t = time.time()
         try:

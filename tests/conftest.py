@@ -141,7 +141,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 120):
+def running_server(model_dir: Path, log: Path, *extra_args: str, start_timeout: float = 400):
     """A real `nanoseek serve` process on a free loopback port (API key SERVER_API_KEY); yields its base URL
     once /health answers, and stops it on exit. extra_args go to the command line as they are."""
     import httpx
@@ -180,7 +180,7 @@ def chat_server(chat_model_dir, tmp_path_factory):
     """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(chat_model_dir, log, "--model-name", "nanoseek-tiny", "--max-batch-size", "4",
-                        "--max-queue", "4", "--max-len", "512", "--block-size", "16", "--log-level", "warning") as url:
+                        "--max-queue", "4", "--max-len", "1024", "--block-size", "16", "--log-level", "warning") as url:
         yield url
 
 
@@ -223,3 +223,19 @@ def paged_rows():
         return cache, view
 
     return make
+
+
+# ----------------------------------------------------------------------------- the quick speedrun, once
+@pytest.fixture(scope="session")
+def speedrun_quick(tmp_path_factory) -> Path:
+    """The output folder of one `nanoseek speedrun --quick` (~1 minute, built once per session): report,
+    plots, pretrain/final, sft/, grpo/ and the exported model/. Tests must not write into it."""
+    from nanoseek.cli import main
+
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["speedrun", "--out", str(out), "--quick", "--no-progress", "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out

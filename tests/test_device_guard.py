@@ -82,7 +82,7 @@ def test_speculative_verification_and_engine_step_tensors():
         r.generator, r.draft, r.draft_q = gens[i], 5 + i, None if sp.greedy else q[i]
         reqs.append(r)
     for batch in (reqs, [r for r in reqs if r.params.greedy]):
-        accepted, token, lp = speculative_tensors(logits[: len(batch)], batch)
+        accepted, token, lp, _ = speculative_tensors(logits[: len(batch)], batch)
         assert on_meta(accepted, token) and (lp is None or on_meta(lp) and lp.shape == (len(batch), 2))
 
 

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from nanoseek.train.eplb import (ExpertPlacement, balanced_packing, contiguous_placement, imbalance, rebalance,
-                                 rebalance_experts, replicate)
+from nanoseek.train.eplb import (ExpertPlacement, balanced_packing, contiguous_placement, imbalance, initial_placement,
+                                 placement_from_maps, rebalance, rebalance_experts, replicate)
 
 # The worked example of github.com/deepseek-ai/EPLB's README: 2 layers of 12 experts in 4 groups,
 # 16 physical slots on 2 nodes x 4 GPUs, and the phy2log it prints (hierarchical policy).
@@ -187,3 +187,28 @@ def test_contiguous_placement_and_bad_input():
         contiguous_placement(1, 10, 4)
     one = rebalance_experts(README_WEIGHT[0], 16, 4, 2, 8)  # a single layer may be given as [E]
     assert torch.equal(one[0], README_PHY2LOG[:1])
+
+
+def test_initial_placement_puts_copies_beside_no_original():
+    plan = initial_placement(3, 8, 4, 4)  # 2 experts + 1 replica per rank
+    assert plan.slots_per_rank == 3 and plan.num_layers == 3
+    _check_maps(plan.phy2log, plan.log2phy, plan.logcnt)
+    assert plan.local_experts(0, 0) == [0, 1, 6] and plan.local_experts(2, 1) == [2, 3, 0]
+    for e in (0, 2, 4, 6):  # the first expert of every rank has a copy on the next rank
+        ranks = [r for r, _ in plan.replicas(0, e)]
+        assert len(ranks) == 2 and ranks[1] == (ranks[0] + 1) % 4
+    assert int(plan.logcnt.sum()) == 3 * 12
+    with pytest.raises(ValueError, match="evenly"):
+        initial_placement(1, 8, 4, 3)
+
+
+def test_placement_from_maps_round_trips_and_rejects_inconsistent_maps():
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    plan = placement_from_maps(phy2log.tolist(), log2phy.tolist(), 8)  # as train_state.json holds them
+    assert torch.equal(plan.logcnt, logcnt) and torch.equal(plan.log2phy, log2phy)
+    bad = log2phy.clone()
+    bad[0, 0, 0] = int(log2phy[0, 1, 0])  # expert 0's slot now names a slot of expert 1
+    with pytest.raises(ValueError, match="disagree"):
+        placement_from_maps(phy2log, bad, 8)
+    with pytest.raises(ValueError, match="outside"):
+        placement_from_maps(phy2log + 20, log2phy, 8)

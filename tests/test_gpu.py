@@ -286,3 +286,81 @@ def test_openai_server_on_cuda(chat_model_dir, tmp_path):
         chunks = list(client.chat.completions.create(model="tiny-gpu", messages=hi, temperature=0.7, seed=3,
                                                      stream=True, max_tokens=12))
         assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- distributed on CUDA (NCCL)
+def test_bf16_on_cuda_gives_fsdp2_mixed_precision():
+    """train.dtype = "auto" resolves to bf16 on CUDA, and parallelize() turns that into FSDP2's policy:
+    bf16 parameters and compute, fp32 gradient reduction; the routers' policy keeps them fp32."""
+    from types import SimpleNamespace
+
+    from nanoseek.train.parallel import Dist, _param_dtype, mixed_precision_policies
+
+    dtype = _param_dtype(SimpleNamespace(train=SimpleNamespace(dtype="auto")), Dist(device=CUDA))
+    assert dtype == torch.bfloat16
+    model_mp, router_mp = mixed_precision_policies(dtype)
+    assert (model_mp.param_dtype, model_mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert (router_mp.param_dtype, router_mp.reduce_dtype) == (torch.float32, torch.float32)
+
+
+def test_ep_dispatch_over_nccl_on_one_gpu(tmp_path):
+    """The EP all-to-all (counts and rows, device tensors) through NCCL in a one-rank group, with and without
+    redundant experts: the same output and gradients as the plain MoE on the GPU."""
+    import torch.distributed as tdist
+
+    from nanoseek.model.moe import MoE
+    from nanoseek.train.expert_replicas import ExpertReplicas
+    from nanoseek.train.parallel import shard_experts
+
+    tdist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = preset("tiny")
+        ref = MoE(cfg).to(CUDA)
+        for p in ref.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        x = torch.randn(2, 16, cfg.hidden_size, device=CUDA)
+        y_ref, _ = ref(x)
+        y_ref.square().sum().backward()
+        for redundant in (0, 2):
+            moe = copy.deepcopy(ref)
+            moe.zero_grad(set_to_none=True)
+            reps = ExpertReplicas([moe], {}, 1, 0, redundant, 0, CUDA) if redundant else None
+            shard_experts([moe], tdist.group.WORLD, 1, 0, reps)
+            y, _ = moe(x)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+            y.square().sum().backward()
+            g = moe.experts.down_proj.grad
+            if reps is not None:  # fold the replicas' gradients back onto the logical experts
+                g = torch.zeros_like(ref.experts.down_proj).index_add_(0, reps.local_experts(0), g)
+            torch.testing.assert_close(g, ref.experts.down_proj.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        tdist.destroy_process_group()
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: 2 GPUs")
+
+
+@two_gpus
+def test_bf16_fsdp_and_ep_over_nccl_track_one_gpu(tmp_path):
+    """torchrun, 2 ranks on 2 GPUs over NCCL: FSDP2 mixed precision with EP=2 against one bf16 GPU process."""
+    from test_parallel import _worker
+
+    r, _ = _worker(tmp_path, "bf16_one", 1, "--bf16")
+    g, _ = _worker(tmp_path, "bf16_ep2", 2, "--ep", "2", "--bf16")
+    assert g["compute_dtypes"] == ["torch.bfloat16"] and g["param_dtypes"] == ["torch.float32"]
+    for key, rel in (("loss", 1e-3), ("mtp_loss", 1e-3), ("grad_norm", 2e-2)):
+        assert g[key] == pytest.approx(r[key], rel=rel), key
+
+
+@two_gpus
+def test_redundant_experts_over_nccl_match_one_gpu(tmp_path):
+    from test_parallel import REPLICAS, _worker
+
+    r, rs = _worker(tmp_path, "fp32_one", 1)
+    g, gs = _worker(tmp_path, "fp32_ep2_red", 2, "--ep", "2", *REPLICAS)
+    assert g["replica_divergence"] == 0.0 and g["rebalances"] == 2
+    for key in ("loss", "mtp_loss", "grad_norm"):
+        assert g[key] == pytest.approx(r[key], rel=1e-5), key
+    for k in (k for k in rs if k.startswith("grad/")):
+        torch.testing.assert_close(gs[k], rs[k], rtol=1e-4, atol=1e-5, msg=k)

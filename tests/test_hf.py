@@ -189,7 +189,7 @@ def test_invalid_config_is_named(tiny, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         nanoseek.load(bad)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="no such model directory"):
         nanoseek.load(tmp_path / "nope")
 
 

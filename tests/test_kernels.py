@@ -272,23 +272,23 @@ def test_kernel_entry_points_check_their_arguments(built):
 # ----------------------------------------------------------------------------- the build
 def test_build_key_separates_what_a_build_depends_on(tmp_path, monkeypatch):
     key = build.build_key()
-    copy_ = tmp_path / "elsewhere" / "decode_kernels.cpp"
-    copy_.parent.mkdir()
-    copy_.write_bytes(build.SOURCE.read_bytes())
-    assert build.build_key(copy_) == key  # another checkout of the same source shares the build
-    copy_.write_text(build.SOURCE.read_text() + "\n// changed\n")
-    assert build.build_key(copy_)["name"] != key["name"]
+    copy_ = tmp_path / "elsewhere"
+    copy_.mkdir()
+    for name in build.SOURCES + build.HEADERS:
+        (copy_ / name).write_bytes((build.CSRC / name).read_bytes())
+    assert build.build_key(csrc=copy_) == key  # another checkout of the same sources shares the build
+    (copy_ / "gemv.h").write_text((build.CSRC / "gemv.h").read_text() + "\n// changed\n")
+    assert build.build_key(csrc=copy_)["name"] != key["name"]  # the header counts too
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert build.build_key()["name"] != key["name"]
     monkeypatch.undo()
-    monkeypatch.setattr(build, "isa_flags", lambda: ("base", []))
-    assert build.build_key()["name"] != key["name"]
-    monkeypatch.undo()
+    other = "portable" if key["isa"] != "portable" else "avx2"
+    assert build.build_key(other)["name"] != key["name"] and build.build_key(other)["isa"] == other
     monkeypatch.setenv("CXX", "clang++")
     assert build.build_key()["name"] != key["name"]
     monkeypatch.delenv("CXX")
     assert build.build_key() == key
-    assert key["name"].startswith("nanoseek_decode_") and len(key["source_sha256"]) == 64
+    assert key["name"].startswith(f"nanoseek_decode_{key['isa']}_") and len(key["source_sha256"]) == 64
 
 
 def _fake_compiler(tmp_path: Path) -> tuple[Path, Path]:
@@ -352,3 +352,15 @@ def test_nanoseek_kernels_0_disables_them(tmp_path):
                 "print(kernels.load() is None, kernels.usable(torch.ones(1)), kernels.status()['state'])", env)
     assert r.stdout.split() == ["True", "False", "disabled"] and "building" not in r.stderr
     assert not (tmp_path / "ext").exists()
+
+
+def test_build_lock_removes_the_baton_a_killed_build_left(tmp_path):
+    """torch's build lock is a plain file: one left by a killed build would make every later build wait
+    forever. Under nanoseek's flock a baton can only be stale, so it goes."""
+    from nanoseek.infer.fast import build
+
+    (tmp_path / "lock").touch()
+    with build._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    with build._build_lock(tmp_path):  # released: a second build takes it again
+        pass

@@ -47,8 +47,9 @@ FORBIDDEN = [
      "train wraps the model; rl uses train, not the other way round"),
     ("nanoseek.rl", ("nanoseek.serve",), "rl uses train, infer and data; serving sits above inference"),
 ]
-# serve only calls infer (and its own modules).
-SERVE_MAY_IMPORT = ("nanoseek.serve", "nanoseek.infer")
+# serve only calls infer (and its own modules), plus nanoseek.errors: the leaf module (it imports nothing)
+# whose base class every layer's user-facing errors share.
+SERVE_MAY_IMPORT = ("nanoseek.serve", "nanoseek.infer", "nanoseek.errors")
 # cli.py is the only place that knows everything: nothing imports it.
 TOP = "nanoseek.cli"
 

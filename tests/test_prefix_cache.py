@@ -51,9 +51,10 @@ def test_prefix_reuse_gives_the_tokens_of_recomputation(model, block_size):
         assert c.cached_tokens == min(70, len(p) - 1) // block_size * block_size
     again = engine.generate_batch(PROMPTS[:1], sp)[0]  # the whole prompt is cached: its last token is computed
     assert again.token_ids == ref[0] and again.cached_tokens == (len(PROMPTS[0]) - 1) // block_size * block_size
-    s = engine.cache_stats()
-    assert s["blocks_used"] == 0 and s["blocks_cached"] > 0 and 0 < s["prefix_hit_rate"] < 1
-    assert s["prompt_cache_hit_tokens"] == sum(c.cached_tokens for c in rest + [again])
+    s = engine.cache_metrics()
+    assert s["blocks_used"] == 0 and s["blocks_cached"] > 0 and 0 < engine.stats.prefix_hit_rate < 1
+    assert s["prefix_hit_tokens"] == sum(c.cached_tokens for c in rest + [again])
+    assert s["prefix_query_tokens"] == sum(map(len, PROMPTS)) + len(PROMPTS[0])
     engine.cache.pool.check_full()
 
 
@@ -133,7 +134,7 @@ def test_a_small_pool_waits_and_preempts_without_changing_tokens(model, speculat
 def test_budget_flags_and_a_request_the_pool_can_never_hold(model):
     per_block = PagedCache.bytes_per_block(model, 16, torch.float32)
     engine = Engine(model, max_batch_size=2, max_len=512, block_size=16, cache_bytes=10 * per_block + 5)
-    assert engine.cache_stats()["blocks_total"] == 10 and engine.cache.nbytes() == 11 * per_block  # + the sink
+    assert engine.cache_metrics()["blocks_total"] == 10 and engine.cache.nbytes() == 11 * per_block  # + the sink
     engine.generate_batch([[5] * 100], SamplingParams(max_tokens=50))  # 151 positions: 10 blocks, fits
     with pytest.raises(EngineError, match="more than the whole pool of 10 blocks can ever hold"):
         engine.submit([5] * 100, SamplingParams(max_tokens=60))
@@ -144,7 +145,7 @@ def test_budget_flags_and_a_request_the_pool_can_never_hold(model):
     with pytest.raises(EngineError, match="block_size"):
         Engine(model, block_size=0)
     default = Engine(model, max_batch_size=3, max_len=100, block_size=16)
-    assert default.cache_stats()["blocks_total"] == 3 * 7  # max_batch_size sequences of max_len (+ the draft)
+    assert default.cache_metrics()["blocks_total"] == 3 * 7  # max_batch_size sequences of max_len (+ the draft)
 
 
 def test_block_pool_refcounts_lru_and_double_release():
@@ -276,7 +277,7 @@ def test_a_failing_callback_fails_its_request_only(model, when):
         other = engine.submit(PROMPTS[1], SamplingParams(max_tokens=10))
         got = r.result(timeout=60)
         assert got.finish_reason == ("length" if when == "finish" else "error")
-        assert "callback failure" in engine.last_error
+        assert "callback failure" in r.error  # the request says why (engine.last_error is for step failures)
         assert other.result(timeout=60).finish_reason == "length" and len(other.output) == 10
         assert engine.generate_batch([PROMPTS[2]], SamplingParams(max_tokens=3))[0].finish_reason == "length"
         wait_idle(engine)
@@ -325,7 +326,7 @@ def test_new_weights_drop_every_cached_prefix():
         for p in m.parameters():
             p.mul_(1.5)  # an in-place update, as an optimizer step makes
     after = engine.generate_batch([PROMPTS[1]], sp)[0]
-    assert after.cached_tokens == 0 and engine.cache_stats()["blocks_cached"] > 0  # recomputed, then cached again
+    assert after.cached_tokens == 0 and engine.cache_metrics()["blocks_cached"] > 0  # recomputed, then cached again
     assert after.token_ids == run_alone(m, [PROMPTS[1]], sp)[0]
     assert engine.generate_batch([PROMPTS[2]], sp)[0].cached_tokens == 64  # the new weights' prefix is reused
     engine.cache.pool.check_full()

@@ -192,6 +192,30 @@ def test_errors_through_the_openai_client(client, chat_server):
     assert httpx.get(chat_server + "/v1/models").status_code == 401
 
 
+def test_tokenize_counts_what_a_chat_completion_sends(client, chat_server):
+    """POST /tokenize (vLLM's shape) counts a chat as the chat completion renders it, and says the room
+    the context leaves; the web chat caps max_tokens with it."""
+    messages = [{"role": "system", "content": "Be brief."}, *HI, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Tell me a story"}]
+    r = httpx.post(chat_server + "/tokenize", json={"model": MODEL, "messages": messages}, headers=auth())
+    assert r.status_code == 200, r.text
+    j = r.json()
+    usage = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage
+    assert j["count"] == usage.prompt_tokens == len(j["tokens"])
+    assert j["max_model_len"] == 1024 == client.models.list().data[0].model_extra["max_model_len"]
+    assert j["room"] == 1024 - j["count"]
+    p = httpx.post(chat_server + "/tokenize", json={"prompt": "Hello"}, headers=auth()).json()
+    assert p["count"] == len(p["tokens"]) == client.completions.create(model=MODEL, prompt="Hello",
+                                                                       max_tokens=1).usage.prompt_tokens > 0
+    full = httpx.post(chat_server + "/tokenize", json={"prompt": "word " * 2000}, headers=auth()).json()
+    assert full["count"] > 1024 and full["room"] == 0
+    for body, status in (({"prompt": "a", "messages": HI}, 400), ({}, 400), ({"model": "gpt-4", "prompt": "a"}, 404),
+                         ({"messages": [{"role": "wizard", "content": "a"}]}, 400)):
+        r = httpx.post(chat_server + "/tokenize", json=body, headers=auth())
+        assert r.status_code == status and "message" in r.json()["error"], (body, r.text)
+    assert httpx.post(chat_server + "/tokenize", json={"prompt": "a"}).status_code == 401  # behind the key too
+
+
 def test_concurrent_requests_match_sequential(client):
     prompts = [[{"role": "user", "content": q}] for q in ("Hi", "Tell me", "Say hello", "Why?", "Ok", "Hello")]
     sequential = [client.chat.completions.create(model=MODEL, messages=m, temperature=0, max_tokens=24)

@@ -121,3 +121,87 @@ def test_errors(shard_dir, tmp_path):
         (broken / s["file"]).write_bytes((shard_dir / s["file"]).read_bytes()[:-2])
     with pytest.raises(ValueError, match="size does not match"):
         PackedDataset(broken, seq_len=8)
+
+
+def mixed_folder(root):
+    """A folder as people have them: prose in several formats, one Latin-1 file, a UTF-16 file, an
+    image, and hidden files and folders."""
+    (root / "notes").mkdir(parents=True)
+    (root / "a.txt").write_text("plain text " * 40)
+    (root / "b.rst").write_text("Title\n=====\n\nrestructured text " * 20)
+    (root / "notes" / "c.md").write_text("# markdown\n" + "words " * 40)
+    (root / "notes" / "d.tex").write_text("\\section{TeX} " * 30)
+    (root / "e.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    (root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 10)
+    (root / "ok\ufffd.md").write_text("a replacement character \ufffd already in the text is not a loss")
+    (root / "utf16.txt").write_bytes("wide text".encode("utf-16"))
+    (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (root / "data.csv").write_text("a,b\n1,2\n")
+    (root / ".DS_Store").write_bytes(b"\x00\x01")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD.txt").write_text("ref: refs/heads/main")
+    (root / "empty.txt").write_text("  \n")
+    return root
+
+
+def test_a_mixed_folder_is_read_robustly_and_reported(tmp_path):
+    from nanoseek.data.corpus import CorpusReport
+
+    root = mixed_folder(tmp_path / "corpus")
+    report = CorpusReport()
+    docs = list(read_corpus(root, report))
+    assert len(docs) == 7 == report.documents  # a b c d e latin1 ok; not the empty one
+    latin = next(d for d in docs if d.startswith("caf"))
+    assert latin.count("\ufffd") == 40 and "cr" in latin  # 4 bad bytes x 10 replaced, the rest kept
+    assert report.replaced == [(root / "latin1.txt", 40)]  # U+FFFD already in ok\ufffd.md is not counted
+    assert report.read == {".txt": 3, ".rst": 1, ".md": 2, ".tex": 1, ".py": 1}  # empty.txt was read
+    assert report.skipped == {"binary (NUL bytes; UTF-16 text must be converted to UTF-8)": 1,
+                              "not a text file (.png)": 1, "not a text file (.csv)": 1}
+    lines = report.lines()
+    assert lines[0] == "corpus: read 7 documents from 8 file(s) (2 .md, 1 .py, 1 .rst, 1 .tex, 3 .txt)"
+    assert lines[1].startswith("corpus: skipped 3 file(s): ") and str(root / "utf16.txt") in lines[1]
+    assert str(root / "picture.png") in lines[1] and ".git" not in lines[1] and ".DS_Store" not in lines[1]
+    assert lines[2] == (f"corpus: warning: {root / 'latin1.txt'} is not valid UTF-8: 40 undecodable byte "
+                        "sequence(s) replaced with U+FFFD (convert it, e.g. iconv -f latin1 -t utf-8)")
+    assert len(lines) == 3
+
+
+def test_a_jsonl_line_with_invalid_utf8_is_replaced_and_counted(tmp_path):
+    from nanoseek.data.corpus import CorpusReport
+
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "good"}\n{"text": "bad \xff byte"}\n')
+    report = CorpusReport()
+    assert list(read_corpus(f, report)) == ["good", "bad \ufffd byte"]
+    assert report.replaced == [(f, 1)] and report.documents == 2
+
+
+def test_a_folder_without_text_is_one_clear_error(tmp_path):
+    from nanoseek.errors import NanoseekError
+
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(NanoseekError, match=r"holds no readable files.*\.rst"):
+        list(read_corpus(tmp_path))
+
+
+def test_train_on_a_mixed_folder_says_what_it_read(tmp_path):
+    """`nanoseek train` on a folder with a Latin-1 file and a binary file trains, and prints the report
+    once (the tokenizer and the shards read the corpus twice)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = mixed_folder(tmp_path / "corpus")
+    for i in range(30):  # enough tokens for a few 64-token windows
+        (root / f"story{i}.txt").write_text(" ".join(f"line {i} word {j}." for j in range(40)))
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "train", "--config", str(tiny), "--out",
+                        str(tmp_path / "run"), "--set", f"data.source={root}", "--set", "data.vocab_size=300",
+                        "--set", "train.steps=2", "--no-progress", "--threads", "1"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert out.count("corpus: read 37 documents from 38 file(s)") == 1, out
+    assert f"{root / 'latin1.txt'} is not valid UTF-8: 40 undecodable" in out
+    assert "corpus: skipped 3 file(s)" in out and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -10,14 +10,11 @@ import pytest
 
 import nanoseek
 from conftest import require_module
-from nanoseek.cli import main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("speedrun") / "run"
-    assert main(["speedrun", "--out", str(out), "--quick", "--no-progress"]) == 0
-    return out
+def run_dir(speedrun_quick):
+    return speedrun_quick  # the session's one quick speedrun (conftest), shared with the README test
 
 
 def test_report_has_the_keys(run_dir):
@@ -29,6 +26,9 @@ def test_report_has_the_keys(run_dir):
     assert set(rep["stage_seconds"]) >= {"tokenizer", "pretrain", "sft", "eval_before_rl", "grpo", "eval_after_rl", "export"}
     assert rep["tokens_per_s"] > 0 and rep["mfu"] > 0 and rep["cost_projection"]["gpu_hours"] > 0
     assert "zero_var_frac" in rep["grpo_history"][-1]
+    # What the numbers depend on besides the config (README, "The main job"): the conftest fixture runs it
+    # with --device cpu, and --quick sets speedrun.threads=1.
+    assert rep["machine"]["device"] == "cpu" and rep["machine"]["torch_threads"] == 1 and rep["machine"]["cpu"]
     md = (run_dir / "report.md").read_text()
     assert "nanoseek chat --model" in md
     for name in ("loss", "reward", "accuracy", "expert_load"):
@@ -72,6 +72,7 @@ def test_clis_on_the_speedrun_model(run_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "sft" / "config.json").is_file() and (tmp_path / "sft" / "tokenizer.json").is_file()
+    assert "sft step 2/2: loss " in r.stderr, r.stderr  # --no-progress: the loss as log lines, not hidden
     cfg = tmp_path / "g.toml"
     cfg.write_text("[grpo]\nG = 2\nprompts_per_step = 2\nmax_new_tokens = 16\n")
     r = subprocess.run(py + ["grpo", "--model", model, "--task", "arithmetic", "--out", str(tmp_path / "grpo"),
@@ -79,6 +80,7 @@ def test_clis_on_the_speedrun_model(run_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "grpo" / "final" / "config.json").is_file() and (tmp_path / "grpo" / "reward.png").is_file()
+    assert "grpo step 1/1: reward " in r.stderr, r.stderr
     saved = json.loads((tmp_path / "grpo" / "grpo_config.json").read_text())
     assert saved["G"] == 2 and saved["steps"] == 1
     r = subprocess.run(py + ["grpo", "--model", model, "--out", str(tmp_path / "g2"), "--set", "nope=1"],

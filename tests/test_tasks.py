@@ -27,7 +27,7 @@ def test_splits_are_disjoint_and_answers_check(name, difficulty):
     assert all(split_of(name, e.prompt) == "test" for e in test)
     for e in train + test:
         assert e.task == name and e.solution and t.check(e.answer, e), e
-        assert len(e.prompt) <= 40  # short prompts: tiny models must learn them
+        assert len(e.prompt) <= 40 or not t.in_corpus  # short prompts: tiny models must learn them (passkey is long)
 
 
 def test_arithmetic_answers_and_steps_are_right():

@@ -4,7 +4,6 @@ can run side by side on a 2-core machine and results are reproducible)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -163,11 +162,13 @@ def test_nan_loss_stops_cleanly(tmp_path):
 
 # ----------------------------------------------------------------------------- config errors (in process)
 def run_cli(tmp_path: Path, config: Path, *sets: str) -> int:
-    from nanoseek.train import cli
+    """`nanoseek train` in process, through the one entry point that turns its errors into one line."""
+    from nanoseek.cli import main
 
-    ns = argparse.Namespace(config=str(config), out=str(tmp_path / "out"), resume=False, sets=list(sets),
-                            no_progress=True)
-    return cli.run(ns)
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--no-progress"]
+    for item in sets:
+        argv += ["--set", item]
+    return main(argv)
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -184,7 +185,7 @@ def run_cli(tmp_path: Path, config: Path, *sets: str) -> int:
 def test_bad_overrides(tmp_path, capsys, sets, message):
     assert run_cli(tmp_path, TINY, *sets) == 2
     err = capsys.readouterr().err
-    assert "config error" in err and message in err, err
+    assert err.startswith("nanoseek train: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()  # nothing started
 
 

@@ -1,6 +1,9 @@
-"""ModelConfig: the DeepSeek-V3 architecture as a typed dataclass with Hugging Face field names.
+"""ModelConfig: the DeepSeek-V3 / V3.2 architecture as a typed dataclass with Hugging Face field names.
 
-It reads both config.json styles found in the wild:
+`model_type` follows the attention: `deepseek_v3` (dense MLA) or, when `index_topk` is set, `deepseek_v32`
+(DeepSeek Sparse Attention: a lightning indexer with `index_n_heads` x `index_head_dim` per layer keeps the
+`index_topk` best-scoring earlier tokens for MLA; see nanoseek.model.dsa). It reads both config.json styles
+found in the wild:
   * the published hub files (`rope_scaling: {"type": "yarn", ...}`, `rope_theta`, `topk_method`,
     `scoring_func`, `seq_aux`, `quantization_config`, ...), and
   * the transformers 5 style (`rope_parameters: {"rope_type": ..., "rope_theta": ...}`, `rope_interleave`).
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.errors import NanoseekError
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 ROPE_TYPES = ("default", "yarn")
@@ -32,10 +37,15 @@ _KNOWN_IGNORED_KEYS = {
     "attention_bias", "rope_scaling", "rope_parameters", "rope_theta", "id2label", "label2id",
     "tie_word_embeddings", "return_dict", "output_hidden_states", "output_attentions", "is_decoder",
     "chunk_size_feed_forward", "problem_type", "keys_to_ignore_at_inference", "mlp_bias",
+    "layer_types",  # deepseek_v32: ["indexed_attention"] * L, which only picks transformers' cache class
 }
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "kimi_k2")
+MLP_LAYER_TYPES = ("dense", "sparse")
+# transformers' DeepseekV32Config defaults, used when a deepseek_v32 config.json leaves a field out.
+_V32_DEFAULTS = {"index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
 
 
-class ConfigError(ValueError):
+class ConfigError(NanoseekError, ValueError):
     """An invalid or unreadable model configuration; the message names the offending field."""
 
 
@@ -71,6 +81,15 @@ class ModelConfig:
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
     num_nextn_predict_layers: int = 0
+    # DeepSeek Sparse Attention (V3.2). None = dense MLA (V3); otherwise each query attends to the
+    # index_topk earlier tokens its layer's lightning indexer scores highest.
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    # Per-layer "dense" | "sparse" (MoE) pattern, transformers' deepseek_v32 spelling; when given it wins over
+    # first_k_dense_replace (set to its leading dense count). None = the first first_k_dense_replace layers
+    # dense, the rest MoE (a dense-then-MoE list is normalised to this form).
+    mlp_layer_types: list[str] | None = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
@@ -80,7 +99,14 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        types = self.mlp_layer_types
+        if isinstance(types, (list, tuple)):
+            self.mlp_layer_types = types = list(types)
+            # What readers that know only first_k_dense_replace see: the leading dense layers.
+            self.first_k_dense_replace = next((i for i, t in enumerate(types) if t != "dense"), len(types))
         self.validate()
+        if types is not None and all(t == "sparse" for t in types[self.first_k_dense_replace:]):
+            self.mlp_layer_types = None  # a plain dense-then-MoE pattern: one canonical spelling
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -88,7 +114,18 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def is_dsa(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2, model_type deepseek_v32) rather than dense MLA."""
+        return self.index_topk is not None
+
+    @property
+    def model_type(self) -> str:
+        return "deepseek_v32" if self.is_dsa else "deepseek_v3"
+
+    @property
     def is_moe_layer(self) -> list[bool]:
+        if self.mlp_layer_types is not None:
+            return [t == "sparse" and self.n_routed_experts > 0 for t in self.mlp_layer_types]
         return [i >= self.first_k_dense_replace and self.n_routed_experts > 0 for i in range(self.num_hidden_layers)]
 
     @property
@@ -142,6 +179,22 @@ class ModelConfig:
                 if self.topk_method == "noaux_tc":
                     need(per_group >= 2, f"noaux_tc group scores sum the top-2 experts of a group; a group has {per_group}")
             need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.mlp_layer_types is not None:
+            types = self.mlp_layer_types
+            need(isinstance(types, list) and len(types) == self.num_hidden_layers and all(t in MLP_LAYER_TYPES for t in types),
+                 f"mlp_layer_types must be a list of {self.num_hidden_layers} entries from {MLP_LAYER_TYPES}, got {types!r}")
+            need(self.is_dsa or all(t == "sparse" for t in types[self.first_k_dense_replace:]),
+                 f"mlp_layer_types {types} is not dense-then-MoE; only deepseek_v32 (index_topk set) checkpoints can "
+                 "say that (transformers' deepseek_v3 reads first_k_dense_replace alone)")
+        if self.is_dsa:
+            for name in ("index_topk", "index_n_heads", "index_head_dim"):
+                v = getattr(self, name)
+                need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(self.index_head_dim >= self.qk_rope_head_dim,
+                 f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the "
+                 "indexer ropes the first qk_rope_head_dim dims of its query and key")
+            need(self.q_lora_rank is not None,
+                 "DeepSeek Sparse Attention needs q_lora_rank: the lightning indexer reads the q-LoRA latent")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             need(isinstance(rs, dict), f"rope_scaling must be a mapping or null, got {rs!r}")
@@ -156,10 +209,29 @@ class ModelConfig:
         """Build from a config.json dict, either hub style or transformers 5 style."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
-            raise ConfigError(f"model_type {d.get('model_type')!r} is not a DeepSeek-V2/V3 architecture")
+        mtype = d.get("model_type", "deepseek_v3")
+        if mtype not in MODEL_TYPES:
+            raise ConfigError(f"model_type {mtype!r} is not a DeepSeek-V2/V3/V3.2 architecture (expected one of {MODEL_TYPES})")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k not in ("rope_scaling", "rope_theta")}
+        if mtype == "deepseek_v32":
+            for k, v in _V32_DEFAULTS.items():
+                if kw.get(k) is None:
+                    kw[k] = v
+            if d.get("indexer_rope_interleave"):
+                raise ConfigError("indexer_rope_interleave=true is not DeepSeek-V3.2 (its indexer ropes half-split); "
+                                  "that is GLM-5's glm_moe_dsa variant")
+        else:
+            present = sorted(k for k in _V32_DEFAULTS if d.get(k) is not None)
+            if present:
+                raise ConfigError(f"{present} in a {mtype} config: DeepSeek Sparse Attention checkpoints say "
+                                  "model_type \"deepseek_v32\"")
+        types = d.get("mlp_layer_types")
+        if types is not None and "first_k_dense_replace" in d and isinstance(types, list):
+            lead = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+            if lead != d["first_k_dense_replace"]:
+                raise ConfigError(f"mlp_layer_types starts with {lead} dense layer(s) but first_k_dense_replace is "
+                                  f"{d['first_k_dense_replace']}")
         unknown = sorted(k for k in d if k not in names and k not in _KNOWN_IGNORED_KEYS)
         if unknown:
             warnings.warn(f"config.json keys not used by nanoseek: {unknown}", stacklevel=2)
@@ -209,6 +281,12 @@ class ModelConfig:
         """A config.json dict that transformers 5 and the published-format readers both understand."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("rope_scaling")
+        if self.is_dsa:
+            # transformers' deepseek_v32 reads mlp_layer_types (first_k_dense_replace is for everyone else)
+            d["mlp_layer_types"] = ["sparse" if moe else "dense" for moe in self.is_moe_layer]
+        else:
+            for k in ("index_topk", "index_n_heads", "index_head_dim", "mlp_layer_types"):
+                d.pop(k)
         if d["quantization_config"] is None:
             d.pop("quantization_config")
         rope_params: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -219,8 +297,8 @@ class ModelConfig:
                            **{k: v for k, v in rs.items() if k != "type"}}
             d["rope_scaling"] = {"type": "yarn", **{k: v for k, v in rs.items() if k != "type"}}
         d.update(
-            architectures=["DeepseekV3ForCausalLM"],
-            model_type="deepseek_v3",
+            architectures=["DeepseekV32ForCausalLM" if self.is_dsa else "DeepseekV3ForCausalLM"],
+            model_type=self.model_type,
             hidden_act="silu",
             attention_bias=False,
             attention_dropout=0.0,
@@ -265,6 +343,18 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 _V3_YARN = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
             "original_max_position_embeddings": 4096}
 
+_SMALL = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+              num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=128,
+              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
+              n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+              max_position_embeddings=2048, num_nextn_predict_layers=1)
+_V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+           num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536,
+           kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+           n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+           routed_scaling_factor=2.5, max_position_embeddings=163840, rope_scaling=dict(_V3_YARN),
+           num_nextn_predict_layers=1)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Used by every test: every feature on (group routing, q_lora, MTP), seconds on a CPU.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -273,11 +363,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                  max_position_embeddings=1024, num_nextn_predict_layers=1),
     # Learns the built-in tasks visibly in ~10 minutes on 2 CPU cores.
-    "small": dict(vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                  num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=128,
-                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
-                  n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                  max_position_embeddings=2048, num_nextn_predict_layers=1),
+    "small": _SMALL,
     # The benchmark config of the foundation issue.
     "bench": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
                   num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256,
@@ -293,12 +379,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                              eos_token_id=100001,
                              rope_scaling={**_V3_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
                              num_nextn_predict_layers=0),
-    "deepseek-v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                        num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536,
-                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-                        routed_scaling_factor=2.5, max_position_embeddings=163840, rope_scaling=dict(_V3_YARN),
-                        num_nextn_predict_layers=1),
+    # `small` with DeepSeek Sparse Attention: index_topk 32 < the 128-token training sequences of
+    # configs/small.toml, so the indexer's choice matters from the first batch.
+    "small-dsa": {**_SMALL, "index_topk": 32, "index_n_heads": 4, "index_head_dim": 32},
+    "deepseek-v3": _V3,
+    # DeepSeek-V3.2 (and V3.2-Exp) as published: V3 plus a lightning indexer of 64 heads x 128 per layer
+    # (the MTP layer included) keeping the top 2048 tokens.
+    "deepseek-v3.2": {**_V3, "rope_scaling": dict(_V3_YARN), "index_topk": 2048, "index_n_heads": 64,
+                      "index_head_dim": 128},
 }
 
 

@@ -40,9 +40,20 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     """"auto" = cuda when available, else cpu; an explicit cuda device must exist (`key` names the setting)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}={name!r} but CUDA is not available")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "meta"):
+        raise ConfigError(f"{key} {name}: unknown device", hint="use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"{key} {name}: CUDA is not available ({build})", hint="use --device cpu"
+                              if key == "--device" else f"set {key} = \"cpu\" or \"auto\"")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key} {name}: there are {torch.cuda.device_count()} CUDA device(s)",
+                              hint=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

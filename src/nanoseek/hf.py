@@ -1,15 +1,22 @@
-"""Hugging Face `deepseek_v3` checkpoint directories: load and save (the package's public contract), in
-the on-disk layout DeepSeek publishes (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md).
+"""Hugging Face `deepseek_v3` / `deepseek_v32` checkpoint directories: load and save (the package's public
+contract), in the on-disk layout DeepSeek publishes (https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md).
 
 One key map, used in both directions: our module names are the HF names without the `model.` prefix,
 except that routed experts are stacked ([E, 2F, D] gate|up and [E, D, F] down) and MTP modules live at
-`model.layers.{num_hidden_layers + k}`. Loading is self-checking: every tensor of the checkpoint must land
-in exactly one place with the right shape, and every parameter must be filled; anything else is a
-CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
+`model.layers.{num_hidden_layers + k}`. V3.2's indexer weights (`self_attn.indexer.{wq_b, wk, k_norm,
+weights_proj}`) have the same names in transformers' layout and in DeepSeek's published checkpoint (there
+wq_b and wk are FP8 with a weight_scale_inv, weights_proj BF16, k_norm FP32 with a bias), so they need no
+entry of their own; the MTP layer carries an indexer too. Loading is self-checking: every tensor of the
+checkpoint must land in exactly one place with the right shape, and every parameter must be filled;
+anything else is a CheckpointError that names the tensor. Weights are copied shard by shard into a model whose storage is
 allocated once (built on the meta device), so peak memory is one model plus one tensor.
 
 FP8 checkpoints (float8_e4m3fn `weight` + fp32 `weight_scale_inv` per 128x128 block) are dequantised in
 plain torch on the fly.
+
+transformers' deepseek_v32 always rotates MLA's rope interleaved (it has no `rope_interleave`), so a V3.2
+model with half-split MLA rope is saved with its rope rows of q_b_proj and kv_a_proj_with_mqa reordered to
+the interleaved layout (the same function: rope pairs dims (i, i + R/2) one way, (2i, 2i + 1) the other).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
+from .errors import CheckpointError  # noqa: F401 (re-exported: callers import it from here)
+from .model_dir import RUN_MODEL_DIRS, check_model_dir, read_config_json  # noqa: F401 (re-exported)
 from .model import Transformer
 from .model.layers import rope_inv_freq
 
@@ -34,17 +43,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""
-
-
 # ----------------------------------------------------------------------------- key map
 def hf_to_ours(key: str, n_layers: int) -> str | None:
     """HF name -> our name (None for the MTP copies of embedding/head, which we share with the main model)."""
     if key == "lm_head.weight":
         return key
     if not key.startswith("model."):
-        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 weight")
+        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 / deepseek_v32 weight")
     key = key[len("model."):]
     m = re.match(r"^layers\.(\d+)\.(.*)$", key)
     if m and int(m.group(1)) >= n_layers:
@@ -114,20 +119,43 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
     return torch.float32
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Load a HF deepseek_v3 directory into a Transformer (eval mode). See the module docstring."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    try:
-        cfg_dict = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
+    """(format, group size) of a checkpoint `nanoseek quantize` wrote (bf16 or int8 weights), else None."""
+    q = cfg_dict.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != "nanoseek":
+        return None
+    fmt, group = q.get("weight_format"), q.get("group_size")
+    if fmt not in ("int8", "bf16") or not (group is None or (isinstance(group, int) and group > 0)):
+        raise CheckpointError(f"config.json: quantization_config {q} is not a nanoseek weight format "
+                              "(weight_format int8 | bf16, group_size a positive int or null)")
+    return fmt, group
+
+
+def read_config(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
+    """(config.json as a dict, the ModelConfig it describes) of a model directory; errors name the file."""
+    path = check_model_dir(path)
+    cfg_dict = read_config_json(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = ModelConfig.from_hf(cfg_dict)
+        try:
+            return cfg_dict, ModelConfig.from_hf(cfg_dict)
+        except ConfigError as e:
+            if e.path is None:
+                e.path = path / "config.json"
+            raise
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         weights: str | None = None) -> Transformer:
+    """Load a HF deepseek_v3 or deepseek_v32 directory into a Transformer (eval mode). See the module docstring.
+
+    `weights` is the storage format of the linear and expert weights (nanoseek.infer.quant): None keeps
+    the checkpoint's (dense, or the bf16 / int8 of a `nanoseek quantize` output); "bf16" or "int8"
+    converts tensor by tensor while filling (never holding the dense model); "dense" expands a quantized
+    checkpoint to `dtype`.
+    """
+    path = check_model_dir(path)
+    cfg_dict, cfg = read_config(path)
     weight_map = _checkpoint_files(path)
     L = cfg.num_hidden_layers
     n_mtp = len({int(m.group(1)) for k in weight_map if (m := re.match(r"^model\.layers\.(\d+)\.", k))
@@ -142,17 +170,28 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         else:
             raise CheckpointError(f"{path}: config has {cfg.num_nextn_predict_layers} MTP layers, checkpoint {n_mtp}")
         cfg = cfg.replace(num_nextn_predict_layers=n_mtp)
-    dtype = dtype or _source_dtype(cfg_dict, weight_map, path)
+    stored = stored_weight_format(cfg_dict)
+    if stored is not None:
+        cfg = cfg.replace(quantization_config=None)  # the model's config is that of the dense model
+    if weights not in (None, "dense", "bf16", "int8"):
+        raise CheckpointError(f"weights={weights!r}: choose None (as stored), 'dense', 'bf16' or 'int8'")
+    fmt = stored[0] if weights is None and stored else None if weights in (None, "dense") else weights
+    dtype = dtype or (torch.float32 if stored else _source_dtype(cfg_dict, weight_map, path))
     if cfg.quantization_config and dtype == torch.float8_e4m3fn:
         raise CheckpointError("dtype=float8 is not a compute dtype; FP8 weights are dequantised to the chosen dtype")
 
     with torch.device("meta"):
         model = Transformer(cfg)
     model.cast(dtype)
+    if fmt is not None:
+        from .infer.quant import DEFAULT_GROUP, quantize_model
+
+        group = stored[1] if stored and stored[0] == fmt else DEFAULT_GROUP
+        quantize_model(model, fmt, group or 0)
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie them again
         model.lm_head.weight = model.embed_tokens.weight
-    _fill(model, path, weight_map, cfg)
+    _fill(model, path, weight_map, cfg, stored[0] if stored else None)
     inv_freq, _ = rope_inv_freq(cfg)
     model.rotary.inv_freq = inv_freq.to(device)  # non-persistent buffers are not in the checkpoint
     model.reset_load()
@@ -162,11 +201,22 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     return model
 
 
-def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: ModelConfig) -> None:
-    """Copy every checkpoint tensor into its place, shard by shard; fail on a stray, misshapen or missing one."""
+def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: ModelConfig,
+          stored_fmt: str | None = None) -> None:
+    """Copy every checkpoint tensor into its place, shard by shard; fail on a stray, misshapen or missing one.
+
+    int8 weights come with a `weight_scale` tensor: copied beside an int8 destination, or used to expand
+    the weight into a dense one. A dense tensor bound for an int8 destination is quantized on the way."""
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
     todo = _parts_to_fill(params)
+    # The narrow weights of a model loaded in its checkpoint's own format: each must be stored so.
+    fmt = (getattr(model, "weight_format", None) or {}).get("format")
+    as_stored: set[str] = set()
+    if stored_fmt is not None and fmt == stored_fmt:
+        from .infer.quant import narrow_weight_names
+
+        as_stored = narrow_weight_names(model)
     block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
     by_file: dict[str, list[str]] = {}
     for k, f in weight_map.items():
@@ -174,7 +224,7 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
     for fname in sorted(by_file):
         with _open(path / fname) as fh:
             for key in sorted(by_file[fname]):
-                if key.endswith("weight_scale_inv"):
+                if key.endswith(("weight_scale_inv", "weight_scale")):
                     continue  # read with its weight
                 name = hf_to_ours(key, cfg.num_hidden_layers)
                 if cfg.tie_word_embeddings and name == "lm_head.weight" and "model.embed_tokens.weight" in weight_map:
@@ -185,7 +235,12 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                     if tuple(t.shape) != tuple(ref.shape):
                         raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
                     continue
-                target, dst, part = _destination(name, key, params, cfg.moe_intermediate_size)
+                target, dst, part = _destination(name, key, params, cfg)
+                if target in as_stored and t.dtype != _STORED_DTYPE[stored_fmt]:
+                    raise CheckpointError(f"{key}: {t.dtype} in a checkpoint whose config.json says {stored_fmt} "
+                                          "weights (a mismatched or partly overwritten quantized checkpoint)")
+                if t.dtype == torch.int8 or dst.dtype == torch.int8:
+                    t = _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg)
                 if tuple(t.shape) != tuple(dst.shape):
                     raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the config's "
                                           f"{tuple(dst.shape)}")
@@ -198,13 +253,48 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
     _check_complete(todo, params, path, cfg)
 
 
+_STORED_DTYPE = {"int8": torch.int8, "bf16": torch.bfloat16}
+
+
+def _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg) -> torch.Tensor:
+    """The tensor to copy into dst for an int8 checkpoint weight or an int8 destination; fills the scale."""
+    from .infer.quant import dequantize, quantize_int8
+
+    skey = key + "_scale"
+    scale = None
+    if t.dtype == torch.int8:
+        scale = _companion(fh, key, skey, path, fname, weight_map, "int8")
+        if scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != t.shape[0] or \
+                scale.shape[1] == 0 or t.shape[1] % scale.shape[1]:
+            raise CheckpointError(f"{skey}: {scale.dtype} {tuple(scale.shape)} is not an fp32 [rows, groups] scale "
+                                  f"for the {tuple(t.shape)} weight")
+    if dst.dtype != torch.int8:  # an int8 checkpoint loaded dense
+        if not t.is_floating_point():
+            t = dequantize(t, scale, dst.dtype)
+        return t
+    _, sdst, spart = _destination(name, key, {target: params[target + "_scale"]}, cfg)
+    if t.is_floating_point():  # quantized now, one tensor at a time
+        t, scale = quantize_int8(t, t.shape[-1] // sdst.shape[-1])
+    if tuple(scale.shape) != tuple(sdst.shape):
+        raise CheckpointError(f"{skey}: shape {tuple(scale.shape)}, expected {tuple(sdst.shape)} (the group size "
+                              "in config.json does not match the scales)")
+    with torch.no_grad():
+        sdst.copy_(scale)
+    stodo = todo[target + "_scale"]
+    if spart == "fused":
+        stodo.clear()
+    else:
+        stodo.discard(spart)
+    return t
+
+
 def _parts_to_fill(params: dict[str, torch.Tensor]) -> dict[str, set]:
     """name -> the parts still missing: {None} for a whole tensor, (expert, projection) for stacked experts."""
     todo: dict[str, set] = {n: {None} for n in params}
     for n, p in params.items():
-        if n.endswith("experts.gate_up_proj"):
+        if n.endswith(("experts.gate_up_proj", "experts.gate_up_proj_scale")):
             todo[n] = {(e, w) for e in range(p.shape[0]) for w in ("gate_proj", "up_proj")}
-        elif n.endswith("experts.down_proj"):
+        elif n.endswith(("experts.down_proj", "experts.down_proj_scale")):
             todo[n] = {(e, "down_proj") for e in range(p.shape[0])}
     return todo
 
@@ -218,18 +308,21 @@ def _read(fh, key: str, path: Path, fname: str, weight_map: dict[str, str], bloc
     if t.dtype != torch.float8_e4m3fn:
         return t
     skey = key[: -len("weight")] + "weight_scale_inv"
+    return _dequant_fp8(t, _companion(fh, key, skey, path, fname, weight_map, "FP8"), block, key)
+
+
+def _companion(fh, key: str, skey: str, path: Path, fname: str, weight_map: dict[str, str], kind: str) -> torch.Tensor:
+    """The scale tensor `skey` of the quantized weight `key`, from the open shard or the one holding it."""
     if skey not in weight_map:
-        raise CheckpointError(f"{key}: FP8 weight without {skey}")
+        raise CheckpointError(f"{key}: {kind} weight without {skey}")
     if weight_map[skey] == fname:
-        scale = fh.get_tensor(skey)
-    else:
-        with _open(path / weight_map[skey]) as fs:
-            scale = fs.get_tensor(skey)
-    return _dequant_fp8(t, scale, block, key)
+        return fh.get_tensor(skey)
+    with _open(path / weight_map[skey]) as fs:
+        return fs.get_tensor(skey)
 
 
 def _destination(name: str, key: str, params: dict[str, torch.Tensor],
-                 moe_inter: int) -> tuple[str, torch.Tensor, object]:
+                 cfg: ModelConfig) -> tuple[str, torch.Tensor, object]:
     """(our tensor's name, the view to copy into, the part it fills) for the HF tensor `key` (ours: `name`).
 
     A per-expert HF weight fills one slice of our stacked [E, 2F, D] gate|up or [E, D, F] down tensor;
@@ -242,12 +335,14 @@ def _destination(name: str, key: str, params: dict[str, torch.Tensor],
             raise CheckpointError(f"unexpected tensor {key!r} (no such expert in the config)")
         dst = params[target][e]
         if which == "gate_proj":
-            dst = dst[:moe_inter]
+            dst = dst[: cfg.moe_intermediate_size]
         elif which == "up_proj":
-            dst = dst[moe_inter:]
+            dst = dst[cfg.moe_intermediate_size:]
         return target, dst, (e, which)
     if name not in params:
-        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight")
+        hint = (" (a V3.2 indexer weight: its config.json should say model_type deepseek_v32)"
+                if ".indexer." in key and not cfg.is_dsa else "")
+        raise CheckpointError(f"unexpected tensor {key!r}: the config has no such weight{hint}")
     fused = name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")
     return name, params[name], "fused" if fused else None
 
@@ -269,7 +364,10 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """Yields (hf_name, tensor) for every tensor of the HF layout that `state` (our names; the whole model or
     one pipeline stage's part) holds, experts split one by one."""
     L, Fh = cfg.num_hidden_layers, cfg.moe_intermediate_size
+    relayout = cfg.is_dsa and not cfg.rope_interleave  # see the module docstring
     for name, t in state.items():
+        if relayout:
+            t = interleave_rope_rows(name, t, cfg)
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         if name.endswith("e_score_correction_bias") and cfg.topk_method != "noaux_tc":
@@ -294,6 +392,8 @@ def hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 def write_config(cfg: ModelConfig, dtype: torch.dtype, path: Path) -> None:
     """config.json (dequantised weights: no quantization_config) and generation_config.json."""
+    if cfg.is_dsa and not cfg.rope_interleave:  # the rope rows are re-laid interleaved (hf_tensors)
+        cfg = cfg.replace(rope_interleave=True)
     hf_cfg = cfg.to_hf(dtype=str(dtype).removeprefix("torch."))
     hf_cfg.pop("quantization_config", None)
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
@@ -317,7 +417,8 @@ def write_index(path: Path) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1, "I8": 1,
+                "BOOL": 1}
 
 
 def copy_tokenizer(src: str | os.PathLike | None, path: Path) -> None:
@@ -327,12 +428,34 @@ def copy_tokenizer(src: str | os.PathLike | None, path: Path) -> None:
                 shutil.copy2(Path(src) / f, path / f)
 
 
+def interleave_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Reorder the rope output rows of q_b_proj / kv_a_proj_with_mqa from the half-split to the interleaved
+    layout (other tensors are returned as they are): an interleaved reader then rotates the same pairs."""
+    R, N, C = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    half = torch.arange(R // 2)
+    perm = torch.stack([half, half + R // 2], dim=1).flatten()  # 0, R/2, 1, R/2 + 1, ...
+    if name.endswith("self_attn.q_b_proj.weight"):
+        w = t.view(cfg.num_attention_heads, N + R, t.shape[-1])
+        return torch.cat([w[:, :N], w[:, N:][:, perm]], dim=1).view_as(t)
+    if name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+        return torch.cat([t[:C], t[C:][perm]], dim=0)
+    return t
+
+
 def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
          max_shard_bytes: int = 4 * 1024**3) -> Path:
-    """Write a HF deepseek_v3 directory (config, safetensors shards + index, tokenizer files)."""
+    """Write a HF deepseek_v3 (or, with DSA, deepseek_v32) directory (config, safetensors shards + index,
+    tokenizer files)."""
+    if getattr(model, "weight_format", None) is not None:
+        raise CheckpointError(f"this model has {model.weight_format['format']} weights (nanoseek.infer.quant): "
+                              "save the dense model, and write quantized copies with `nanoseek quantize`")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    if cfg.is_dsa and (cfg.scoring_func, cfg.topk_method) != ("sigmoid", "noaux_tc"):
+        warnings.warn(f"{cfg.scoring_func}/{cfg.topk_method} routing: transformers' deepseek_v32 routes every "
+                      "V3.2 checkpoint with sigmoid/noaux_tc, so only nanoseek and DeepSeek's reference code read "
+                      "this one right", stacklevel=2)
     write_config(cfg, model.embed_tokens.weight.dtype, path)
 
     shards: list[dict[str, torch.Tensor]] = [{}]

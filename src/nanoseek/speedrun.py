@@ -114,8 +114,11 @@ def load_plan(path: str | Path | None, overrides: list[str]) -> Plan:
         if key in own["grpo"]:
             raise ConfigError(f"{src}: grpo.{key} is taken from speedrun.{key} (one task for SFT, eval and GRPO); "
                               "set that instead")
-    grpo = GRPOConfig(**typed_values(GRPOConfig, own["grpo"], "grpo", src), task=sr.task,
-                      difficulty=sr.difficulty).validate()
+    try:
+        grpo = GRPOConfig(**typed_values(GRPOConfig, own["grpo"], "grpo", src), task=sr.task,
+                          difficulty=sr.difficulty).validate()
+    except ValueError as e:  # GRPOConfig.validate names the key
+        raise ConfigError(f"{src}: {e}") from None
     return Plan(run, sr, sft, ev, grpo)
 
 
@@ -141,7 +144,10 @@ class Stages:
     def __init__(self, out: Path, plan: Plan, progress: bool):
         from nanoseek.data.tasks import get_task
 
+        from nanoseek.device import resolve_device
+
         self.out, self.plan, self.progress = out, plan, progress
+        self.device = resolve_device(plan.run.train.device, "train.device")  # pretraining's; every stage's
         self.task = get_task(plan.speedrun.task)
         self.pre = out / "pretrain"
         self.times: dict[str, float] = {}
@@ -171,7 +177,7 @@ class Stages:
 
         with self.timed("pretrain"):
             final = train(self.plan.run, self.pre, progress=self.progress)
-        self.model = nanoseek.load(final, dtype=torch.float32)
+        self.model = nanoseek.load(final, dtype=torch.float32, device=self.device)
 
     def evaluate(self, stage: str, key: str, label: str, keep_samples: bool = True) -> None:
         """Held-out pass@1 / cons@k of the model as it is now, with the same problems and samples each time."""
@@ -231,6 +237,22 @@ class Stages:
             load_tokenizer(self.model_dir)
 
 
+def machine(device) -> dict:
+    """Where a run ran: the numbers of a run depend on these as well as on its config, since the thread
+    count and the CPU's kernels change the order of floating-point sums (README, "The main job")."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu,
+            "torch": torch.__version__}
+
+
 def _banner(i: int, name: str) -> None:
     print(f"\n[{i}/7] {name}", file=sys.stderr, flush=True)
 
@@ -266,6 +288,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     run.export()
     report = build_report(plan, run.model, run.evals, run.history, run.times, time.perf_counter() - t_all,
                           run.pre / "metrics.jsonl", run.model_dir)
+    report["machine"] = machine(run.device)  # what the numbers depend on besides the config (README says how)
     return write_report(out, report, run.pre, run.sft_records, run.history, run.samples)
 
 
@@ -275,15 +298,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a ~1 minute smoke run")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key, e.g. --set grpo.steps=10 or --set train.steps=50 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars: the losses as log lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        plan = load_plan(args.config, (QUICK if args.quick else []) + list(args.sets))
-    except (ValueError, ConfigError) as e:
-        print(f"nanoseek speedrun: config error: {e}", file=sys.stderr)
-        return 2
+    plan = load_plan(args.config, (QUICK if args.quick else []) + list(args.sets))  # --device/--threads: sets
     report = speedrun(args.out, plan, progress=not args.no_progress)
     before, after = report["accuracy_before_rl"], report["accuracy_after_rl"]
     md = Path(args.out) / "report.md"

@@ -30,6 +30,7 @@ one).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK, TOOL_CALL_BEGIN,
                                           TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
                                           TOOL_OUTPUT_END, TOOL_SEP, USER)
+from nanoseek.errors import NanoseekError
 
 TOOLS_HEADER = "## Tools\nYou can call the following functions.\n"
 TOOLS_FOOTER = ("\nTo call functions, reply with " + TOOL_CALLS_BEGIN + ", then " + TOOL_CALL_BEGIN + "name"
@@ -99,7 +101,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(NanoseekError, ValueError):
     """Messages, tools or template options the chat format cannot render (HTTP 400); `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None):
@@ -220,23 +222,33 @@ def chat_text(segments: Sequence[Segment]) -> str:
     return "".join(s.text for s in segments)
 
 
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True)) + ")")
+@functools.lru_cache(maxsize=8)
+def _special_re(tokens: tuple[str, ...]) -> re.Pattern:
+    if not tokens:
+        return re.compile("(\\A\\b\\B)")  # matches nothing: no piece is ever split off
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
-def encode_segments(tokenizer, segments: Sequence[Segment]) -> list[int]:
+_SPECIAL_RE = _special_re(SPECIAL_TOKENS)
+
+
+def encode_segments(tokenizer, segments: Sequence[Segment], special_tokens: Sequence[str] | None = None) -> list[int]:
     """Token ids of rendered segments: special tokens only from markup, everything else as plain text.
 
     `tokenizer` needs `encode` (special tokens parsed) and `encode_plain` (parsing off), as
     nanoseek.data.tokenizer.Tokenizer has. Plain text between two special tokens is encoded as one run,
     so for content without special-token strings the ids equal those of encoding the whole text.
+    `special_tokens`: the strings markup may hold as control tokens (default DeepSeek's; another model's
+    tokenizer passes its own).
     """
+    split = _SPECIAL_RE.split if special_tokens is None else _special_re(tuple(special_tokens)).split
     ids: list[int] = []
     run: list[str] = []
     for seg in segments:
         if not seg.markup:
             run.append(seg.text)
             continue
-        for k, piece in enumerate(_SPECIAL_RE.split(seg.text)):
+        for k, piece in enumerate(split(seg.text)):
             if k % 2 == 0:
                 run.append(piece)
             else:

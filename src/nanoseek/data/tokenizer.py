@@ -31,6 +31,7 @@ from nanoseek.data.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, S
                                           TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
                                           TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
                                           TOOL_SEP, TOOL_TOKENS, USER)
+from nanoseek.errors import DataError
 
 __all__ = ["ASSISTANT", "BOS", "CHAT_TEMPLATE", "END_THINK", "EOS", "PAD", "SPECIAL_TOKENS", "SYSTEM", "THINK",
            "TOOL_CALL_BEGIN", "TOOL_CALL_END", "TOOL_CALLS_BEGIN", "TOOL_CALLS_END", "TOOL_OUTPUT_BEGIN",
@@ -66,16 +67,22 @@ def _byte_decoder() -> dict[str, int]:
 class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` with the ids of DeepSeek's special tokens."""
 
-    def __init__(self, hf: _HFTokenizer, chat_template: str = CHAT_TEMPLATE, model_max_length: int = 4096):
+    def __init__(self, hf: _HFTokenizer, chat_template: str = CHAT_TEMPLATE, model_max_length: int = 4096,
+                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None):
+        """bos/eos/pad_token: another model's spellings (its tokenizer_config.json); default DeepSeek's.
+        A tokenizer without a BOS token is allowed only when bos_token is given as "" (bos_id is then None)."""
         self.hf = hf
         self.chat_template = chat_template
         self.model_max_length = model_max_length
-        missing = [t for t in (BOS, EOS) if hf.token_to_id(t) is None]
+        bos = BOS if bos_token is None else bos_token
+        eos = eos_token or EOS
+        missing = [t for t in (bos, eos) if t and hf.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks required special tokens {missing}")
-        self.bos_id: int = hf.token_to_id(BOS)
-        self.eos_id: int = hf.token_to_id(EOS)
-        pad = hf.token_to_id(PAD)
+        self.bos_token, self.eos_token = bos or None, eos
+        self.bos_id: int | None = hf.token_to_id(bos) if bos else None
+        self.eos_id: int = hf.token_to_id(eos)
+        pad = hf.token_to_id(pad_token or PAD)
         self.pad_id: int = self.eos_id if pad is None else pad
         # Present in every tokenizer we train; may be None for a foreign tokenizer.json.
         self.user_id: int | None = hf.token_to_id(USER)
@@ -229,20 +236,58 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     return tok
 
 
+class TokenizerError(DataError, FileNotFoundError):
+    """No readable tokenizer at a path (a FileNotFoundError too, as it always was)."""
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json)."""
+    """Load a directory holding tokenizer.json (and optionally tokenizer_config.json), or a tokenizer.json."""
     p = Path(path)
     file = p / "tokenizer.json" if p.is_dir() else p
+    if not p.exists():
+        raise TokenizerError("no such tokenizer directory", p, "check the path")
     if not file.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {p}")
-    hf = _HFTokenizer.from_file(str(file))
+        raise TokenizerError("no tokenizer.json", p, "a model saved with nanoseek.save(..., tokenizer_dir=...) or "
+                                                     "by nanoseek's commands has one")
+    if file.name != "tokenizer.json":
+        raise TokenizerError("a file, not a tokenizer directory", p, f"pass the folder that holds it: {p.parent}")
+    try:
+        hf = _HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a corrupt file
+        raise DataError(f"tokenizer.json is not a readable tokenizer ({e})", file,
+                        "restore the file, or export the model again") from None
     template, max_len = CHAT_TEMPLATE, 4096
-    cfg_file = file.parent / "tokenizer_config.json"
-    if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-        template = cfg.get("chat_template") or template
-        max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
-    return Tokenizer(hf, chat_template=template, model_max_length=max_len)
+    cfg = _json_file(file.parent / "tokenizer_config.json")
+    template = cfg.get("chat_template") or template
+    max_len = int(cfg.get("model_max_length", max_len)) if isinstance(cfg.get("model_max_length"), int) else max_len
+    bos, eos, pad = (_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    # generation_config.json names ids; an eos_token_id list's first entry is the primary EOS.
+    gen = _json_file(file.parent / "generation_config.json")
+    if eos is None and gen.get("eos_token_id") is not None:
+        first = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
+        eos = hf.id_to_token(int(first)) if isinstance(first, int) else None
+    if bos is None and "bos_token_id" in gen:  # an explicit null: the model has no BOS
+        bos = hf.id_to_token(int(gen["bos_token_id"])) if isinstance(gen["bos_token_id"], int) else ""
+    if bos is None and "bos_token" in cfg:  # tokenizer_config.json says "bos_token": null
+        bos = ""
+    return Tokenizer(hf, chat_template=template, model_max_length=max_len, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def _json_file(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path.name} is not valid JSON ({e})", path,
+                        "restore the file, or export the model again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path.name} must hold a JSON object", path, "restore the file, or export the model again")
+    return data
+
+
+def _token_text(v: object) -> str | None:
+    """A token as tokenizer_config.json writes it: a string or an AddedToken dict ({"content": ...})."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None

@@ -3,8 +3,9 @@
 Per token and layer it holds what MLA caches (nanoseek.model.attention.CacheView: the normalised latent
 and the rotated rope key, kv_lora_rank + qk_rope_head_dim values; DeepSeek-V2 section 2.1). Storage is
 paged the way vLLM's PagedAttention pages a KV cache (Kwon et al. 2023): one tensor per stream of
-[layers, blocks, block_size, W]; a sequence owns a list of block ids (its block table), position p of it
-lives in block table[p // block_size] at row p % block_size. A sequence takes blocks as it grows, so
+[layers, blocks, block_size, W] (each stream the model's cache_layout names: a V3.2 model adds
+"index_key", its indexer key per token and layer); a sequence owns a list of block ids (its block
+table), position p of it lives in block table[p // block_size] at row p % block_size. A sequence takes blocks as it grows, so
 memory follows the tokens actually held, not a preallocated maximum.
 
 Prefix reuse: a full block is keyed by the hash of its chain, hash(parent block's key, the block's token

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.infer.cli_generate import DTYPES
+from nanoseek.infer.cli_generate import add_dtype_argument
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.generate import load_model
+from nanoseek.infer.generate import check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
@@ -17,19 +17,25 @@ HELP = "commands: /reset (new conversation), /exit (quit)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF deepseek_v3 layout with tokenizer files)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per reply at most (default 1024)")
-    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6, as DeepSeek-R1 recommends")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per reply at most (fewer when the "
+                   "conversation leaves less room in the context)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, as DeepSeek-R1 recommends; "
+                   "0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the smallest set of tokens "
+                   "whose probability reaches this")
+    p.add_argument("--system", default=None, help="a system prompt (default: none)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler; turn i uses seed + i "
+                   "(default: a random one)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
+    add_dtype_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model_dir(args.model)
+    # A bad --temperature/--top-p/--max-tokens fails now, not at the first turn.
+    SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     tok = ChatTokenizer(args.model)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.device)
     engine = Engine(model, max_batch_size=1, speculative=args.speculative)
     tty = sys.stdout.isatty()
     dim, reset = ("\033[2m", "\033[0m") if tty else ("", "")
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
                                 top_p=args.top_p, seed=None if args.seed is None else args.seed + turn,
-                                stop_token_ids=[tok.eos_id])
+                                stop_token_ids=list(tok.eos_ids))
         stream = tok.stream(think_opened=think_opened)
         shown = {"reasoning": False, "answer": False}
 

@@ -2,11 +2,12 @@
 
 * Cache: a paged latent cache, nanoseek.infer.cache.PagedCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
-  section 2.1, V3 section 2.1.1), in blocks of `block_size` tokens from one pool of `cache_blocks`
-  blocks (default: room for max_batch_size sequences of max_len tokens; or a byte budget). A request
-  takes blocks as it grows; rolling back after a rejected draft is just a smaller start position. Each
-  model call gets the cache's view for its rows (`cache.view(block_tables, start_pos, n_new)`), the
-  interface the model's cached forward reads and writes.
+  section 2.1, V3 section 2.1.1; a V3.2 model adds its indexer keys as a second stream, "index_key", as
+  its cache_layout says), in blocks of `block_size` tokens from one pool of `cache_blocks` blocks
+  (default: room for max_batch_size sequences of max_len tokens; or a byte budget). A request takes
+  blocks as it grows; rolling back after a rejected draft is just a smaller start position. Each model
+  call gets the cache's view for its rows (`cache.view(block_tables, start_pos, n_new)`), the interface
+  the model's cached forward reads and writes.
 * Prefix caching: full blocks of committed tokens are registered under the hash of their chain; a new
   request takes the cached blocks its prompt starts with and its prefill starts where they end (at least
   the last prompt token is always computed, for its logits). `Request.cached_tokens` says how many.
@@ -45,13 +46,16 @@ from typing import Callable
 
 import torch
 
+from nanoseek.errors import NanoseekError
 from nanoseek.infer import fast
 from nanoseek.infer.cache import PagedCache
-from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample, verify_drafts
+from nanoseek.infer.logits import LogitsState, process, raw_logprobs
+from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample
 from nanoseek.infer.scheduler import Scheduler
+from nanoseek.infer.speculative import speculative_tensors, token_logprobs  # noqa: F401 (token_logprobs re-exported)
 
 
-class EngineError(ValueError):
+class EngineError(NanoseekError, ValueError):
     """A request the engine cannot run (empty prompt, too long for the cache, bad token id, ...)."""
 
 
@@ -69,7 +73,9 @@ class Completion:
 
 
 # on_event(request, new_token_ids, finished): called on the engine thread after every step that
-# emits tokens for the request, and once more with finished=True (possibly with no new tokens).
+# emits tokens for the request, and once more with finished=True (possibly with no new tokens). Their
+# logprobs are the last len(new_token_ids) entries of request.logprobs / .top_logprobs during the call. An
+# exception in it fails that request only (finish_reason "error", request.error says why).
 EventFn = Callable[["Request", list[int], bool], None]
 
 
@@ -81,7 +87,9 @@ class Request:
     on_event: EventFn | None = None
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
     finish_reason: str | None = None
+    error: str | None = None  # why it ended with "error"
     done: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -95,6 +103,7 @@ class Request:
     draft: int = 0
     draft_q: torch.Tensor | None = None  # the draft distribution, for sampled speculative rows
     generator: RowRandom | None = None  # the request's uniforms, from its own seeded generator
+    logits_state: LogitsState | None = None  # bias, penalties, grammar (nanoseek.infer.logits)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -207,16 +216,24 @@ class Engine(Scheduler):
                               f"{self.cache.num_blocks} blocks can ever hold")
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: EventFn | None = None,
-               *, bounded: bool = True) -> Request:
-        """Queue a request (raises EngineError for a bad one, QueueFull when the queue is at its bound)."""
+               *, bounded: bool = True, matcher=None) -> Request:
+        """Queue a request (raises EngineError for a bad one, QueueFull when the queue is at its bound).
+
+        `matcher` (a fresh nanoseek.infer.grammar.Matcher) constrains the output; its EOS ids should be
+        among params.stop_token_ids."""
         prompt = [int(t) for t in prompt]
         self.validate(prompt, params)
+        V = self.config.vocab_size
+        bad = [t for t in params.logit_bias if t >= V]
+        if bad:
+            raise EngineError(f"logit_bias token id(s) {bad[:5]} out of range for vocab_size {V}")
         req = Request(next(self._ids), prompt, params, on_event)
         req.generator = RowRandom(params.make_generator())
+        state = LogitsState.make(params, V, self.device, matcher)
+        req.logits_state = state if state.active else None
         with self._lock:
             # Requests about to take a free batch row at the next step do not count against the queue bound.
-            free_rows = max(0, self.max_batch_size - len(self._running))
-            if bounded and len(self._waiting) >= self.max_queue + free_rows:
+            if bounded and len(self._waiting) >= self.max_queue + self.free_slots():
                 self.stats.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)
@@ -286,23 +303,9 @@ class Engine(Scheduler):
     def batch_size(self) -> int:
         return len(self._running)
 
-    @property
-    def capacity(self) -> int:
-        """The most tokens (prompt + generated) one request can have: the context, or less when the whole
-        block pool holds fewer (a speculative step writes one position past the last token)."""
-        return min(self.max_len, self.cache.num_blocks * self.block_size - 1)
-
-    def cache_stats(self) -> dict:
-        """The paged cache at this moment, for /metrics and benchmarks: blocks in use (held by running
-        requests), cached (unreferenced, holding a reusable prefix), free, the total, and the prefix
-        hit rate so far (prompt tokens read from the cache / prompt tokens of admitted requests)."""
-        pool, s = self.cache.pool, self.stats
-        return {"block_size": self.block_size, "blocks_total": pool.num_blocks, "blocks_used": pool.used(),
-                "blocks_cached": len(pool.lru), "blocks_free": len(pool.free),
-                "bytes_total": self.cache.nbytes(), "prefix_hit_rate": s.prefix_hit_rate,
-                "prompt_cache_hit_tokens": s.prompt_cache_hit_tokens,
-                "prompt_cache_query_tokens": s.prompt_cache_query_tokens,
-                "evictions": pool.evictions, "preemptions": s.preemptions}
+    def free_slots(self) -> int:
+        """Batch rows not held by a running request (max_batch_size when idle)."""
+        return max(0, self.max_batch_size - len(self._running))
 
     # ------------------------------------------------------------------ the step loop
     def _loop(self, keep_running: Callable[[], bool] | None = None) -> None:
@@ -322,19 +325,18 @@ class Engine(Scheduler):
         with self._lock:
             left = list(self._running) + list(self._waiting)
             self._waiting.clear()
-        self._running.clear()
+        self._running = []
         for r in left:
+            self._finish(r, "cancelled")
             self._release(r)
-            if r.finish_reason is None:
-                self._finish(r, "cancelled")
 
     def _fail_running(self, error: Exception) -> None:
         self.last_error = f"{type(error).__name__}: {error}"
-        failed, self._running = self._running, []
-        for r in failed:
+        for r in self._running:
+            r.error = r.error or self.last_error
+            self._finish(r, "error")
             self._release(r)
-            if r.finish_reason is None:
-                self._finish(r, "error")
+        self._running = []
 
     def step(self) -> None:
         """Admit waiting requests (prefill) and advance every running one by one decode step."""
@@ -359,6 +361,9 @@ class Engine(Scheduler):
             self.stats.busy_seconds += time.perf_counter() - t0
 
     def _finish(self, r: Request, reason: str) -> None:
+        """End r once (later calls are no-ops): count it, tell its callback, wake result() waiters."""
+        if r.finish_reason is not None:
+            return
         r.finish_reason = reason
         with self._lock:
             if reason == "cancelled":
@@ -368,20 +373,22 @@ class Engine(Scheduler):
         self._notify(r, [], True)
         r.done.set()
 
-    def _notify(self, r: Request, tokens: list[int], finished: bool) -> None:
-        """Call r's callback. An exception there fails r alone (the batch, the loop and the cache go on):
-        it is recorded in last_error and r finishes with "error" (its blocks go back at the next reap)."""
+    def _notify(self, r: Request, tokens: list[int], finished: bool) -> bool:
+        """Call r's callback; an exception fails r alone (False), never the step."""
         if r.on_event is None:
-            return
+            return True
         try:
             r.on_event(r, tokens, finished)
-        except Exception as e:  # noqa: BLE001 - a caller's bug must not take the engine down
-            self.last_error = f"request {r.id} callback: {type(e).__name__}: {e}"
-            if not finished and r.finish_reason is None:
-                self._finish(r, "error")
+            return True
+        except Exception as e:  # noqa: BLE001 - a client's callback must not take the engine down
+            r.error = r.error or f"the request's callback failed: {type(e).__name__}: {e}"
+            return False
 
-    def _emit(self, r: Request, tokens: list[int], logps: list[float]) -> None:
+    def _emit(self, r: Request, tokens: list[int], logps: list[float],
+              tops: list[list[tuple[int, float]]] | None = None) -> None:
         """Append tokens in order, stopping at a stop token or max_tokens (later tokens are dropped)."""
+        if r.finish_reason is not None:
+            return
         sp = r.params
         new = []
         for i, t in enumerate(tokens):
@@ -389,15 +396,20 @@ class Engine(Scheduler):
             r.output.append(t)
             if sp.logprobs:
                 r.logprobs.append(logps[i])
+                if sp.top_logprobs:
+                    r.top_logprobs.append(tops[i] if tops else [])
             if t in sp.stop_token_ids or len(r.output) >= sp.max_tokens:
                 break
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         self.stats.generated_tokens += len(new)
-        if not r.cancelled:
-            self._notify(r, new, False)
-            if r.finish_reason is not None:  # the callback failed
-                return
+        if r.logits_state is not None and not r.logits_state.observe(new):
+            r.error = f"the output left its grammar: {r.logits_state.matcher.error}"
+            self._finish(r, "error")
+            return
+        if not r.cancelled and not self._notify(r, new, False):
+            self._finish(r, "error")
+            return
         last = r.output[-1]
         if last in sp.stop_token_ids:
             self._finish(r, "stop")
@@ -408,8 +420,19 @@ class Engine(Scheduler):
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return device_tensor(rows, torch.long, self.device)  # no host sync (see sampling.device_tensor)
 
-    def _logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-        return token_logprobs(logits, tokens).tolist()
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]):
+        """Process (bias, penalties, grammar) and sample one token per row of logits [B, V]: the tokens [B]
+        on the device, and per row the raw log-probability and top alternatives when any row asks for them."""
+        params = [r.params for r in reqs]
+        want = any(p.logprobs for p in params)
+        if want:  # the raw distribution, before processing changes the logits in place
+            lp, top_ids, top_vals = raw_logprobs(logits, max(p.top_logprobs for p in params))
+        tokens = sample(process(logits, [r.logits_state for r in reqs]), params, [r.generator for r in reqs])
+        if not want:
+            return tokens, [0.0] * len(reqs), None
+        tops = None if top_ids is None else [[list(zip(i, v))[: p.top_logprobs]] for i, v, p in
+                                              zip(top_ids.tolist(), top_vals.tolist(), params)]
+        return tokens, lp.gather(-1, tokens[:, None])[:, 0].tolist(), tops
 
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
@@ -427,14 +450,11 @@ class Engine(Scheduler):
         ids = self._tensor([[r.pending] for r in reqs])
         view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 1)
         logits, _ = self.model.forward_cached(ids, view)
-        logits = logits[:, 0]
-        params = [r.params for r in reqs]
-        nxt = sample(logits, params, [r.generator for r in reqs])
-        logps = self._logprob(logits, nxt) if any(p.logprobs for p in params) else None
+        nxt, logps, tops = self._sample(logits[:, 0], reqs)
         for i, (r, t) in enumerate(zip(reqs, nxt.tolist())):
             r.pos += 1
             r.pending = t
-            self._emit(r, [t], [logps[i]] if logps else [0.0])
+            self._emit(r, [t], [logps[i]], tops[i] if tops else None)
 
     def _decode_speculative(self) -> None:
         reqs = self._running
@@ -442,11 +462,16 @@ class Engine(Scheduler):
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
         view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 2)
         logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
-        accepted_t, token_t, lp_t = speculative_tensors(logits, reqs)
+        accepted_t, token_t, lp_t, top_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.
         read = torch.stack([accepted_t.long(), token_t], 1).tolist()
         accepted = [bool(a) for a, _ in read]
         lps = lp_t.tolist() if lp_t is not None else None
+        tops = None
+        if top_t is not None:  # ids, values [B, 2, k] -> per row, per position, (id, logprob) pairs
+            ids, vals = top_t[0].tolist(), top_t[1].tolist()
+            tops = [[list(zip(ids[b][j], vals[b][j]))[: reqs[b].params.top_logprobs] for j in range(2)]
+                    for b in range(B)]
         emitted = [[r.draft, b] if ok else [b] for r, (ok, b) in zip(reqs, read)]
         self.stats.drafted += B
         self.stats.accepted += sum(accepted)
@@ -461,32 +486,4 @@ class Engine(Scheduler):
             logps = lps[i][: len(toks)] if lps is not None else [0.0] * len(toks)
             r.pos += len(toks)
             r.pending = toks[-1]
-            self._emit(r, toks, logps)
-
-
-# ------------------------------------------------------------------ the tensor part of a decode step
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row: logits [B, V], tokens [B] -> [B] fp32 (on the logits' device)."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
-
-
-def speculative_tensors(logits_B2V: torch.Tensor, reqs: list[Request]):
-    """The tensor part of a speculative step, from the two-token verification logits [B, 2, V]: accepted [B],
-    the token that follows (or replaces) each draft [B], and the log-probabilities [B, 2] of the tokens
-    emitted at the two positions (None unless a request asked for them). Nothing is read to the host."""
-    params = [r.params for r in reqs]
-    dev = logits_B2V.device
-    drafts = device_tensor([r.draft for r in reqs], torch.long, dev)
-    if all(p.greedy for p in params):
-        p0 = p1 = q = None
-        accepted, token = verify_drafts(logits_B2V[:, 0], logits_B2V[:, 1], logits_B2V[:, 0], drafts, params,
-                                        [r.generator for r in reqs])  # greedy rows only take argmaxes
-    else:
-        p0, p1 = probs(logits_B2V[:, 0], params), probs(logits_B2V[:, 1], params)
-        q = torch.stack([p0[i] if r.draft_q is None else r.draft_q for i, r in enumerate(reqs)])
-        accepted, token = verify_drafts(p0, p1, q, drafts, params, [r.generator for r in reqs])
-    lp = None
-    if any(p.logprobs for p in params):
-        first = torch.where(accepted, drafts, token)  # position 0 emits the draft, or its replacement
-        lp = torch.stack([token_logprobs(logits_B2V[:, 0], first), token_logprobs(logits_B2V[:, 1], token)], 1)
-    return accepted, token, lp
+            self._emit(r, toks, logps, tops[i][: len(toks)] if tops else None)

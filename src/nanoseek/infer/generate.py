@@ -1,11 +1,18 @@
-"""`nanoseek.generate`: the one-call Python API over the batched engine (the package's public contract)."""
+"""`nanoseek.generate`: the one-call Python API over the batched engine (the package's public contract),
+and the model loading of the generate, chat and serve commands (`check_model_dir` first, then `load_model`)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
+from nanoseek.hf import check_model_dir
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+
+__all__ = ["generate", "load_model", "check_model_dir"]
 
 
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -32,28 +39,31 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     return [c.token_ids for c in engine.generate_batch([list(p) for p in prompts], params)]
 
 
-def load_model(model_dir: str, dtype: str | None = None, device: str = "cpu") -> torch.nn.Module:
-    """nanoseek.load with a command-line friendly error (used by generate, chat and serve).
+def load_model(model_dir: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """nanoseek.load for the generate, chat and serve commands, with a line on stderr saying what was
+    loaded, in which dtype and on which device.
 
     Without a dtype the weights keep their stored dtype, except that bf16/fp16 weights (real DeepSeek
     checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16, as
-    nanoseek.device.cpu_has_fast_bf16 detects): there bf16 matmuls take a slow scalar path, and only fp32
-    takes the C++ decode kernels.
+    nanoseek.device.cpu_has_fast_bf16 detects): there bf16 matmuls take a slow scalar path. A `nanoseek
+    quantize` checkpoint keeps its int8 / bf16 weights. `int8` and `bf16-weights` convert the linear and
+    expert weights while loading (fp32 compute, nanoseek.infer.quant); a float dtype given for a quantized
+    checkpoint expands it.
     """
-    import sys
-    from pathlib import Path
-
     from nanoseek.device import cpu_has_fast_bf16
     from nanoseek.hf import load
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
-    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-    model = load(model_dir, dtype=torch_dtype, device=device).eval()
+    device = torch.device(device)
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "int8": torch.float32, "bf16-weights": torch.float32}[dtype]
+    weights = {None: None, "int8": "int8", "bf16-weights": "bf16"}.get(dtype, "dense")
+    model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
     stored = model.embed_tokens.weight.dtype
-    if dtype is None and device == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
+    if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16() \
+            and getattr(model, "weight_format", None) is None:
         print(f"nanoseek: {str(stored).removeprefix('torch.')} weights upcast to float32 (this CPU has no fast "
               "bf16; pass --dtype to keep them)", file=sys.stderr)
         model.cast(torch.float32)
+    print(f"nanoseek: loaded {model_dir} ({model.num_params():,} parameters, "
+          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}) on {device}", file=sys.stderr)
     return model

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.errors import NanoseekError
+
 try:
     import llguidance
 except ImportError:  # the [serve] extra installs it; everything else in nanoseek works without
@@ -48,7 +50,7 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-class GrammarError(ValueError):
+class GrammarError(NanoseekError, ValueError):
     """A response_format / schema / tool constraint that cannot be compiled (HTTP 400); `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None):

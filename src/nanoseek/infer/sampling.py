@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.errors import NanoseekError
 
-class SamplingError(ValueError):
+
+class SamplingError(NanoseekError, ValueError):
     """Invalid sampling parameters; the message names the offending field."""
 
 
@@ -34,8 +36,15 @@ class SamplingParams:
     seed: int | None = None
     # Generation ends after emitting any of these (the stop token is kept in the output, as in HF generate).
     stop_token_ids: list[int] = field(default_factory=list)
-    # Return the log-probability of each chosen token under the raw model distribution (temperature 1).
+    # Return the log-probability of each chosen token under the raw model distribution (temperature 1),
+    # and that many of the most likely alternatives at each position (0-20).
     logprobs: bool = False
+    top_logprobs: int = 0
+    # OpenAI's penalties and bias, applied before sampling by nanoseek.infer.logits (its docstring has the
+    # definitions): -2..2 each; logit_bias maps token ids to -100..100.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -48,7 +57,21 @@ class SamplingParams:
             raise SamplingError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise SamplingError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise SamplingError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= float(getattr(self, name)) <= 2.0:
+                raise SamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0:
+                raise SamplingError(f"logit_bias keys must be token ids, got {t!r}")
+            if not -100.0 <= float(b) <= 100.0:
+                raise SamplingError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:

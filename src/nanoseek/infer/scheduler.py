@@ -24,13 +24,30 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoseek.infer.cache import block_key
-from nanoseek.infer.sampling import device_tensor, sample
+from nanoseek.infer.sampling import device_tensor
 
 if TYPE_CHECKING:
     from nanoseek.infer.engine import Request
 
 
 class Scheduler:
+    @property
+    def capacity(self) -> int:
+        """The most tokens (prompt + generated) one request can have: the context, or less when the whole
+        block pool holds fewer (a speculative step writes one position past the last token)."""
+        return min(self.max_len, self.cache.num_blocks * self.block_size - 1)
+
+    def cache_metrics(self) -> dict[str, float]:
+        """The paged cache at this moment, for /metrics (nanoseek.serve.metrics) and benchmarks: blocks in
+        use (held by running requests), cached (unreferenced, holding a reusable prefix), free, the total,
+        bytes, and the prompt tokens of admitted requests found in the prefix cache / all of them."""
+        pool, s = self.cache.pool, self.stats
+        return {"block_size": self.block_size, "blocks_total": pool.num_blocks, "blocks_used": pool.used(),
+                "blocks_cached": len(pool.lru), "blocks_free": len(pool.free),
+                "bytes_total": self.cache.nbytes(), "prefix_hit_tokens": s.prompt_cache_hit_tokens,
+                "prefix_query_tokens": s.prompt_cache_query_tokens,
+                "evictions": pool.evictions, "preemptions": s.preemptions}
+
     def _blocks_needed(self, n_tokens: int) -> int:
         """Blocks for positions [0, n_tokens) plus the one a speculative step writes past the last token."""
         return self.cache.blocks_for(n_tokens + 1)
@@ -199,15 +216,14 @@ class Scheduler:
         last_logits = logits[:, 0]  # [B, V]
         new = [i for i, r in enumerate(reqs) if not r.admitted]
         first = self._tensor([r.pending for r in reqs])  # resumed rows: the token they were about to feed
-        logps = [0.0] * len(reqs)
+        logps, tops = [0.0] * len(reqs), [None] * len(reqs)
         if new:
             pick = self._tensor(new)
-            params = [reqs[i].params for i in new]
-            sampled = sample(last_logits[pick], params, [reqs[i].generator for i in new])
+            sampled, new_logps, new_tops = self._sample(last_logits[pick], [reqs[i] for i in new])
             first[pick] = sampled
-            if any(p.logprobs for p in params):
-                for i, lp in zip(new, self._logprob(last_logits[pick], sampled)):
-                    logps[i] = lp
+            for j, i in enumerate(new):
+                logps[i] = new_logps[j]
+                tops[i] = new_tops[j] if new_tops else None
             with self._lock:
                 self.stats.prompt_tokens += sum(lens[i] for i in new)
         if self.speculative:
@@ -222,4 +238,4 @@ class Scheduler:
             r.admitted = True
             r.pos = ends[i]
             r.pending = t
-            self._emit(r, [t], [logps[i]])
+            self._emit(r, [t], [logps[i]], tops[i])

@@ -44,7 +44,7 @@ class CacheView:
                  nothing is masked (every row brings one token at the same position).
     Streams are named so that an attention variant can cache more per token (stream widths come from
     Transformer.cache_layout). This base class holds the bookkeeping shared by every storage layout;
-    subclasses implement write and read: LatentCacheView below (contiguous rows, the reference) and the
+    subclasses add write and read (the base class has no placeholders for them): LatentCacheView below (contiguous rows, the reference) and the
     engine's cache in nanoseek.infer.cache. Everything that is the same for every layer is computed once
     per forward: at batch 1 a decode step is dominated by per-op overhead, not arithmetic.
     """
@@ -59,12 +59,6 @@ class CacheView:
         # Every row sees every cached key only when all rows start at the same place and bring one token.
         self._needs_mask = n_new > 1 or min(starts) != max(starts)
         self._bias = None
-
-    def write(self, layer: int, name: str, rows_BTW: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def read(self, layer: int, name: str) -> torch.Tensor:
-        raise NotImplementedError
 
     def mask(self) -> torch.Tensor:
         """[B, T, L] bool: query t of row b sees key j iff j <= start_pos[b] + t."""
@@ -151,9 +145,16 @@ class MLA(nn.Module):
         # What a cache holds per token for this layer (CacheView.write / read).
         self.cache_widths = {"latent": cfg.kv_lora_rank + cfg.qk_rope_head_dim}
 
-    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _query_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised q-LoRA latent c_Q [B, T, q_lora_rank] (V3 eq. 7); V3.2's indexer reads it too."""
+        return self.q_a_layernorm(self.q_a_proj(x))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_latent: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self._query_latent(x) if q_latent is None else q_latent)
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin, self.cfg.rope_interleave)  # [B,T,H,R]
@@ -179,8 +180,9 @@ class MLA(nn.Module):
                 out = self._absorbed(q_nope, q_rope, cache.read(layer, "latent"), cache.score_bias(self.n_heads))
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(x.dtype))  # the cache may be narrower
 
-    def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR):
-        """Causal attention over the given tokens with per-head keys and values expanded from the latent."""
+    def _naive(self, q_nope, q_rope, latent_BLC, k_rope_BLR, mask_B1TL: torch.Tensor | None = None):
+        """Causal attention over the given tokens with per-head keys and values expanded from the latent
+        (or, given a boolean mask [B, 1, T, L], attention where it is True: V3.2's top-k selection)."""
         B, T, H, _ = q_nope.shape
         L = latent_BLC.shape[1]
         kv = self.kv_b_proj(latent_BLC).view(B, L, H, self.nope + self.v_dim)
@@ -193,7 +195,10 @@ class MLA(nn.Module):
             # Fused (flash) SDPA kernels want one head size for q, k and v; zero columns in v cost a little
             # extra GEMM but avoid the unfused path, which materialises [B,H,T,T] several times (slower on CPU).
             v = F.pad(v, (0, pad))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if mask_B1TL is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TL, scale=self.scale)
         return o[..., : self.v_dim].transpose(1, 2)  # [B,T,H,V]
 
     def _absorbed(self, q_nope, q_rope, kv_BLW, bias):

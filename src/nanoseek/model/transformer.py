@@ -1,4 +1,5 @@
-"""The DeepSeek-V3 decoder: embedding, MLA + (dense | MoE) blocks, final norm, head, and MTP modules.
+"""The DeepSeek-V3 / V3.2 decoder: embedding, MLA (or V3.2 sparse MLA) + (dense | MoE) blocks, final norm,
+head, and MTP modules.
 
 Read top to bottom: Block (pre-norm attention and feed-forward), MTPModule (V3 section 2.2), Transformer.
 Module names mirror the Hugging Face checkpoint layout so that nanoseek.hf's key map stays a prefix change.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA, CacheView, LatentCache
+from .dsa import Indexer, SparseMLA
 from .layers import MLP, RMSNorm, Rotary
 from .moe import MoE
 
@@ -27,7 +29,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = SparseMLA(cfg) if cfg.is_dsa else MLA(cfg)  # V3.2: MLA over the indexer's top-k
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -90,6 +92,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or ".norm." in name or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):  # the indexer's k_norm LayerNorm
+                p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 p.copy_(torch.randn(p.shape, generator=gen) * out_std)
             else:
@@ -106,10 +110,14 @@ class Transformer(nn.Module):
             m.load.zero_()
 
     def cast(self, dtype: torch.dtype) -> "Transformer":
-        """Cast weights to dtype but keep the router (weights and balancing bias) in fp32."""
+        """Cast weights to dtype but keep the router (weights and balancing bias) and the DSA indexer's head
+        weights (weights_proj, as transformers and DeepSeek keep them) in fp32."""
         self.to(dtype)
         for m in self.moe_layers():
             m.gate.float()
+        for m in self.modules():
+            if isinstance(m, Indexer):
+                m.weights_proj.float()
         self.rotary.inv_freq.data = self.rotary.inv_freq.float()
         return self
 
@@ -174,7 +182,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ cached inference
     def cache_layout(self) -> tuple[int, dict[str, int]]:
         """What a cache for this model holds: the number of layers (main, then MTP) and, per stream, the
-        values cached per token and layer (MLA: the latent and the rope key, C + R)."""
+        values cached per token and layer (MLA: the latent and the rope key, C + R; V3.2 adds the indexer key, E)."""
         return self.config.num_hidden_layers + len(self.mtp), dict(self.layers[0].self_attn.cache_widths)
 
     def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None,

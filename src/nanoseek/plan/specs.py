@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nanoseek.accounting import training_flops_per_token
 from nanoseek.cost import implied_mfu
+from nanoseek.errors import NanoseekError
 from nanoseek.mfu import peak_flops, resolve_gpu
 
 GiB = 2**30
@@ -25,7 +26,7 @@ V3_SEQ_LEN = 4096
 V3_GLOBAL_BATCH = 15360
 
 
-class PlanError(ValueError):
+class PlanError(NanoseekError, ValueError):
     """A layout that cannot run (the CLI prints it as one line and exits 2)."""
 
 

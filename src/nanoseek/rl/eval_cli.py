@@ -14,18 +14,20 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory with its tokenizer")
-    parser.add_argument("--task", required=True, help="built-in task name or a task JSONL file")
-    parser.add_argument("--n", type=int, default=200, help="held-out problems (default 200)")
-    parser.add_argument("--k", type=int, default=4, help="samples per problem (default 4)")
-    parser.add_argument("--difficulty", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=("test", "train"), default="test")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--task", required=True, help="built-in task name (arithmetic, countdown, program) or a "
+                        "task JSONL file")
+    parser.add_argument("--n", type=int, default=200, help="held-out problems")
+    parser.add_argument("--k", type=int, default=4, help="samples per problem")
+    parser.add_argument("--difficulty", type=int, default=1, help="difficulty of a built-in task")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (R1's evaluation)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (R1's evaluation)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample at most")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the problems' samples")
+    parser.add_argument("--split", choices=("test", "train"), default="test", help="which split to draw from")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object (and no "
+                        "progress bar)")
     parser.add_argument("--samples", default=None, help="also write every sample to this JSON file")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,23 +36,17 @@ def run(args: argparse.Namespace) -> int:
     import nanoseek
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.hf import check_model_dir
     from nanoseek.rl.evaluate import evaluate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"nanoseek eval: {args.model} is not a model directory (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        task = get_task(args.task)
-        tok = load_tokenizer(args.model)
-        model = nanoseek.load(args.model, dtype=torch.float32)
-        res = evaluate(model, tok, task, n=args.n, k=args.k, difficulty=args.difficulty, temperature=args.temperature,
-                       top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split,
-                       progress=not args.json)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"nanoseek eval: {e}", file=sys.stderr)
-        return 2
+    check_model_dir(args.model)
+    task = get_task(args.task)
+    tok = load_tokenizer(args.model)
+    model = nanoseek.load(args.model, dtype=torch.float32, device=args.device)
+    print(f"nanoseek eval: {args.model} on {args.device}", file=sys.stderr)
+    res = evaluate(model, tok, task, n=args.n, k=args.k, difficulty=args.difficulty, temperature=args.temperature,
+                   top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split,
+                   progress=not (args.json or args.no_progress))
     if args.samples:
         Path(args.samples).write_text(json.dumps(res.samples, indent=1) + "\n")
     if args.json:

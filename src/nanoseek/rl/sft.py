@@ -33,7 +33,9 @@ import torch
 
 from nanoseek.data.chat import EOS, encode_sft, render_completion, render_prompt
 from nanoseek.data.tasks import TASKS, get_task
+from nanoseek.config import ConfigError
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.errors import DataError, PathNotFound
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
@@ -56,11 +58,11 @@ class SFTConfig:
     def validate(self) -> "SFTConfig":
         for k in ("steps", "batch_size", "max_len", "log_every"):
             if getattr(self, k) < 1:
-                raise ValueError(f"sft {k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"sft {k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"sft lr must be > 0 and min_lr in [0, lr], got lr={self.lr}, min_lr={self.min_lr}")
+            raise ConfigError(f"sft lr must be > 0 and min_lr in [0, lr], got lr={self.lr}, min_lr={self.min_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.mtp_weight < 0:
-            raise ValueError("sft warmup_steps, weight_decay, grad_clip and mtp_weight must be >= 0")
+            raise ConfigError("sft warmup_steps, weight_decay, grad_clip and mtp_weight must be >= 0")
         return self
 
 
@@ -74,32 +76,32 @@ def _assistant_parts(content: str, reasoning: str | None) -> tuple[str, str]:
 
 def _pair_from_row(obj: object, tok: Tokenizer, where: str) -> Pair:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         last = msgs[-1]
         if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
-            raise ValueError(f"{where}: the last message must be the assistant's reply (role 'assistant' with content)")
+            raise DataError(f"{where}: the last message must be the assistant's reply (role 'assistant' with content)")
         if len(msgs) < 2:
-            raise ValueError(f"{where}: 'messages' needs at least one user message before the assistant's reply")
+            raise DataError(f"{where}: 'messages' needs at least one user message before the assistant's reply")
         reasoning, answer = _assistant_parts(last["content"], last.get("reasoning_content"))
         if not answer:
-            raise ValueError(f"{where}: the assistant's reply has no answer after its reasoning")
+            raise DataError(f"{where}: the assistant's reply has no answer after its reasoning")
         return render_prompt(msgs[:-1], tok), tok.encode(render_completion(reasoning, answer))
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-        raise ValueError(f"{where}: expected 'messages', or a non-empty string 'prompt' with 'completion' or 'answer'")
+        raise DataError(f"{where}: expected 'messages', or a non-empty string 'prompt' with 'completion' or 'answer'")
     if isinstance(obj.get("completion"), str):
         text = obj["completion"]
         if not text.strip():
-            raise ValueError(f"{where}: 'completion' is empty")
+            raise DataError(f"{where}: 'completion' is empty")
         if not text.endswith(EOS):
             text += EOS
         return render_prompt(obj["prompt"], tok), tok.encode(text)
     if "answer" in obj and str(obj["answer"]).strip():
         return encode_sft(obj["prompt"], str(obj.get("solution", "")), str(obj["answer"]), tok)
-    raise ValueError(f"{where}: a 'prompt' row needs a 'completion' or an 'answer'")
+    raise DataError(f"{where}: a 'prompt' row needs a 'completion' or an 'answer'")
 
 
 def load_sft_data(data: str, tok: Tokenizer, n: int = 2000, difficulty: int = 1, seed: int = 0) -> list[Pair]:
@@ -109,7 +111,8 @@ def load_sft_data(data: str, tok: Tokenizer, n: int = 2000, difficulty: int = 1,
         return [encode_sft(ex.prompt, ex.solution, ex.answer, tok) for ex in examples]
     p = Path(data)
     if not p.is_file():
-        raise FileNotFoundError(f"SFT data {data!r} is neither a built-in task {sorted(TASKS)} nor a file")
+        raise PathNotFound(f"SFT data {data!r} is neither a built-in task {sorted(TASKS)} nor a file",
+                           hint="pass a task name or a JSONL chat file")
     pairs = []
     for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -117,10 +120,10 @@ def load_sft_data(data: str, tok: Tokenizer, n: int = 2000, difficulty: int = 1,
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from e
+            raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
         pairs.append(_pair_from_row(obj, tok, f"{p}:{lineno}"))
     if not pairs:
-        raise ValueError(f"{p}: no examples found")
+        raise DataError(f"{p}: no examples found")
     return pairs
 
 
@@ -136,7 +139,7 @@ def sft_tensors(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     targets = torch.full((len(rows), T), -100, dtype=torch.long)
     for i, ((p, c), r) in enumerate(zip(pairs, rows)):
         if not p or not c:
-            raise ValueError(f"SFT example {i} has an empty prompt or completion")
+            raise DataError(f"SFT example {i} has an empty prompt or completion")
         n = len(r) - 1
         ids[i, :n] = torch.tensor(r[:-1])
         targets[i, len(p) - 1:n] = torch.tensor(c)
@@ -159,7 +162,7 @@ def sft_train(model: torch.nn.Module, pairs: list[Pair], cfg: SFTConfig, pad_id:
     cfg.validate()
     kept = [pr for pr in pairs if len(pr[0]) + len(pr[1]) <= cfg.max_len]
     if not kept:
-        raise ValueError(f"every SFT example is longer than max_len={cfg.max_len} tokens")
+        raise ConfigError(f"every SFT example is longer than max_len={cfg.max_len} tokens", hint="raise --max-len")
     if len(kept) < len(pairs):
         print(f"{desc}: dropped {len(pairs) - len(kept)} of {len(pairs)} examples longer than {cfg.max_len} tokens",
               file=sys.stderr)

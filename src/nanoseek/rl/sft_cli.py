@@ -17,22 +17,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from nanoseek.rl.sft import SFTConfig
 
     d = SFTConfig()
-    parser.add_argument("--model", required=True, help="HF model directory with its tokenizer (e.g. a pretraining run's final/)")
-    parser.add_argument("--data", required=True, help="a built-in task name (arithmetic, countdown, program) or a JSONL file")
-    parser.add_argument("--out", required=True, help="output model directory")
-    parser.add_argument("--n", type=int, default=2000, help="examples drawn from a built-in task (default 2000)")
-    parser.add_argument("--difficulty", type=int, default=1, help="difficulty of a built-in task (default 1)")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--min-lr", type=float, default=None, help="end of the cosine decay (default lr / 10)")
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--mtp-weight", type=float, default=d.mtp_weight)
-    parser.add_argument("--max-len", type=int, default=d.max_len)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--model", required=True,
+                        help="HF model directory with its tokenizer (e.g. a pretraining run's final/)")
+    parser.add_argument("--data", required=True,
+                        help="a built-in task name (arithmetic, countdown, program) or a JSONL chat file")
+    parser.add_argument("--out", required=True, help="output model directory (the SFT model itself, plus "
+                        "sft_metrics.jsonl)")
+    parser.add_argument("--n", type=int, default=2000, help="examples drawn from a built-in task")
+    parser.add_argument("--difficulty", type=int, default=1, help="difficulty of a built-in task")
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (after the warm-up)")
+    parser.add_argument("--min-lr", type=float, default=None, help="end of the cosine decay (default: lr / 10)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
+    parser.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="weight of the MTP loss")
+    parser.add_argument("--max-len", type=int, default=d.max_len,
+                        help="longest example in tokens (longer ones are dropped, with a count)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and sampling")
     add_set_argument(parser)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar: the loss as log lines")
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -52,39 +55,45 @@ def sft_config(values: dict, sets: list[str]):
     return SFTConfig(**values).validate()
 
 
+def log_line(desc: str, rec: dict, steps: int) -> str:
+    """One training record as the log line `--no-progress` prints in place of the progress bar."""
+    return (f"{desc} step {rec['step']}/{steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+            f"grad norm {rec['grad_norm']:.3f}, {rec.get('tokens_per_s', 0):.0f} tok/s")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import nanoseek
     from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.hf import check_model_dir
     from nanoseek.rl.sft import load_sft_data, sft_train
     from nanoseek.train.step import NonFiniteLoss
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"nanoseek sft: {args.model} is not a model directory (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        cfg = sft_config(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                              warmup_steps=args.warmup_steps, mtp_weight=args.mtp_weight, max_len=args.max_len,
-                              seed=args.seed), args.sets)
-        tok = load_tokenizer(args.model)
-        pairs = load_sft_data(args.data, tok, n=args.n, difficulty=args.difficulty, seed=args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"nanoseek sft: {e}", file=sys.stderr)
-        return 2
+    check_model_dir(args.model)
+    cfg = sft_config(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                          warmup_steps=args.warmup_steps, mtp_weight=args.mtp_weight, max_len=args.max_len,
+                          seed=args.seed), args.sets)
+    tok = load_tokenizer(args.model)
+    pairs = load_sft_data(args.data, tok, n=args.n, difficulty=args.difficulty, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = nanoseek.load(args.model, dtype=torch.float32)
+    model = nanoseek.load(args.model, dtype=torch.float32, device=args.device)
+    print(f"nanoseek sft: {len(pairs)} examples, {cfg.steps} steps on {args.device}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    def on_log(rec: dict) -> None:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        if args.no_progress:
+            print(log_line("sft", rec, cfg.steps), file=sys.stderr, flush=True)
+
     with (out / "sft_metrics.jsonl").open("w") as f:
         try:
-            sft_train(model, pairs, cfg, tok.pad_id, progress=not args.no_progress,
-                      on_log=lambda r: (f.write(json.dumps(r) + "\n"), f.flush()))
+            sft_train(model, pairs, cfg, tok.pad_id, progress=not args.no_progress, on_log=on_log)
         except NonFiniteLoss as e:
-            print(f"nanoseek {e}; stopped, no model was written (try a lower --lr)", file=sys.stderr)  # e: "sft: ..."
-            return 1
+            e.hint = "stopped, no model was written (try a lower --lr)"
+            raise
     nanoseek.save(model, out, tokenizer_dir=args.model)
     print(f"done: {out} ({len(pairs)} examples, {cfg.steps} steps)")
     return 0

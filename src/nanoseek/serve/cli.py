@@ -1,23 +1,32 @@
-"""`nanoseek serve`: the OpenAI-compatible API and the web chat for one model directory (uvicorn)."""
+"""`nanoseek serve`: the OpenAI-compatible API and the web chat for one model directory (uvicorn).
+
+The listening socket is bound before the model loads, so a port in use (or a host that is not this
+machine's) is a one-line error at once, not after a minute of loading; uvicorn then serves on that socket.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import socket
 from pathlib import Path
 
-from nanoseek.infer.cli_generate import DTYPES
+from nanoseek.errors import NanoseekError
+from nanoseek.infer.cli_generate import add_dtype_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF deepseek_v3 layout with tokenizer files)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else open)")
-    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="concurrent sequences (cache slots)")
+    p.add_argument("--model-name", default=None,
+                   help="the id clients pass as `model` (default: the model directory's name, or its run folder's "
+                        "for a run's final/ or model/: runs/speedrun/model is served as 'speedrun')")
+    p.add_argument("--max-batch-size", type=int, default=16, help="concurrent sequences (rows of the running batch)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence (default: the model's, capped at 8192)")
@@ -30,9 +39,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="latent cache budget in bytes, e.g. 2GiB or 500MB (instead of --cache-blocks)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse cached prompt prefixes (every prompt is computed in full)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16)")
-    p.add_argument("--log-level", default="info")
+    add_dtype_argument(p)
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level")
+
+
+def served_model_name(model_dir: Path) -> str:
+    """The default `model` id: the directory's name, or its run folder's name when the directory is the
+    final/ or model/ that nanoseek's commands write (runs/speedrun/model -> "speedrun")."""
+    d = Path(os.path.abspath(model_dir))  # the path as given (a symlinked run folder keeps its name)
+    return d.parent.name if d.name in ("final", "model") and d.parent.name else d.name
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for host:port, or a NanoseekError that says why not (port in use, no such host)."""
+    where = f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise NanoseekError(f"--port {port} is not a TCP port", hint="use 1-65535, e.g. --port 8000")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise NanoseekError(f"cannot resolve --host {host} ({e.strerror})", hint="pass an address of this "
+                            "machine, e.g. --host 127.0.0.1 or --host 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a live listener still blocks
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise NanoseekError("the port is already in use", where,
+                                "stop the server that holds it, or pass another --port") from None
+        if e.errno == errno.EACCES:
+            raise NanoseekError("no permission to listen on this port", where,
+                                "ports below 1024 need privileges; pass e.g. --port 8000") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise NanoseekError("not an address of this machine", where,
+                                "pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+        raise NanoseekError(f"cannot listen ({e.strerror})", where) from None
+    return sock
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -49,17 +95,18 @@ def parse_bytes(text: str) -> int:
 
 def build_app(args: argparse.Namespace, start_engine: bool = True):
     from nanoseek.infer.engine import Engine
-    from nanoseek.infer.generate import load_model
+    from nanoseek.infer.generate import check_model_dir, load_model
     from nanoseek.infer.text import ChatTokenizer
     from nanoseek.serve.app import create_app
 
+    check_model_dir(args.model)
     tokenizer = ChatTokenizer(args.model)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, args.device)
     max_len = args.max_len or min(model.config.max_position_embeddings, 8192)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
                     speculative=args.speculative, block_size=args.block_size, cache_blocks=args.cache_blocks,
                     cache_bytes=args.cache_memory, prefix_caching=not args.no_prefix_cache)
-    name = args.model_name or Path(args.model).resolve().name
+    name = args.model_name or served_model_name(Path(args.model))
     return create_app(engine, tokenizer, name, api_key=args.api_key, start_engine=start_engine)
 
 
@@ -71,10 +118,11 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
     app = build_app(args, start_engine=False)
     engine = app.state.nanoseek.engine
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
-    http = threading.Thread(target=server.run, name="nanoseek-http", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="nanoseek-http", daemon=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: engine.request_stop())
     http.start()
@@ -85,4 +133,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.should_exit = True
         http.join(timeout=30)
+        sock.close()
     return 0 if server.started else 1

@@ -197,6 +197,32 @@ def set_aside(root: str | Path, after_step: int) -> list[Path]:
     return moved
 
 
+def check_resumable(path: Path, model_state: dict[str, torch.Tensor], model_cfg) -> list[str]:
+    """Whether the checkpoint at `path` (its weights `model_state`) can continue a run whose model is
+    `model_cfg`. Tensors that do not fit (another preset, other layer sizes) are a CheckpointError that
+    names the config fields that differ; a config that differs without changing any shape (say rope
+    settings, for a context extension) is allowed, and returned as warnings."""
+    import dataclasses
+
+    from nanoseek.config import ModelConfig
+    from nanoseek.hf import CheckpointError, read_config_json
+    from nanoseek.model import Transformer
+
+    saved = ModelConfig.from_hf(read_config_json(path))
+    diffs = [f"{f.name} {getattr(saved, f.name)!r} (the config now: {getattr(model_cfg, f.name)!r})"
+             for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(model_cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model_state.items()}
+    if got != expected:
+        bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        what = "; ".join(diffs) if diffs else f"tensors {bad[:3]} differ"
+        raise CheckpointError(f"the checkpoint holds another model than the run config describes: {what}", path,
+                              "resume with the config the run was trained with (its config.toml), or choose "
+                              "another --out for the new model")
+    return [f"the checkpoint was trained with {d}; continuing with the config's values" for d in diffs]
+
+
 def load_optimizer_files(path: Path) -> dict[str, torch.Tensor]:
     """The optimizer state of a checkpoint, merged over its files (one, or one per pipeline rank)."""
     state: dict[str, torch.Tensor] = {}

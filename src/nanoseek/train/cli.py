@@ -1,7 +1,7 @@
 """`nanoseek train`: pretrain from a TOML run config (nanoseek.train.config), single process or under torchrun.
 
-Exit status: 0 done, 1 stopped on a NaN/inf loss (nothing saved after it), 2 bad config or arguments,
-130 interrupted (resume with --resume).
+Exit status: 0 done, 1 stopped on a NaN/inf loss (nothing saved after it), 2 bad config, arguments or
+checkpoint (one line, from nanoseek.cli), 130 interrupted (resume with --resume).
 """
 
 from __future__ import annotations
@@ -17,31 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=30 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar: each logged step as a line")
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.config import ConfigError
     from nanoseek.train.config import load_run_config
     from nanoseek.train.loop import train
-    from nanoseek.train.step import NonFiniteLoss, TrainingError
+    from nanoseek.train.step import NonFiniteLoss
 
-    try:
-        cfg = load_run_config(args.config, args.sets)
-    except ConfigError as e:
-        print(f"nanoseek train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, args.sets)
     try:
         final = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"nanoseek train: config error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLoss as e:
-        print(f"nanoseek train: stopped: {e}; no checkpoint was written after it", file=sys.stderr)
-        return 1
-    except TrainingError as e:
-        print(f"nanoseek train: {e}", file=sys.stderr)
-        return 2
+        e.hint = "stopped; no checkpoint was written after it"
+        raise
     except KeyboardInterrupt:
         print("nanoseek train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
         return 130

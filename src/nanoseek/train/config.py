@@ -1,8 +1,9 @@
 """RunConfig: the typed pretraining run configuration, read from TOML with `--set section.key=value` overrides.
 
 Sections: `[model]` (a preset name plus HF deepseek_v3 field overrides), `[data]`, `[train]`, `[moe]`,
-`[mtp]`, `[parallel]`, `[fp8]`. Defaults are the V3 report's (section 4.2 and 2.1.2): AdamW beta2 0.95,
-weight decay 0.1, grad clip 1.0, balancing speed gamma 0.001, sequence-wise aux alpha 1e-4, MTP weight 0.3.
+`[mtp]`, `[parallel]`, `[fp8]`, `[dsa]` (the V3.2 indexer's training stages, nanoseek.train.dsa).
+Defaults are the V3 report's (section 4.2 and 2.1.2): AdamW beta2 0.95, weight decay 0.1, grad clip 1.0,
+balancing speed gamma 0.001, sequence-wise aux alpha 1e-4, MTP weight 0.3.
 Every key is type-checked (nanoseek.config_io); an unknown key or a bad value is a ConfigError naming it,
 because a misspelt key that silently does nothing wastes a training run.
 """
@@ -56,6 +57,7 @@ class TrainConfig:
     save_every: int = 0          # 0 = only at the end
     keep_last: int = 2
     threads: int = 0             # torch intra-op threads; 0 = torch's default
+    init_from: str = ""          # a HF model directory whose weights (and config, tokenizer) start the run
 
 
 @dataclass
@@ -81,6 +83,8 @@ class ParallelConfig:
     pp_microbatches: int = 0     # per step and data-parallel rank; 0 = batch / micro_batch_size, or the stages
     pp_virtual_stages: int = 0   # stages per pipeline rank; 0 = the schedule's (1 for 1F1B, else 2)
     pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage; [] = as even as possible
+    redundant_experts: int = 0   # EPLB: extra expert replicas per MoE layer over the EP group (a multiple of ep)
+    eplb_interval: int = 0       # re-place the replicas by EPLB every N steps from the measured loads; 0 = never
 
 
 @dataclass
@@ -90,8 +94,17 @@ class FP8Config:
     backend: str = "auto"       # auto | emulate | blockwise (Hopper FP8 kernels) | scaled_mm (K-sliced)
 
 
+DSA_STAGES = ("off", "warmup", "sparse")  # = nanoseek.train.dsa.STAGES
+
+
+@dataclass
+class DSAConfig:
+    stage: str = "off"          # off | warmup (indexers only, KL to dense attention) | sparse (top-k, LM + KL)
+    kl_weight: float = 1.0      # sparse stage: weight of the indexer KL added to the LM loss
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "moe": MoEConfig, "mtp": MTPConfig,
-                             "parallel": ParallelConfig, "fp8": FP8Config}
+                             "parallel": ParallelConfig, "fp8": FP8Config, "dsa": DSAConfig}
 
 
 @dataclass
@@ -103,10 +116,14 @@ class RunConfig:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of [model]; `vocab_size` (the tokenizer's) replaces the preset's unless [model]
-        sets a larger one explicitly (a padded vocabulary, as the published checkpoints have)."""
+        sets a larger one explicitly (a padded vocabulary, as the published checkpoints have). With
+        train.init_from, the directory's config.json, [model] fields overriding it."""
+        if self.train.init_from:
+            return _init_model_config(self.train.init_from, self.model)
         cfg = model_config_from_mapping(self.model, source="[model]")
         if vocab_size is not None:
             explicit = self.model.get("vocab_size")
@@ -159,17 +176,50 @@ class RunConfig:
         need(self.moe.bias_update_speed >= 0, f"moe.bias_update_speed must be >= 0, got {self.moe.bias_update_speed}")
         need(self.moe.seq_aux_alpha >= 0, f"moe.seq_aux_alpha must be >= 0, got {self.moe.seq_aux_alpha}")
         need(self.mtp.loss_weight >= 0, f"mtp.loss_weight must be >= 0, got {self.mtp.loss_weight}")
-        need(self.parallel.ep >= 1, f"parallel.ep must be >= 1, got {self.parallel.ep}")
+        par = self.parallel
+        need(par.ep >= 1, f"parallel.ep must be >= 1, got {par.ep}")
+        need(par.redundant_experts >= 0 and par.eplb_interval >= 0,
+             f"parallel.redundant_experts and parallel.eplb_interval must be >= 0, got {par.redundant_experts}, "
+             f"{par.eplb_interval}")
+        need(par.redundant_experts == 0 or (par.ep > 1 and par.redundant_experts % par.ep == 0),
+             f"parallel.redundant_experts={par.redundant_experts} needs parallel.ep > 1 and must be a multiple of "
+             f"it (every EP rank holds as many expert slots), got ep={par.ep}")
+        need(par.redundant_experts == 0 or par.pp == 1,
+             "parallel.redundant_experts is not supported with pipeline parallelism (parallel.pp > 1) yet")
+        need(par.eplb_interval == 0 or par.redundant_experts > 0,
+             "parallel.eplb_interval re-places redundant experts: set parallel.redundant_experts too")
         from nanoseek.train.pipeline_plan import check_config
 
         check_config(self)  # schedule name, stages per rank, layer plan
         need(self.fp8.block >= 1, f"fp8.block must be >= 1, got {self.fp8.block}")
         need(self.fp8.backend in FP8_BACKENDS, f"fp8.backend must be one of {FP8_BACKENDS}, got {self.fp8.backend!r}")
+        need(self.dsa.stage in DSA_STAGES, f"dsa.stage must be one of {DSA_STAGES}, got {self.dsa.stage!r}")
+        need(self.dsa.kl_weight >= 0, f"dsa.kl_weight must be >= 0, got {self.dsa.kl_weight}")
+        need(self.dsa.stage == "off" or self.parallel.pp == 1,
+             f"dsa.stage = {self.dsa.stage!r} runs without pipeline parallelism (parallel.pp = 1)")
         d = self.data
         need(bool(d.source), "data.source must be 'builtin' or a path")
         need(d.vocab_size >= 1 and d.n_docs >= 1, "data.vocab_size and data.n_docs must be >= 1")
         need(d.max_difficulty >= 1, f"data.max_difficulty must be >= 1, got {d.max_difficulty}")
-        self.model_config()  # raises a ConfigError naming a bad [model] key or value
+        model = self.model_config()  # raises a ConfigError naming a bad [model] key or value
+        need(self.dsa.stage == "off" or model.is_dsa,
+             f"dsa.stage = {self.dsa.stage!r} trains V3.2 indexers, but the model has none: start from a "
+             "`nanoseek convert --to v3.2` directory (train.init_from) or a deepseek_v32 preset")
+
+
+def _init_model_config(path: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a model directory's config.json with [model]'s fields (not a preset) on top."""
+    f = Path(path).expanduser() / "config.json"
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.init_from: cannot read {f} ({e})") from None
+    extra = {k: v for k, v in overrides.items() if k != "preset"}
+    try:
+        cfg = ModelConfig.from_hf(doc)
+        return cfg.replace(**extra) if extra else cfg
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"train.init_from: {f}: {e}") from None
 
 
 def _need(cond: bool, msg: str) -> None:

@@ -272,6 +272,54 @@ def rebalance(weight_LE: torch.Tensor, num_ranks: int, num_redundant: int = 0, n
     return ExpertPlacement(phy2log, log2phy, logcnt, num_ranks)
 
 
+def placement_from_maps(phy2log: torch.Tensor, log2phy: torch.Tensor, num_ranks: int) -> ExpertPlacement:
+    """An ExpertPlacement from its two maps (as a checkpoint stores them); logcnt is recounted, and the maps
+    must describe each other (every slot of expert e listed in log2phy[l, e], replica order kept)."""
+    phy2log, log2phy = torch.as_tensor(phy2log).long().cpu(), torch.as_tensor(log2phy).long().cpu()
+    if phy2log.dim() != 2 or log2phy.dim() != 3 or log2phy.shape[0] != phy2log.shape[0]:
+        raise ValueError(f"placement maps of shapes {tuple(phy2log.shape)} and {tuple(log2phy.shape)} do not fit")
+    L, P = phy2log.shape
+    E = log2phy.shape[1]
+    if phy2log.numel() and (phy2log.min() < 0 or phy2log.max() >= E):
+        raise ValueError(f"phy2log names experts outside [0, {E})")
+    logcnt = (log2phy >= 0).sum(-1)
+    for layer in range(L):
+        for e in range(E):
+            slots = log2phy[layer, e, :int(logcnt[layer, e])]
+            if (slots >= P).any() or not (phy2log[layer, slots] == e).all() or int(logcnt[layer, e]) < 1:
+                raise ValueError(f"placement maps disagree for layer {layer}, expert {e}")
+    if not torch.equal(logcnt.sum(-1), torch.full((L,), P)):
+        raise ValueError("placement maps disagree on the number of physical slots")
+    return ExpertPlacement(phy2log, log2phy, logcnt, num_ranks)
+
+
+def initial_placement(num_layers: int, num_experts: int, num_ranks: int, num_redundant: int) -> ExpertPlacement:
+    """The placement before any load was measured: rank r holds its contiguous E/ranks experts (as without
+    redundancy) plus num_redundant/ranks replicas. Redundant replica i copies expert (i % ranks) * E/ranks +
+    i // ranks (the first experts of every rank, in turn) and lives on the next rank, never beside its
+    original. (EPLB on equal loads would be as good a guess but may put both copies of an expert on one rank.)"""
+    E, R, n = num_experts, num_redundant, num_ranks
+    if E % n or R % n or R < 0:
+        raise ValueError(f"{E} experts and {R} redundant replicas must both split evenly over {n} ranks")
+    El, Rl = E // n, R // n
+    phy2log = torch.empty(E + R, dtype=torch.long)
+    for r in range(n):
+        phy2log[r * (El + Rl):r * (El + Rl) + El] = torch.arange(r * El, (r + 1) * El)
+    for i in range(R):
+        owner = i % n
+        phy2log[((owner + 1) % n) * (El + Rl) + El + i // n] = owner * El + (i // n) % El
+    logcnt = torch.bincount(phy2log, minlength=E)
+    log2phy = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
+    seen = [0] * E
+    originals = [p for p in range(E + R) if p % (El + Rl) < El]
+    for p in originals + [p for p in range(E + R) if p % (El + Rl) >= El]:  # replica 0 is the original
+        e = int(phy2log[p])
+        log2phy[e, seen[e]] = p
+        seen[e] += 1
+    L = num_layers
+    return ExpertPlacement(phy2log.repeat(L, 1), log2phy.repeat(L, 1, 1), logcnt.repeat(L, 1), n)
+
+
 def contiguous_placement(num_layers: int, num_experts: int, num_ranks: int) -> ExpertPlacement:
     """The placement without EPLB: rank r holds experts [r * E/ranks, (r + 1) * E/ranks), one copy each."""
     if num_experts % num_ranks:

@@ -20,6 +20,7 @@ state saved in the checkpoint, which is what makes a resumed run reproduce the u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ from nanoseek.data import PackedDataset
 from nanoseek.device import autocast_dtype, device_peak_flops, resolve_device
 from nanoseek.model import Transformer
 from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import dsa
 from nanoseek.train.config import RunConfig
 from nanoseek.train.metrics import MetricsLogger, plot_expert_load, plot_loss, truncate_metrics
 from nanoseek.train.optim import OptimConfig, load_optimizer_state, optimizer_state
@@ -139,18 +141,18 @@ class Trainer:
                                 "or choose another --out")
         self._prepare_data()
         self.model = self._build_model()
+        speed = cfg.moe.bias_update_speed if cfg.dsa.stage != "warmup" else 0.0  # the warm-up freezes the model
         if self.pipe is not None:
             from nanoseek.train.pipeline import PipelineStep
 
-            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
-                                        dist=self.dist)
+            self.stepper = PipelineStep(self.pipe, OptimConfig.of(t), bias_update_speed=speed, dist=self.dist)
         else:
-            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=cfg.moe.bias_update_speed,
-                                     dist=self.dist)
+            self.stepper = TrainStep(self.model, OptimConfig.of(t), bias_update_speed=speed, dist=self.dist)
         self.step = 0
         if resume:
             self._resume()
-        if self.main:
+        if self.main:  # after the resume: a config that cannot continue the run leaves the saved one as it was
+            cfg.save(self.out, self.model_cfg)
             truncate_metrics(self.out / "metrics.jsonl", self.step)  # drop what a killed run logged after its checkpoint
         from nanoseek.accounting import training_flops_per_token
 
@@ -158,16 +160,20 @@ class Trainer:
         self.peak = device_peak_flops(self.device, self.amp) * self.dist.world if self.main else 0.0
 
     def _prepare_data(self) -> None:
-        """Tokenizer and token shards (rank 0 builds them, the others wait and read), the saved config."""
+        """Tokenizer and token shards (rank 0 builds them, the others wait and read)."""
         cfg = self.cfg
+        data_cfg = cfg.data
+        if cfg.train.init_from and data_cfg.tokenizer == "train":  # the starting model's own tokenizer
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=cfg.train.init_from)
         if self.main:
-            prepare_data(cfg.data, self.out, progress=self.progress, log=self.log)
+            prepare_data(data_cfg, self.out, progress=self.progress, log=self.log)
         self._barrier()
-        tok, self.tok_dir, data_dir = prepare_data(cfg.data, self.out, progress=False, log=lambda m: None)
+        tok, self.tok_dir, data_dir = prepare_data(data_cfg, self.out, progress=False, log=lambda m: None)
         self.data = PackedDataset(data_dir, cfg.train.seq_len)
         self.model_cfg = cfg.model_config(vocab_size=tok.vocab_size)
-        if self.main:
-            cfg.save(self.out, self.model_cfg)
+        if self.model_cfg.vocab_size < tok.vocab_size:
+            raise ConfigError(f"train.init_from: the model's vocabulary ({self.model_cfg.vocab_size}) is smaller "
+                              f"than the tokenizer's ({tok.vocab_size})")
 
     def _build_model(self) -> Transformer:
         """The seeded model on this process's device, with FP8 and FSDP2 + EP applied from outside."""
@@ -177,7 +183,15 @@ class Trainer:
         random.seed(t.seed)
         model = Transformer(self.model_cfg)
         model.init_weights(seed=t.seed)
+        if t.init_from:
+            from nanoseek.hf import load
+
+            model.load_state_dict(load(t.init_from, dtype=torch.float32).state_dict())
+            self.log(f"weights from {t.init_from} (train.init_from; the model config is its config.json)")
         self.n_params = model.num_params()
+        self.n_trained = dsa.apply_stage(model, cfg.dsa)
+        if cfg.dsa.stage != "off":
+            self.log(f"V3.2 indexer training, stage {cfg.dsa.stage}: {self.n_trained:,} trained parameters")
         model.to(self.device)
         if cfg.fp8.enabled:
             from nanoseek.train.fp8 import enable_fp8
@@ -215,10 +229,17 @@ class Trainer:
             self._resumed(path, rng, state)
             return
         model_state, optim_state, rng, state = ckpt.load_checkpoint(path)
+        for warning in ckpt.check_resumable(path, model_state, self.model_cfg):  # another model: an error
+            self.log(f"warning: {warning}")
         opt = self.stepper.opt
         if self.dist.world > 1:
             from nanoseek.train.parallel import load_full_state
 
+            replicas = getattr(self.dist, "replicas", None)
+            # Checkpoints hold logical experts; the placement only says which slots serve which tokens.
+            if replicas is not None and not replicas.load_state_dict(state.get("eplb") or {}):
+                self.log("the checkpoint has no placement for this layout of redundant experts: starting from "
+                         "the initial placement")
             load_full_state(self.model, opt, model_state, optim_state, self.dist)
         else:
             self.model.load_state_dict(model_state)
@@ -254,7 +275,11 @@ class Trainer:
         amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
         with amp:
             out = self.model.forward_train(*batch, mtp_weight=cfg.mtp.loss_weight, aux_alpha=cfg.moe.seq_aux_alpha)
-        return out.loss, {"loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+        metrics = {"loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+        if cfg.dsa.stage == "off":
+            return out.loss, metrics
+        loss, kl = dsa.stage_loss(self.model, out.loss, cfg.dsa)
+        return loss, {**metrics, "indexer_kl": kl}
 
     # ------------------------------------------------------------------ checkpoints and exports
     def _full_model(self):
@@ -276,6 +301,8 @@ class Trainer:
                  "data_position": {"step": step, "seed": t.seed, "batch_size": t.batch_size},
                  "world": self.dist.world, "schedule": self.stepper.schedule.to_dict(),
                  "run_config": self.cfg.to_dict()}
+        if getattr(self.dist, "replicas", None) is not None:
+            state["eplb"] = self.dist.replicas.state_dict()
         if self.pipe is not None:  # every stage writes its own shard
             from nanoseek.train import pipeline_state
 
@@ -340,10 +367,14 @@ class Trainer:
             for step in range(self.step, t.steps):
                 rec = self.train_step(step)
                 self.step = done = step + 1
+                self._eplb(done)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 if done == 1 or done % t.log_every == 0 or done == t.steps:
                     rec = self._log_step(done, rec, logger)
+                    if not self.progress:  # no bar: the same numbers as a log line
+                        self.log(f"step {done}/{t.steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+                                 f"{rec['tokens_per_s']:.0f} tok/s, MFU {rec['mfu']:.1%}, max_vio {rec['max_vio']:.2f}")
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                     mfu=f"{rec['mfu']:.1%}", max_vio=f"{rec['max_vio']:.2f}")
                 if done == t.steps or (t.save_every and done % t.save_every == 0):
@@ -356,6 +387,23 @@ class Trainer:
         if self.main:
             self.plots()
 
+    def _eplb(self, done: int) -> None:
+        """Redundant experts: add the step's loads to the window; every parallel.eplb_interval steps, EPLB
+        re-places the replicas (nanoseek.train.expert_replicas)."""
+        replicas = getattr(self.dist, "replicas", None)
+        if replicas is None or self.stepper.balancer.last_loads is None:
+            return
+        replicas.observe(self.stepper.balancer.last_loads)
+        if replicas.due(done):
+            from nanoseek.train.eplb import imbalance
+
+            window, old = replicas.window.clone(), replicas.placement
+            new = replicas.rebalance(self.model, self.stepper.opt, self.dist)
+            self.log(f"step {done}: EPLB re-placed {replicas.redundant} redundant experts; on the last "
+                     f"{replicas.interval} steps' loads, max/mean tokens per EP rank "
+                     f"{float(imbalance(old.rank_loads(window)).mean()):.3f} -> "
+                     f"{float(imbalance(new.rank_loads(window)).mean()):.3f}")
+
     def _log_step(self, done: int, rec: dict, logger: MetricsLogger | None) -> dict:
         """The step's metrics.jsonl record: the step's own, throughput since the last log, MFU."""
         tps = self.stepper.throughput()
@@ -367,11 +415,18 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or continue) a pretraining run; returns DIR/final. Raises NonFiniteLoss, ConfigError, TrainingError."""
-    trainer = Trainer(cfg, out_dir, progress=progress)
-    trainer.setup(resume)
-    if trainer.step >= cfg.train.steps and (Path(out_dir) / "final" / "config.json").exists():
-        trainer.log(f"the run is already complete ({trainer.step} steps)")
+    """Run (or continue) a pretraining run; returns DIR/final. Raises NonFiniteLoss, ConfigError, TrainingError.
+    Under torchrun the process group is destroyed on the way out, whether the run finished or raised."""
+    try:
+        trainer = Trainer(cfg, out_dir, progress=progress)
+        trainer.setup(resume)
+        if trainer.step >= cfg.train.steps and (Path(out_dir) / "final" / "config.json").exists():
+            trainer.log(f"the run is already complete ({trainer.step} steps)")
+            return Path(out_dir) / "final"
+        trainer.run()
         return Path(out_dir) / "final"
-    trainer.run()
-    return Path(out_dir) / "final"
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from nanoseek.train.parallel import destroy
+
+            destroy()

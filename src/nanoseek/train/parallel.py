@@ -36,7 +36,7 @@ from torch import nn
 from ..model import Transformer
 from ..model.moe import MoE
 
-EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+from .full_state import EXPERT_PARAMS, _gather, _scatter, gather_full_state, load_full_state  # noqa: F401
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Dist:
     ep_rank: int = 0            # rank inside the EP group = which slice of the experts this rank owns
     ep_group: object | None = None   # ProcessGroup of the EP group (None when ep == 1)
     mesh: object | None = None       # DeviceMesh [world/ep, ep] with dims ("dp_exp", "ep")
+    replicas: object | None = None   # nanoseek.train.expert_replicas.ExpertReplicas (parallel.redundant_experts)
 
     @property
     def distributed(self) -> bool:
@@ -88,8 +89,10 @@ def barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
-def destroy(dist: Dist) -> None:
-    if tdist.is_initialized():
+def destroy(dist: Dist | None = None) -> None:
+    """Tear the process group down (every rank, at exit and on error paths: NCCL warns and may hang when a
+    process exits with its group alive). Safe to call twice or without a group."""
+    if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 
 
@@ -129,72 +132,119 @@ class _AllToAll(torch.autograd.Function):
 class ExpertParallelMoE(MoE):
     """MoE whose routed experts are split over an EP group: each (token, expert) assignment is sent to the
     rank owning the expert, the local experts run there, and the outputs come back to be combined with
-    the gate values. parallelize() swaps a plain MoE's class to this one and sets ep_group, ep and n_local;
-    the router, the shared experts and the balance loss are those of MoE."""
+    the gate values. parallelize() swaps a plain MoE's class to this one and sets ep_group, ep and n_local
+    (the expert slots per rank); the router, the shared experts and the balance loss are those of MoE.
+
+    With redundant experts (`replicas`, nanoseek.train.expert_replicas) the slots are physical: a hot
+    expert has copies on several ranks and its assignments are split over them; the routing and the
+    loads counted for the balancer stay logical."""
 
     ep_group: object
     ep: int
     n_local: int
+    replicas = None        # ExpertReplicas shared by the model's MoE layers, or None (one copy per expert)
+    layer_index = 0        # this layer's row in the placement
+    last_received = 0      # (token, expert) rows this rank's experts computed in the last forward
+    last_slot_counts = None  # [n_local] of those rows per local slot (a device tensor)
 
     def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        ep, El = self.ep, self.n_local
+        ep, S = self.ep, self.n_local
         K = idx_NK.shape[1]
-        # Sorting by global expert id also groups the assignments by destination rank (rank r owns
-        # experts [r*El, (r+1)*El)); the stable sort keeps token order inside an expert, as MoE does.
-        order_M = idx_NK.flatten().argsort(stable=True)
+        counts_E = self.count(idx_NK)  # over the logical experts; feeds the balancer's load
+        if self.replicas is None:
+            slot_NK, counts_RS = idx_NK, counts_E.view(ep, S)
+        else:
+            slot_NK = self.replicas.physical_ids(self.layer_index, idx_NK)
+            counts_RS = torch.bincount(slot_NK.flatten(), minlength=ep * S).view(ep, S)
+        # Sorting by slot id also groups the assignments by destination rank (rank r holds slots
+        # [r*S, (r+1)*S)); the stable sort keeps token order inside a slot, as MoE does.
+        order_M = slot_NK.flatten().argsort(stable=True)
         token_M = order_M // K
-        counts_RE = self.count(idx_NK).view(ep, El)  # over the global experts; feeds the balancer's load
-        recv_counts_RE = torch.empty_like(counts_RE)  # [source rank, my local expert]
-        tdist.all_to_all_single(recv_counts_RE, counts_RE.contiguous(), group=self.ep_group)
-        send = counts_RE.sum(1).tolist()
-        recv = recv_counts_RE.sum(1).tolist()
+        recv_counts_RS = torch.empty_like(counts_RS)  # [source rank, my local slot], on the tokens' device
+        tdist.all_to_all_single(recv_counts_RS, counts_RS.contiguous(), group=self.ep_group)
+        send = counts_RS.sum(1).tolist()
+        recv = recv_counts_RS.sum(1).tolist()
         x_recv = _AllToAll.apply(x_ND[token_M], send, recv, self.ep_group, float(ep))
-        # Received rows are ordered (source rank, local expert); the experts want them by local expert.
-        local_e = torch.repeat_interleave(torch.arange(El, device=x_ND.device).repeat(ep),
-                                          recv_counts_RE.flatten(), output_size=x_recv.shape[0])
+        self.last_received, self.last_slot_counts = x_recv.shape[0], recv_counts_RS.sum(0)
+        # Received rows are ordered (source rank, local slot); the experts want them by local slot.
+        local_e = torch.repeat_interleave(torch.arange(S, device=x_ND.device).repeat(ep),
+                                          recv_counts_RS.flatten(), output_size=x_recv.shape[0])
         perm = local_e.argsort(stable=True)
-        y_sorted = self.experts(x_recv[perm], recv_counts_RE.sum(0))
+        y_sorted = self.experts(x_recv[perm], recv_counts_RS.sum(0))
         y_recv = y_sorted[perm.argsort()]
         y_MD = _AllToAll.apply(y_recv, recv, send, self.ep_group, 1.0 / ep)
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND, dtype=y_MD.dtype).index_add_(0, token_M, y_MD).to(x_ND.dtype)
 
 
-def shard_experts(moes: list[MoE], group, ep: int, ep_rank: int) -> None:
+def shard_experts(moes: list[MoE], group, ep: int, ep_rank: int, replicas=None) -> None:
     """Keep this rank's E/ep routed experts of each MoE layer (slice ep_rank) and send every (token, expert)
     assignment to the rank that owns the expert (an all-to-all over `group`). Used by parallelize() and by
-    the pipeline stages (nanoseek.train.pipeline), whose EP group lies inside one stage."""
-    for moe in moes:
+    the pipeline stages (nanoseek.train.pipeline), whose EP group lies inside one stage. With `replicas`
+    (an ExpertReplicas over these layers) the rank keeps the weights of its physical slots instead."""
+    for layer, moe in enumerate(moes):
         ex = moe.experts
-        El = ex.n_experts // ep
-        sl = slice(ep_rank * El, (ep_rank + 1) * El)
+        if replicas is None:
+            El = ex.n_experts // ep
+            keep = torch.arange(ep_rank * El, (ep_rank + 1) * El, device=ex.gate_up_proj.device)
+        else:
+            keep = replicas.local_experts(layer).to(ex.gate_up_proj.device)
         # Shard in place: the module keeps its class (and any FP8 wrapping) and its state-dict names.
-        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[sl].clone())
-        ex.down_proj = nn.Parameter(ex.down_proj.detach()[sl].clone())
-        ex.n_experts = El
+        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach().index_select(0, keep).clone())
+        ex.down_proj = nn.Parameter(ex.down_proj.detach().index_select(0, keep).clone())
+        ex.n_experts = keep.numel()
         moe.__class__ = ExpertParallelMoE
-        moe.ep_group, moe.ep, moe.n_local = group, ep, El
+        moe.ep_group, moe.ep, moe.n_local = group, ep, keep.numel()
+        moe.replicas, moe.layer_index = replicas, layer
 
 
-def _parallel_options(run_cfg) -> tuple[int, bool]:
+def _parallel_options(run_cfg) -> tuple[int, bool, int, int]:
     par = getattr(run_cfg, "parallel", None)
     ep = getattr(par, "ep", 1)
     fsdp = getattr(par, "fsdp", True)
-    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-        raise ValueError(f"parallel.ep must be a positive integer, got {ep!r}")
-    return ep, bool(fsdp)
+    redundant, interval = getattr(par, "redundant_experts", 0), getattr(par, "eplb_interval", 0)
+    for key, v, low in (("ep", ep, 1), ("redundant_experts", redundant, 0), ("eplb_interval", interval, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"parallel.{key} must be an integer >= {low}, got {v!r}")
+    return ep, bool(fsdp), redundant, interval
 
 
-def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
+def mixed_precision_policies(param_dtype: torch.dtype | None):
+    """FSDP2 MixedPrecisionPolicy for the model and for the routers, or (None, None) in fp32.
+
+    bf16 runs (train.dtype = "bf16", or "auto" on CUDA) all-gather the parameters in bf16 and compute in
+    bf16, reduce-scatter the gradients in fp32, and keep fp32 sharded parameters (the master weights that
+    AdamW updates), the V3 report's recipe (section 3.3) without FP8. The routers stay fp32 throughout
+    (nanoseek.model.moe: tiny score differences flip the top-k): they get a policy of their own."""
+    if param_dtype is None or param_dtype == torch.float32:
+        return None, None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+            MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False))
+
+
+def _param_dtype(run_cfg, dist: Dist) -> torch.dtype | None:
+    from nanoseek.device import autocast_dtype
+
+    return autocast_dtype(getattr(getattr(run_cfg, "train", None), "dtype", "fp32"), dist.device)
+
+
+def parallelize(model: Transformer, run_cfg, dist: Dist, param_dtype: torch.dtype | None | str = "auto") -> Transformer:
     """Shard the experts over EP groups of run_cfg.parallel.ep ranks and apply FSDP2 over the ranks
     (parallel.fsdp=false replicates instead of sharding: FSDP2 on a [world, 1] mesh, i.e. plain DDP).
+    parallel.redundant_experts > 0 adds that many expert replicas per MoE layer over the EP group, placed by
+    EPLB (nanoseek.train.expert_replicas); parallel.eplb_interval is read by the training loop.
+    `param_dtype` is FSDP2's compute dtype (mixed_precision_policies); "auto" = bf16 when run_cfg.train.dtype
+    resolves to bf16 on dist.device, else fp32.
 
     Call it once, on a model initialised identically on every rank (same seed), after enable_fp8 if
-    FP8 is wanted. Fills dist.ep, dist.ep_rank, dist.ep_group and dist.mesh. Returns the model (same object).
+    FP8 is wanted. Fills dist.ep, dist.ep_rank, dist.ep_group, dist.mesh and dist.replicas. Returns the model
+    (same object).
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    ep, shard = _parallel_options(run_cfg)
+    ep, shard, redundant, interval = _parallel_options(run_cfg)
     cfg = model.config
     moes = model.moe_layers()
     if dist.world % ep:
@@ -203,6 +253,9 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
         raise ValueError(f"parallel.ep={ep} but the model has no MoE layer to shard")
     if ep > 1 and cfg.n_routed_experts % ep:
         raise ValueError(f"parallel.ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
+    if redundant and (ep == 1 or redundant % ep):
+        raise ValueError(f"parallel.redundant_experts={redundant} needs parallel.ep > 1 and must be a multiple of "
+                         f"it (every rank holds as many expert slots), got ep={ep}")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("parallelize() was already applied to this model")
     if ep > 1 and any(type(m) is not MoE for m in moes):
@@ -226,180 +279,43 @@ def parallelize(model: Transformer, run_cfg, dist: Dist) -> Transformer:
     dist.ep_rank = mesh.get_local_rank("ep")
     dist.ep_group = mesh.get_group("ep") if ep > 1 else None
 
+    if redundant:
+        from nanoseek.train.expert_replicas import ExpertReplicas
+
+        where = {id(m): name for name, m in model.named_modules()}
+        names = {f"{where[id(moe)]}.experts.{w}": layer for layer, moe in enumerate(moes)
+                 for w in ("gate_up_proj", "down_proj")}
+        # The replicas' gradients are summed over every rank: replicas of an expert sit on different EP
+        # ranks and, with an expert data-parallel dimension, their rows on different FSDP shards.
+        dist.replicas = ExpertReplicas(moes, names, ep, dist.ep_rank, redundant, interval, dist.device)
+
+    mp, router_mp = mixed_precision_policies(_param_dtype(run_cfg, dist) if param_dtype == "auto" else param_dtype)
+    mpk = {"mp_policy": mp} if mp is not None else {}
     ignored: set[nn.Parameter] = set()
     if ep > 1:
-        shard_experts(moes, dist.ep_group, ep, dist.ep_rank)
+        shard_experts(moes, dist.ep_group, ep, dist.ep_rank, dist.replicas)
         for moe in moes:
             if dist.world // ep > 1:
-                fully_shard(moe.experts, mesh=exp_mesh)
+                fully_shard(moe.experts, mesh=exp_mesh, **mpk)
             else:  # each expert lives on exactly one rank: nothing to shard or average
                 ignored.update(moe.experts.parameters())
     ign = ignored or None
+    if router_mp is not None:
+        for moe in moes:
+            fully_shard(moe.gate, mesh=dp_mesh, ignored_params=ign, mp_policy=router_mp)
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, ignored_params=ign)
+        fully_shard(block, mesh=dp_mesh, ignored_params=ign, **mpk)
     for mod in model.mtp:
         # The MTP module's norms and projection run outside its forward() (combine, shared_head): they
         # stay with the root; its attention and feed-forward are sharded units of their own.
-        fully_shard(mod.self_attn, mesh=dp_mesh, ignored_params=ign)
-        fully_shard(mod.mlp, mesh=dp_mesh, ignored_params=ign)
-    fully_shard(model, mesh=dp_mesh, ignored_params=ign)
+        fully_shard(mod.self_attn, mesh=dp_mesh, ignored_params=ign, **mpk)
+        fully_shard(mod.mlp, mesh=dp_mesh, ignored_params=ign, **mpk)
+    fully_shard(model, mesh=dp_mesh, ignored_params=ign, **mpk)
     # FSDP2 gathers the root's parameters (embedding, head, final norm) around forward() only; the
     # training and cached entry points need the same hooks.
     for method in ("forward_train", "forward_cached", "mtp_forward_cached"):
         register_fsdp_forward_method(model, method)
     return model
-
-
-# ----------------------------------------------------------------------------- full state for checkpoints
-def _is_expert_key(name: str) -> bool:
-    return name.endswith(EXPERT_PARAMS)
-
-
-def _gather(name: str, t: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """The full tensor behind a local shard: FSDP DTensors all-gathered, expert shards concatenated."""
-    from torch.distributed.tensor import DTensor
-
-    full = t.full_tensor() if isinstance(t, DTensor) else t
-    if dist.ep > 1 and _is_expert_key(name) and full.dim() > 0:
-        parts = [torch.empty_like(full) for _ in range(dist.ep)]
-        tdist.all_gather(parts, full.contiguous(), group=dist.ep_group)
-        full = torch.cat(parts, dim=0)
-    return full
-
-
-def _full_shape(name: str, t: torch.Tensor, dist: Dist) -> list[int]:
-    shape = list(t.shape)  # a DTensor reports its global shape
-    if dist.ep > 1 and _is_expert_key(name) and shape:
-        shape[0] *= dist.ep
-    return shape
-
-
-def _scatter(name: str, full: torch.Tensor, like: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """This rank's piece of a full tensor, laid out like `like` (DTensor shard or expert slice)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if dist.ep > 1 and _is_expert_key(name) and full.dim() > 0:
-        n = full.shape[0] // dist.ep
-        full = full[dist.ep_rank * n:(dist.ep_rank + 1) * n]
-    if isinstance(like, DTensor):
-        return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-    return full.to(like.dtype)
-
-
-def _broadcast_full(name: str, like: torch.Tensor, full: torch.Tensor | None, dist: Dist) -> torch.Tensor:
-    shape = _full_shape(name, like, dist)
-    if full is None:
-        full = torch.empty(shape, dtype=like.dtype, device=dist.device)
-    else:
-        if list(full.shape) != shape:
-            raise ValueError(f"{name}: checkpoint shape {list(full.shape)} != model shape {shape}")
-        full = full.to(device=dist.device, dtype=like.dtype).contiguous()
-    if dist.world > 1:
-        tdist.broadcast(full, src=0)
-    return full
-
-
-@torch.no_grad()
-def _gather_model(model: nn.Module, dist: Dist, rank0_only: bool) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        full = _gather(name, t, dist)
-        if dist.rank == 0 or not rank0_only:
-            out[name] = full.detach().cpu().contiguous().clone()
-    return out
-
-
-@torch.no_grad()
-def _gather_optimizer(model: nn.Module, opt: torch.optim.Optimizer, dist: Dist,
-                      rank0_only: bool) -> dict[str, torch.Tensor]:
-    """AdamW state keyed `{kind}/{param name}` (nanoseek.train.optim's flat layout), full tensors."""
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        for kind, v in sorted(opt.state.get(p, {}).items()):
-            if not isinstance(v, torch.Tensor):
-                continue
-            full = _gather(name, v, dist)
-            if dist.rank == 0 or not rank0_only:
-                out[f"{kind}/{name}"] = full.detach().cpu().contiguous().clone()
-    return out
-
-
-def gather_full_state(model: Transformer, *args, rank0_only: bool = True):
-    """Full (unsharded, experts reassembled in global order, CPU) state for checkpoints and export.
-
-    gather_full_state(model, dist) -> model state dict;
-    gather_full_state(model, opt, dist) -> (model state dict, optimizer state keyed `{kind}/{param}`).
-    Collective: every rank must call it; other ranks get empty dicts when rank0_only.
-    """
-    if len(args) == 1 and isinstance(args[0], Dist):
-        return _gather_model(model, args[0], rank0_only)
-    if len(args) == 2 and isinstance(args[1], Dist):
-        opt, dist = args
-        return _gather_model(model, dist, rank0_only), _gather_optimizer(model, opt, dist, rank0_only)
-    raise TypeError("gather_full_state(model, dist) or gather_full_state(model, opt, dist)")
-
-
-@torch.no_grad()
-def _load_model(model: nn.Module, state: dict[str, torch.Tensor], dist: Dist) -> None:
-    from torch.distributed.tensor import DTensor
-
-    own = model.state_dict()
-    have = dist.rank == 0 or bool(state)
-    if have:
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise KeyError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, t in own.items():
-        full = _broadcast_full(name, t, state[name] if have else None, dist)
-        piece = _scatter(name, full, t, dist)
-        (t.to_local() if isinstance(t, DTensor) else t).copy_(
-            piece.to_local() if isinstance(piece, DTensor) else piece)
-
-
-@torch.no_grad()
-def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, torch.Tensor],
-                    dist: Dist) -> None:
-    keys = [sorted(state)] if dist.rank == 0 else [None]
-    if dist.world > 1:
-        tdist.broadcast_object_list(keys, src=0)  # just the key names, between our own processes
-    params = dict(model.named_parameters())
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key in keys[0]:
-        kind, _, name = key.partition("/")
-        if name not in params:
-            raise ValueError(f"optimizer state for unknown parameter {name!r}")
-        p = params[name]
-        ref = p if kind != "step" else torch.zeros((), dtype=torch.float32)
-        have = dist.rank == 0 or bool(state)
-        src = state[key] if have else None
-        if kind == "step":  # a scalar counter, kept on the CPU in fp32 as AdamW keeps it
-            full = src.to(torch.float32).clone() if have else torch.zeros((), dtype=torch.float32)
-            if dist.world > 1:
-                full = full.to(dist.device)
-                tdist.broadcast(full, src=0)
-            by_param.setdefault(name, {})[kind] = full.cpu()
-            continue
-        full = _broadcast_full(name, ref, src, dist)
-        by_param.setdefault(name, {})[kind] = _scatter(name, full, ref, dist)
-    for name, st in by_param.items():
-        opt.state[params[name]] = st
-
-
-def load_full_state(model: Transformer, *args) -> None:
-    """Inverse of gather_full_state: load full state into a parallelized model. Collective.
-
-    load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist).
-    Rank 0 must hold the full state; other ranks may pass {} (tensors are broadcast from rank 0).
-    """
-    if len(args) == 2 and isinstance(args[1], Dist):
-        _load_model(model, args[0], args[1])
-        return
-    if len(args) == 4 and isinstance(args[3], Dist):
-        opt, state, optim_state, dist = args
-        _load_model(model, state, dist)
-        _load_optimizer(model, opt, optim_state, dist)
-        return
-    raise TypeError("load_full_state(model, state, dist) or load_full_state(model, opt, state, optim_state, dist)")
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist,
@@ -409,13 +325,24 @@ def clip_grad_norm(model: nn.Module, max_norm: float, dist: Dist,
     shards and would miss the other EP ranks' experts. Here each rank sums the squares of its local
     shards, divided by how many ranks hold a replica of that shard, and the sums are all-reduced.
     `replicas` maps id(parameter) -> how many ranks hold an identical plain copy of it (a pipeline's
-    weights shared between stages); 1 otherwise."""
+    weights shared between stages); 1 otherwise.
+
+    With redundant experts (dist.replicas) the replicas' gradients are first summed over each expert's
+    copies (ExpertReplicas.sync_grads), and the norm counts every logical expert once."""
     from torch.distributed.tensor import DTensor, Replicate
 
+    experts: dict[int, torch.Tensor] = {}
+    if getattr(dist, "replicas", None) is not None:
+        dist.replicas.sync_grads()
+        experts = dist.replicas.weighted_grad_sq()
     grads, sqs = [], []
     for p in model.parameters():
         g = p.grad
         if g is None:
+            continue
+        if id(p) in experts:
+            grads.append(g.to_local() if isinstance(g, DTensor) else g)
+            sqs.append(experts[id(p)])
             continue
         copies = (replicas or {}).get(id(p), 1)
         if isinstance(g, DTensor):

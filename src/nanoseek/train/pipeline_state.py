@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from nanoseek import hf
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train.checkpoint import OPTIM_RE
-from nanoseek.train.parallel import _gather, _scatter  # the per-tensor gather/scatter of FSDP + EP state
+from nanoseek.train.full_state import _gather, _scatter  # the per-tensor gather/scatter of FSDP + EP state
 from nanoseek.train.pipeline import Pipeline
 
 

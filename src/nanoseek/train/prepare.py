@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nanoseek.config import ConfigError
 from nanoseek.data import builtin_corpus, load_tokenizer, read_corpus, tokenize_to_shards, train_tokenizer
+from nanoseek.data.corpus import CorpusReport
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.train.config import DataConfig
 
@@ -31,8 +32,9 @@ def _stamp_matches(folder: Path, stamp: dict, must_have: str) -> bool:
         return False
 
 
-def _corpus(cfg: DataConfig) -> tuple[dict, Callable[[], Iterator[str]]]:
-    """(a description of the corpus for stamps, a function that yields its documents afresh)."""
+def _corpus(cfg: DataConfig, log: Callable[[str], None]) -> tuple[dict, Callable[[], Iterator[str]]]:
+    """(a description of the corpus for stamps, a function that yields its documents afresh). A user
+    corpus logs what its first full read found (files read, skipped, badly encoded)."""
     if cfg.source == "builtin":
         key = {"source": "builtin", "n_docs": cfg.n_docs, "seed": cfg.seed, "max_difficulty": cfg.max_difficulty}
         return key, lambda: builtin_corpus(cfg.n_docs, seed=cfg.seed, max_difficulty=cfg.max_difficulty)
@@ -40,14 +42,24 @@ def _corpus(cfg: DataConfig) -> tuple[dict, Callable[[], Iterator[str]]]:
     if not path.exists():
         raise ConfigError(f"data.source: {cfg.source!r} is neither 'builtin' nor an existing file or folder")
     st = path.stat()
-    return {"source": str(path), "size": st.st_size, "mtime": st.st_mtime}, lambda: read_corpus(path)
+    reported: list[bool] = []
+
+    def texts() -> Iterator[str]:
+        report = CorpusReport()
+        yield from read_corpus(path, report)
+        if not reported:
+            reported.append(True)
+            for line in report.lines():
+                log(line)
+
+    return {"source": str(path), "size": st.st_size, "mtime": st.st_mtime}, texts
 
 
 def prepare_data(cfg: DataConfig, out_dir: str | Path, progress: bool = True,
                  log: Callable[[str], None] = print) -> tuple[Tokenizer, Path, Path]:
     """(tokenizer, tokenizer folder, shard folder) for a run under out_dir."""
     out = Path(out_dir)
-    corpus_key, texts = _corpus(cfg)
+    corpus_key, texts = _corpus(cfg, log)
     if cfg.tokenizer == "train":
         tok_dir = out / "tokenizer"
         stamp = {**corpus_key, "vocab_size": cfg.vocab_size}

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.errors import NanoseekError
 from nanoseek.train.balance import BiasBalancer
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr
 from nanoseek.train.schedule import Schedule
@@ -40,12 +41,15 @@ from nanoseek.train.schedule import Schedule
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, Any]]]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(NanoseekError, RuntimeError):
     """A run that cannot start or continue; the message says why."""
 
 
 class NonFiniteLoss(TrainingError, FloatingPointError):
-    """A NaN or inf loss or gradient norm; the step was not applied."""
+    """A NaN or inf loss or gradient norm; the step was not applied. Exit status 1, not 2: the input was
+    valid and the run started; it diverged (a lower learning rate usually cures it)."""
+
+    exit_code = 1
 
 
 class TrainStep:

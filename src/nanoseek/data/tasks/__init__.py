@@ -6,6 +6,8 @@ R1 (arXiv 2501.12948, section 2.2.2) trains with rule-based accuracy rewards onl
   * `countdown`: reach a target from given numbers with + - * / (division only when exact), solved by
     search; the checker parses the model's expression with a tiny recursive-descent parser (no eval);
   * `program`: predict what a tiny generated Python snippet prints;
+  * `passkey`: long-context retrieval (a number hidden at a random depth of filler text), the one
+    long-prompt task, kept out of the pretraining corpus (`Task.in_corpus`);
   * user tasks from JSONL (`load_jsonl_task`) with an exact, numeric or countdown checker.
 `base` holds what they share (Example, Task, the split, the plain checkers).
 
@@ -26,9 +28,12 @@ from nanoseek.data.tasks.base import (SPLITS, TEST_PERCENT, Example, Task, check
 from nanoseek.data.tasks.countdown import (Countdown, ExpressionError, check_countdown, parse_expression,
                                            solve_countdown)
 from nanoseek.data.tasks.jsonl import CHECKERS, JsonlTask, check_by_name, load_jsonl_task
+from nanoseek.data.tasks.passkey import Passkey
 from nanoseek.data.tasks.program import ProgramOutput, run_sandboxed
+from nanoseek.errors import DataError
 
-TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput())})
+TASKS: Mapping[str, Task] = MappingProxyType({t.name: t for t in (Arithmetic(), Countdown(), ProgramOutput(),
+                                                                   Passkey())})
 
 
 def get_task(name: str) -> Task:
@@ -37,7 +42,11 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     if name.endswith(".jsonl") or Path(name).is_file():
         return load_jsonl_task(name)
-    raise KeyError(f"unknown task {name!r}; built-in tasks: {sorted(TASKS)} (or give a .jsonl path)")
+    raise UnknownTask(f"unknown task {name!r}", hint=f"use a built-in task {sorted(TASKS)} or a .jsonl file")
+
+
+class UnknownTask(DataError, KeyError):
+    """A task name that is neither built in nor a file (a KeyError too, as it always was)."""
 
 
 def check_answer(predicted_answer: str, example: Example) -> bool:
@@ -50,7 +59,7 @@ def check_answer(predicted_answer: str, example: Example) -> bool:
 
 
 __all__ = [
-    "TASKS", "SPLITS", "TEST_PERCENT", "CHECKERS", "Example", "Task", "Arithmetic", "Countdown", "ProgramOutput",
+    "TASKS", "SPLITS", "TEST_PERCENT", "CHECKERS", "Example", "Task", "Arithmetic", "Countdown", "ProgramOutput", "Passkey",
     "JsonlTask", "ExpressionError", "get_task", "check_answer", "check_by_name", "check_exact", "check_numeric",
     "check_countdown", "parse_expression", "parse_number", "solve_countdown", "split_of", "load_jsonl_task",
     "run_sandboxed",

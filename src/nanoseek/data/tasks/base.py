@@ -68,6 +68,7 @@ class Task(ABC):
     """A family of problems. Subclasses implement `generate` (one problem from an rng) and `check`."""
 
     name = "task"
+    in_corpus = True  # part of the built-in pretraining corpus (nanoseek.data.corpus)
 
     @abstractmethod
     def generate(self, rng: random.Random, difficulty: int) -> Example:

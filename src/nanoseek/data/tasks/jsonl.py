@@ -10,6 +10,7 @@ from types import MappingProxyType
 from nanoseek.data.tasks.base import (SPLITS, Example, Task, check_exact, check_numeric, check_split, parse_number,
                                       split_of)
 from nanoseek.data.tasks.countdown import check_countdown
+from nanoseek.errors import DataError, PathNotFound
 
 CHECKERS = ("exact", "numeric", "countdown")
 
@@ -52,7 +53,7 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> JsonlTask:
     """Lines of `{"prompt", "answer", optional "solution", "checker", "split", "numbers"}`."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"task file {p} does not exist")
+        raise PathNotFound("no such task file", p, "pass a built-in task name or an existing .jsonl file")
     task_name = name or p.stem
     rows: list[Example] = []
     for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
@@ -62,37 +63,37 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> JsonlTask:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from e
         rows.append(_row(obj, where, task_name))
     if not rows:
-        raise ValueError(f"{p}: no examples found")
+        raise DataError(f"{p}: no examples found")
     return JsonlTask(task_name, rows)
 
 
 def _row(obj: object, where: str, task_name: str) -> Example:
     """One validated line; the error names the file and line."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("prompt", "answer"):
         if not isinstance(obj.get(key), (str, int, float)) or isinstance(obj.get(key), bool) or str(obj.get(key)).strip() == "":
-            raise ValueError(f"{where}: missing or empty '{key}' (a string is required)")
+            raise DataError(f"{where}: missing or empty '{key}' (a string is required)")
     checker = obj.get("checker", "exact")
     if checker not in CHECKERS:
-        raise ValueError(f"{where}: unknown checker {checker!r}; expected one of {CHECKERS}")
+        raise DataError(f"{where}: unknown checker {checker!r}; expected one of {CHECKERS}")
     meta: dict[str, object] = {"checker": checker}
     if "split" in obj:
         if obj["split"] not in SPLITS:
-            raise ValueError(f"{where}: split must be one of {SPLITS}, got {obj['split']!r}")
+            raise DataError(f"{where}: split must be one of {SPLITS}, got {obj['split']!r}")
         meta["split"] = obj["split"]
     answer = parse_number(str(obj["answer"]))
     if checker == "numeric" and answer is None:
-        raise ValueError(f"{where}: checker 'numeric' needs a numeric answer, got {obj['answer']!r}")
+        raise DataError(f"{where}: checker 'numeric' needs a numeric answer, got {obj['answer']!r}")
     if checker == "countdown":
         nums = obj.get("numbers")
         if not isinstance(nums, list) or not nums or not all(isinstance(x, int) and not isinstance(x, bool) for x in nums):
-            raise ValueError(f"{where}: checker 'countdown' needs 'numbers', a list of integers")
+            raise DataError(f"{where}: checker 'countdown' needs 'numbers', a list of integers")
         if answer is None or answer.denominator != 1:
-            raise ValueError(f"{where}: checker 'countdown' needs the integer target as 'answer'")
+            raise DataError(f"{where}: checker 'countdown' needs the integer target as 'answer'")
         meta["numbers"], meta["target"] = tuple(nums), int(str(obj["answer"]).strip())
     return Example(prompt=str(obj["prompt"]), answer=str(obj["answer"]), solution=str(obj.get("solution", "")),
                    task=task_name, meta=MappingProxyType(meta))

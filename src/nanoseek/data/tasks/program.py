@@ -22,8 +22,16 @@ from nanoseek.data.tasks.base import Example, Task, check_exact
 
 # Results travel on a private copy of stdout; fd 1 itself points to /dev/null so that anything a snippet
 # writes around Python's sys.stdout (child processes, os.write) cannot corrupt the protocol.
+# The child sets its own limits (argv: CPU seconds, address-space bytes) before it reads a snippet:
+# subprocess's preexec_fn would run Python between fork and exec, which can deadlock when the parent has
+# other threads (a tokenizer training on this corpus reads it from Rust threads).
 _RUNNER = r"""
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, resource, sys
+cpu_s, mem_bytes = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # no files written
+resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (not enforced for root)
 results = os.fdopen(os.dup(1), "w")
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 for line in sys.stdin:
@@ -39,15 +47,6 @@ for line in sys.stdin:
 """
 
 
-def _limits(cpu_s: int, mem_bytes: int) -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # no files written
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (not enforced for root)
-
-
 def run_sandboxed(snippets: Sequence[str], cpu_s: int = 2, mem_mb: int = 512, wall_s: float = 10.0) -> list[str | None]:
     """Stdout of each snippet run in a limited subprocess; None where a snippet failed or hit a limit.
 
@@ -59,9 +58,9 @@ def run_sandboxed(snippets: Sequence[str], cpu_s: int = 2, mem_mb: int = 512, wa
     while pending:
         with tempfile.TemporaryDirectory() as scratch:  # an empty working directory, removed afterwards
             proc = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", _RUNNER], cwd=scratch,
+                [sys.executable, "-I", "-S", "-c", _RUNNER, str(cpu_s), str(mem_mb << 20)], cwd=scratch,
                 input="".join(json.dumps(s) + "\n" for s in pending), capture_output=True, text=True,
-                preexec_fn=lambda: _limits(cpu_s, mem_mb << 20), timeout=wall_s * len(pending), check=False,
+                timeout=wall_s * len(pending), check=False,
             )
         done = [json.loads(x) for x in proc.stdout.splitlines()]
         results += done

@@ -1,9 +1,15 @@
-"""Building and loading the C++ decode kernels (csrc/decode_kernels.cpp), predictably.
+"""Building and loading the C++ decode kernels (csrc/), predictably, one build per instruction set.
 
-* One build per build key: the SHA-256 of the source, the torch and Python versions, the machine, the
-  CPU instruction set compiled for and the compiler (`$CXX`, else `c++`). The key names the extension,
-  so two checkouts, two torch versions or two compilers each get their own entry and never rebuild one
-  another's. Builds live under `$TORCH_EXTENSIONS_DIR/nanoseek/` (default `~/.cache/torch_extensions`).
+* Three instruction sets, chosen when the process first loads the kernels: `avx512` (AVX-512 F/BW/VL/DQ,
+  16-lane vectors), `avx2` (AVX2 + FMA + F16C, 8 lanes) and `portable` (no -m flags at all: the compiler's
+  baseline, SSE2 on x86 and NEON on ARM). The best one the CPU runs is taken (its flags from
+  /proc/cpuinfo, else `torch.backends.cpu.get_cpu_capability()`); `NANOSEEK_KERNEL_ISA=portable|avx2|avx512`
+  forces one (tests force `portable` to check that path against torch on any machine). A forced ISA the
+  CPU cannot run is refused with a one-line message, and the torch paths are used.
+* One build per build key: the SHA-256 of the sources, the torch and Python versions, the machine, the
+  instruction set and its flags, and the compiler (`$CXX`, else `c++`). The key names the extension, so
+  two checkouts, two torch versions, two ISAs or two compilers each get their own entry and never rebuild
+  one another's. Builds live under `$TORCH_EXTENSIONS_DIR/nanoseek/` (default `~/.cache/torch_extensions`).
 * A message before building (a minute or so, once per build key), and one when it is done.
 * A failed build is recorded beside the builds (`<name>.failed.json`, with the compiler's output);
   later processes say so once and use the torch paths instead of compiling again. `nanoseek
@@ -13,11 +19,14 @@
 * `NANOSEEK_KERNELS=0` turns them off; `nanoseek.infer.fast.accelerate` never loads them for a model
   on a GPU.
 
-`nanoseek build-kernels` builds ahead of time and reports the key, the directory and the OpenMP mode.
+`nanoseek build-kernels` builds ahead of time and reports the key, the directory, the OpenMP mode and the
+instruction sets; `--isa avx512` on a CPU without AVX-512 compiles that build (to check the compiler takes
+it) without loading it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -35,8 +44,21 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_kernels.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("decode_kernels.cpp", "gemv.cpp")  # compiled, from csrc/; gemv.h is included by both
+HEADERS = ("gemv.h",)
 CFLAGS = ["-O3", "-ffp-contract=fast"]
+# instruction set -> compiler flags, best first. The portable build has no -m flag at all.
+ISA_FLAGS: dict[str, list[str]] = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-DNANOSEEK_ISA_AVX512", "-DNANOSEEK_VEC_BYTES=64"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DNANOSEEK_ISA_AVX2", "-DNANOSEEK_VEC_BYTES=32"],
+    "portable": ["-DNANOSEEK_VEC_BYTES=32"],
+}
+# the /proc/cpuinfo flags each x86 build needs
+ISA_CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+                 "avx2": ("avx2", "fma", "f16c"), "portable": ()}
+ISA_ENV = "NANOSEEK_KERNEL_ISA"
 LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
 
 
@@ -54,23 +76,68 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def isa_flags() -> tuple[str, list[str]]:
-    """AVX2 + FMA when this x86 CPU has them (the kernels' 8-lane vectors map to one register), else the
-    compiler's baseline."""
-    if platform.machine() in ("x86_64", "AMD64"):
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set where that file is absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first (`portable` always)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    flags = cpu_flags()
+    if not flags:  # no /proc/cpuinfo (macOS, Windows): ask torch what its own kernels dispatch to
         try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            flags = []
-        if "avx2" in flags and "fma" in flags:
-            return "avx2", ["-mavx2", "-mfma"]
-    return "base", []
+            cap = torch.backends.cpu.get_cpu_capability()
+        except AttributeError:
+            cap = ""
+        names = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
+        return names + ["portable"]
+    return [isa for isa, need in ISA_CPU_FLAGS.items() if all(f in flags for f in need)]
 
 
-def build_key(source: Path = SOURCE) -> dict:
-    """Everything a build depends on; `name` (the extension's name) is a hash of the rest."""
-    isa, isa_cflags = isa_flags()
-    key = {"source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "torch": torch.__version__,
+class ISAError(ValueError):
+    """NANOSEEK_KERNEL_ISA names an unknown instruction set or one this CPU cannot run."""
+
+
+def selected_isa() -> str:
+    """NANOSEEK_KERNEL_ISA if set (checked), else the best instruction set this CPU runs."""
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    runnable = runnable_isas()
+    if not forced:
+        return runnable[0]
+    if forced not in ISA_FLAGS:
+        raise ISAError(f"{ISA_ENV}={forced!r}: choose one of {', '.join(ISA_FLAGS)}")
+    if forced not in runnable:
+        raise ISAError(f"{ISA_ENV}={forced}: this CPU cannot run it (it runs {', '.join(runnable)})")
+    return forced
+
+
+def isa_flags(isa: str | None = None) -> tuple[str, list[str]]:
+    """(instruction set, its compiler flags); the selected one by default."""
+    isa = isa or selected_isa()
+    return isa, list(ISA_FLAGS[isa])
+
+
+def sources_sha256(csrc: Path = CSRC) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode() + b"\0" + (csrc / name).read_bytes())
+    return h.hexdigest()
+
+
+def build_key(isa: str | None = None, csrc: Path = CSRC) -> dict:
+    """Everything a build of `isa` (default: the selected one) depends on; `name` (the extension's name)
+    is a hash of the rest."""
+    isa, isa_cflags = isa_flags(isa)
+    key = {"source_sha256": sources_sha256(csrc), "torch": torch.__version__,
            "python": sys.implementation.cache_tag, "machine": platform.machine(), "isa": isa,
            "compiler": compiler(), "cflags": CFLAGS + isa_cflags}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -102,9 +169,11 @@ def openmp_flags(cxx: str) -> tuple[str, list[str], list[str]]:
 
 
 class _Kernels:
-    """The extension of this process: imported from a previous build, built now, or known to be missing."""
+    """One instruction set's extension in this process: imported from a previous build, built now, or
+    known to be missing."""
 
-    def __init__(self):
+    def __init__(self, isa: str):
+        self.isa = isa
         self.lock = threading.Lock()
         self.module = None
         self.tried = False
@@ -123,7 +192,7 @@ class _Kernels:
                 return self.module
             self.tried = True
             self.module = None
-            key = build_key()
+            key = build_key(self.isa)
             directory = build_root() / key["name"]
             self.path = directory / (key["name"] + LIB_EXT)
             marker = build_root() / (key["name"] + ".failed.json")
@@ -151,6 +220,31 @@ class _Kernels:
         return self.module
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One build per directory at a time, under an flock the kernel releases when its holder dies.
+
+    torch's own lock is a plain file (FileBaton) that a killed build leaves behind, after which every later
+    process waits for it forever. Every nanoseek build runs under this flock, so a baton found while we
+    hold it was left by a dead process, and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's baton alone
+        yield
+        return
+    with open(directory / "nanoseek_build.flock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                print(f"nanoseek: removing a stale build lock left by a killed build ({stale})", file=sys.stderr,
+                      flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build(key: dict, directory: Path):
     from torch.utils.cpp_extension import load as build
 
@@ -162,15 +256,18 @@ def _build(key: dict, directory: Path):
     directory.mkdir(parents=True, exist_ok=True)
     # Compile a copy inside the build directory: the build's commands then do not depend on where this
     # checkout lives, and ninja has no reason to rebuild for another checkout of the same source.
-    source = directory / SOURCE.name
-    if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
-        shutil.copyfile(SOURCE, source)
+    for name in SOURCES + HEADERS:
+        src, copy = CSRC / name, directory / name
+        if not copy.is_file() or copy.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, copy)
     mode, omp_cflags, omp_ldflags = openmp_flags(key["compiler"])
     if mode == "none":
         print(f"nanoseek: {key['compiler']} has no OpenMP: the decode kernels run single-threaded (install "
               "libgomp / libomp and run `nanoseek build-kernels --force` to change that)", file=sys.stderr, flush=True)
-    module = build(name=key["name"], sources=[str(source)], extra_cflags=key["cflags"] + omp_cflags,
-                   extra_ldflags=omp_ldflags, build_directory=str(directory), verbose=False)
+    with _build_lock(directory):
+        module = build(name=key["name"], sources=[str(directory / name) for name in SOURCES],
+                       extra_cflags=key["cflags"] + omp_cflags, extra_ldflags=omp_ldflags,
+                       build_directory=str(directory), verbose=False)
     seconds = time.perf_counter() - t0
     (directory / "nanoseek_build.json").write_text(json.dumps(
         {**key, "openmp": mode, "openmp_flags": omp_cflags + omp_ldflags, "seconds": round(seconds, 1)}, indent=2) + "\n")
@@ -209,45 +306,140 @@ def _read_reason(marker: Path) -> str:
         return "unknown reason"
 
 
-KERNELS = _Kernels()
+class _PerISA:
+    """The process's extensions, one per instruction set; `load()` is the selected one's (the hot path)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_isa: dict[str, _Kernels] = {}
+        self.isa_error = ""  # a refused NANOSEEK_KERNEL_ISA, said once
+
+    def get(self, isa: str | None = None) -> _Kernels | None:
+        if isa is None:
+            try:
+                isa = selected_isa()
+            except ISAError as e:
+                if not self.isa_error:
+                    self.isa_error = str(e)
+                    print(f"nanoseek: {e}; using the torch paths", file=sys.stderr, flush=True)
+                return None
+        with self.lock:
+            return self.by_isa.setdefault(isa, _Kernels(isa))
+
+    def load(self, force: bool = False, isa: str | None = None):
+        k = self.get(isa)
+        return None if k is None else k.load(force)
 
 
-def load(force: bool = False):
-    """The compiled extension, building it on the first call of this process if no build exists; None
-    when it is disabled, failed before (a recorded failure is not retried unless force) or fails now."""
-    return KERNELS.load(force)
+KERNELS = _PerISA()
 
 
-def status() -> dict:
-    """Where this process stands: state (not loaded | loaded | failed | disabled), reason, build path."""
-    return {"state": KERNELS.state if enabled() else "disabled", "reason": KERNELS.reason,
-            "path": str(KERNELS.path) if KERNELS.path else None}
+def load(force: bool = False, isa: str | None = None):
+    """The compiled extension of `isa` (default: the selected one), building it on the first call of this
+    process if no build exists; None when it is disabled, failed before (a recorded failure is not retried
+    unless force), fails now, or the forced ISA is refused."""
+    return KERNELS.load(force, isa)
+
+
+def status(isa: str | None = None) -> dict:
+    """Where this process stands: state (not loaded | loaded | failed | disabled), reason, build path, ISA."""
+    k = KERNELS.get(isa)
+    if k is None:
+        return {"state": "failed", "reason": KERNELS.isa_error, "path": None, "isa": None}
+    return {"state": k.state if enabled() else "disabled", "reason": k.reason,
+            "path": str(k.path) if k.path else None, "isa": k.isa}
+
+
+def compile_only(isa: str, out_dir: Path) -> list[Path]:
+    """Compile `isa`'s build to object files in out_dir without loading it: checks that this compiler
+    takes a build this CPU cannot run (AVX-512 on an AVX2 machine). Raises CalledProcessError on failure."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    flags = ["-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             "-DTORCH_EXTENSION_NAME=nanoseek_compile_check", *CFLAGS, *ISA_FLAGS[isa]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects = []
+    for name in SOURCES:
+        obj = out_dir / (Path(name).stem + f".{isa}.o")
+        subprocess.run([compiler(), *flags, *includes, "-c", str(CSRC / name), "-o", str(obj)], check=True,
+                       capture_output=True, text=True)
+        objects.append(obj)
+    return objects
+
+
+def compiler_takes(isa: str) -> bool:
+    """Whether the compiler accepts this ISA's -m flags (a one-line probe, not the whole build)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text("int main() { return 0; }\n")
+        try:
+            r = subprocess.run([compiler(), *ISA_FLAGS[isa], str(src), "-o", str(Path(tmp) / "probe")],
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return r.returncode == 0
 
 
 # ----------------------------------------------------------------------------- `nanoseek build-kernels`
 def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a build for this key exists")
+    p.add_argument("--isa", choices=list(ISA_FLAGS), default=None,
+                   help=f"the instruction set to build (default: ${ISA_ENV}, else the best this CPU runs); one "
+                        "this CPU cannot run is compiled to check the compiler, not loaded")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args) -> int:
-    key = build_key()
+    runnable = runnable_isas()
+    try:
+        isa = args.isa or selected_isa()
+    except ISAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isa not in runnable:
+        return _compile_check(isa, runnable, args.json)
+    key = build_key(isa)
     directory = build_root() / key["name"]
     if args.force and directory.is_dir():
         shutil.rmtree(directory)
-    module = load(force=True)
+    module = load(force=True, isa=isa)
     info_file = directory / "nanoseek_build.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else dict(key)
-    result = {**info, "ok": module is not None, "directory": str(directory), "library": status()["path"],
-              "reason": status()["reason"], "disabled_at_run_time": not enabled()}
+    st = status(isa)
+    result = {**info, "ok": module is not None, "directory": str(directory), "library": st["path"],
+              "reason": st["reason"], "disabled_at_run_time": not enabled(), "runnable_isas": runnable}
     if args.json:
         print(json.dumps(result, indent=2))
     elif module is None:
-        print(f"error: the decode kernels did not build: {result['reason']}", file=sys.stderr)
+        print(f"nanoseek build-kernels: the decode kernels did not build: {result['reason']}", file=sys.stderr)
     else:
         print(f"decode kernels: {result['library']}\n  key: torch {key['torch']}, {key['python']}, "
               f"{key['machine']} {key['isa']}, {key['compiler']}, source {key['source_sha256'][:12]}\n"
-              f"  OpenMP: {info.get('openmp', 'unknown (built by an older nanoseek)')}")
+              f"  OpenMP: {info.get('openmp', 'unknown (built by an older nanoseek)')}\n"
+              f"  this CPU runs: {', '.join(runnable)}")
         if not enabled():
             print("  note: NANOSEEK_KERNELS=0 is set, so they stay off at run time")
     return 0 if module is not None else 1
+
+
+def _compile_check(isa: str, runnable: list[str], as_json: bool) -> int:
+    """`build-kernels --isa X` for an X this CPU cannot run: compile it (not load it) and say so."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            compile_only(isa, Path(tmp))
+            ok, reason = True, ""
+        except subprocess.CalledProcessError as e:
+            ok, reason = False, _last_error_line(e.stderr or "") or "the compiler failed"
+    result = {"isa": isa, "ok": ok, "compiled_only": True, "reason": reason, "runnable_isas": runnable}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    elif ok:
+        print(f"the {isa} build compiles with {compiler()}; this CPU cannot run it (it runs {', '.join(runnable)}), "
+              "so it was not loaded")
+    else:
+        print(f"error: the {isa} build does not compile with {compiler()}: {reason}", file=sys.stderr)
+    return 0 if ok else 1

@@ -1,22 +1,29 @@
 """The C++ decode kernels from Python: when a tensor may take them, and one thin wrapper per entry point.
 
-The kernels (csrc/decode_kernels.cpp, built once per machine by nanoseek.infer.fast.build) compute what
-the torch paths compute, for fp32 CPU tensors at inference: few-row matmuls that stream each weight
-once on all threads, the routed experts of a few tokens read once per chosen expert, RMSNorm in one
-loop, and a whole decoder block of a decode step. benchmarks/bench_kernels.py measures each against the
-torch path it replaces (results in benchmarks/results/kernels.json).
+The kernels (csrc/, built once per machine and instruction set by nanoseek.infer.fast.build) compute what
+the torch paths compute, for CPU tensors at inference: few-row matmuls that stream each weight once on
+all threads (fp32 weights, or bf16 / int8 weights widened in registers), the routed experts of a few
+tokens read once per chosen expert, RMSNorm in one loop, and a whole decoder block of a decode step.
+benchmarks/bench_kernels.py measures each against the torch path it replaces (results in
+benchmarks/results/kernels.json).
+
+`faster_path` is where a few-row matmul chooses between the kernel and torch's own path: measured once
+per (weight format, shape, row bucket) in this process, never assumed (PathChoice).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import time
 
 import torch
 
 from .build import load, status
 
 __all__ = ["load", "status", "usable", "disabled", "rows_matmul", "experts_rows", "rms_norm", "block_decode",
-           "block_config", "block_weights", "cache_index"]
+           "block_config", "block_weights", "cache_index", "isa", "faster_path", "row_bucket", "PATHS"]
 
 _disabled = 0  # > 0 inside `disabled()`
 
@@ -50,16 +57,84 @@ def _built():
     return ext
 
 
-def rows_matmul(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x2d [M, K] @ weight[N, K]^T for a few rows (M >= 1)."""
-    return _built().rows_matmul(x2d.contiguous(), weight.contiguous())
+def rows_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x2d [M, K] fp32 @ weight[N, K]^T for a few rows (M >= 1); weight fp32, bf16, or int8 with its
+    scale [N, K / group] fp32 (each row's groups of inputs share one scale)."""
+    return _built().rows_matmul(x2d.contiguous(), weight.contiguous(), scale)
 
 
 def experts_rows(x_ND: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, idx_NK: torch.Tensor,
-                 gate_NK: torch.Tensor) -> torch.Tensor:
-    """sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for the stacked SwiGLU experts w1 [E, 2F, D], w2 [E, D, F]."""
+                 gate_NK: torch.Tensor, s1: torch.Tensor | None = None, s2: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for the stacked SwiGLU experts w1 [E, 2F, D], w2 [E, D, F]
+    (fp32, bf16, or int8 with scales s1 [E, 2F, D / g1], s2 [E, D, F / g2])."""
     return _built().experts_rows(x_ND.contiguous(), w1.contiguous(), w2.contiguous(), idx_NK.contiguous(),
-                                 gate_NK.float().contiguous())
+                                 gate_NK.float().contiguous(), s1, s2)
+
+
+def isa() -> str | None:
+    """The instruction set of the loaded kernels (avx512 | avx2 | portable), None without them."""
+    ext = load()
+    return None if ext is None else ext.kernel_isa()
+
+
+# ----------------------------------------------------------------------------- kernel or torch, measured
+PATHS_ENV = "NANOSEEK_KERNEL_PATHS"  # measure (default) | kernel | torch
+
+
+def row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two: one measurement stands for 5-8 rows, 9-16, ..."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+class PathChoice:
+    """Which of two equal computations is faster, per key, measured on first use in this process.
+
+    A key is (weight format, weight shape, row bucket). The first call with a key runs both paths on its
+    real input, alternately (REPEATS each, after one warm-up), and keeps the one with the lower best time;
+    later calls take it at a dict lookup. NANOSEEK_KERNEL_PATHS=kernel|torch skips the measurement.
+    `table()` is what bench_kernels prints.
+    """
+
+    REPEATS = 3
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.choices: dict[tuple, dict] = {}
+
+    def run(self, key: tuple, kernel_fn, torch_fn, *args):
+        choice = self.choices.get(key)
+        if choice is not None:
+            return (kernel_fn if choice["path"] == "kernel" else torch_fn)(*args)
+        mode = os.environ.get(PATHS_ENV, "measure")
+        if mode in ("kernel", "torch"):
+            self.choices[key] = {"path": mode, "kernel_s": None, "torch_s": None}
+            return (kernel_fn if mode == "kernel" else torch_fn)(*args)
+        times = {"kernel": [], "torch": []}
+        out = None
+        for i in range(self.REPEATS + 1):
+            for name, fn in (("kernel", kernel_fn), ("torch", torch_fn)):
+                t0 = time.perf_counter()
+                out = fn(*args)
+                if i:  # the first round warms caches and allocators up
+                    times[name].append(time.perf_counter() - t0)
+        best = {name: min(t) for name, t in times.items()}
+        with self.lock:
+            self.choices[key] = {"path": min(best, key=best.get), "kernel_s": best["kernel"], "torch_s": best["torch"]}
+        return out  # torch's output (both are the same values up to fp32 rounding)
+
+    def table(self) -> list[dict]:
+        return [{"key": list(map(str, k)), **v} for k, v in sorted(self.choices.items(), key=str)]
+
+    def clear(self):
+        self.choices.clear()
+
+
+PATHS = PathChoice()
+
+
+def faster_path(key: tuple, kernel_fn, torch_fn, *args):
+    """kernel_fn(*args) or torch_fn(*args), whichever PATHS measured faster for this key."""
+    return PATHS.run(key, kernel_fn, torch_fn, *args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

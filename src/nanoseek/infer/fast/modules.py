@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.attention import MLA
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import GroupedExperts, MoE
 from nanoseek.model.transformer import Block, MTPModule
@@ -47,7 +48,11 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rows == 0:
         return F.linear(x, weight)
     if rows <= KERNEL_ROWS and weight.is_contiguous() and kernels.usable(x, weight):
-        return kernels.rows_matmul(x.reshape(rows, n_in), weight).view(x.shape[:-1] + (n_out,))
+        # The kernel, unless torch's F.linear measured faster at this shape on this machine (oneDNN/MKL
+        # can be, e.g. on CPUs with wide vectors and high bandwidth per core).
+        key = ("fp32", n_out, n_in, 0, kernels.row_bucket(rows))
+        y = kernels.faster_path(key, kernels.rows_matmul, F.linear, x.reshape(rows, n_in), weight)
+        return y.view(x.shape[:-1] + (n_out,))
     if weight.numel() < RELAYOUT_MIN:
         return F.linear(x, weight)
     if rows == 1 and torch.get_num_threads() > 1 and n_out % GEMV_SPLIT == 0 and weight.is_contiguous():
@@ -113,6 +118,10 @@ class FastMoE(MoE):
 
     def routed_experts(self, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         ex = self.experts
+        if hasattr(ex, "routed_rows") and inference(self, x_ND):  # bf16 / int8 experts (nanoseek.infer.quant)
+            y = ex.routed_rows(x_ND, w_NK, idx_NK)
+            if y is not None:
+                return y
         if inference(self, x_ND) and type(ex) in (FastExperts, GroupedExperts) and x_ND.dtype == ex.gate_up_proj.dtype:
             n = idx_NK.numel()
             if n <= KERNEL_ASSIGNMENTS and kernels.usable(x_ND, ex.gate_up_proj, ex.down_proj):
@@ -211,6 +220,8 @@ class _DecodeInKernel:
     def _decode(self, x, cos, sin, cache, layer):
         K = max(1, self.self_attn.cfg.num_experts_per_tok)
         if x.shape[0] * x.shape[1] * K > KERNEL_ASSIGNMENTS or not hasattr(cache, "kernel_cache"):
+            return None
+        if type(self.self_attn) is not MLA:  # the C++ block is dense MLA (V3.2's SparseMLA runs in torch)
             return None
         if not kernels.usable(x, cos):
             return None

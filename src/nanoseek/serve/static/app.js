@@ -1,10 +1,13 @@
 // nanoseek web chat: streams /v1/chat/completions (SSE), shows reasoning_content in a collapsible panel,
 // keeps conversations in page memory. Model text is rendered SAFELY: it is HTML-escaped first, and the
 // small Markdown subset below only ever wraps escaped text in tags we create ourselves.
+// Max tokens is capped by what the context leaves: /v1/models gives the context length (max_model_len),
+// and before each request POST /tokenize counts the conversation's prompt tokens. A failed request shows
+// its error in the reply's own bubble. Below 720 px the sidebar is a drawer behind the menu button.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { conversations: [], current: null, model: null, controller: null };
+const state = { conversations: [], current: null, model: null, context: null, controller: null };
 
 // ---------------------------------------------------------------- safe Markdown
 function escapeHtml(s) {
@@ -84,7 +87,6 @@ function messageView(msg) {
   const div = document.createElement("div");
   div.className = `msg ${msg.role}`;
   if (msg.role === "user") { div.textContent = msg.content; return div; }
-  if (msg.role === "error") { div.textContent = msg.content; return div; }
   const details = document.createElement("details");
   details.className = "thinking";
   const summary = document.createElement("summary");
@@ -93,8 +95,10 @@ function messageView(msg) {
   details.append(summary, thinking);
   const answer = document.createElement("div");
   answer.className = "answer";
-  div.append(details, answer);
-  msg.view = { div, details, summary, thinking, answer };
+  const error = document.createElement("div");
+  error.className = "error";
+  div.append(details, answer, error);
+  msg.view = { div, details, summary, thinking, answer, error };
   updateAssistant(msg);
   return div;
 }
@@ -104,7 +108,12 @@ function updateAssistant(msg) {
   v.details.hidden = !msg.reasoning;
   v.summary.textContent = msg.done || msg.content ? "Thinking" : "Thinking…";
   v.thinking.textContent = msg.reasoning || "";
-  v.answer.innerHTML = renderMarkdown(msg.content || "");  // escaped inside renderMarkdown
+  let text = msg.content || "";
+  if (msg.done && !text && !msg.error) text = msg.stopped ? "*(stopped)*" : "*(the model's reply is empty)*";
+  v.answer.innerHTML = renderMarkdown(text);  // escaped inside renderMarkdown
+  v.error.hidden = !msg.error;
+  v.error.textContent = msg.error ? `Error: ${msg.error}` : "";  // textContent: server text is never HTML
+  v.div.classList.toggle("failed", Boolean(msg.error));
 }
 
 function renderAll() {
@@ -128,12 +137,37 @@ async function loadModel() {
     const j = await r.json();
     if (r.ok && j.data && j.data.length) {
       state.model = j.data[0].id;
-      const ctx = j.data[0].max_model_len;
-      $("model-name").textContent = `model: ${state.model}` + (ctx ? ` (context ${ctx} tokens)` : "");
-      // Leave room for the conversation itself within the context.
-      if (ctx && parseInt($("max-tokens").value, 10) > ctx / 2) $("max-tokens").value = Math.floor(ctx / 2);
+      state.context = j.data[0].max_model_len || null;
+      $("model-name").textContent = `model: ${state.model}` + (state.context ? ` (context ${state.context} tokens)` : "");
+      if (state.context) {
+        const box = $("max-tokens");
+        box.max = String(state.context);
+        if (parseInt(box.value, 10) > state.context) box.value = String(state.context);
+        $("max-tokens-note").textContent = `Each reply gets at most what the ${state.context}-token context leaves.`;
+      }
     }
   } catch (e) { /* the send path reports errors */ }
+}
+
+async function errorMessage(r) {
+  let message = `HTTP ${r.status}`;
+  try { message += `: ${(await r.json()).error.message}`; } catch (e) { /* not JSON */ }
+  return message;
+}
+
+// The max_tokens to ask for: the user's setting, capped by the room the conversation leaves in the
+// context (POST /tokenize counts its prompt tokens as the chat completion will).
+async function tokenLimit(history) {
+  const wanted = Math.max(1, parseInt($("max-tokens").value, 10) || 1);
+  const r = await fetch("/tokenize", { method: "POST", headers: headers(),
+                                       body: JSON.stringify({ model: state.model, messages: history }) });
+  if (!r.ok) throw new Error(await errorMessage(r));
+  const j = await r.json();
+  if (j.room < 1) {
+    throw new Error(`this conversation fills the model's context (${j.count} of ${j.max_model_len} tokens): ` +
+                    "start a new chat");
+  }
+  return Math.min(wanted, j.room);
 }
 
 async function* sseEvents(response) {
@@ -158,33 +192,30 @@ async function* sseEvents(response) {
 async function send(text) {
   if (!state.current) newConversation();
   const conv = state.current;
-  if (!state.model) await loadModel();
   if (conv.messages.length === 0) conv.title = text.slice(0, 40);
   conv.messages.push({ role: "user", content: text });
-  const reply = { role: "assistant", content: "", reasoning: "", done: false };
-  const history = conv.messages.filter((m) => m.role === "user" || m.role === "assistant")
+  const reply = { role: "assistant", content: "", reasoning: "", done: false, error: null, stopped: false };
+  const history = conv.messages.filter((m) => (m.role === "user" || m.role === "assistant") && !m.error)
                                .map((m) => ({ role: m.role, content: m.content }));
   conv.messages.push(reply);
   renderAll();
   reply.view.details.open = true;
-  const body = {
-    model: state.model || "nanoseek", messages: history, stream: true,
-    temperature: parseFloat($("temperature").value), max_tokens: parseInt($("max-tokens").value, 10),
-  };
   state.controller = new AbortController();
-  $("send").hidden = true; $("stop").hidden = false;
+  $("send").hidden = true; $("stop").hidden = false;  // before any await: one request at a time
   try {
+    if (!state.model) await loadModel();  // the first load may have lacked the API key
+    const body = {
+      model: state.model || "nanoseek", messages: history, stream: true,
+      temperature: parseFloat($("temperature").value), max_tokens: await tokenLimit(history),
+    };
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
     });
-    if (!r.ok) {
-      let message = `HTTP ${r.status}`;
-      try { message += `: ${(await r.json()).error.message}`; } catch (e) { /* not JSON */ }
-      throw new Error(message);
-    }
+    if (!r.ok) throw new Error(await errorMessage(r));
     for await (const data of sseEvents(r)) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
       for (const c of chunk.choices || []) {
         const d = c.delta || {};
         if (d.reasoning_content) reply.reasoning += d.reasoning_content;
@@ -197,14 +228,21 @@ async function send(text) {
       $("messages").scrollTop = $("messages").scrollHeight;
     }
   } catch (e) {
-    if (e.name !== "AbortError") conv.messages.push({ role: "error", content: String(e.message || e) });
+    if (e.name === "AbortError") reply.stopped = true;
+    else reply.error = String(e.message || e);  // shown in this reply's bubble
   } finally {
     reply.done = true;
     state.controller = null;
     $("send").hidden = false; $("stop").hidden = true;
     if (conv === state.current) renderAll();
-    if (reply.view) reply.view.details.open = !reply.content;
+    if (reply.view) reply.view.details.open = !reply.content && !reply.error;
   }
+}
+
+function setSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  $("menu").setAttribute("aria-expanded", String(open));
+  $("scrim").hidden = !open;
 }
 
 // ---------------------------------------------------------------- wiring
@@ -219,7 +257,10 @@ $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-$("new-chat").addEventListener("click", () => { if (!state.controller) newConversation(); });
+$("new-chat").addEventListener("click", () => { if (!state.controller) { newConversation(); setSidebar(false); } });
+$("menu").addEventListener("click", () => setSidebar(!document.body.classList.contains("sidebar-open")));
+$("scrim").addEventListener("click", () => setSidebar(false));
+$("history").addEventListener("click", () => setSidebar(false));
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
 newConversation();
 loadModel();

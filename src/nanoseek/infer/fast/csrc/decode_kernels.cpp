@@ -4,11 +4,12 @@
 // weights from memory. torch's CPU GEMM is built for large M: with one row it runs a single-threaded GEMV,
 // with a few rows it re-packs the weight first. These kernels read each weight row once, keep the few
 // activation rows in L1, and split the output features (or the experts) over the intra-op threads.
+// Those few-row matmuls (fp32, bf16 and int8 weights) live in gemv.h / gemv.cpp; this file holds RMSNorm,
+// the absorbed attention and the whole-block decode step built on them.
 //
 // Every entry point checks the shapes, sizes, dtypes and layouts its loops rely on (TORCH_CHECK raises a
 // RuntimeError that names the argument) before touching a pointer.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "gemv.h"
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -35,155 +36,7 @@ inline float hsum(v8 v) {
   return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
-// y[r, n] = sum_k x[r, k] * w[n, k] for R <= 8 activation rows and n in [n0, n1). Each weight row is read
-// once, in order (one sequential stream for the prefetcher), and each loaded vector of it serves all R rows.
-template <int R>
-void rows_block(const float* x, int64_t K, const float* w, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t K8 = K & ~int64_t(7);
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* wr = w + n * K;
-    v8 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = v8{};
-    for (int64_t k = 0; k < K8; k += 8) {
-      const v8 wv = load8(wr + k);
-      for (int r = 0; r < R; ++r) acc[r] += wv * load8(x + r * K + k);
-    }
-    for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[r]);
-      for (int64_t k = K8; k < K; ++k) s += x[r * K + k] * wr[k];
-      y[r * ldy + n] = s;
-    }
-  }
-}
-
-void rows_block_any(const float* x, int64_t R, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
-                    int64_t n1) {
-  switch (R) {
-    case 1: rows_block<1>(x, K, w, y, ldy, n0, n1); break;
-    case 2: rows_block<2>(x, K, w, y, ldy, n0, n1); break;
-    case 3: rows_block<3>(x, K, w, y, ldy, n0, n1); break;
-    case 4: rows_block<4>(x, K, w, y, ldy, n0, n1); break;
-    case 5: rows_block<5>(x, K, w, y, ldy, n0, n1); break;
-    case 6: rows_block<6>(x, K, w, y, ldy, n0, n1); break;
-    case 7: rows_block<7>(x, K, w, y, ldy, n0, n1); break;
-    case 8: rows_block<8>(x, K, w, y, ldy, n0, n1); break;
-    default: TORCH_CHECK(false, "rows_block: ", R, " rows (1 to 8 expected)");
-  }
-}
-
-// All M rows of x against weight rows [n0, n1); y has row stride ldy. With more than 8 rows the weight
-// rows go in L2-sized chunks that every block of 8 rows uses before the next chunk is read, so the
-// weight is streamed from memory once, not once per block.
-void rows_range(const float* x, int64_t M, const float* w, float* y, int64_t ldy, int64_t K, int64_t n0,
-                int64_t n1) {
-  if (M <= 8) {
-    rows_block_any(x, M, w, y, ldy, K, n0, n1);
-    return;
-  }
-  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / (4 * K));  // ~64 KB of weight rows
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    const int64_t c1 = std::min(n1, c0 + chunk);
-    for (int64_t m = 0; m < M; m += 8)
-      rows_block_any(x + m * K, std::min<int64_t>(8, M - m), w, y + m * ldy, ldy, K, c0, c1);
-  }
-}
-
-void check_f32(const at::Tensor& t, const char* what, int64_t dim) {
-  TORCH_CHECK(t.defined(), what, " is missing");
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be an fp32 CPU tensor, got ",
-              t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
-  TORCH_CHECK(dim < 0 || t.dim() == dim, what, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
-
-void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, what, " must have shape ", shape, ", got ", t.sizes());
-}
-
-void check_i64(const at::Tensor& t, const char* what, int64_t dim) {
-  TORCH_CHECK(t.defined(), what, " is missing");
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == dim, what,
-              " must be a contiguous int64 CPU tensor with ", dim, " dimensions, got ", t.scalar_type(), " ",
-              t.sizes());
-}
-
 }  // namespace
-
-// x [M, K] @ w[N, K]^T -> [M, N]
-torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w) {
-  check_f32(x, "rows_matmul: x", 2);
-  check_f32(w, "rows_matmul: w", 2);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M > 0, "rows_matmul: x has no rows (an empty batch)");
-  TORCH_CHECK(K > 0 && N > 0, "rows_matmul: empty weight ", w.sizes());
-  TORCH_CHECK(w.size(1) == K, "rows_matmul: x has ", K, " columns but w ", w.size(1));
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // Small weights stay on one thread: a parallel region costs more than reading them.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_range(xp, M, wp, yp, N, K, n0, n1); });
-  return y;
-}
-
-// Routed experts for a few tokens. x [N, D]; w1 [E, 2F, D] (gate rows then up rows); w2 [E, D, F];
-// idx [N, K] int64 expert ids; gate [N, K] fp32. Returns sum_k gate[n, k] * expert_{idx[n, k]}(x[n]), [N, D].
-// The work is split by expert (each thread reads whole experts, once, for all their tokens); every
-// (token, slot) output lands in its own row, and the weighted sum runs afterwards in slot order.
-torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
-                           const torch::Tensor& idx, const torch::Tensor& gate) {
-  check_f32(x, "experts_rows: x", 2);
-  check_f32(w1, "experts_rows: w1", 3);
-  check_f32(w2, "experts_rows: w2", 3);
-  check_f32(gate, "experts_rows: gate", 2);
-  check_i64(idx, "experts_rows: idx", 2);
-  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), F2 = w1.size(1), F = F2 / 2, K = idx.size(1);
-  TORCH_CHECK(N > 0 && K > 0, "experts_rows: no assignments (idx has shape ", idx.sizes(), ")");
-  TORCH_CHECK(D > 0 && E > 0 && F > 0 && F2 % 2 == 0, "experts_rows: w1 must be [E, 2F, D], got ", w1.sizes());
-  check_shape(w1, "experts_rows: w1", {E, F2, D});
-  check_shape(w2, "experts_rows: w2", {E, D, F});
-  check_shape(idx, "experts_rows: idx", {N, K});
-  check_shape(gate, "experts_rows: gate", {N, K});
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  // Assignments grouped by expert, in (token, slot) order within each expert.
-  std::vector<std::vector<int64_t>> rows(E);
-  for (int64_t a = 0; a < N * K; ++a) {
-    TORCH_CHECK(ip[a] >= 0 && ip[a] < E, "experts_rows: expert id out of range: ", ip[a], " with ", E, " experts");
-    rows[ip[a]].push_back(a);
-  }
-  std::vector<int64_t> used;
-  for (int64_t e = 0; e < E; ++e)
-    if (!rows[e].empty()) used.push_back(e);
-  auto out = torch::empty({N * K, D}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* w1p = w1.data_ptr<float>();
-  const float* w2p = w2.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> xin, h, act, y;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t e = used[u];
-      const auto& as = rows[e];
-      const int64_t M = static_cast<int64_t>(as.size());
-      xin.resize(M * D);
-      h.resize(M * F2);
-      act.resize(M * F);
-      y.resize(M * D);
-      for (int64_t i = 0; i < M; ++i) std::memcpy(&xin[i * D], xp + (as[i] / K) * D, D * sizeof(float));
-      rows_range(xin.data(), M, w1p + e * F2 * D, h.data(), F2, D, 0, F2);
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t f = 0; f < F; ++f) {
-          const float g = h[i * F2 + f], up = h[i * F2 + F + f];
-          act[i * F + f] = g / (1.f + std::exp(-g)) * up;
-        }
-      rows_range(act.data(), M, w2p + e * D * F, y.data(), D, F, 0, D);
-      for (int64_t i = 0; i < M; ++i) std::memcpy(op + as[i] * D, &y[i * D], D * sizeof(float));
-    }
-  });
-  // Weighted sum over slots, as a [N, 1, K] x [N, K, D] batched product (the same order as the torch path).
-  return torch::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
-}
 
 // RMSNorm over the last dim, fp32 (torch's CPU rms_norm is a chain of ~8 ops: most of a small block's time).
 torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
@@ -558,7 +411,7 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
 // thread runs while the engine computes.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  py::class_<BlockConfig>(m, "BlockConfig", "a decoder block's hyper-parameters (ModelConfig's names)")
+  py::class_<BlockConfig>(m, "BlockConfig", py::module_local(), "a decoder block's hyper-parameters (ModelConfig's names)")
       .def(py::init<>())
       .def_readwrite("hidden_size", &BlockConfig::hidden_size)
       .def_readwrite("num_attention_heads", &BlockConfig::num_attention_heads)
@@ -579,7 +432,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("norm_topk_prob", &BlockConfig::norm_topk_prob)
       .def_readwrite("routed_scaling_factor", &BlockConfig::routed_scaling_factor)
       .def("check", &BlockConfig::check);
-  py::class_<BlockWeights>(m, "BlockWeights", "a decoder block's tensors under their module names")
+  py::class_<BlockWeights>(m, "BlockWeights", py::module_local(), "a decoder block's tensors under their module names")
       .def(py::init<>())
       .def_readwrite("input_layernorm", &BlockWeights::input_layernorm)
       .def_readwrite("post_attention_layernorm", &BlockWeights::post_attention_layernorm)
@@ -601,7 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("shared_gate_proj", &BlockWeights::shared_gate_proj)
       .def_readwrite("shared_up_proj", &BlockWeights::shared_up_proj)
       .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj);
-  py::class_<CacheIndex>(m, "CacheIndex", "where a batch's rows live in the paged cache (one forward, every layer)")
+  py::class_<CacheIndex>(m, "CacheIndex", py::module_local(), "where a batch's rows live in the paged cache (one forward, every layer)")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("block_table"),
            py::arg("write_rows"), py::arg("block_size"), py::arg("kv_len"), py::arg("bias"))
       .def_readonly("block_table", &CacheIndex::block_table)
@@ -613,6 +466,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cos"), py::arg("sin"), py::arg("kv_layer"), py::arg("index"), py::arg("weights"),
         py::arg("config"), nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32, CPU)", nogil);
-  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32, CPU)", nogil);
-  m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (fp32, CPU)", nogil);
+  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32 x; fp32, bf16 or scaled int8 w; CPU)",
+        py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), nogil);
+  m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (CPU)", py::arg("x"),
+        py::arg("w1"), py::arg("w2"), py::arg("idx"), py::arg("gate"), py::arg("s1") = py::none(),
+        py::arg("s2") = py::none(), nogil);
+  m.def("kernel_isa", &kernel_isa, "the instruction set this build was compiled for");
 }

@@ -1,0 +1,111 @@
+"""Weight-only bf16 and int8 decoding (nanoseek.infer.quant) against the fp32 model, side by side.
+
+For one random-weight model (default: a decode-sized config, hidden 1536 and 16 experts per MoE layer,
+~1.5 GB in fp32, so that decoding streams its weights from memory rather than from cache) in fp32,
+bf16 weights, int8 per group of 128 and int8 per row:
+  * quality against fp32: the largest logit error relative to the largest fp32 logit, and the
+    agreement of greedy tokens (4 prompts x 32 new tokens);
+  * greedy decode tokens/s at batch 1 and batch 8 (nanoseek.generate, the kernels on), the formats run
+    alternately, and the speed-up over fp32;
+  * the bytes of weight each format holds.
+The CPU (`lscpu` model and SIMD flags) is printed and saved. Held-out task accuracy of the trained
+speedrun model is not measured here (it needs a trained checkpoint; see `--model`).
+
+Run: `.venv/bin/python -m benchmarks.bench_quant [--preset bench] [--model DIR]`.
+Results: benchmarks/results/quant.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import nanoseek
+from benchmarks.common import cpu_info, write_result
+from nanoseek.config import preset
+from nanoseek.infer import fast, quant
+from nanoseek.infer.fast import kernels
+
+DECODE_SIZED = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, moe_intermediate_size=1024,
+                    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=12, q_lora_rank=512,
+                    kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                    n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=1, topk_group=1,
+                    max_position_embeddings=1024, num_nextn_predict_layers=0, initializer_range=0.05)
+FORMATS = {"fp32": None, "bf16": ("bf16", 0), "int8_g128": ("int8", 128), "int8_row": ("int8", 0)}
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def build(args, fmt):
+    if args.model:
+        spec = FORMATS[fmt]
+        return nanoseek.load(args.model, dtype=torch.float32, weights=spec[0] if spec else "dense")
+    torch.manual_seed(0)
+    cfg = preset("bench") if args.preset == "bench" else nanoseek.ModelConfig(**DECODE_SIZED)
+    model = nanoseek.Transformer(cfg).eval()
+    if FORMATS[fmt]:
+        quant.quantize_model(model, *FORMATS[fmt])
+    return model
+
+
+def decode_tps(model, prompts, new_tokens: int) -> float:
+    t = time.perf_counter()
+    out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
+    return sum(map(len, out)) / (time.perf_counter() - t)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["decode", "bench"], default="decode")
+    p.add_argument("--model", default=None, help="a checkpoint directory instead of random weights")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args(argv)
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; SIMD flags: {' '.join(cpu['simd_flags'])}; kernels: {kernels.isa()}")
+    models = {fmt: fast.accelerate(build(args, fmt)) for fmt in FORMATS}
+    cfg = models["fp32"].config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, (4, 24), generator=g)
+    with torch.inference_mode():
+        ref = models["fp32"](ids)
+    quality, greedy = {}, {}
+    prompts = [ids[i].tolist() for i in range(4)]
+    for fmt, m in models.items():
+        with torch.inference_mode():
+            err = ((m(ids) - ref).abs().max() / ref.abs().max()).item()
+        greedy[fmt] = nanoseek.generate(m, prompts, max_new_tokens=args.new_tokens)
+        agree = sum(a == b for p, q in zip(greedy["fp32"], greedy[fmt]) for a, b in zip(p, q))
+        quality[fmt] = {"max_logit_error_rel": round(err, 5), "greedy_agreement": round(agree / sum(map(len, greedy["fp32"])), 4),
+                        "weight_gb": round(weight_bytes(m) / 1e9, 3)}
+    speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
+    for batch in (1, 8):
+        batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
+        runs: dict[str, list[float]] = {fmt: [] for fmt in FORMATS}
+        for fmt, m in models.items():  # warm-up: kernel builds, path calibration, allocator
+            decode_tps(m, batch_prompts, 4)
+        for r in range(args.rounds):
+            for fmt in (list(FORMATS) if r % 2 == 0 else list(FORMATS)[::-1]):
+                runs[fmt].append(decode_tps(models[fmt], batch_prompts, args.new_tokens))
+        for fmt in FORMATS:
+            speed[fmt][f"batch_{batch}_tokens_per_s"] = round(max(runs[fmt]), 2)
+        for fmt in FORMATS:
+            speed[fmt][f"batch_{batch}_vs_fp32"] = round(speed[fmt][f"batch_{batch}_tokens_per_s"]
+                                                         / speed["fp32"][f"batch_{batch}_tokens_per_s"], 2)
+    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "config": "checkpoint " + args.model if args.model else args.preset,
+              "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+              "formats": {fmt: {**quality[fmt], **speed[fmt]} for fmt in FORMATS}}
+    for fmt, r in result["formats"].items():
+        print(f"{fmt:>10}: {r['weight_gb']} GB, logit error {r['max_logit_error_rel']:.2e}, greedy agreement "
+              f"{r['greedy_agreement']:.0%}, batch 1 {r['batch_1_tokens_per_s']} tok/s ({r['batch_1_vs_fp32']}x), "
+              f"batch 8 {r['batch_8_tokens_per_s']} tok/s ({r['batch_8_vs_fp32']}x)")
+    print(f"wrote {write_result('quant', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

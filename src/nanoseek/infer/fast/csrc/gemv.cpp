@@ -1,0 +1,149 @@
+// The few-row matmul and routed-expert entry points (declared in gemv.h), for fp32, bf16 and int8 weights.
+//
+// torch's CPU GEMM is built for large M: with one row it runs a single-threaded GEMV, with a few rows it
+// re-packs the weight first, and it has no int8-weight path at all. These read each weight row once,
+// keep the few activation rows in L1, and split the output features (or the experts) over the intra-op
+// threads.
+#include "gemv.h"
+
+#include <cmath>
+#include <vector>
+
+const char* kernel_isa() {
+#if defined(NANOSEEK_ISA_AVX512)
+  return "avx512";
+#elif defined(NANOSEEK_ISA_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+namespace {
+
+// A 2-D (or one expert's slice of a 3-D) weight with its optional scales, checked and typed.
+struct WeightArg {
+  at::ScalarType type;
+  const void* data;
+  const float* scale;
+  int64_t groups;  // scale columns per weight row (1 when unscaled)
+};
+
+// Checks w (fp32, bf16 or int8, contiguous, `dim` dims, rows of K inputs) and its scale (required for
+// int8 and only there: [..., rows, groups] fp32 with K % groups == 0).
+WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale, const char* what, int64_t dim,
+                     int64_t K) {
+  TORCH_CHECK(w.defined() && w.device().is_cpu(), what, " must be a CPU tensor");
+  const auto type = w.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kChar, what,
+              " must be float32, bfloat16 or int8, got ", type);
+  TORCH_CHECK(w.is_contiguous() && w.dim() == dim, what, " must be contiguous with ", dim, " dimensions, got ",
+              w.sizes());
+  const bool scaled = scale.has_value() && scale->defined();
+  TORCH_CHECK(scaled == (type == at::kChar), what, type == at::kChar ? ": int8 weights need their scales"
+                                                                     : ": only int8 weights take scales");
+  if (!scaled) return {type, w.data_ptr(), nullptr, 1};
+  check_f32(*scale, what, dim);
+  const int64_t groups = scale->size(-1);
+  auto expect = w.sizes().vec();
+  expect.back() = groups;
+  TORCH_CHECK(groups > 0 && K % groups == 0, what, ": ", groups, " scale groups do not divide ", K, " inputs");
+  check_shape(*scale, what, expect);
+  return {type, w.data_ptr(), scale->data_ptr<float>(), groups};
+}
+
+// rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements).
+void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t N, int64_t K, float* y,
+              int64_t ldy, int64_t n0, int64_t n1) {
+  const float* scale = wa.scale ? wa.scale + m * N * wa.groups : nullptr;
+  const int64_t G = K / wa.groups, off = m * N * K;
+  switch (wa.type) {
+    case at::kFloat:
+      gemv::rows_range(x, M, gemv::Rows<float>{static_cast<const float*>(wa.data) + off, nullptr, K}, y, ldy,
+                       K, n0, n1);
+      break;
+    case at::kBFloat16:
+      gemv::rows_range(x, M, gemv::Rows<at::BFloat16>{static_cast<const at::BFloat16*>(wa.data) + off, nullptr,
+                                                      K}, y, ldy, K, n0, n1);
+      break;
+    default:
+      gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
+                       K, n0, n1);
+  }
+}
+
+}  // namespace
+
+torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& scale) {
+  check_f32(x, "rows_matmul: x", 2);
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto wa = weight_arg(w, scale, "rows_matmul: w", 2, K);
+  const int64_t N = w.size(0);
+  TORCH_CHECK(M > 0, "rows_matmul: x has no rows (an empty batch)");
+  TORCH_CHECK(K > 0 && N > 0, "rows_matmul: empty weight ", w.sizes());
+  TORCH_CHECK(w.size(1) == K, "rows_matmul: x has ", K, " columns but w ", w.size(1));
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Small weights stay on one thread: a parallel region costs more than reading them.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_any(xp, M, wa, 0, N, K, yp, N, n0, n1); });
+  return y;
+}
+
+// The work is split by expert (each thread reads whole experts, once, for all their tokens); every
+// (token, slot) output lands in its own row, and the weighted sum runs afterwards in slot order.
+torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                           const torch::Tensor& idx, const torch::Tensor& gate, const std::optional<torch::Tensor>& s1,
+                           const std::optional<torch::Tensor>& s2) {
+  check_f32(x, "experts_rows: x", 2);
+  check_f32(gate, "experts_rows: gate", 2);
+  check_i64(idx, "experts_rows: idx", 2);
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "experts_rows: w1 and w2 must be [E, 2F, D] and [E, D, F], got ",
+              w1.sizes(), " and ", w2.sizes());
+  const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), F2 = w1.size(1), F = F2 / 2, K = idx.size(1);
+  TORCH_CHECK(N > 0 && K > 0, "experts_rows: no assignments (idx has shape ", idx.sizes(), ")");
+  TORCH_CHECK(D > 0 && E > 0 && F > 0 && F2 % 2 == 0, "experts_rows: w1 must be [E, 2F, D], got ", w1.sizes());
+  check_shape(w1, "experts_rows: w1", {E, F2, D});
+  check_shape(w2, "experts_rows: w2", {E, D, F});
+  check_shape(idx, "experts_rows: idx", {N, K});
+  check_shape(gate, "experts_rows: gate", {N, K});
+  const auto wa1 = weight_arg(w1, s1, "experts_rows: w1", 3, D);
+  const auto wa2 = weight_arg(w2, s2, "experts_rows: w2", 3, F);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  // Assignments grouped by expert, in (token, slot) order within each expert.
+  std::vector<std::vector<int64_t>> rows(E);
+  for (int64_t a = 0; a < N * K; ++a) {
+    TORCH_CHECK(ip[a] >= 0 && ip[a] < E, "experts_rows: expert id out of range: ", ip[a], " with ", E, " experts");
+    rows[ip[a]].push_back(a);
+  }
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (!rows[e].empty()) used.push_back(e);
+  auto out = torch::empty({N * K, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> xin, h, act, y;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t e = used[u];
+      const auto& as = rows[e];
+      const int64_t M = static_cast<int64_t>(as.size());
+      xin.resize(M * D);
+      h.resize(M * F2);
+      act.resize(M * F);
+      y.resize(M * D);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(&xin[i * D], xp + (as[i] / K) * D, D * sizeof(float));
+      rows_any(xin.data(), M, wa1, e, F2, D, h.data(), F2, 0, F2);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t f = 0; f < F; ++f) {
+          const float g = h[i * F2 + f], up = h[i * F2 + F + f];
+          act[i * F + f] = g / (1.f + std::exp(-g)) * up;
+        }
+      rows_any(act.data(), M, wa2, e, D, F, y.data(), D, 0, D);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(op + as[i] * D, &y[i * D], D * sizeof(float));
+    }
+  });
+  // Weighted sum over slots, as a [N, 1, K] x [N, K, D] batched product (the same order as the torch path).
+  return torch::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
+}

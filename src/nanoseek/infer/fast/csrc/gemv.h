@@ -1,0 +1,220 @@
+// Few-row matmuls against fp32, bf16 or int8 weights: the GEMV-shaped work of decoding.
+//
+// A decode step multiplies 1-32 activation rows by every weight it touches, so its time is that of
+// streaming the weights from memory, and narrower weights are read faster: bf16 halves the bytes and
+// int8 (symmetric, one fp32 scale per output row and group of `G` inputs) quarters them. The weights are
+// widened to fp32 in registers and every product is accumulated in fp32, per group, then scaled.
+//
+// The vector width comes from the build (NANOSEEK_VEC_BYTES: 32 for AVX2 and the portable build, 64 for
+// AVX-512; nanoseek.infer.fast.build compiles one extension per instruction set). The code is written
+// with GCC/clang vector extensions, so the portable build (no -m flags) compiles the same loops to SSE2
+// on x86 and NEON on ARM.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#if defined(NANOSEEK_ISA_AVX2) || defined(NANOSEEK_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+#ifndef NANOSEEK_VEC_BYTES
+#define NANOSEEK_VEC_BYTES 32
+#endif
+
+// --- argument checks shared by every entry point (TORCH_CHECK raises a RuntimeError naming the argument)
+inline void check_f32(const at::Tensor& t, const char* what, int64_t dim) {
+  TORCH_CHECK(t.defined(), what, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be an fp32 CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+  TORCH_CHECK(dim < 0 || t.dim() == dim, what, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+inline void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, what, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_i64(const at::Tensor& t, const char* what, int64_t dim) {
+  TORCH_CHECK(t.defined(), what, " is missing");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == dim, what,
+              " must be a contiguous int64 CPU tensor with ", dim, " dimensions, got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+// x [M, K] fp32 @ w[N, K]^T -> [M, N] fp32; w fp32, bf16, or int8 with scale [N, K / G] fp32.
+torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w,
+                          const std::optional<torch::Tensor>& scale = std::nullopt);
+
+// sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for stacked SwiGLU experts w1 [E, 2F, D], w2 [E, D, F]
+// (fp32, bf16, or int8 with scales s1 [E, 2F, D / G1], s2 [E, D, F / G2]).
+torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                           const torch::Tensor& idx, const torch::Tensor& gate,
+                           const std::optional<torch::Tensor>& s1 = std::nullopt,
+                           const std::optional<torch::Tensor>& s2 = std::nullopt);
+
+// The instruction set this extension was compiled for ("avx512", "avx2" or "portable").
+const char* kernel_isa();
+
+namespace gemv {
+
+constexpr int kLanes = NANOSEEK_VEC_BYTES / 4;
+typedef float vf __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
+typedef uint32_t vu32 __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
+typedef uint16_t vu16 __attribute__((vector_size(NANOSEEK_VEC_BYTES / 2)));
+typedef int8_t vi8 __attribute__((vector_size(NANOSEEK_VEC_BYTES / 4)));
+
+// kLanes weights widened to fp32 (bf16 is the top half of an fp32: shift it up; int8 converts exactly).
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+#if defined(NANOSEEK_ISA_AVX512)
+// GCC lowers the generic int8 / uint16 widening below to one scalar convert per lane: spell it out.
+inline vf load(const at::BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline vf load(const int8_t* p) {
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(NANOSEEK_ISA_AVX2)
+inline vf load(const at::BFloat16* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline vf load(const int8_t* p) {
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+typedef int32_t vi32 __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
+inline vf load(const at::BFloat16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline vf load(const int8_t* p) {  // widened to int32 first: the int32 -> float convert is one vector op
+  vi8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, vi32), vf);
+}
+#endif
+inline float scalar(float v) { return v; }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Tree sum of the lanes (a serial lane-by-lane sum costs as much as the dot product for short rows).
+inline float hsum(vf v) {
+  float s[kLanes];
+  std::memcpy(s, &v, sizeof(s));
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
+
+// y[r, n] = sum_g scale[n, g] * sum_{k in group g} x[r, k] * w[n, k] for R <= 8 rows and n in [n0, n1).
+// Each weight row is read once, in order (one stream for the prefetcher), and each widened vector of it
+// serves all R rows. U independent accumulators per row hide the FMA latency when R is small.
+template <typename W, bool Scaled, int R>
+void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+  const int64_t NG = K / G;
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* wr = w + n * K;
+    vf total[R];
+    float tail[R];
+    for (int r = 0; r < R; ++r) total[r] = vf{}, tail[r] = 0.f;
+    for (int64_t g = 0; g < NG; ++g) {
+      const int64_t k1 = (g + 1) * G;
+      int64_t k = g * G;
+      vf acc[R][U];
+      float rest[R];
+      for (int r = 0; r < R; ++r) {
+        rest[r] = 0.f;
+        for (int u = 0; u < U; ++u) acc[r][u] = vf{};
+      }
+      for (; k + U * kLanes <= k1; k += U * kLanes)
+        for (int u = 0; u < U; ++u) {
+          const vf wv = load(wr + k + u * kLanes);
+          for (int r = 0; r < R; ++r) acc[r][u] += wv * load(x + r * K + k + u * kLanes);
+        }
+      for (; k + kLanes <= k1; k += kLanes) {
+        const vf wv = load(wr + k);
+        for (int r = 0; r < R; ++r) acc[r][0] += wv * load(x + r * K + k);
+      }
+      for (; k < k1; ++k)
+        for (int r = 0; r < R; ++r) rest[r] += x[r * K + k] * scalar(wr[k]);
+      const float s = Scaled ? scale[n * NG + g] : 1.f;
+      for (int r = 0; r < R; ++r) {
+        vf sum = acc[r][0];
+        for (int u = 1; u < U; ++u) sum += acc[r][u];
+        if (Scaled) {
+          total[r] += sum * s;
+          tail[r] += rest[r] * s;
+        } else {
+          total[r] += sum;
+          tail[r] += rest[r];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) y[r * ldy + n] = hsum(total[r]) + tail[r];
+  }
+}
+
+template <typename W, bool Scaled>
+void rows_block_any(const float* x, int64_t R, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                    int64_t K, int64_t n0, int64_t n1) {
+  switch (R) {
+    case 1: rows_block<W, Scaled, 1>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 2: rows_block<W, Scaled, 2>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 3: rows_block<W, Scaled, 3>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 4: rows_block<W, Scaled, 4>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 5: rows_block<W, Scaled, 5>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 6: rows_block<W, Scaled, 6>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 7: rows_block<W, Scaled, 7>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    case 8: rows_block<W, Scaled, 8>(x, K, w, scale, G, y, ldy, n0, n1); break;
+    default: TORCH_CHECK(false, "rows_block: ", R, " rows (1 to 8 expected)");
+  }
+}
+
+// A weight matrix [N, K] as the loops read it: its elements, and for int8 the per-(row, group) scales.
+template <typename W>
+struct Rows {
+  const W* w;
+  const float* scale;  // [N, K / G] or nullptr
+  int64_t G;           // group size (K when unscaled)
+};
+
+// All M rows of x against weight rows [n0, n1); y has row stride ldy. With more than 8 rows the weight
+// rows go in L2-sized chunks that every block of 8 rows uses before the next chunk is read, so the
+// weight is streamed from memory once, not once per block.
+template <typename W>
+void rows_range(const float* x, int64_t M, const Rows<W>& wt, float* y, int64_t ldy, int64_t K, int64_t n0,
+                int64_t n1) {
+  auto block = [&](const float* xb, int64_t R, float* yb, int64_t c0, int64_t c1) {
+    if (wt.scale != nullptr)
+      rows_block_any<W, true>(xb, R, wt.w, wt.scale, wt.G, yb, ldy, K, c0, c1);
+    else
+      rows_block_any<W, false>(xb, R, wt.w, nullptr, K, yb, ldy, K, c0, c1);
+  };
+  if (M <= 8) {
+    block(x, M, y, n0, n1);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / (int64_t(sizeof(W)) * K));  // ~64 KB
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t m = 0; m < M; m += 8) block(x + m * K, std::min<int64_t>(8, M - m), y + m * ldy, c0, c1);
+  }
+}
+
+}  // namespace gemv

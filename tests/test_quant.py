@@ -1,0 +1,288 @@
+"""Instruction-set dispatch of the C++ kernels, bf16 / int8 weight-only decoding, and `nanoseek quantize`.
+
+The kernels are checked against torch for every instruction set this CPU runs plus the forced portable
+build (the one ARM machines get); the quantized model against the fp32 one (logits, greedy tokens); the
+quantized checkpoint through the real command line, and broken ones for a one-line CheckpointError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.config import preset
+from nanoseek.hf import CheckpointError
+from nanoseek.infer import fast, quant
+from nanoseek.infer.fast import build, kernels
+from nanoseek.model import Transformer
+
+RUNNABLE = build.runnable_isas()
+
+
+@pytest.fixture(scope="module", params=sorted(set(RUNNABLE)))
+def ext(request):
+    """The extension of each instruction set this CPU runs (portable included)."""
+    if not build.enabled():
+        pytest.skip("the C++ kernels are turned off (NANOSEEK_KERNELS=0)")
+    module = build.load(isa=request.param)
+    assert module is not None, build.status(request.param)["reason"]
+    assert module.kernel_isa() == request.param
+    return module
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return (x.double() @ quant.dequantize(w, scale, torch.float64).t()).float()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-row", "int8-g32", "int8-g128"])
+def test_rows_matmul_every_isa_and_format_equals_torch(ext, fmt):
+    torch.manual_seed(0)
+    for n_out, n_in in [(384, 256), (100, 203), (8, 5), (1024, 512)]:  # odd sizes exercise the tails
+        w32 = torch.randn(n_out, n_in)
+        if fmt == "fp32":
+            w, s = w32, None
+        elif fmt == "bf16":
+            w, s = w32.bfloat16(), None
+        else:
+            group = {"int8-row": 0, "int8-g32": 32, "int8-g128": 128}[fmt]
+            w, s = quant.quantize_int8(w32, group)
+            if group and n_in % group == 0:
+                assert s.shape == (n_out, n_in // group)
+        for rows in (1, 2, 3, 7, 8, 9, 17, 32):
+            x = torch.randn(rows, n_in)
+            got = ext.rows_matmul(x, w, s)
+            torch.testing.assert_close(got, reference(x, w, s), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_experts_rows_every_isa_and_format_equals_torch(ext, fmt):
+    torch.manual_seed(0)
+    E, D, Fh, K = 6, 64, 96, 2
+    w1, w2 = torch.randn(E, 2 * Fh, D) * 0.1, torch.randn(E, D, Fh) * 0.1
+    s1 = s2 = None
+    if fmt == "bf16":
+        w1, w2 = w1.bfloat16(), w2.bfloat16()
+    elif fmt == "int8":
+        (w1, s1), (w2, s2) = quant.quantize_int8(w1, 32), quant.quantize_int8(w2, 32)
+    d1, d2 = quant.dequantize(w1, s1), quant.dequantize(w2, s2)
+    for n in (1, 3, 20):  # 20 tokens x 2 put more than 8 rows (one register block) on some experts
+        x = torch.randn(n, D)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
+        gate = torch.rand(n, K)
+        g, u = torch.einsum("nd,nkfd->nkf", x, d1[idx]).chunk(2, dim=-1)
+        ref = torch.einsum("nk,nkd->nd", gate, torch.einsum("nkf,nkdf->nkd", F.silu(g) * u, d2[idx]))
+        torch.testing.assert_close(ext.experts_rows(x, w1, w2, idx, gate, s1, s2), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_argument_checks(ext):
+    x = torch.randn(2, 64)
+    q, s = quant.quantize_int8(torch.randn(16, 64), 32)
+    with pytest.raises(RuntimeError, match="int8 weights need their scales"):
+        ext.rows_matmul(x, q)
+    with pytest.raises(RuntimeError, match="only int8 weights take scales"):
+        ext.rows_matmul(x, torch.randn(16, 64), s)
+    with pytest.raises(RuntimeError, match="do not divide"):
+        ext.rows_matmul(x, q, torch.ones(16, 3))
+    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or int8"):
+        ext.rows_matmul(x, torch.randn(16, 64).half())
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=900)
+
+
+def test_the_isa_is_chosen_at_start_and_can_be_forced():
+    code = "from nanoseek.infer.fast import kernels; print(kernels.isa())"
+    best = _python(code)
+    assert best.returncode == 0, best.stderr
+    assert best.stdout.split()[-1] == RUNNABLE[0]
+    forced = _python(code, NANOSEEK_KERNEL_ISA="portable")
+    assert forced.stdout.split()[-1] == "portable", forced.stderr
+    bogus = _python(code, NANOSEEK_KERNEL_ISA="sse9")
+    assert bogus.stdout.split()[-1] == "None" and "choose one of avx512, avx2, portable" in bogus.stderr
+    if "avx512" not in RUNNABLE:  # refused rather than crashing on the first AVX-512 instruction
+        refused = _python(code, NANOSEEK_KERNEL_ISA="avx512")
+        assert refused.stdout.split()[-1] == "None"
+        assert "this CPU cannot run it" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif("avx512" in RUNNABLE or not build.compiler_takes("avx512"),
+                    reason="the CPU runs AVX-512 (the ISA tests above cover it) or the compiler lacks it")
+def test_the_avx512_build_compiles_on_a_cpu_that_cannot_run_it(tmp_path):
+    objects = build.compile_only("avx512", tmp_path)
+    assert all(o.is_file() and o.stat().st_size > 0 for o in objects)
+
+
+def test_few_row_paths_are_measured_against_torch(monkeypatch):
+    if kernels.load() is None:
+        pytest.skip("no kernels")
+    kernels.PATHS.clear()
+    lin = quant.QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), "int8", 64)
+    with torch.no_grad():
+        x = torch.randn(3, 256)
+        ref = x @ lin.dense_weight().t()
+        for _ in range(2):
+            torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
+    (entry,) = kernels.PATHS.table()
+    assert entry["key"] == ["int8", "384", "256", "4", "4"] and entry["path"] in ("kernel", "torch")
+    assert entry["kernel_s"] > 0 and entry["torch_s"] > 0
+    kernels.PATHS.clear()
+    monkeypatch.setenv(kernels.PATHS_ENV, "torch")
+    with torch.no_grad():
+        lin(x)
+    assert kernels.PATHS.table()[0]["path"] == "torch" and kernels.PATHS.table()[0]["kernel_s"] is None
+    kernels.PATHS.clear()
+
+
+# ----------------------------------------------------------------------------- quantized models
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    # a larger init than training's: peaked logits (greedy tokens not decided by near-ties), yet no routing chaos
+    return Transformer(preset("tiny", initializer_range=0.1, n_routed_experts=8, num_experts_per_tok=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dense") / "model"
+    nanoseek.save(tiny_model(), path)
+    return path
+
+
+def quantize_cli(src: Path, out: Path, fmt: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", "quantize", "--model", str(src), "--to", fmt,
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("fmt,group,tol", [("int8", 32, 0.03), ("int8", 0, 0.05), ("bf16", 0, 0.01)])
+def test_quantized_model_matches_fp32(fmt, group, tol):
+    dense = tiny_model()
+    q = quant.quantize_model(tiny_model(), fmt, group)
+    assert quant.is_quantized(q) and type(q.layers[0].self_attn.kv_b_proj) is torch.nn.Linear
+    assert type(q.layers[1].mlp.experts) is quant.QuantExperts
+    fast.accelerate(dense), fast.accelerate(q)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        ref, got = dense(ids), q(ids)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
+    prompts = [ids[0].tolist(), ids[1, :5].tolist()]
+    a = nanoseek.generate(dense, prompts, max_new_tokens=16)
+    b = nanoseek.generate(q, prompts, max_new_tokens=16)
+    agree = sum(x == y for p, r in zip(a, b) for x, y in zip(p, r)) / sum(map(len, a))
+    assert agree >= 0.9, (a, b)
+
+
+def test_quantize_cli_round_trip(dense_dir, tmp_path):
+    out = tmp_path / "int8"
+    r = quantize_cli(dense_dir, out, "int8", "--group-size", "32", "--max-shard-gb", "0.0005")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "nanoseek"
+    assert cfg["quantization_config"]["weight_format"] == "int8" and cfg["quantization_config"]["group_size"] == 32
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shard = load_file(str(out / index["weight_map"][key]))
+    assert shard[key].dtype == torch.int8 and (key + "_scale") in index["weight_map"]
+
+    loaded = nanoseek.load(out)
+    assert loaded.weight_format == {"format": "int8", "group_size": 32}
+    assert loaded.layers[1].mlp.experts.gate_up_proj.dtype == torch.int8
+    default = tmp_path / "int8-default-group"
+    assert quantize_cli(dense_dir, default, "int8").returncode == 0
+    at_load = nanoseek.load(dense_dir, weights="int8").state_dict()  # converted while loading: the same tensors
+    for name, t in nanoseek.load(default).state_dict().items():
+        assert torch.equal(t, at_load[name]), name
+    dense = nanoseek.load(dense_dir)
+    expanded = nanoseek.load(out, weights="dense")
+    ids = torch.randint(0, dense.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        ref = dense(ids)
+        for m in (loaded, expanded):
+            assert ((m(ids) - ref).abs().max() / ref.abs().max()).item() < 0.02
+    with pytest.raises(CheckpointError, match="nanoseek quantize"):
+        nanoseek.save(loaded, tmp_path / "again")
+
+    bf = tmp_path / "bf16"
+    assert quantize_cli(dense_dir, bf, "bf16").returncode == 0
+    m = nanoseek.load(bf)
+    assert m.lm_head.weight.dtype == torch.bfloat16 and m.norm.weight.dtype == torch.float32
+    again = quantize_cli(out, tmp_path / "twice", "int8")
+    assert again.returncode == 1 and "already a nanoseek int8 checkpoint" in again.stderr
+
+
+def test_generate_cli_uses_a_quantized_checkpoint_and_dtype_at_load(chat_model_dir, tmp_path):
+    out = tmp_path / "int8"
+    assert quantize_cli(chat_model_dir, out, "int8").returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, args in {"dense": ["--model", str(chat_model_dir)], "int8": ["--model", str(out)],
+                       "at-load": ["--model", str(chat_model_dir), "--dtype", "int8"],
+                       "bf16w": ["--model", str(chat_model_dir), "--dtype", "bf16-weights"]}.items():
+        r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", *args, "--prompt", "hello",
+                            "--max-tokens", "8"], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr
+        runs[name] = r.stdout
+    assert runs["int8"] == runs["at-load"]  # the same int8 weights, whether written ahead or at load
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    key = "model.layers.0.self_attn.o_proj.weight"
+    tensors = load_file(str(out / index["weight_map"][key]))
+    tensors[key + "_scale"] = tensors[key + "_scale"][:-1].contiguous()  # a mismatched scale
+    save_file(tensors, str(out / index["weight_map"][key]))
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", "--model", str(out), "--prompt", "x"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("nanoseek generate: ") and len(r.stderr.strip().splitlines()) == 1
+    assert key + "_scale" in r.stderr
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_broken_quantized_checkpoints_give_one_line_errors(dense_dir, tmp_path):
+    out = tmp_path / "int8"
+    assert quantize_cli(dense_dir, out, "int8", "--group-size", "32").returncode == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    key = "model.layers.0.self_attn.o_proj.weight"
+    shard_file = out / index["weight_map"][key]
+    original = shard_file.read_bytes()
+
+    tensors = load_file(str(shard_file))
+    tensors[key + "_scale"] = tensors[key + "_scale"][:, :1].contiguous()  # another group size
+    save_file(tensors, str(shard_file))
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load(out)
+    assert key + "_scale" in _one_line(e) and "group size" in str(e.value)
+
+    tensors = load_file(str(out / index["weight_map"][key]))
+    tensors[key] = tensors[key].float()  # a dense tensor where config.json promises int8
+    save_file(tensors, str(shard_file))
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load(out)
+    assert "says int8" in _one_line(e)
+
+    shard_file.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load(out)
+    assert "corrupt or truncated" in _one_line(e)
+    shard_file.write_bytes(original)
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["weight_format"] = "int3"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.load(out)
+    assert "not a nanoseek weight format" in _one_line(e)
