@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence (default: the model's, capped at 8192)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per block of the paged latent cache (default 64)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block of the paged latent cache")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--cache-blocks", type=int, default=None,
                         help="latent cache blocks in the pool (default: max-batch-size sequences of max-len tokens)")
