@@ -263,18 +263,19 @@ def speculation_costs(model, prompt: list[int], rounds: int = 200) -> dict:
     a plain one-token step, the two-token verify, and the two-position MTP draft (on the engine's cache,
     with the model as the engine runs it)."""
     from nanoseek.infer import fast
-    from nanoseek.infer.cache import SlotCache
+    from nanoseek.infer.cache import PagedCache
 
     fast.accelerate(model)
-    cache = SlotCache.for_model(model, 1, len(prompt) + 4, next(model.parameters()).dtype, "cpu")
+    cache = PagedCache.for_model(model, -(-(len(prompt) + 4) // 64), 64, next(model.parameters()).dtype, "cpu")
+    table = [list(range(cache.num_blocks))]  # the engine's layout, one sequence
     ids = torch.tensor([prompt])
     zero = torch.zeros(1, dtype=torch.long)
     pos = torch.tensor([len(prompt) - 2])
     with torch.inference_mode():
-        _, hidden = model.forward_cached(ids, cache.view(zero, zero, len(prompt)))
-        calls = {"step_1_token": lambda: model.forward_cached(ids[:, :1], cache.view(zero, pos, 1)),
-                 "verify_2_tokens": lambda: model.forward_cached(ids[:, :2], cache.view(zero, pos, 2)),
-                 "mtp_draft": lambda: model.mtp_forward_cached(hidden[:, :2], ids[:, 1:3], cache.view(zero, pos, 2))}
+        _, hidden = model.forward_cached(ids, cache.view(table, zero, len(prompt)))
+        calls = {"step_1_token": lambda: model.forward_cached(ids[:, :1], cache.view(table, pos, 1)),
+                 "verify_2_tokens": lambda: model.forward_cached(ids[:, :2], cache.view(table, pos, 2)),
+                 "mtp_draft": lambda: model.mtp_forward_cached(hidden[:, :2], ids[:, 1:3], cache.view(table, pos, 2))}
         times = alternate(calls, rounds=rounds, warmup=20)
     return {k: round(median(v) * 1e3, 3) for k, v in times.items()}
 

@@ -32,8 +32,8 @@ import nanoseek
 from benchmarks.common import cpu_info, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast
-from nanoseek.infer.cache import SlotCache
 from nanoseek.infer import quant
+from nanoseek.infer.cache import PagedCache
 from nanoseek.infer.fast import build, kernels
 from nanoseek.infer.fast.modules import few_rows_linear
 
@@ -120,19 +120,20 @@ def bench_rmsnorm() -> dict:
 
 
 def bench_threads(model) -> dict:
-    cache = SlotCache.for_model(model, 1, 256, torch.float32, "cpu")
+    cache = PagedCache.for_model(model, 4, 64, torch.float32, "cpu")  # the engine's layout: 256 positions
+    table = [[cache.pool.allocate() for _ in range(4)]]
     zero = torch.zeros(1, dtype=torch.long)
-    model.forward_cached(torch.randint(3, 1000, (1, 32)), cache.view(zero, zero, 32))
+    model.forward_cached(torch.randint(3, 1000, (1, 32)), cache.view(table, zero, 32))
     tok = torch.ones(1, 1, dtype=torch.long)
     result = {}
 
     def steps(name: str) -> None:
         with torch.inference_mode():
             for p in range(32, 40):
-                model.forward_cached(tok, cache.view(zero, torch.tensor([p]), 1))
+                model.forward_cached(tok, cache.view(table, torch.tensor([p]), 1))
             t = time.perf_counter()
             for p in range(40, 140):
-                model.forward_cached(tok, cache.view(zero, torch.tensor([p]), 1))
+                model.forward_cached(tok, cache.view(table, torch.tensor([p]), 1))
             result[name] = round((time.perf_counter() - t) / 100 * 1e3, 2)
 
     steps("main_thread_ms")

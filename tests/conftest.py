@@ -180,7 +180,7 @@ def chat_server(chat_model_dir, tmp_path_factory):
     """A real `nanoseek serve` process on loopback (API key SERVER_API_KEY); yields its base URL."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     with running_server(chat_model_dir, log, "--model-name", "nanoseek-tiny", "--max-batch-size", "4",
-                        "--max-queue", "4", "--max-len", "1024", "--log-level", "warning") as url:
+                        "--max-queue", "4", "--max-len", "1024", "--block-size", "16", "--log-level", "warning") as url:
         yield url
 
 
@@ -201,6 +201,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def paged_rows():
+    """make(model, rows, max_len, block_size=4) -> (cache, view): a nanoseek.infer.cache.PagedCache where
+    each of `rows` sequences owns ceil(max_len / block_size) blocks, handed out in a scrambled order (so
+    reads really gather through the block table), and view(row_ids [B], start_pos [B], n_new) opens a
+    forward on those rows, the way the engine does."""
+    from nanoseek.infer.cache import PagedCache
+
+    def make(model, rows: int, max_len: int, block_size: int = 4, dtype=torch.float32):
+        per_row = -(-max_len // block_size)
+        cache = PagedCache.for_model(model, rows * per_row, block_size, dtype, "cpu")
+        order = torch.randperm(rows * per_row, generator=torch.Generator().manual_seed(rows)).tolist()
+        tables = [order[r * per_row:(r + 1) * per_row] for r in range(rows)]
+
+        def view(row_ids: torch.Tensor, start_pos: torch.Tensor, n_new: int):
+            return cache.view([tables[r] for r in row_ids.tolist()], start_pos, n_new)
+
+        return cache, view
+
+    return make
 
 
 # ----------------------------------------------------------------------------- the quick speedrun, once

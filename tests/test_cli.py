@@ -244,7 +244,7 @@ def test_every_flag_has_help_and_shows_its_default(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--debug show the full traceback" in text
     if command == "serve":
-        for flag in ("--port PORT TCP port to listen on (default: 8000)", "(cache slots) (default: 16)",
+        for flag in ("--port PORT TCP port to listen on (default: 8000)", "(rows of the running batch) (default: 16)",
                      "before answering 429 (default: 64)"):
             assert flag in text, text
 

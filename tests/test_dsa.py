@@ -405,23 +405,22 @@ def mtp_model():
 
 def test_cache_holds_the_indexer_keys(mtp_model):
     """cache_layout names the second stream; both caches allocate it for every layer, MTP included."""
-    from nanoseek.infer.cache import SlotCache
+    from nanoseek.infer.cache import PagedCache
 
     n_layers, widths = mtp_model.cache_layout()
     assert (n_layers, widths) == (4, {"latent": 24 + 8, "index_key": 16})
-    for cache in (mtp_model.new_cache(2, 40), SlotCache.for_model(mtp_model, 2, 40, torch.float32, "cpu")):
-        assert {k: tuple(v.shape) for k, v in cache.data.items()} == {"latent": (4, 2, 40, 32),
-                                                                      "index_key": (4, 2, 40, 16)}
+    assert {k: tuple(v.shape) for k, v in mtp_model.new_cache(2, 40).data.items()} == {
+        "latent": (4, 2, 40, 32), "index_key": (4, 2, 40, 16)}
+    paged = PagedCache.for_model(mtp_model, 10, 8, torch.float32, "cpu")  # 10 blocks of 8 (+ the sink block)
+    assert {k: tuple(v.shape) for k, v in paged.data.items()} == {"latent": (4, 11, 8, 32), "index_key": (4, 11, 8, 16)}
     dense = nanoseek.Transformer(ModelConfig(**{k: v for k, v in BASE.items() if not k.startswith("index_")}))
     assert dense.cache_layout()[1] == {"latent": 32}
 
 
 @pytest.mark.parametrize("cache_kind", ["reference", "engine"])
-def test_cached_decoding_equals_full_forward(mtp_model, cache_kind, one_thread):
+def test_cached_decoding_equals_full_forward(mtp_model, cache_kind, one_thread, paged_rows):
     """A prefill longer than index_topk (selection inside it), then one token at a time with rows at
     different positions, then a two-token verify step: the logits of one full forward, and the MTP head's."""
-    from nanoseek.infer.cache import SlotCache
-
     model, T = mtp_model, 72
     ids = _ids(model.config.vocab_size, B=2, T=T, seed=2)
     with torch.no_grad():
@@ -429,29 +428,31 @@ def test_cached_decoding_equals_full_forward(mtp_model, cache_kind, one_thread):
         full = model.lm_head(model.norm(full_h))
         (_, mod, mtp_h, _), = model.mtp_hidden_states(full_h, ids)
         mtp_full = model.lm_head(mod.shared_head.norm(mtp_h))
-        cache = model.new_cache(3, T) if cache_kind == "reference" else \
-            SlotCache.for_model(model, 3, T, torch.float32, "cpu")
+        if cache_kind == "reference":
+            view = model.new_cache(3, T).view
+        else:  # the engine's paged cache, blocks of 4 in a scrambled order
+            _, view = paged_rows(model, 3, T)
         slots = torch.tensor([2, 0])
         P = 30  # > index_topk (24)
-        pre, h = model.forward_cached(ids[:, :P], cache.view(slots, torch.zeros(2, dtype=torch.long), P))
+        pre, h = model.forward_cached(ids[:, :P], view(slots, torch.zeros(2, dtype=torch.long), P))
         torch.testing.assert_close(pre, full[:, :P], atol=1e-5, rtol=1e-5)
         zeros = torch.zeros(2, dtype=torch.long)
-        mtp_pre, _ = model.mtp_forward_cached(h[:, :P - 1], ids[:, 1:P], cache.view(slots, zeros, P - 1))
+        mtp_pre, _ = model.mtp_forward_cached(h[:, :P - 1], ids[:, 1:P], view(slots, zeros, P - 1))
         torch.testing.assert_close(mtp_pre, mtp_full[:, :P - 1], atol=1e-5, rtol=1e-5)
         # row 0 runs ahead to 60 alone, then both rows step together at different positions
         for t in range(P, 60):
-            step, _ = model.forward_cached(ids[:1, t:t + 1], cache.view(slots[:1], torch.tensor([t]), 1))
+            step, _ = model.forward_cached(ids[:1, t:t + 1], view(slots[:1], torch.tensor([t]), 1))
             torch.testing.assert_close(step[0, 0], full[0, t], atol=1e-5, rtol=1e-5)
         for i in range(8):
             pos = torch.tensor([60 + i, P + i])
-            step, h = model.forward_cached(ids[[0, 1], pos].unsqueeze(1), cache.view(slots, pos, 1))
+            step, h = model.forward_cached(ids[[0, 1], pos].unsqueeze(1), view(slots, pos, 1))
             for b in range(2):
                 torch.testing.assert_close(step[b, 0], full[b, int(pos[b])], atol=1e-5, rtol=1e-5)
         # a speculative verify step (two tokens per row), rolled back by one and repeated
         for _ in range(2):
             pos = torch.tensor([68, P + 8])
             two = torch.stack([ids[0, 68:70], ids[1, P + 8:P + 10]])
-            step, _ = model.forward_cached(two, cache.view(slots, pos, 2))
+            step, _ = model.forward_cached(two, view(slots, pos, 2))
             for b in range(2):
                 p = int(pos[b])
                 torch.testing.assert_close(step[b], full[b, p:p + 2], atol=1e-5, rtol=1e-5)

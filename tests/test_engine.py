@@ -11,7 +11,7 @@ import torch
 import nanoseek
 from nanoseek.config import preset
 from nanoseek.infer import Engine, EngineError, QueueFull, SamplingParams, fast, generate
-from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.cache import PagedCache
 from nanoseek.infer.sampling import probs
 from nanoseek.model import Transformer
 
@@ -44,28 +44,33 @@ def greedy_reference(model, prompt, n):
     return seq[len(prompt):]
 
 
-def test_cache_logits_equal_full_forward(model):
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_cache_logits_equal_full_forward(model, paged_rows, block_size):
     ids = torch.tensor(prompts_of([12, 12]))
     with torch.no_grad():
         full = model(ids)
-        cache = SlotCache.for_model(model, 2, 16, torch.float32, "cpu")  # the engine's cache
-        slots, zeros = torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long)
-        pre, _ = model.forward_cached(ids[:, :5], cache.view(slots, zeros, 5))  # prefill 5, then one at a time
-        steps = [model.forward_cached(ids[:, t:t + 1], cache.view(slots, torch.full((2,), t), 1))[0]
+        _, view = paged_rows(model, 2, 16, block_size)  # the engine's cache, blocks in a scrambled order
+        rows, zeros = torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long)
+        pre, _ = model.forward_cached(ids[:, :5], view(rows, zeros, 5))  # prefill 5, then one at a time
+        steps = [model.forward_cached(ids[:, t:t + 1], view(rows, torch.full((2,), t), 1))[0]
                  for t in range(5, 12)]
     torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_engine_cache_reads_contiguous_slots_as_a_view():
-    cache = SlotCache(2, 4, 8, {"latent": 3}, torch.float32, "cpu")
-    view = cache.view(torch.tensor([1, 2]), torch.tensor([0, 2]), 2)
-    assert view.first_slot == 1
-    view.write(1, "latent", torch.arange(12.0).view(2, 2, 3))
-    got = view.read(1, "latent")
-    assert got.data_ptr() == cache.data["latent"][1, 1].data_ptr()  # a view, no copy
-    assert got[0, :2].flatten().tolist() == list(range(6)) and got[1, 2:4].flatten().tolist() == list(range(6, 12))
-    gathered = cache.view(torch.tensor([2, 1]), torch.tensor([2, 0]), 2)
-    assert gathered.first_slot is None and torch.equal(gathered.read(1, "latent"), got.flip(0))
+def test_paged_cache_writes_and_reads_through_block_tables():
+    cache = PagedCache(2, 5, 2, {"latent": 3}, torch.float32, "cpu")
+    # row 0 owns blocks 3, 1 (positions 0-3); row 1 owns block 4 only (positions 0-1)
+    view = cache.view([[3, 1], [4]], torch.tensor([1, 0]), 3)
+    view.write(1, "latent", torch.arange(18.0).view(2, 3, 3))
+    store = cache.data["latent"][1]
+    assert store[3, 1].tolist() == [0, 1, 2] and store[1, 0].tolist() == [3, 4, 5] and store[1, 1].tolist() == [6, 7, 8]
+    assert store[4, 0].tolist() == [9, 10, 11] and store[4, 1].tolist() == [12, 13, 14]
+    assert store[cache.sink, 0].tolist() == [15, 16, 17]  # past row 1's blocks: the sink, nobody's block
+    got = view.read(1, "latent")  # [2, kv_len 4, 3]
+    assert got.shape == (2, 4, 3) and got[0, 1:].flatten().tolist() == list(range(9))
+    assert got[1, :2].flatten().tolist() == list(range(9, 15))
+    with pytest.raises(ValueError, match="out of range"):
+        cache.view([[5]], torch.tensor([0]), 1)
 
 
 def test_engine_greedy_equals_full_recompute(model):
@@ -91,7 +96,7 @@ def test_continuous_batching_equals_one_at_a_time(model):
         engine.step()
         assert engine.batch_size() <= 3
     assert [r.result().token_ids for r in reqs] == alone
-    assert sorted(engine._free_slots) == [0, 1, 2]
+    engine.cache.pool.check_full()
 
 
 def test_speculative_equals_plain_greedy(model):
@@ -118,18 +123,18 @@ class OracleDrafts(torch.nn.Module):
 
     def forward_cached(self, ids, cache, logits_at=None):
         for b in range(ids.shape[0]):
-            if int(cache.start_pos[b]) == 0:  # a prefill: remember which sequence this slot holds
+            if int(cache.start_pos[b]) == 0:  # a prefill: remember which sequence this row holds
                 row = ids[b].tolist()
-                self.slot_seq[int(cache.slots[b])] = next(s for p, s in self.seqs.items() if list(p) == row[:len(p)]
+                self.slot_seq[cache.block_tables[b][0]] = next(s for p, s in self.seqs.items() if list(p) == row[:len(p)]
                                                           and all(t == 0 for t in row[len(p):]))
         return self.inner.forward_cached(ids, cache, logits_at=logits_at)
 
     def mtp_forward_cached(self, hidden, next_ids, cache, logits_at=None):
         logits, h = self.inner.mtp_forward_cached(hidden, next_ids, cache, logits_at=logits_at)
         logits = logits.clone()
-        start, slots = cache.start_pos, cache.slots
+        start = cache.start_pos
         for b in range(logits.shape[0]):
-            seq = self.slot_seq[int(slots[b])]
+            seq = self.slot_seq[cache.block_tables[b][0]]  # a sequence's first block identifies it
             for t in range(logits.shape[1]):
                 pos = t if logits_at is None else int(logits_at[b])  # position within this call's tokens
                 target = int(start[b]) + pos + 2

@@ -185,4 +185,4 @@ def test_every_slot_returns_whatever_the_order(model):
     eng._fail_running(RuntimeError("injected"))
     eng._fail_running(RuntimeError("again"))
     assert e.finish_reason == f.finish_reason == "error" and eng.free_slots() == 3
-    assert sorted(eng._free_slots) == [0, 1, 2]
+    eng.cache.pool.check_full()  # every block came back, exactly once (a second release raises)

@@ -13,7 +13,6 @@ from torch import nn
 
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams, fast
-from nanoseek.infer.cache import SlotCache
 from nanoseek.infer.fast import kernels, modules
 from nanoseek.model import Transformer
 
@@ -54,7 +53,7 @@ def test_accelerate_swaps_classes_idempotently_and_restore_undoes_it():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_interleave": False, "n_shared_experts": 0}])
-def test_accelerated_decoding_equals_the_pure_model(overrides):
+def test_accelerated_decoding_equals_the_pure_model(overrides, paged_rows):
     """Logits of a prefill, single-token steps, a mixed-position verify and the MTP head, torch paths only."""
     pure = tiny(**overrides)
     acc = fast.accelerate(copy.deepcopy(pure))
@@ -62,12 +61,12 @@ def test_accelerated_decoding_equals_the_pure_model(overrides):
     slots = torch.tensor([2, 0, 1])
     outs = []
     for model in (pure, acc):
-        cache = SlotCache.for_model(model, 3, 16, torch.float32, "cpu")
+        _, view = paged_rows(model, 3, 16)
         with torch.inference_mode(), kernels.disabled():
-            pre, _ = model.forward_cached(ids[:, :10], cache.view(slots, torch.zeros(3, dtype=torch.long), 10))
-            step, h = model.forward_cached(ids[:, 10:11], cache.view(slots, torch.full((3,), 10), 1))
-            verify, _ = model.forward_cached(ids[:, 10:12], cache.view(slots, torch.tensor([10, 9, 10]), 2))
-            mtp, _ = model.mtp_forward_cached(h, ids[:, 11:12], cache.view(slots, torch.full((3,), 10), 1))
+            pre, _ = model.forward_cached(ids[:, :10], view(slots, torch.zeros(3, dtype=torch.long), 10))
+            step, h = model.forward_cached(ids[:, 10:11], view(slots, torch.full((3,), 10), 1))
+            verify, _ = model.forward_cached(ids[:, 10:12], view(slots, torch.tensor([10, 9, 10]), 2))
+            mtp, _ = model.mtp_forward_cached(h, ids[:, 11:12], view(slots, torch.full((3,), 10), 1))
             full = model(ids)
         outs.append((pre, step, verify, mtp, full))
     for got, ref in zip(*outs):

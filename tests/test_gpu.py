@@ -237,7 +237,7 @@ def test_speculative_decoding_on_cuda(tiny_cuda):
 def test_bf16_engine_on_cuda(tiny):
     model = copy.deepcopy(tiny).cast(torch.bfloat16).to(CUDA)
     engine = Engine(model, max_batch_size=4, max_len=64)
-    assert engine.cache.kv.dtype == torch.bfloat16 and engine.cache.kv.device.type == "cuda"
+    assert engine.cache.dtype == torch.bfloat16 and engine.cache.device.type == "cuda"
     out = engine.generate_batch(_prompts([6, 2, 11]), SamplingParams(max_tokens=10, temperature=0.7, seed=1))
     assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out)
 

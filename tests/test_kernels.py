@@ -18,7 +18,7 @@ import torch
 
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams, fast
-from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.cache import PagedCache
 from nanoseek.infer.fast import build, kernels, modules
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import Block
@@ -94,7 +94,7 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)
-def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkeypatch):
+def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkeypatch, paged_rows):
     """The accelerated model runs decode steps through kernels.block_decode (every block, every step);
     logits and the MTP head's must equal the pure model's for every routing / attention variant."""
     pure = tiny(hidden_size=256, moe_intermediate_size=256, **overrides)
@@ -105,15 +105,15 @@ def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkey
     slots = torch.tensor([2, 0, 1])  # not a contiguous range: the cache rows are gathered
     outs = []
     for model in (acc, pure):
-        cache = SlotCache.for_model(model, 3, 16, torch.float32, "cpu")
+        _, view = paged_rows(model, 3, 16)
         with torch.inference_mode():
-            _, h = model.forward_cached(ids[:, :10], cache.view(slots, torch.zeros(3, dtype=torch.long), 10))
+            _, h = model.forward_cached(ids[:, :10], view(slots, torch.zeros(3, dtype=torch.long), 10))
             assert not calls  # a prefill takes the naive attention in Python (and the pure model never C++)
-            step, h1 = model.forward_cached(ids[:, 10:11], cache.view(slots, torch.full((3,), 10), 1))
-            verify, _ = model.forward_cached(ids[:, 10:12], cache.view(slots, torch.tensor([10, 9, 10]), 2))
-            mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], cache.view(slots, torch.full((3,), 10), 1))
-            mixed, _ = model.forward_cached(ids[:, 11:12], cache.view(slots, torch.tensor([11, 7, 11]), 1))
-            ranged, _ = model.forward_cached(ids[:2, 11:12], cache.view(torch.tensor([0, 1]), torch.full((2,), 11), 1))
+            step, h1 = model.forward_cached(ids[:, 10:11], view(slots, torch.full((3,), 10), 1))
+            verify, _ = model.forward_cached(ids[:, 10:12], view(slots, torch.tensor([10, 9, 10]), 2))
+            mtp, _ = model.mtp_forward_cached(h1, ids[:, 11:12], view(slots, torch.full((3,), 10), 1))
+            mixed, _ = model.forward_cached(ids[:, 11:12], view(slots, torch.tensor([11, 7, 11]), 1))
+            ranged, _ = model.forward_cached(ids[:2, 11:12], view(torch.tensor([0, 1]), torch.full((2,), 11), 1))
         outs.append((step, verify, mtp, mixed, ranged))
         if model is acc:
             assert len(calls) == 4 * pure.config.num_hidden_layers + 1  # four steps and the MTP module, in C++
@@ -122,7 +122,7 @@ def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkey
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_block_follows_reloaded_cast_and_replaced_weights(built):
+def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_rows):
     """The C++ block reads the block's current tensors: after load_state_dict, a round trip through bf16
     and a replaced Parameter, its steps still equal the pure model's with the same weights."""
     pure = tiny(hidden_size=128, moe_intermediate_size=128)
@@ -131,10 +131,10 @@ def test_decode_block_follows_reloaded_cast_and_replaced_weights(built):
     slots = torch.tensor([0, 1])
 
     def step(model):
-        cache = SlotCache.for_model(model, 2, 16, torch.float32, "cpu")
+        _, view = paged_rows(model, 2, 16)
         with torch.inference_mode():
-            model.forward_cached(ids[:, :7], cache.view(slots, torch.zeros(2, dtype=torch.long), 7))
-            return model.forward_cached(ids[:, 7:], cache.view(slots, torch.full((2,), 7), 1))[0]
+            model.forward_cached(ids[:, :7], view(slots, torch.zeros(2, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], view(slots, torch.full((2,), 7), 1))[0]
 
     def same():
         torch.testing.assert_close(step(acc), step(pure), rtol=1e-4, atol=1e-5)
@@ -207,8 +207,8 @@ def test_kernel_entry_points_check_their_arguments(built):
     model = fast.accelerate(tiny())
     block = model.layers[1]
     plan = modules._KernelPlan(block)
-    cache = SlotCache.for_model(model, 3, 16, torch.float32, "cpu")
-    view = cache.view(torch.tensor([2, 0]), torch.tensor([5, 3]), 1)
+    cache = PagedCache.for_model(model, 8, 4, torch.float32, "cpu")
+    view = cache.view([[6, 2], [1, 7, 0]], torch.tensor([5, 3]), 1)  # the second row has a spare block
     kv, index = view.kernel_cache(1, block.self_attn.n_heads)
     x = torch.randn(2, 1, model.config.hidden_size)
     cos, sin = model.rotary(view.positions)
@@ -225,8 +225,8 @@ def test_kernel_entry_points_check_their_arguments(built):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
     def index_with(**f):
-        base = dict(slots=index.slots, positions=index.positions, first_slot=index.first_slot, kv_len=index.kv_len,
-                    bias=index.bias)
+        base = dict(block_table=index.block_table, write_rows=index.write_rows, block_size=index.block_size,
+                    kv_len=index.kv_len, bias=index.bias)
         return ext.CacheIndex(**{**base, **f})
 
     def weights_with(**f):
@@ -248,10 +248,13 @@ def test_kernel_entry_points_check_their_arguments(built):
         (dict(x=x.double()), "fp32"),
         (dict(cos=cos[:, :, :-1].contiguous()), "cos must have shape"),
         (dict(kv_layer=kv[..., :-1].contiguous()), "cache rows hold"),
-        (dict(index=index_with(slots=torch.tensor([2, 3]))), "slot 3 out of range"),
-        (dict(index=index_with(positions=torch.tensor([[5], [16]]), kv_len=6)), "outside"),
-        (dict(index=index_with(kv_len=17)), "kv_len 17 outside"),
-        (dict(index=index_with(first_slot=2)), "first_slot"),
+        (dict(index=index_with(block_table=torch.tensor([[6, 9], [1, 7]]))), "block 9 out of range"),
+        (dict(index=index_with(block_table=torch.tensor([[6, 2]]))), "block_table must have 2 rows"),
+        (dict(index=index_with(block_table=torch.tensor([[6, 2], [1, 7]], dtype=torch.int32))), "int64"),
+        (dict(index=index_with(write_rows=torch.tensor([[5], [36]]))), "row 36 outside"),
+        (dict(index=index_with(write_rows=torch.tensor([[5, 6], [3, 4]]))), "write_rows must have shape"),
+        (dict(index=index_with(kv_len=9)), "kv_len 9 outside"),
+        (dict(index=index_with(block_size=8)), "block_size 8"),
         (dict(index=index_with(bias=torch.zeros(2, 4, 3))), "bias must be"),
         (dict(weights=weights_with(kv_b_proj=plan._tensors[plan.names.index("kv_b_proj")][:-1])), "kv_b_proj must have shape"),
         (dict(weights=weights_with(o_proj=plan._tensors[plan.names.index("o_proj")].t())), "o_proj must be contiguous"),

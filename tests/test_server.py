@@ -107,6 +107,35 @@ def test_completions_endpoint(client):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
+def test_prompt_cache_usage_deepseek_and_openai_fields(client):
+    """A repeated system prompt is read from the prefix cache (the server runs with --block-size 16): usage
+    says so as DeepSeek does (prompt_cache_hit/miss_tokens) and as OpenAI does (prompt_tokens_details)."""
+    system = {"role": "system", "content": "You answer briefly and kindly. The quick brown fox. " * 6}
+
+    def usage_of(u):
+        extra = u.model_extra
+        hit, miss = extra["prompt_cache_hit_tokens"], extra["prompt_cache_miss_tokens"]
+        assert hit + miss == u.prompt_tokens and u.prompt_tokens_details.cached_tokens == hit
+        return hit
+
+    first = client.chat.completions.create(model=MODEL, messages=[system, *HI], temperature=0, max_tokens=4)
+    assert usage_of(first.usage) == 0  # nothing cached yet
+    second = client.chat.completions.create(model=MODEL, messages=[system, {"role": "user", "content": "Hello"}],
+                                            temperature=0, max_tokens=4)
+    hit = usage_of(second.usage)
+    assert hit >= 64 and hit % 16 == 0 and hit < second.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[system, *HI], temperature=0, max_tokens=4,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert usage_of(chunks[-1].usage) >= hit  # the streamed final usage chunk, the whole prompt cached but its end
+    prompt = list(range(3, 60))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert usage_of(plain.usage) == 0
+    again = list(client.completions.create(model=MODEL, prompt=prompt + [7], max_tokens=2, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    assert usage_of(again[-1].usage) == 48 and usage_of(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0).usage) == 48
+
+
 BAD_BODIES = [
     ({"messages": HI}, "model"),
     ({"model": MODEL}, "messages"),

@@ -1,6 +1,6 @@
 """Server internals that a real client cannot reach: a 500 never echoes the exception, chat rendering runs
-on a worker thread (not the event loop), and the cache's gauges reach /metrics through
-Engine.cache_metrics (the hook the paged cache fills)."""
+on a worker thread (not the event loop), and the paged cache's gauges reach /metrics through
+Engine.cache_metrics."""
 
 from __future__ import annotations
 
@@ -67,10 +67,11 @@ def test_rendering_runs_off_the_event_loop(app, client, monkeypatch):
     assert seen and seen[0].startswith("nanoseek-io")
 
 
-def test_cache_gauges_come_from_the_cache_hook(app, client, monkeypatch):
-    cache = app.state.nanoseek.engine.cache
-    monkeypatch.setattr(cache, "metrics", lambda: {"blocks_used": 3, "blocks_total": 10, "prefix_hit_tokens": 5,
-                                                   "prefix_query_tokens": 20}, raising=False)
+def test_cache_gauges_come_from_the_paged_cache(app, client, monkeypatch):
+    engine = app.state.nanoseek.engine
+    monkeypatch.setattr(engine.stats, "prompt_cache_hit_tokens", 5)
+    monkeypatch.setattr(engine.stats, "prompt_cache_query_tokens", 20)
     text = client.get("/metrics").text
-    assert "nanoseek_cache_blocks_used 3.0" in text and "nanoseek_cache_blocks_total 10.0" in text
-    assert "nanoseek_prefix_cache_hit_rate 0.25" in text
+    assert f"nanoseek_cache_blocks_total {float(engine.cache.num_blocks)}" in text
+    assert f"nanoseek_cache_block_size {float(engine.block_size)}" in text and "nanoseek_cache_blocks_used 0.0" in text
+    assert "nanoseek_cache_prefix_hit_tokens 5.0" in text and "nanoseek_prefix_cache_hit_rate 0.25" in text

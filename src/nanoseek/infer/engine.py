@@ -1,16 +1,25 @@
 """The generation engine: continuous batching over the absorbed MLA latent cache, with MTP speculation.
 
-* Cache: one preallocated nanoseek.infer.cache.SlotCache (per token and layer only the normalized
+* Cache: a paged latent cache, nanoseek.infer.cache.PagedCache (per token and layer only the normalized
   latent, kv_lora_rank values, plus the shared rotated rope key, qk_rope_head_dim values: DeepSeek-V2
   section 2.1, V3 section 2.1.1; a V3.2 model adds its indexer keys as a second stream, "index_key", as
-  its cache_layout says). A request owns one slot from admission to its end; rolling back after a
-  rejected draft is just a smaller start position. Each model call gets the cache's view for its rows
-  (`cache.view(slots, start_pos, n_new)`), the interface the model's cached forward reads and writes.
+  its cache_layout says), in blocks of `block_size` tokens from one pool of `cache_blocks` blocks
+  (default: room for max_batch_size sequences of max_len tokens; or a byte budget). A request takes
+  blocks as it grows; rolling back after a rejected draft is just a smaller start position. Each model
+  call gets the cache's view for its rows (`cache.view(block_tables, start_pos, n_new)`), the interface
+  the model's cached forward reads and writes.
+* Prefix caching: full blocks of committed tokens are registered under the hash of their chain; a new
+  request takes the cached blocks its prompt starts with and its prefill starts where they end (at least
+  the last prompt token is always computed, for its logits). `Request.cached_tokens` says how many.
+* Admission waits (FIFO) until the pool has blocks for a prompt; when a running request cannot grow, the
+  most recently admitted one is preempted (its blocks released, its full blocks kept cached) and resumes
+  later from its tokens so far, recomputing only what is no longer cached (vLLM's recompute preemption).
+  Admission, blocks, prefix reuse, preemption and prefill live in nanoseek.infer.scheduler (a mixin).
 * On a CPU the model runs with nanoseek.infer.fast.accelerate applied (the C++ decode paths; the same
   values as the pure model), from the Engine's construction on.
 * Continuous batching (Orca, Yu et al. 2022): requests wait in a bounded queue, join the running batch
   between decode steps (their prompts prefilled together in one forward) and leave as soon as they finish
-  or are cancelled, freeing their slot for the next waiting request.
+  or are cancelled, releasing their cache blocks for the next waiting request.
 * MTP speculative decoding (V3 section 2.2, "MTP in inference"): the depth-1 MTP module drafts the token
   after next; one two-token `forward_cached` verifies it. Greedy rows accept a draft iff it equals the
   main model's argmax, so their output is exactly that of plain decoding; sampled rows use the
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,9 +48,10 @@ import torch
 
 from nanoseek.errors import NanoseekError
 from nanoseek.infer import fast
-from nanoseek.infer.cache import SlotCache
+from nanoseek.infer.cache import PagedCache
 from nanoseek.infer.logits import LogitsState, process, raw_logprobs
 from nanoseek.infer.sampling import RowRandom, SamplingParams, device_tensor, draw, probs, sample
+from nanoseek.infer.scheduler import Scheduler
 from nanoseek.infer.speculative import speculative_tensors, token_logprobs  # noqa: F401 (token_logprobs re-exported)
 
 
@@ -58,6 +69,7 @@ class Completion:
     finish_reason: str  # "stop" (a stop token), "length" (max_tokens), "cancelled", "error" (see Engine.last_error)
     prompt_tokens: int
     logprobs: list[float] | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 # on_event(request, new_token_ids, finished): called on the engine thread after every step that
@@ -81,8 +93,11 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     # engine-private decode state
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # the block table: position p is in blocks[p // block_size]
+    keys: list[bytes] = field(default_factory=list)  # chain keys of the leading full blocks registered so far
+    admitted: bool = False  # prefilled at least once (a preempted request resumes instead of starting)
     pos: int = 0
     pending: int = 0
     draft: int = 0
@@ -92,14 +107,19 @@ class Request:
     cancelled: bool = False
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request; its slot is freed before the next decode step."""
+        """Ask the engine to drop this request; its blocks are released before the next decode step."""
         self.cancelled = True
 
     def result(self, timeout: float | None = None) -> Completion:
         if not self.done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout}s")
         return Completion(list(self.output), self.finish_reason or "cancelled", len(self.prompt),
-                          list(self.logprobs) if self.params.logprobs else None)
+                          list(self.logprobs) if self.params.logprobs else None, self.cached_tokens)
+
+    def token(self, p: int) -> int:
+        """The token at position p of this request's sequence (prompt, then output)."""
+        n = len(self.prompt)
+        return self.prompt[p] if p < n else self.output[p - n]
 
 
 @dataclass
@@ -114,15 +134,25 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     busy_seconds: float = 0.0
+    prompt_cache_hit_tokens: int = 0   # prompt tokens of admitted requests found in the prefix cache
+    prompt_cache_query_tokens: int = 0  # prompt tokens of admitted requests (hits + misses)
+    preemptions: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        q = self.prompt_cache_query_tokens
+        return self.prompt_cache_hit_tokens / q if q else 0.0
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-class Engine:
+class Engine(Scheduler):
     def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 16, max_len: int | None = None,
-                 max_queue: int = 256, speculative: bool = False, dtype: torch.dtype | None = None):
+                 max_queue: int = 256, speculative: bool = False, dtype: torch.dtype | None = None,
+                 block_size: int = 64, cache_blocks: int | None = None, cache_bytes: int | None = None,
+                 prefix_caching: bool = True):
         cfg = model.config
         if speculative and not getattr(cfg, "num_nextn_predict_layers", 0):
             raise EngineError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
@@ -136,11 +166,27 @@ class Engine:
         self.speculative = speculative
         param = next(model.parameters())
         self.device = param.device
-        # Two spare positions: a speculative step writes the draft one past the last real token.
-        self.cache = SlotCache.for_model(model, max_batch_size, self.max_len + 2, dtype=dtype or param.dtype,
-                                         device=self.device)
+        if block_size < 1:
+            raise EngineError(f"block_size must be >= 1, got {block_size}")
+        if cache_blocks is not None and cache_bytes is not None:
+            raise EngineError("give the cache budget as cache_blocks or as cache_bytes, not both")
+        cache_dtype = dtype or param.dtype
+        if cache_bytes is not None:
+            per_block = PagedCache.bytes_per_block(model, block_size, cache_dtype)
+            cache_blocks = int(cache_bytes) // per_block
+            if cache_blocks < 1:
+                raise EngineError(f"a cache budget of {int(cache_bytes)} bytes holds no block of {block_size} "
+                                  f"tokens ({per_block} bytes each)")
+        if cache_blocks is None:  # as much as max_batch_size sequences of max_len tokens (+ the draft) need
+            cache_blocks = max_batch_size * math.ceil((self.max_len + 1) / block_size)
+        if cache_blocks < 1:
+            raise EngineError(f"cache_blocks must be >= 1, got {cache_blocks}")
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.cache = PagedCache.for_model(model, cache_blocks, block_size, dtype=cache_dtype, device=self.device)
+        self._params = list(self.model.parameters())  # walked once: a module-tree walk per step costs ~ms
+        self._weights_seen = self._weights_version()
         self.stats = EngineStats()
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._ids = itertools.count()
@@ -163,6 +209,11 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_len:
             raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                               f"context of {self.max_len} tokens")
+        need = self._blocks_needed(len(prompt) + params.max_tokens)
+        if need > self.cache.num_blocks:
+            raise EngineError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs {need} cache "
+                              f"blocks of {self.block_size} tokens, more than the whole pool of "
+                              f"{self.cache.num_blocks} blocks can ever hold")
 
     def submit(self, prompt: list[int], params: SamplingParams, on_event: EventFn | None = None,
                *, bounded: bool = True, matcher=None) -> Request:
@@ -181,8 +232,8 @@ class Engine:
         state = LogitsState.make(params, V, self.device, matcher)
         req.logits_state = state if state.active else None
         with self._lock:
-            # Requests about to take a free slot at the next step do not count against the queue bound.
-            if bounded and len(self._waiting) >= self.max_queue + len(self._free_slots):
+            # Requests about to take a free batch row at the next step do not count against the queue bound.
+            if bounded and len(self._waiting) >= self.max_queue + self.free_slots():
                 self.stats.requests_rejected += 1
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self._waiting.append(req)
@@ -192,7 +243,7 @@ class Engine:
 
     def generate_batch(self, prompts: list[list[int]],
                        params: SamplingParams | list[SamplingParams]) -> list[Completion]:
-        """Run all prompts to completion (as many at once as there are slots) and return their completions."""
+        """Run all prompts to completion (up to max_batch_size at once) and return their completions."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise EngineError(f"got {len(prompts)} prompts but {len(plist)} SamplingParams")
@@ -253,13 +304,8 @@ class Engine:
         return len(self._running)
 
     def free_slots(self) -> int:
-        """Cache slots not held by a request (max_batch_size when idle: nothing leaked)."""
-        return len(self._free_slots)
-
-    def cache_metrics(self) -> dict[str, float]:
-        """The cache's own `metrics()` dict for /metrics, when it has one (nanoseek.serve.metrics says how)."""
-        fn = getattr(self.cache, "metrics", None)
-        return dict(fn()) if callable(fn) else {}
+        """Batch rows not held by a running request (max_batch_size when idle)."""
+        return max(0, self.max_batch_size - len(self._running))
 
     # ------------------------------------------------------------------ the step loop
     def _loop(self, keep_running: Callable[[], bool] | None = None) -> None:
@@ -292,57 +338,27 @@ class Engine:
             self._release(r)
         self._running = []
 
-    def _release(self, r: Request) -> None:
-        """Give r's slot back to the pool; exactly once, whichever path (finish, failure, cancel) gets here first."""
-        if r.slot >= 0:
-            slot, r.slot = r.slot, -1
-            self._free_slots.append(slot)
-
     def step(self) -> None:
         """Admit waiting requests (prefill) and advance every running one by one decode step."""
         with self._step_lock, torch.inference_mode():
             t0 = time.perf_counter()
             self._reap()
+            self._drop_stale_prefixes()
             admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
                 self._reap()
+            if self._running:
+                self._grow()
             if self._running:
                 if self.speculative:
                     self._decode_speculative()
                 else:
                     self._decode_plain()
                 self.stats.decode_steps += 1
+                self._register_full_blocks(self._running)
                 self._reap()
             self.stats.busy_seconds += time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ scheduling
-    def _reap(self) -> None:
-        keep = []
-        for r in self._running:
-            if r.cancelled and r.finish_reason is None:
-                self._finish(r, "cancelled")
-            if r.finish_reason is None:
-                keep.append(r)
-            else:
-                self._release(r)
-        self._running = keep
-        with self._lock:
-            dropped = [r for r in self._waiting if r.cancelled]
-            for r in dropped:
-                self._waiting.remove(r)
-        for r in dropped:
-            self._finish(r, "cancelled")
-
-    def _admit(self) -> list[Request]:
-        out = []
-        with self._lock:
-            while self._waiting and self._free_slots:
-                r = self._waiting.popleft()
-                r.slot = self._free_slots.pop()
-                out.append(r)
-        self._running.extend(out)
-        return out
 
     def _finish(self, r: Request, reason: str) -> None:
         """End r once (later calls are no-ops): count it, tell its callback, wake result() waiters."""
@@ -418,31 +434,6 @@ class Engine:
                                               zip(top_ids.tolist(), top_vals.tolist(), params)]
         return tokens, lp.gather(-1, tokens[:, None])[:, 0].tolist(), tops
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        lens = [len(r.prompt) for r in reqs]
-        T = max(lens)
-        ids = self._tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs])  # right padding
-        slots = self._tensor([r.slot for r in reqs])
-        zeros = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
-        rows = torch.arange(len(reqs), device=self.device)
-        last = device_tensor([n - 1 for n in lens], torch.long, self.device)
-        view = self.cache.view(slots, zeros, T)
-        logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
-        last_logits = logits[:, 0]  # [B, V]
-        first, logps, tops = self._sample(last_logits, reqs)
-        with self._lock:
-            self.stats.prompt_tokens += sum(lens)
-        if self.speculative:
-            # MTP position i sees hidden[i] and token i+1; the prompt's last position sees the first sample.
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
-            nxt[rows, last] = first
-            mtp_logits, _ = self.model.mtp_forward_cached(hidden, nxt, view, logits_at=last)
-            self._set_drafts(reqs, mtp_logits[:, 0])
-        for i, (r, t) in enumerate(zip(reqs, first.tolist())):  # the one read of the sampled ids
-            r.pos = lens[i]
-            r.pending = t
-            self._emit(r, [t], [logps[i]], tops[i] if tops else None)
-
     def _set_drafts(self, reqs: list[Request], mtp_logits: torch.Tensor) -> None:
         params = [r.params for r in reqs]
         if all(p.greedy for p in params):
@@ -457,7 +448,7 @@ class Engine:
     def _decode_plain(self) -> None:
         reqs = self._running
         ids = self._tensor([[r.pending] for r in reqs])
-        view = self.cache.view(self._tensor([r.slot for r in reqs]), self._tensor([r.pos for r in reqs]), 1)
+        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 1)
         logits, _ = self.model.forward_cached(ids, view)
         nxt, logps, tops = self._sample(logits[:, 0], reqs)
         for i, (r, t) in enumerate(zip(reqs, nxt.tolist())):
@@ -469,9 +460,7 @@ class Engine:
         reqs = self._running
         B = len(reqs)
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
-        start = self._tensor([r.pos for r in reqs])
-        slots = self._tensor([r.slot for r in reqs])
-        view = self.cache.view(slots, start, 2)
+        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 2)
         logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
         accepted_t, token_t, lp_t, top_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.

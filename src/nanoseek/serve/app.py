@@ -215,7 +215,7 @@ async def tokenize(request: Request):
             raise APIError(400, str(e), param=e.param or "messages") from None
 
     ids = await state.blocking(count)
-    n = state.engine.max_len
+    n = state.engine.capacity
     return {"count": len(ids), "max_model_len": n, "room": max(n - len(ids), 0), "tokens": ids}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -25,11 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None,
                    help="the id clients pass as `model` (default: the model directory's name, or its run folder's "
                         "for a run's final/ or model/: runs/speedrun/model is served as 'speedrun')")
-    p.add_argument("--max-batch-size", type=int, default=16, help="concurrent sequences (cache slots)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="concurrent sequences (rows of the running batch)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence (default: the model's, capped at 8192)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block of the paged latent cache")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-blocks", type=int, default=None,
+                        help="latent cache blocks in the pool (default: max-batch-size sequences of max-len tokens)")
+    budget.add_argument("--cache-memory", type=parse_bytes, default=None, metavar="SIZE",
+                        help="latent cache budget in bytes, e.g. 2GiB or 500MB (instead of --cache-blocks)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse cached prompt prefixes (every prompt is computed in full)")
     add_dtype_argument(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn's log level")
@@ -72,6 +81,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '500MB', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (write e.g. 2GiB, 500MB or a number of bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def build_app(args: argparse.Namespace, start_engine: bool = True):
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.generate import check_model_dir, load_model
@@ -83,7 +104,8 @@ def build_app(args: argparse.Namespace, start_engine: bool = True):
     model = load_model(args.model, args.dtype, args.device)
     max_len = args.max_len or min(model.config.max_position_embeddings, 8192)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
-                    speculative=args.speculative)
+                    speculative=args.speculative, block_size=args.block_size, cache_blocks=args.cache_blocks,
+                    cache_bytes=args.cache_memory, prefix_caching=not args.no_prefix_cache)
     name = args.model_name or served_model_name(Path(args.model))
     return create_app(engine, tokenizer, name, api_key=args.api_key, start_engine=start_engine)
 

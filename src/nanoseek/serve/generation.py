@@ -148,14 +148,15 @@ def start(state, plan: Plan, body, index_base: int = 0) -> list[Choice]:
     if not engine.running:
         raise APIError(503, "the engine is not running", "service_unavailable", code="engine_stopped")
     prompt = plan.prompt
-    room = engine.max_len - len(prompt)
+    # The context, or less when the whole paged cache holds fewer tokens (Engine.capacity).
+    room = engine.capacity - len(prompt)
     if room < 1:
-        raise APIError(400, f"the prompt has {len(prompt)} tokens, more than the context of {engine.max_len} "
+        raise APIError(400, f"the prompt has {len(prompt)} tokens, more than the context of {engine.capacity} "
                             "tokens allows", param="messages", code="context_length_exceeded")
     limit = body.token_limit
     if limit is not None and limit > room:
         raise APIError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({limit}) exceeds the context of "
-                            f"{engine.max_len} tokens", param="max_tokens", code="context_length_exceeded")
+                            f"{engine.capacity} tokens", param="max_tokens", code="context_length_exceeded")
     if isinstance(body.logprobs, bool):  # chat: logprobs true/false, top_logprobs 0-20
         want_lp, top = body.logprobs, body.top_logprobs or 0
     else:  # completions: logprobs = how many alternatives (0-5), None for none

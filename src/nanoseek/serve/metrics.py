@@ -8,10 +8,10 @@ the page is scraped: requests submitted / finished / cancelled / rejected, promp
 busy seconds, generated tokens per busy second, queue depth, running sequences, free and total slots,
 MTP acceptance rate.
 
-The cache's own numbers come from `Engine.cache_metrics()`, which returns the cache's `metrics()` dict
-when the cache has one: every entry `name: value` becomes the gauge `nanoseek_cache_<name>` (the paged
-cache fills e.g. blocks_used, blocks_total, prefix_hit_tokens, prefix_query_tokens); and when it reports
-both prefix_hit_tokens and prefix_query_tokens, `nanoseek_prefix_cache_hit_rate` is their ratio.
+The paged cache's numbers come from `Engine.cache_metrics()`: every entry `name: value` becomes the gauge
+`nanoseek_cache_<name>` (blocks_used, blocks_cached, blocks_free, blocks_total, prefix_hit_tokens,
+prefix_query_tokens, evictions, preemptions, ...), and `nanoseek_prefix_cache_hit_rate` is
+prefix_hit_tokens / prefix_query_tokens.
 """
 
 from __future__ import annotations

@@ -166,9 +166,10 @@ def block_weights(**tensors: torch.Tensor):
     return w
 
 
-def cache_index(slots: torch.Tensor, positions: torch.Tensor, first_slot: int | None, kv_len: int,
+def cache_index(block_table: torch.Tensor, write_rows: torch.Tensor, block_size: int, kv_len: int,
                 bias: torch.Tensor | None):
-    """Where a batch's rows live in the cache: slots [B], positions [B, T], the first slot of a contiguous
-    range (None if the slots are not one), positions read [0, kv_len), the additive mask [B, T*H, kv_len]."""
-    return _built().CacheIndex(slots=slots.contiguous(), positions=positions.contiguous(),
-                               first_slot=-1 if first_slot is None else first_slot, kv_len=kv_len, bias=bias)
+    """Where a batch's rows live in the paged cache: block_table [B, nb] (position p of row b is in block
+    block_table[b, p // block_size]), write_rows [B, T] (each new token's row in the [blocks * block_size, W]
+    view of a layer), positions read [0, kv_len), the additive mask [B, T*H, kv_len]."""
+    return _built().CacheIndex(block_table=block_table.contiguous(), write_rows=write_rows.contiguous(),
+                               block_size=block_size, kv_len=kv_len, bias=bias)

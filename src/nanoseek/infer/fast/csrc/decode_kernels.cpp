@@ -108,13 +108,13 @@ struct BlockWeights {
   std::optional<at::Tensor> shared_gate_proj, shared_up_proj, shared_down_proj;  // absent without shared experts
 };
 
-// Where this batch's rows live in the cache, the same for every layer of one forward (see
-// nanoseek.infer.cache.SlotView): the slot of each row, the positions of its new tokens, and the mask.
+// Where this batch's rows live in the paged cache, the same for every layer of one forward (see
+// nanoseek.infer.cache.PagedView): each row's block table, the flat cache row of each new token, the mask.
 struct CacheIndex {
-  at::Tensor slots;      // [B] int64
-  at::Tensor positions;  // [B, T] int64, each in [0, kv_len)
-  int64_t first_slot = -1;  // >= 0 when the B slots are the contiguous range first_slot.. (read as a view)
-  int64_t kv_len = 0;       // positions [0, kv_len) are attended to
+  at::Tensor block_table;  // [B, nb] int64: position p of row b lives in block block_table[b, p / block_size]
+  at::Tensor write_rows;   // [B, T] int64: where each new token's row goes in the [blocks * block_size, W] view
+  int64_t block_size = 0;
+  int64_t kv_len = 0;      // positions [0, kv_len) are attended to; nb * block_size >= kv_len
   std::optional<at::Tensor> bias;  // additive mask [B, T * H, kv_len] fp32; absent when nothing is masked
 };
 
@@ -184,50 +184,85 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// Calls f(l, row pointer) for the cached rows l = 0 .. L-1 of one sequence: rows of a block are contiguous,
+// blocks are wherever the block table says (walking block by block spares a division per row).
+template <class F>
+inline void for_rows(const float* kv, const int64_t* table, int64_t bs, int64_t W, int64_t L, F&& f) {
+  for (int64_t l0 = 0, j = 0; l0 < L; l0 += bs, ++j) {
+    const float* base = kv + table[j] * bs * W;
+    const int64_t n = std::min(bs, L - l0);
+    for (int64_t i = 0; i < n; ++i) f(l0 + i, base + i * W);
+  }
+}
+
 // MLA._absorbed for a few new tokens, one (row, token, head) per task: the query is taken into the latent
 // space through kv_b's key half, scored against the cached [latent | rope key] rows, and the softmax-
 // weighted latent is taken out through kv_b's value half. The ~15 small ATen ops of that path cost more
 // than its arithmetic at decode sizes. q [B, T, H, N + R] (the rope half unused), q_rope [B, T, H, R],
-// kv [B, L, C + R] (rows contiguous), w = kv_b [H * (N + V), C]; bias [B, T * H, L] or undefined.
+// kv [blocks, block_size, C + R] read in place through table [B, nb], w = kv_b [H * (N + V), C];
+// bias [B, T * H, L] or undefined.
 torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_rope, const torch::Tensor& kv,
-                                 const torch::Tensor& w, const torch::Tensor& bias, int64_t N, int64_t V,
-                                 double scale) {
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), R = q_rope.size(3), L = kv.size(1);
-  const int64_t C = kv.size(2) - R, W = C + R;
-  TORCH_CHECK(q.is_contiguous() && q_rope.is_contiguous() && w.is_contiguous() && kv.stride(2) == 1 &&
-              kv.stride(1) == W, "absorbed_attention: unexpected layout");
+                                 const torch::Tensor& table, int64_t L, const torch::Tensor& w,
+                                 const torch::Tensor& bias, int64_t N, int64_t V, double scale) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), R = q_rope.size(3), bs = kv.size(1);
+  const int64_t C = kv.size(2) - R, W = C + R, nb = table.size(1);
+  TORCH_CHECK(q.is_contiguous() && q_rope.is_contiguous() && w.is_contiguous() && kv.is_contiguous() &&
+              table.is_contiguous(), "absorbed_attention: unexpected layout");
   TORCH_CHECK(!bias.defined() || bias.sizes() == at::IntArrayRef({B, T * H, L}),
               "absorbed_attention: the bias must be [B, T*H, L]");
   auto out = torch::empty({B, T, H * V}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* rp = q_rope.data_ptr<float>();
   const float* kp = kv.data_ptr<float>();
+  const int64_t* tp = table.data_ptr<int64_t>();
   const float* wp = w.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t kv_b = kv.stride(0);
-  at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(W), s(L), ol(C);
+  // A task is a group of G queries (token, head) of one row: each cached row is loaded once for all G of
+  // them (one query per task would stream the whole cache once per head and token). G is as large as
+  // keeps every thread busy, at most 16; each query's sums run in the same order whatever G is.
+  const int64_t TH = T * H, threads = at::get_num_threads();
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>({16, TH, (B * TH) / std::max<int64_t>(1, 2 * threads)}));
+  const int64_t groups = (TH + G - 1) / G;
+  at::parallel_for(0, B * groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * W), s(G * L), ol(G * C), mx(G), sum(G);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
-      const float* qn = qp + ((b * T + t) * H + h) * (N + R);
-      const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
-      std::fill(qf.begin(), qf.begin() + C, 0.f);
-      for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, qf.data(), C);
-      std::memcpy(qf.data() + C, rp + ((b * T + t) * H + h) * R, R * sizeof(float));
-      const float* kb = kp + b * kv_b;
-      const float* brow = bp ? bp + (b * T * H + t * H + h) * L : nullptr;
-      float mx = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        s[l] = dot(qf.data(), kb + l * W, W) * static_cast<float>(scale) + (brow ? brow[l] : 0.f);
-        mx = std::max(mx, s[l]);
+      const int64_t b = i / groups, g0 = (i % groups) * G, n_g = std::min(G, TH - g0);
+      for (int64_t g = 0; g < n_g; ++g) {  // queries g0 + g = t * H + h, taken into the latent space
+        const int64_t h = (g0 + g) % H;
+        const float* qn = qp + (b * TH + g0 + g) * (N + R);
+        const float* wk = wp + h * (N + V) * C;  // [N, C], then the value half [V, C]
+        float* q_g = qf.data() + g * W;
+        std::fill(q_g, q_g + C, 0.f);
+        for (int64_t n = 0; n < N; ++n) axpy(qn[n], wk + n * C, q_g, C);
+        std::memcpy(q_g + C, rp + (b * TH + g0 + g) * R, R * sizeof(float));
+        mx[g] = -INFINITY;
       }
-      float sum = 0.f;
-      for (int64_t l = 0; l < L; ++l) sum += (s[l] = std::exp(s[l] - mx));
+      const int64_t* tb = tp + b * nb;
+      const float* bb = bp ? bp + (b * TH + g0) * L : nullptr;
+      for_rows(kp, tb, bs, W, L, [&](int64_t l, const float* row) {
+        for (int64_t g = 0; g < n_g; ++g) {
+          const float v = dot(qf.data() + g * W, row, W) * static_cast<float>(scale) + (bb ? bb[g * L + l] : 0.f);
+          s[g * L + l] = v;
+          mx[g] = std::max(mx[g], v);
+        }
+      });
+      for (int64_t g = 0; g < n_g; ++g) {
+        float* sg = s.data() + g * L;
+        float total = 0.f;
+        for (int64_t l = 0; l < L; ++l) total += (sg[l] = std::exp(sg[l] - mx[g]));
+        sum[g] = total;
+      }
       std::fill(ol.begin(), ol.end(), 0.f);
-      for (int64_t l = 0; l < L; ++l) axpy(s[l] / sum, kb + l * W, ol.data(), C);
-      float* o = op + (b * T + t) * H * V + h * V;
-      for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data(), wk + (N + v) * C, C);
+      for_rows(kp, tb, bs, W, L, [&](int64_t l, const float* row) {
+        for (int64_t g = 0; g < n_g; ++g) axpy(s[g * L + l] / sum[g], row, ol.data() + g * C, C);
+      });
+      for (int64_t g = 0; g < n_g; ++g) {
+        const int64_t t = (g0 + g) / H, h = (g0 + g) % H;
+        const float* wk = wp + h * (N + V) * C;
+        float* o = op + (b * T + t) * H * V + h * V;
+        for (int64_t v = 0; v < V; ++v) o[v] = dot(ol.data() + g * C, wk + (N + v) * C, C);
+      }
     }
   });
   return out;
@@ -255,22 +290,22 @@ void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   check_shape(sin, "block_decode: sin", {B, T, R / 2});
   check_f32(kv, "block_decode: the cache layer", 3);
   TORCH_CHECK(kv.size(2) == C + R, "block_decode: cache rows hold ", kv.size(2), " values, the config ", C + R);
-  const int64_t S = kv.size(0), max_len = kv.size(1);
-  check_i64(ix.slots, "CacheIndex.slots", 1);
-  check_i64(ix.positions, "CacheIndex.positions", 2);
-  check_shape(ix.slots, "CacheIndex.slots", {B});
-  check_shape(ix.positions, "CacheIndex.positions", {B, T});
-  TORCH_CHECK(ix.kv_len > 0 && ix.kv_len <= max_len, "CacheIndex.kv_len ", ix.kv_len, " outside [1, ", max_len, "]");
-  TORCH_CHECK(ix.first_slot == -1 || (ix.first_slot >= 0 && ix.first_slot + B <= S),
-              "CacheIndex.first_slot ", ix.first_slot, " out of range for ", B, " rows and ", S, " slots");
-  const int64_t* sp = ix.slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "CacheIndex.slots: slot ", sp[b], " out of range [0, ", S, ")");
-    TORCH_CHECK(ix.first_slot < 0 || sp[b] == ix.first_slot + b, "CacheIndex.first_slot does not match slots");
-  }
-  const int64_t* pp = ix.positions.data_ptr<int64_t>();
+  const int64_t NB = kv.size(0), bs = kv.size(1);
+  TORCH_CHECK(ix.block_size == bs, "CacheIndex.block_size ", ix.block_size, " but the cache layer has blocks of ", bs);
+  check_i64(ix.block_table, "CacheIndex.block_table", 2);
+  check_i64(ix.write_rows, "CacheIndex.write_rows", 2);
+  TORCH_CHECK(ix.block_table.size(0) == B, "CacheIndex.block_table must have ", B, " rows, got ",
+              ix.block_table.sizes());
+  check_shape(ix.write_rows, "CacheIndex.write_rows", {B, T});
+  const int64_t nb = ix.block_table.size(1);
+  TORCH_CHECK(ix.kv_len > 0 && ix.kv_len <= nb * bs, "CacheIndex.kv_len ", ix.kv_len, " outside [1, ", nb * bs,
+              "] (the block table covers ", nb, " blocks of ", bs, ")");
+  const int64_t* tp = ix.block_table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * nb; ++i)
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < NB, "CacheIndex.block_table: block ", tp[i], " out of range [0, ", NB, ")");
+  const int64_t* wp = ix.write_rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i)
-    TORCH_CHECK(pp[i] >= 0 && pp[i] < ix.kv_len, "CacheIndex.positions: ", pp[i], " outside [0, ", ix.kv_len, ")");
+    TORCH_CHECK(wp[i] >= 0 && wp[i] < NB * bs, "CacheIndex.write_rows: row ", wp[i], " outside [0, ", NB * bs, ")");
   if (ix.bias.has_value() && ix.bias->defined()) {
     TORCH_CHECK(ix.bias->device().is_cpu() && ix.bias->scalar_type() == at::kFloat, "CacheIndex.bias must be fp32");
     TORCH_CHECK(ix.bias->sizes() == at::IntArrayRef({B, T * H, ix.kv_len}), "CacheIndex.bias must be [",
@@ -315,7 +350,7 @@ void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
 }  // namespace
 
 // x [B, T, D]: the block input of the new tokens; cos/sin [B, T, R/2]: their rope angles; kv_layer
-// [slots, max_len, C + R]: this layer's cache; returns the block output [B, T, D] and writes the new
+// [blocks, block_size, C + R]: this layer's paged cache; returns the block output [B, T, D] and writes the new
 // tokens' [latent | rope key] rows into the cache.
 torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                            torch::Tensor kv_layer, const CacheIndex& ix, const BlockWeights& w,
@@ -334,13 +369,15 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   const auto kv = lin(h, *w.kv_a_proj_with_mqa);
   const auto latent = rms_norm(kv.narrow(-1, 0, C), *w.kv_a_layernorm, c.rms_norm_eps);
   const auto k_rope = rope(kv.narrow(-1, C, R).unsqueeze(2), cos, sin, c.rope_interleave).squeeze(2);
-  const auto rows = ix.slots.unsqueeze(1).expand({B, T});
-  kv_layer.index_put_({rows, ix.positions}, at::cat({latent, k_rope}, -1));
-  const auto cached = ix.first_slot >= 0 ? kv_layer.narrow(0, ix.first_slot, B).narrow(1, 0, ix.kv_len)
-                                         : kv_layer.narrow(1, 0, ix.kv_len).index_select(0, ix.slots);
+  // The new rows first (a token attends to itself), each to its flat row of the paged layer.
+  const auto fresh = at::cat({latent, k_rope}, -1).contiguous();  // [B, T, C + R]
+  const float* fp = fresh.data_ptr<float>();
+  float* kvp = kv_layer.data_ptr<float>();
+  const int64_t* wr = ix.write_rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * T; ++i) std::memcpy(kvp + wr[i] * (C + R), fp + i * (C + R), (C + R) * sizeof(float));
   const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : torch::Tensor();  // may be an expanded view
-  const auto attn_out = absorbed_attention(q.contiguous(), q_rope, cached, *w.kv_b_proj, bias, N, V,
-                                           c.softmax_scale);
+  const auto attn_out = absorbed_attention(q.contiguous(), q_rope, kv_layer, ix.block_table, ix.kv_len,
+                                           *w.kv_b_proj, bias, N, V, c.softmax_scale);
   auto out = x + lin(attn_out, *w.o_proj);
 
   // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
@@ -417,12 +454,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("shared_gate_proj", &BlockWeights::shared_gate_proj)
       .def_readwrite("shared_up_proj", &BlockWeights::shared_up_proj)
       .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj);
-  py::class_<CacheIndex>(m, "CacheIndex", py::module_local(), "where a batch's rows live in the cache (one forward, every layer)")
-      .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("slots"),
-           py::arg("positions"), py::arg("first_slot"), py::arg("kv_len"), py::arg("bias"))
-      .def_readonly("slots", &CacheIndex::slots)
-      .def_readonly("positions", &CacheIndex::positions)
-      .def_readonly("first_slot", &CacheIndex::first_slot)
+  py::class_<CacheIndex>(m, "CacheIndex", py::module_local(), "where a batch's rows live in the paged cache (one forward, every layer)")
+      .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("block_table"),
+           py::arg("write_rows"), py::arg("block_size"), py::arg("kv_len"), py::arg("bias"))
+      .def_readonly("block_table", &CacheIndex::block_table)
+      .def_readonly("write_rows", &CacheIndex::write_rows)
+      .def_readonly("block_size", &CacheIndex::block_size)
       .def_readonly("kv_len", &CacheIndex::kv_len)
       .def_readonly("bias", &CacheIndex::bias);
   m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)", py::arg("x"),
