@@ -30,19 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from benchmarks.common import RESULTS, alternate_checkouts, machine
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -97,34 +91,9 @@ def case_ttft_cached_prefix(args) -> dict:
     return out
 
 
-def _worker_env(src: str | None) -> dict:
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()), str(ROOT)])
-    else:
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return env
-
-
-def _run_worker(kind: str, src: str | None, args, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_serve", "--worker", kind, "--preset", args.preset, *extra]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, env=_worker_env(src), cwd=ROOT, capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"the {kind} worker ({src or 'this checkout'}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _alternate_workers(kind: str, args, extra: list[str]) -> dict[str, list[dict]]:
-    if not args.before_src:
-        print(f"{kind}: no --before-src given, measuring this checkout only", flush=True)
-    sides = {"after": None, **({"before": args.before_src} if args.before_src else {})}
-    runs: dict[str, list[dict]] = {k: [] for k in sides}
-    for r in range(args.rounds):
-        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-            runs[side].append(_run_worker(kind, sides[side], args, extra))
-    return runs
+    argv = ["--preset", args.preset, *extra, *(["--threads", str(args.threads)] if args.threads else [])]
+    return alternate_checkouts("bench_serve", kind, args.before_src, args.rounds, argv)
 
 
 def case_concurrency_before_after(args) -> dict:

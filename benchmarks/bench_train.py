@@ -4,7 +4,11 @@ Same weights (nanoseek saves, transformers loads), same batch, same optimizer (A
 alternating steps, medians. A step is forward, cross-entropy, backward and AdamW. Autocast uses the
 machine's fast dtype (bf16 on GPUs and AMX CPUs, fp32 on AVX2-only CPUs; see common.fast_dtype).
 
-    python -m benchmarks.bench_train [--batch 8 --seq 256 --rounds 6]
+    python -m benchmarks.bench_train [--batch 8 --seq 256 --rounds 6] [--before-src DIR/src]
+
+With --before-src (the src/ of another checkout, e.g. `git archive <commit> | tar -x -C DIR`), the same
+nanoseek step is also timed for both checkouts in subprocesses that alternate (`before_after` in the
+JSON): a refactor must not slow training down, and equal first losses show the same mathematics.
 """
 
 from __future__ import annotations
@@ -21,7 +25,48 @@ from nanoseek.accounting import training_flops_per_token
 from nanoseek.config import preset
 from nanoseek.mfu import measured_peak_flops
 
-from .common import alternate, fast_dtype, median, write_result
+from .common import alternate, alternate_checkouts, fast_dtype, median, write_result
+
+
+def worker_step(args) -> dict:
+    """One checkout's nanoseek training step alone (forward, LM loss, backward, fused AdamW): median seconds."""
+    dev = args.device
+    dtype = {"auto": fast_dtype(dev), "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    cfg = preset(args.preset)
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    amp = (lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)) if dtype == torch.bfloat16 \
+        else contextlib.nullcontext
+    losses = []
+
+    def step():
+        with amp():
+            loss = model.forward_train(ids[:, :-1], ids[:, 1:], mtp_weight=0.0).lm_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    times = alternate({"step": step}, rounds=args.rounds, warmup=1)["step"]
+    return {"engine": nanoseek.__file__, "median_step_s": median(times), "first_loss": losses[0]}
+
+
+def before_after(args) -> dict:
+    argv = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--rounds", str(args.rounds),
+            "--device", args.device, "--dtype", args.dtype]
+    runs = alternate_checkouts("bench_train", "step", args.before_src, 3, argv)
+    out = {"before_src": args.before_src}
+    for side, rs in runs.items():
+        out[side] = {"tokens_per_s": args.batch * args.seq / median([r["median_step_s"] for r in rs]),
+                     "first_loss": rs[0]["first_loss"], "engine": rs[0]["engine"]}
+    out["ratio_after_vs_before"] = out["after"]["tokens_per_s"] / out["before"]["tokens_per_s"]
+    out["same_first_loss"] = abs(out["after"]["first_loss"] - out["before"]["first_loss"]) < 1e-4
+    print(f"before/after: {out['after']['tokens_per_s']:.0f} vs {out['before']['tokens_per_s']:.0f} tok/s, "
+          f"ratio {out['ratio_after_vs_before']:.3f}; first loss {out['after']['first_loss']:.5f} vs "
+          f"{out['before']['first_loss']:.5f}", flush=True)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -33,7 +78,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the nanoseek model")
+    ap.add_argument("--before-src", default=None, help="also time this checkout's step against another's src/")
+    ap.add_argument("--worker", choices=["step"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        import json
+
+        print(json.dumps(worker_step(args)))
+        return {}
     import transformers
 
     dev = args.device
@@ -86,6 +138,8 @@ def main(argv=None) -> dict:
         "first_loss": {k: v[0] for k, v in losses.items()},
         "median_step_s": {k: median(v) for k, v in times.items()},
     }
+    if args.before_src:
+        result["before_after"] = before_after(args)
     print(f"train step ({args.preset}, {args.batch}x{args.seq}, {result['dtype']}, {dev}): "
           f"nanoseek {tps['nanoseek']:.0f} tok/s  transformers {tps['transformers']:.0f} tok/s  "
           f"ratio {result['speedup']:.2f}x  MFU {result['mfu']['nanoseek']:.1%} vs {result['mfu']['transformers']:.1%} "

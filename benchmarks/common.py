@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,6 +15,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fast_dtype(device: str = "cpu") -> torch.dtype:
@@ -88,3 +92,30 @@ def write_result(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- this checkout against another
+def run_worker(module: str, worker: str, src: str | None, argv: list[str]) -> dict:
+    """Run `python -m benchmarks.MODULE --worker WORKER ARGV` with nanoseek imported from `src` (another
+    checkout's src/ directory; None: this checkout) and return the JSON its last stdout line holds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(src).resolve()) if src else str(ROOT / "src"), str(ROOT)])
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--worker", worker, *argv]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {worker} worker ({src or 'this checkout'}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alternate_checkouts(module: str, worker: str, before_src: str | None, rounds: int,
+                        argv: list[str]) -> dict[str, list[dict]]:
+    """Worker results per side, "after" (this checkout) and "before" (before_src, when given), in
+    subprocesses that alternate round by round, so that a change in machine load hits both sides alike."""
+    if not before_src:
+        print(f"{worker}: no --before-src given, measuring this checkout only", flush=True)
+    sides = {"after": None, **({"before": before_src} if before_src else {})}
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            runs[side].append(run_worker(module, worker, sides[side], argv))
+    return runs

@@ -27,6 +27,7 @@ it) without loading it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -76,20 +77,31 @@ def compiler() -> str:
     return os.environ.get("CXX") or "c++"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set where that file is absent."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set where that file is absent. Read once
+    per process: every kernel call asks which instruction set to use."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def _runnable_isas() -> tuple[str, ...]:
+    return tuple(_detect_isas())
 
 
 def runnable_isas() -> list[str]:
-    """The instruction sets this CPU runs, best first (`portable` always)."""
+    """The instruction sets this CPU runs, best first (`portable` always); detected once per process."""
+    return list(_runnable_isas())
+
+
+def _detect_isas() -> list[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["portable"]
     flags = cpu_flags()
@@ -313,9 +325,13 @@ class _PerISA:
         self.lock = threading.Lock()
         self.by_isa: dict[str, _Kernels] = {}
         self.isa_error = ""  # a refused NANOSEEK_KERNEL_ISA, said once
+        self.last: tuple[str | None, _Kernels] | None = None  # (NANOSEEK_KERNEL_ISA as read, its kernels)
 
     def get(self, isa: str | None = None) -> _Kernels | None:
         if isa is None:
+            forced = os.environ.get(ISA_ENV)
+            if self.last is not None and self.last[0] == forced:  # the hot path: the same choice as last call
+                return self.last[1]
             try:
                 isa = selected_isa()
             except ISAError as e:
@@ -323,8 +339,17 @@ class _PerISA:
                     self.isa_error = str(e)
                     print(f"nanoseek: {e}; using the torch paths", file=sys.stderr, flush=True)
                 return None
-        with self.lock:
-            return self.by_isa.setdefault(isa, _Kernels(isa))
+            k = self._kernels(isa)
+            self.last = (forced, k)
+            return k
+        return self._kernels(isa)
+
+    def _kernels(self, isa: str) -> _Kernels:
+        k = self.by_isa.get(isa)
+        if k is None:
+            with self.lock:
+                k = self.by_isa.setdefault(isa, _Kernels(isa))
+        return k
 
     def load(self, force: bool = False, isa: str | None = None):
         k = self.get(isa)
