@@ -96,7 +96,8 @@ def _pp_run(tmp_path_factory, schedule: str) -> Path:
 
 # ----------------------------------------------------------------------------- real runs under torchrun
 @pytest.mark.parametrize("schedule", [
-    "1F1B", "Interleaved1F1B", "DualPipeV",
+    "1F1B", "DualPipeV",  # the default suite: one plain and one V-shaped schedule; the others in `make test-slow`
+    pytest.param("Interleaved1F1B", marks=pytest.mark.slow),
     pytest.param("ZBVZeroBubble", marks=pytest.mark.slow),
 ])
 def test_pp2_matches_one_process(single, tmp_path_factory, schedule):

@@ -116,6 +116,7 @@ def test_the_isa_is_chosen_at_start_and_can_be_forced():
         assert "this CPU cannot run it" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a whole extra build (~1.5 min on 2 cores); `make test-slow`
 @pytest.mark.skipif("avx512" in RUNNABLE or not build.compiler_takes("avx512"),
                     reason="the CPU runs AVX-512 (the ISA tests above cover it) or the compiler lacks it")
 def test_the_avx512_build_compiles_on_a_cpu_that_cannot_run_it(tmp_path):
