@@ -279,26 +279,9 @@ def machine(device) -> dict:
         pass
     out = {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__}
     if device.type == "cuda":
-        out.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   fp32_matmul_precision=torch.get_float32_matmul_precision())
+        out.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     return out
 
-
-@contextlib.contextmanager
-def fp32_matmuls_on_tensor_cores(device):
-    """On CUDA, the fp32 stages (SFT, GRPO and the evals train and sample the fp32 master model) use TF32
-    tensor cores, as PyTorch's "high" float32 matmul precision allows; restored afterwards."""
-    import torch
-
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _banner(i: int, name: str) -> None:
@@ -307,18 +290,13 @@ def _banner(i: int, name: str) -> None:
 
 def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     """Run the seven stages into `out`; returns the report (also written as out/report.json and report.md)."""
-    device = check_device(plan)  # before anything is written: a GPU plan on a CPU machine stops here
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with fp32_matmuls_on_tensor_cores(device):
-        return _stages(out, plan, progress)
-
-
-def _stages(out: Path, plan: Plan, progress: bool) -> dict:
     import torch
 
     from nanoseek.speedrun_report import build_report, write_report
 
+    check_device(plan)  # before anything is written: a GPU plan on a CPU machine stops here
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     sr = plan.speedrun
     torch.set_num_threads(sr.threads or idle_cores())
     run = Stages(out, plan, progress)
