@@ -85,7 +85,7 @@ def test_without_cuda_it_refuses_in_one_line_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
 
 
-def test_the_gpu_stage_wiring_runs_on_the_cpu_when_shrunk(tmp_path):
+def test_the_gpu_stage_wiring_runs_on_the_cpu_when_shrunk(tmp_path, capsys):
     """--preset gpu --quick --device cpu: the GPU plan with --quick's small model dimensions and step counts
     (the GPU config's 64 experts in 8 groups, the shared expert and MTP stay) through all seven stages."""
     from nanoseek.cli import main
@@ -99,6 +99,8 @@ def test_the_gpu_stage_wiring_runs_on_the_cpu_when_shrunk(tmp_path):
                      "--no-progress", "--set", "eval.n=8", "--set", "sft.steps=4"]) == 0
     finally:
         torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"{GPU_TOML} on cpu" in err and "pretraining: 6,144 tokens" in err  # --quick: 12 steps x 8 x 64
     rep = json.loads((out / "report.json").read_text())
     assert rep["config_file"] == str(GPU_TOML) and rep["machine"]["device"] == "cpu"
     assert set(rep["stage_seconds"]) >= {"tokenizer", "pretrain", "sft", "eval_before_rl", "grpo", "eval_after_rl",

@@ -284,6 +284,28 @@ def machine(device) -> dict:
 
 
 
+# The MFU the GPU speedrun's sizes assume (README, GPUs: "The GPU speedrun"); the printed estimate uses it.
+ASSUMED_MFU = 0.15
+
+
+def pretraining_estimate(plan: Plan, device) -> str:
+    """One line before the run: the pretraining FLOPs (FLOPs per token x tokens) and the time they take at
+    ASSUMED_MFU of this device's peak, so that a GPU-sized plan started on a CPU says what it costs."""
+    from nanoseek.accounting import training_flops_per_token
+    from nanoseek.device import autocast_dtype, device_peak_flops
+
+    t = plan.run.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    flops = training_flops_per_token(plan.run.model_config(), t.seq_len) * tokens
+    peak = device_peak_flops(device, autocast_dtype(t.dtype, device))
+
+    def when(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+
+    return (f"pretraining: {tokens:,} tokens, {flops:.3g} FLOPs: {when(flops / peak)} at this device's whole "
+            f"{peak / 1e12:.3g} TFLOP/s peak, {when(flops / (ASSUMED_MFU * peak))} at {ASSUMED_MFU:.0%} MFU")
+
+
 def _banner(i: int, name: str) -> None:
     print(f"\n[{i}/7] {name}", file=sys.stderr, flush=True)
 
@@ -301,6 +323,7 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
     torch.set_num_threads(sr.threads or idle_cores())
     run = Stages(out, plan, progress)
     print(f"{plan.source} on {run.device}; {torch.get_num_threads()} torch thread(s)", file=sys.stderr)
+    print(pretraining_estimate(plan, run.device), file=sys.stderr)
     t_all = time.perf_counter()
     _banner(1, "train the tokenizer (and tokenize the built-in corpus)")
     run.tokenizer()
