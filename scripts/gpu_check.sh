@@ -3,7 +3,10 @@
 # transformers, no network), run from the project root in under 8 minutes:
 #   1. installs the wheels the GPU image lacks, if .whl/ was carried along (made beforehand, on a machine with
 #      network, by ../shared/gpu/wheels.sh: fastapi, uvicorn, openai, ... for the server test);
-#   2. `make test-gpu` (pytest -m gpu: tests/test_gpu.py);
+#   2. `make test-gpu` (pytest -m gpu: tests/test_gpu.py), without the GPU speedrun test
+#      (tests/test_speedrun_gpu.py::test_gpu_speedrun_on_cuda: the real ~450M-parameter model through all seven
+#      stages, estimated at 1-2 minutes, not measured). The stage limits below already add up to 7.5 of the 8
+#      minutes, so it does not fit in this check; `make test-gpu` alone runs it;
 #   3. benchmarks/bench_gpu.py (training tok/s and MFU vs transformers, FP8 vs bf16, decode vs generate);
 #   4. benchmarks/bench_fp8.py: 200 steps of `small` with FP8 against bf16 on the GPU (the loss gap).
 # Logs, JUnit XML and JSON go under $OUT (default runs/gpu_check); commit the JSON to benchmarks/results/.
@@ -52,10 +55,11 @@ run_stage() {  # name, seconds, command...
   return $rc
 }
 
+SPEEDRUN_TEST=tests/test_speedrun_gpu.py::test_gpu_speedrun_on_cuda  # too long for this check's budget (above)
 if command -v make > /dev/null; then
-  run_stage test_gpu 240 make -s test-gpu GPU_PY="$PY" PYTEST_ARGS="--junitxml=$OUT/test_gpu.xml -rs"
+  run_stage test_gpu 240 make -s test-gpu GPU_PY="$PY" PYTEST_ARGS="--junitxml=$OUT/test_gpu.xml -rs --deselect $SPEEDRUN_TEST"
 else
-  run_stage test_gpu 240 "$PY" -m pytest -q -m gpu --junitxml="$OUT/test_gpu.xml" -rs
+  run_stage test_gpu 240 "$PY" -m pytest -q -m gpu --junitxml="$OUT/test_gpu.xml" -rs --deselect "$SPEEDRUN_TEST"
 fi
 tests=$?
 run_stage bench_gpu 130 "$PY" -m benchmarks.bench_gpu --out "$OUT/gpu.json"

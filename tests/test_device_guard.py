@@ -4,8 +4,11 @@ A CPU tensor mixed into a meta computation raises ("Tensor on device cpu is not 
 meta!"), exactly where a CUDA run would fail on a tensor made on the CPU; indexing, sort, softmax and
 multinomial all run on meta. So each piece of code that builds tensors of its own (the sampler, the losses,
 the router, attention in both paths, the FP8 quantisers and GEMM layouts, the tensor part of an engine step)
-runs here on meta inputs, and every result must come back on meta. What reads values (the sampled ids, the
-MoE capacity, the cache bookkeeping) cannot run on meta: tests/test_gpu.py covers it on a GPU.
+runs here on meta inputs, and every result must come back on meta. A meta tensor has no values either, so a
+read back to the host (`.tolist()`, `int(t)`, a data-dependent shape) raises: a whole decode-step forward
+on a paged cache view runs here too, which proves that the model path a GPU decodes with reads nothing back
+per token. What must read values (the sampled ids, the engine's bookkeeping) cannot run on meta:
+tests/test_gpu.py covers it on a GPU.
 Autocast has no meta backend (torch.autocast("meta") raises), so here it reads as "off" on meta.
 """
 
@@ -168,3 +171,42 @@ def test_kl_and_advantages_shapes_on_meta():
     r = torch.rand(8, device=META)
     assert on_meta(grpo.group_advantages(r, 4), grpo.kl_estimator(r, r))
     assert F.cross_entropy(torch.randn(4, V, device=META), torch.randint(0, V, (4,), device=META)).device == META
+
+
+DSA = dict(index_topk=4, index_n_heads=2, index_head_dim=16)  # V3.2: fewer top-k than cached tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_new", [1, 2])
+@pytest.mark.parametrize("arch", [{}, DSA], ids=["v3", "v3.2"])
+def test_a_whole_decode_step_forward_reads_nothing_back(dtype, n_new, arch):
+    """One engine decode step's model calls on a paged cache view, all on meta: plain decoding (one token
+    per row) and the two-token speculative verify plus its MTP refill. A meta tensor has no values, so
+    any read back to the host (`.tolist()`, `int(t)`, `bool(t)`, a data-dependent shape such as bincount or
+    a boolean mask) raises here: the pure model path that runs on a GPU has no host sync per token beyond
+    the engine's read of the sampled ids. Rows sit at different positions, so the score mask is built; the
+    MoE layers take the padded GEMM in fp32 (a decode batch sized from shapes) and grouped_mm in bf16; a
+    V3.2 model's indexer selects its top-k of the cached tokens (its keys a second cache stream)."""
+    from nanoseek.infer.cache import PagedCache
+
+    model = _meta_model(num_nextn_predict_layers=1, **arch).cast(dtype).eval()
+    cache = PagedCache.for_model(model, num_blocks=12, block_size=4, dtype=dtype, device=META)
+    tables, starts = [[3, 7, 1], [0, 5], [9, 2, 4, 11]], [9, 5, 13]  # host bookkeeping, as the engine keeps it
+    B = len(tables)
+    ids = torch.randint(0, 512, (B, n_new), device=META)
+    with torch.no_grad():
+        view = cache.view(tables, starts, n_new)
+        assert not view.prefill and view.kv_len == max(starts) + n_new
+        logits, hidden = model.forward_cached(ids, view)
+        mtp_logits, _ = model.mtp_forward_cached(hidden, ids, view)
+    assert on_meta(logits, hidden, mtp_logits)
+    assert logits.shape == (B, n_new, 512) and mtp_logits.shape == (B, n_new, 512)
+    # Off the CPU only bf16 has a native grouped_mm (CUDA's fallback for fp32 copies the offsets to the host
+    # and loops over the experts); the padded path sizes a decode batch's buffer from shapes instead.
+    experts = model.layers[1].mlp.experts
+    x, counts = torch.randn(B * 6, 64, device=META, dtype=dtype), torch.zeros(8, dtype=torch.long, device=META)
+    assert experts.use_grouped_mm(x, counts) == (dtype == torch.bfloat16)
+    assert experts.capacity(counts, B) == B
+    # The probe works: the same step with device start positions only (no host copy) must read them back.
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        cache.view(tables, torch.tensor(starts, device=META), n_new)

@@ -57,6 +57,8 @@ PARSE_ONLY = [
     ("torchrun --nproc_per_node 4", "four processes (tests/test_pipeline.py runs pp=2 x ep=2 under torchrun, slow)"),
     ("torchrun --nnodes 2", "two nodes of 8 GPUs"),
     ("--host 0.0.0.0", "binds every interface; the tests serve on loopback only"),
+    ("--preset gpu --out runs/speedrun-gpu", "the GPU speedrun needs CUDA (tests/test_speedrun_gpu.py runs its "
+     "stages shrunk on the CPU, and the real preset under make test-gpu)"),
     ("--model runs/small/final --to v3.2", "converts the `small` run trained above (tests/test_dsa_train.py "
      "converts a trained model with the real CLI)"),
 ]

@@ -205,9 +205,9 @@ def test_grouped_experts_paths_agree():
     torch.manual_seed(0)
     cfg = preset("tiny", hidden_size=64, moe_intermediate_size=32)
     experts = Transformer(cfg).layers[1].mlp.experts
-    assert type(experts) is GroupedExperts and experts.use_grouped_mm(torch.float32, 9)  # 64 / 32: aligned
     counts = torch.tensor([5, 0, 9, 1, 3, 0, 2, 4])
     x = torch.randn(int(counts.sum()), 64)
+    assert type(experts) is GroupedExperts and experts.use_grouped_mm(x, counts)  # 64 / 32: aligned
     grouped = experts.forward_grouped(x, counts)
     padded = experts.forward_sorted_padded(x, counts, int(counts.max()))
     torch.testing.assert_close(grouped, padded, rtol=1e-5, atol=1e-6)
@@ -224,7 +224,11 @@ def test_grouped_experts_paths_agree():
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-3)
     # Unaligned strides fall back to the padded GEMM.
     odd = Transformer(preset("tiny", hidden_size=60, moe_intermediate_size=30)).layers[1].mlp.experts
-    assert not odd.use_grouped_mm(torch.float32, 9)
+    assert not odd.use_grouped_mm(torch.randn(24, 60), counts)
+    # The padded buffer may have more rows per expert than the most any expert got (off the CPU a decode
+    # batch's is sized from shapes: tests/test_device_guard.py); on the CPU it reads the counts.
+    assert experts.capacity(counts, 10) == 9
+    torch.testing.assert_close(experts.forward_sorted_padded(x, counts, 24), padded)
 
 
 def test_cache_reads_non_contiguous_slots():

@@ -11,6 +11,10 @@
 Every setting lives in one TOML file (configs/speedrun.toml: the pretraining sections of a
 `nanoseek train` config plus [speedrun], [sft], [eval], [grpo]); `--set section.key=value` overrides
 any key and `--quick` swaps in a model and step counts small enough for a one-minute smoke run.
+`--preset gpu` is configs/speedrun-gpu.toml: the same stages with a DeepSeek-V3-shaped MoE of a few
+hundred million parameters in bf16, sized for about ten minutes on one H100 / H200 (the README's GPU
+section has the estimate). A config with train.device = "cuda" refuses to start without CUDA unless
+--device cpu says to run it on the CPU anyway.
 Outputs (nanoseek.speedrun_report): DIR/report.json (accuracy before/after RL, stage times, tokens/s,
 MFU, cost projection), DIR/report.md with the plots under DIR/plots, and the exported model in DIR/model.
 What a run measured is in its report.json; the README quotes one.
@@ -40,7 +44,10 @@ from nanoseek.rl.trainer import GRPOConfig
 from nanoseek.train.config import SECTIONS as TRAIN_SECTIONS
 from nanoseek.train.config import RunConfig, apply_overrides, build
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "speedrun.toml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = CONFIGS / "speedrun.toml"
+# `--preset NAME`: the shipped speedrun configs.
+PRESETS = {"cpu": DEFAULT_CONFIG, "gpu": CONFIGS / "speedrun-gpu.toml"}
 
 # A model and step counts for a ~1 minute smoke run (tests use it).
 QUICK = [
@@ -88,6 +95,7 @@ class Plan:
     sft: SFTStage
     eval: EvalConfig
     grpo: GRPOConfig
+    source: str = ""            # the TOML file it came from
 
 
 def load_plan(path: str | Path | None, overrides: list[str]) -> Plan:
@@ -119,7 +127,29 @@ def load_plan(path: str | Path | None, overrides: list[str]) -> Plan:
                           difficulty=sr.difficulty).validate()
     except ValueError as e:  # GRPOConfig.validate names the key
         raise ConfigError(f"{src}: {e}") from None
-    return Plan(run, sr, sft, ev, grpo)
+    if ev.n < 1 or ev.k < 1 or ev.max_new_tokens < 1:
+        raise ConfigError(f"{src}: eval.n, eval.k and eval.max_new_tokens must be >= 1")
+    return Plan(run, sr, sft, ev, grpo, src)
+
+
+def check_device(plan: Plan):
+    """The device every stage runs on (the pretraining's train.device), checked before anything runs.
+
+    A config that names CUDA (configs/speedrun-gpu.toml) is sized for a GPU: on a machine without one it
+    stops with one line rather than fall back to a CPU run that would take hours. `--device cpu` (which
+    sets train.device) is how to ask for that run anyway.
+    """
+    import torch
+
+    from nanoseek.device import resolve_device
+
+    name = plan.run.train.device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"{plan.source} is sized for a CUDA GPU (train.device = {name!r}) and CUDA is not "
+                          f"available ({why})", hint="pass --device cpu to run it on the CPU anyway (it would take "
+                          "hours), or run the CPU speedrun (without --preset gpu)")
+    return resolve_device(name, "train.device")
 
 
 def idle_cores() -> int:
@@ -144,10 +174,8 @@ class Stages:
     def __init__(self, out: Path, plan: Plan, progress: bool):
         from nanoseek.data.tasks import get_task
 
-        from nanoseek.device import resolve_device
-
         self.out, self.plan, self.progress = out, plan, progress
-        self.device = resolve_device(plan.run.train.device, "train.device")  # pretraining's; every stage's
+        self.device = check_device(plan)  # pretraining's; every stage's
         self.task = get_task(plan.speedrun.task)
         self.pre = out / "pretrain"
         self.times: dict[str, float] = {}
@@ -249,8 +277,33 @@ def machine(device) -> dict:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu,
-            "torch": torch.__version__}
+    out = {"device": str(device), "torch_threads": torch.get_num_threads(), "cpu": cpu, "torch": torch.__version__}
+    if device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return out
+
+
+
+# The MFU the GPU speedrun's sizes assume (README, GPUs: "The GPU speedrun"); the printed estimate uses it.
+ASSUMED_MFU = 0.15
+
+
+def pretraining_estimate(plan: Plan, device) -> str:
+    """One line before the run: the pretraining FLOPs (FLOPs per token x tokens) and the time they take at
+    ASSUMED_MFU of this device's peak, so that a GPU-sized plan started on a CPU says what it costs."""
+    from nanoseek.accounting import training_flops_per_token
+    from nanoseek.device import autocast_dtype, device_peak_flops
+
+    t = plan.run.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    flops = training_flops_per_token(plan.run.model_config(), t.seq_len) * tokens
+    peak = device_peak_flops(device, autocast_dtype(t.dtype, device))
+
+    def when(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+
+    return (f"pretraining: {tokens:,} tokens, {flops:.3g} FLOPs: {when(flops / peak)} at this device's whole "
+            f"{peak / 1e12:.3g} TFLOP/s peak, {when(flops / (ASSUMED_MFU * peak))} at {ASSUMED_MFU:.0%} MFU")
 
 
 def _banner(i: int, name: str) -> None:
@@ -263,16 +316,18 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
 
     from nanoseek.speedrun_report import build_report, write_report
 
+    check_device(plan)  # before anything is written: a GPU plan on a CPU machine stops here
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sr = plan.speedrun
     torch.set_num_threads(sr.threads or idle_cores())
-    print(f"{torch.get_num_threads()} torch thread(s)", file=sys.stderr)
     run = Stages(out, plan, progress)
+    print(f"{plan.source} on {run.device}; {torch.get_num_threads()} torch thread(s)", file=sys.stderr)
+    print(pretraining_estimate(plan, run.device), file=sys.stderr)
     t_all = time.perf_counter()
     _banner(1, "train the tokenizer (and tokenize the built-in corpus)")
     run.tokenizer()
-    _banner(2, "pretrain a small MoE with MLA and MTP")
+    _banner(2, "pretrain the MoE with MLA and MTP")
     run.pretrain()
     if plan.eval.base:
         run.evaluate("eval_base", "base", "pretrained", keep_samples=False)
@@ -294,7 +349,11 @@ def speedrun(out: str | Path, plan: Plan, progress: bool = True) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (report.json, report.md, plots/, model/)")
-    parser.add_argument("--config", default=None, help=f"speedrun TOML (default {DEFAULT_CONFIG})")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--config", default=None, help=f"speedrun TOML (default {DEFAULT_CONFIG})")
+    which.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="a shipped speedrun: cpu = configs/speedrun.toml (the default), gpu = "
+                            "configs/speedrun-gpu.toml (a few hundred million parameters, ~10 minutes on one H100)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a ~1 minute smoke run")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key, e.g. --set grpo.steps=10 or --set train.steps=50 (repeatable)")
@@ -302,7 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = load_plan(args.config, (QUICK if args.quick else []) + list(args.sets))  # --device/--threads: sets
+    path = PRESETS[args.preset] if args.preset else args.config
+    plan = load_plan(path, (QUICK if args.quick else []) + list(args.sets))  # --device/--threads: sets
     report = speedrun(args.out, plan, progress=not args.no_progress)
     before, after = report["accuracy_before_rl"], report["accuracy_after_rl"]
     md = Path(args.out) / "report.md"

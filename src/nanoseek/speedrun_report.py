@@ -86,7 +86,12 @@ def markdown(report: dict, plots: dict[str, str], samples: dict[str, list[dict]]
     """report.md: the accuracy table, stage times, throughput and cost, the plots and a few samples."""
     ev = report["evals"]
     k = report["config"]["eval"]["k"]
-    lines = ["# nanoseek speedrun", "",
+    m = report.get("machine", {})
+    where = f"{m['gpu']} ({m['device']})" if m.get("gpu") else f"{m.get('device', '?')} ({m.get('cpu', '?')})"
+    # The training loop's MFU peak (nanoseek.device.device_peak_flops): a known GPU's table figure, else measured.
+    peak = "the GPU's dense BF16 peak" if m.get("gpu") else "this machine's measured matmul peak"
+    lines = ["# nanoseek speedrun", "", f"Config `{report.get('config_file', '?')}` on {where}, torch {m.get('torch', '?')}.",
+             "",
              f"Task **{report['task']}** (difficulty {report['difficulty']}), {ev['sft']['n']} held-out problems, "
              f"{k} samples each at temperature {report['config']['eval']['temperature']}.", "",
              "| model | pass@1 | cons@k | format | mean length |", "|---|---|---|---|---|"]
@@ -100,7 +105,7 @@ def markdown(report: dict, plots: dict[str, str], samples: dict[str, list[dict]]
     lines += [f"| {s} | {t:.1f} |" for s, t in report["stage_seconds"].items()]
     lines += [f"| **total** | **{report['total_seconds']:.1f}** |", "",
               f"Pretraining: {report['params']:,} parameters, {report['pretrain_tokens']:,} tokens at "
-              f"{report['tokens_per_s']:.0f} tokens/s, MFU {report['mfu']:.1%} of this machine's measured fp32 matmul peak.",
+              f"{report['tokens_per_s']:.0f} tokens/s, MFU {report['mfu']:.1%} of {peak}.",
               ""]
     c = report["cost_projection"]
     lines += [f"Cost projection: this pretraining ({c['total_flops']:.3g} FLOPs) would take {c['gpu_hours'] * 3600:.2f} "
@@ -132,7 +137,7 @@ def build_report(plan: Any, model: Any, evals: dict[str, dict], history: list[di
     fpt = training_flops_per_token(model.config, t_cfg.seq_len)
     cost = project(fpt, tokens, mfu_mod.peak_flops("H800"), 0.4)
     return {
-        "task": sr.task, "difficulty": sr.difficulty,
+        "task": sr.task, "difficulty": sr.difficulty, "config_file": getattr(plan, "source", ""),
         "accuracy_before_rl": evals["sft"]["pass_at_1"], "accuracy_after_rl": evals["grpo"]["pass_at_1"],
         "cons_before_rl": evals["sft"]["cons_at_k"], "cons_after_rl": evals["grpo"]["cons_at_k"],
         "accuracy_base": evals.get("base", {}).get("pass_at_1"),

@@ -178,8 +178,9 @@ class PagedCache:
     def blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
 
-    def view(self, block_tables: list[list[int]], start_pos: torch.Tensor, n_new: int) -> "PagedView":
-        """The window of one forward: row b (block table block_tables[b]) brings n_new tokens at start_pos[b]."""
+    def view(self, block_tables: list[list[int]], start_pos: list[int] | torch.Tensor, n_new: int) -> "PagedView":
+        """The window of one forward: row b (block table block_tables[b]) brings n_new tokens at start_pos[b].
+        The engine passes start_pos as host ints: the view copies them to the device without a host sync."""
         return PagedView(self, block_tables, start_pos, n_new)
 
 
@@ -187,8 +188,12 @@ class PagedView(CacheView):
     """One forward's rows on a PagedCache. Everything that is the same for every layer (the block table,
     the flat rows written, the rows read) is computed once, on the cache's device."""
 
-    def __init__(self, cache: PagedCache, block_tables: list[list[int]], start_pos: torch.Tensor, n_new: int):
-        super().__init__(start_pos, n_new)
+    def __init__(self, cache: PagedCache, block_tables: list[list[int]], start_pos: list[int] | torch.Tensor,
+                 n_new: int):
+        if isinstance(start_pos, torch.Tensor):
+            super().__init__(start_pos, n_new)
+        else:
+            super().__init__(device_tensor(start_pos, torch.long, cache.device), n_new, starts=list(start_pos))
         bs = cache.block_size
         width = math.ceil(self.kv_len / bs)  # blocks covering positions [0, kv_len)
         for t in block_tables:

@@ -448,7 +448,7 @@ class Engine(Scheduler):
     def _decode_plain(self) -> None:
         reqs = self._running
         ids = self._tensor([[r.pending] for r in reqs])
-        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 1)
+        view = self.cache.view([r.blocks for r in reqs], [r.pos for r in reqs], 1)
         logits, _ = self.model.forward_cached(ids, view)
         nxt, logps, tops = self._sample(logits[:, 0], reqs)
         for i, (r, t) in enumerate(zip(reqs, nxt.tolist())):
@@ -460,7 +460,7 @@ class Engine(Scheduler):
         reqs = self._running
         B = len(reqs)
         ids = self._tensor([[r.pending, r.draft] for r in reqs])
-        view = self.cache.view([r.blocks for r in reqs], self._tensor([r.pos for r in reqs]), 2)
+        view = self.cache.view([r.blocks for r in reqs], [r.pos for r in reqs], 2)
         logits, hidden = self.model.forward_cached(ids, view)  # [B, 2, V], [B, 2, D]
         accepted_t, token_t, lp_t, top_t = speculative_tensors(logits, reqs)
         # The step's one read of sampled ids (acceptance flags with them), plus logprobs when asked for.

@@ -172,8 +172,9 @@ class QuantExperts(nn.Module):
         return kernels.experts_rows(x_ND, self.gate_up_proj, self.down_proj, idx_NK, w_NK,
                                     self.gate_up_proj_scale, self.down_proj_scale)
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """GroupedExperts.forward's contract: x_MD holds the assignments sorted by expert."""
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+        """GroupedExperts.forward's contract: x_MD holds the assignments sorted by expert (a CPU format: the
+        counts are read here, and max_rows is not needed)."""
         M = x_MD.shape[0]
         if 0 < M <= KERNEL_ASSIGNMENTS and _fast_inference(x_MD):
             expert_M = torch.repeat_interleave(torch.arange(self.n_experts), counts_E, output_size=M)

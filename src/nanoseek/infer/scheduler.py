@@ -211,7 +211,7 @@ class Scheduler:
                             for r, s, e in zip(reqs, starts, ends)])
         rows = torch.arange(len(reqs), device=self.device)
         last = device_tensor([n - 1 for n in lens], torch.long, self.device)
-        view = self.cache.view([r.blocks for r in reqs], device_tensor(starts, torch.long, self.device), T)
+        view = self.cache.view([r.blocks for r in reqs], starts, T)
         logits, hidden = self.model.forward_cached(ids, view, logits_at=last)
         last_logits = logits[:, 0]  # [B, V]
         new = [i for i, r in enumerate(reqs) if not r.admitted]

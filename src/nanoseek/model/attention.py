@@ -49,10 +49,12 @@ class CacheView:
     per forward: at batch 1 a decode step is dominated by per-op overhead, not arithmetic.
     """
 
-    def __init__(self, start_pos: torch.Tensor, n_new: int):
+    def __init__(self, start_pos: torch.Tensor, n_new: int, starts: list[int] | None = None):
+        """start_pos [B] on the model's device; `starts`, the same positions as host ints when the caller
+        has them (the engine does): reading them back from a GPU tensor would be a host sync per step."""
         self.start_pos = start_pos
         self.n_new = n_new
-        starts = start_pos.tolist()
+        starts = start_pos.tolist() if starts is None else starts
         self.kv_len = max(starts) + n_new  # positions [0, kv_len) are read
         self.prefill = n_new > 1 and max(starts) == 0
         self.positions = start_pos[:, None] + torch.arange(n_new, device=start_pos.device)  # [B, T]

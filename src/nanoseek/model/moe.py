@@ -11,9 +11,14 @@ negative. The weights are normalised when norm_topk_prob and then always scaled 
 
 Experts are stacked weights ([E, 2F, D] and [E, D, F]), never a Python loop over experts: the
 (token, expert) assignments are sorted by expert and multiplied in one grouped GEMM (torch grouped_mm),
-or, where grouped_mm is missing or the strides are unaligned, in one batched GEMM over a zero-padded
-[E, capacity, D] buffer. MoE.routed_experts is the seam that expert parallelism (nanoseek.train.parallel)
-and the CPU decode paths (nanoseek.infer.fast) replace from outside.
+or, where grouped_mm is missing, unaligned or not native (see use_grouped_mm), in one batched GEMM over a
+zero-padded [E, capacity, D] buffer. MoE.routed_experts is the seam that expert parallelism
+(nanoseek.train.parallel) and the CPU decode paths (nanoseek.infer.fast) replace from outside.
+
+No value is read back to the host on the way (a host sync on a GPU, once per layer): the counts are a
+scatter-add (bincount sizes its output from the data), grouped_mm takes the offsets on the device, and
+the padded buffer of a decode-sized batch is sized from shapes (a token picks an expert at most once,
+so no expert gets more than N rows); only a large batch on the padded path reads its true capacity.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import MLP
+
+# Batches of at most this many tokens size the padded expert buffer from shapes, not from the counts.
+DECODE_ROWS = 256
 
 
 class Router(nn.Module):
@@ -77,23 +85,37 @@ class GroupedExperts(nn.Module):
             x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         return x, w1, w2
 
-    def use_grouped_mm(self, dtype: torch.dtype, cap: int) -> bool:
-        """grouped_mm (no padding), unless torch lacks it or the weights' strides are not 16-byte aligned.
+    def use_grouped_mm(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> bool:
+        """grouped_mm (no padding), unless torch lacks it, the weights' strides are not 16-byte aligned, or
+        the device has no native kernel for the dtype: off the CPU only bf16 is native (CUDA's fallback
+        for other dtypes copies the offsets to the host and loops over the experts).
 
-        The dtype and the capacity (most rows any expert got) are there for subclasses that choose by the
-        batch (nanoseek.infer.fast prefers the padded GEMM for mid-sized fp32 inference batches on CPU).
+        The rows and counts are there for subclasses that choose by the batch (nanoseek.infer.fast prefers
+        the padded GEMM for mid-sized fp32 inference batches on CPU).
         """
-        return hasattr(F, "grouped_mm") and self.gate_up_proj.shape[2] % 8 == 0 and self.gate_up_proj.shape[1] % 16 == 0
+        if not hasattr(F, "grouped_mm") or self.gate_up_proj.shape[2] % 8 or self.gate_up_proj.shape[1] % 16:
+            return False
+        dtype = torch.get_autocast_dtype(x_MD.device.type) if torch.is_autocast_enabled(x_MD.device.type) \
+            else x_MD.dtype
+        return x_MD.device.type == "cpu" or dtype == torch.bfloat16
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_MD holds the assignments sorted by expert; counts_E how many each expert got."""
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+        """x_MD holds the assignments sorted by expert; counts_E how many each expert got; max_rows, when
+        given, bounds every count from shapes (MoE.routed_experts passes N, the number of tokens)."""
         M = x_MD.shape[0]
-        cap = int(counts_E.max())
         # An expert-parallel rank may receive no tokens: the padded path handles that, and keeps the (empty)
         # input in the autograd graph so the all-to-all backward still runs on every rank.
-        if M > 0 and self.use_grouped_mm(x_MD.dtype, cap):
+        if M > 0 and self.use_grouped_mm(x_MD, counts_E):
             return self.forward_grouped(x_MD, counts_E)
-        return self.forward_sorted_padded(x_MD, counts_E, cap)
+        return self.forward_sorted_padded(x_MD, counts_E, self.capacity(counts_E, max_rows))
+
+    def capacity(self, counts_E: torch.Tensor, max_rows: int | None) -> int:
+        """Rows per expert of the padded buffer: the most any expert got. Reading it is free on the CPU but a
+        host sync elsewhere, so there a decode-sized batch takes the bound from shapes instead (at most E/K
+        times the rows needed); prefill and training batches still read it."""
+        if counts_E.device.type != "cpu" and max_rows is not None and max_rows <= DECODE_ROWS:
+            return max_rows
+        return int(counts_E.max())
 
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Both expert GEMMs as grouped GEMMs over the expert-sorted rows."""
@@ -145,7 +167,9 @@ class MoE(nn.Module):
 
     def count(self, idx_NK: torch.Tensor) -> torch.Tensor:
         """Assignments per expert [E]; in training mode also added to self.load."""
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
+        flat = idx_NK.flatten()
+        counts_E = torch.zeros(self.cfg.n_routed_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         if self.training:
             self.load += counts_E.detach().float()
         return counts_E
@@ -161,7 +185,7 @@ class MoE(nn.Module):
         N, K = idx_NK.shape
         M, dev = N * K, x_ND.device
         order_M = idx_NK.flatten().argsort(stable=True)
-        y_sorted = self.experts(x_ND.index_select(0, order_M // K), counts_E)
+        y_sorted = self.experts(x_ND.index_select(0, order_M // K), counts_E, max_rows=N)
         row_M = torch.empty_like(order_M).index_copy_(0, order_M, torch.arange(M, device=dev))
         y_NKD = y_sorted.index_select(0, row_M).view(N, K, -1)
         return torch.bmm(w_NK.to(y_NKD.dtype).unsqueeze(1), y_NKD).squeeze(1).to(x_ND.dtype)

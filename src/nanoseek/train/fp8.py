@@ -150,7 +150,7 @@ class FP8GroupedExperts(GroupedExperts):
 
     fp8: FP8Options
 
-    def use_grouped_mm(self, dtype: torch.dtype, cap: int = 0) -> bool:
+    def use_grouped_mm(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> bool:
         return False  # forward() then takes forward_padded, which runs in FP8 here
 
     # GroupedExperts.forward scatters the sorted rows into a zero-padded buffer and calls this;

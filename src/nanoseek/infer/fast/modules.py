@@ -87,13 +87,14 @@ class FastRMSNorm(RMSNorm):
 class FastExperts(GroupedExperts):
     pure = GroupedExperts
 
-    def use_grouped_mm(self, dtype: torch.dtype, cap: int) -> bool:
+    def use_grouped_mm(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> bool:
         # fp32 inference on a CPU: one padded batched GEMM beats grouped_mm for mid-sized batches;
-        # grouped_mm keeps one row per expert (it then reads only the chosen experts' weights).
-        if (cap > 1 and dtype == torch.float32 and not self.training and not torch.is_grad_enabled()
-                and self.gate_up_proj.is_cpu and not torch.is_autocast_enabled("cpu")):
+        # grouped_mm keeps one row per expert (it then reads only the chosen experts' weights). Reading the
+        # counts costs nothing on a CPU.
+        if (x_MD.dtype == torch.float32 and not self.training and not torch.is_grad_enabled()
+                and self.gate_up_proj.is_cpu and not torch.is_autocast_enabled("cpu") and int(counts_E.max()) > 1):
             return False
-        return super().use_grouped_mm(dtype, cap)
+        return super().use_grouped_mm(x_MD, counts_E)
 
 
 def forward_few(experts: GroupedExperts, x_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
