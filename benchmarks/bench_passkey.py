@@ -4,9 +4,8 @@ End to end through the real CLI (`nanoseek.cli.main`, in this process, so one in
 thread for everything):
 
   1. dense V3 model   `nanoseek train` briefly on the built-in corpus (the tokenizer and a starting model),
-                      then `nanoseek sft` on passkey problems of 16 to ~600 filler words (a JSONL file of
-                      `make_passkey` examples: short ones let the retrieval circuit form, long ones reach
-                      the evaluation lengths);
+                      then `nanoseek sft` on passkey problems (a JSONL file of `make_passkey` examples, the
+                      loss on the answer only), filler lengths drawn log-uniformly from `train_words`;
   2. evaluation       `nanoseek eval --task FILE.jsonl --k 1 --temperature 0`: greedy decoding, exact key
                       match (the passkey checker: the number after `</think>`), on held-out problems at
                       two filler lengths, the key at evenly spaced depths;
@@ -14,8 +13,7 @@ thread for everything):
                       lengths, so every query of the long prompt attends to K of its 300-800 tokens and
                       the indexer's choice decides whether the key is seen; evaluated as converted (fresh
                       indexers), after the dense warm-up (`nanoseek train --set dsa.stage=warmup`) and
-                      after sparse training (`--set dsa.stage=sparse`), both on passkey transcripts
-                      (`data.source` = a JSONL of `transcript_text`, the exchange as pretraining sees it).
+                      after sparse training (`--set dsa.stage=sparse`), both on fresh passkey transcripts.
 
 Printed: the side-by-side table (dense V3 / converted / after warm-up / after sparse training), accuracy
 per length and per depth third, and the indexer KL (`indexer_kl` of metrics.jsonl) at the start and end
@@ -52,9 +50,10 @@ LABELS = {"dense": "dense V3", "converted": "V3.2 as converted", "warmup": "afte
 
 # The model is `tiny` (3 layers, d=64, MoE + MTP) with room for 1K positions; the settings below fit the
 # whole benchmark in ~20-30 minutes of one CPU thread.
-FULL = dict(pretrain_steps=60, pretrain_docs=2000, max_new_tokens=48, sft_steps=900, sft_batch=8, sft_lr=3e-3, train_words=(16, 640), n_train=6000,
-            eval_words=(256, 512), n_eval=40, index_topk=48, index_n_heads=4, index_head_dim=32,
-            stage_seq_len=1024, stage_batch=4, warmup_steps=60, warmup_lr=3e-3, sparse_steps=60, sparse_lr=1e-3,
+FULL = dict(pretrain_steps=30, pretrain_docs=2000, max_new_tokens=40, sft_steps=1200, sft_batch=16, sft_lr=3e-3,
+            train_words=(8, 128), n_train=8000, eval_words=(48, 112), n_eval=30, index_topk=16, index_n_heads=4,
+            index_head_dim=32, stage_seq_len=256, stage_batch=8, warmup_steps=60, warmup_lr=3e-3, sparse_steps=60,
+            sparse_lr=1e-3,
             max_position_embeddings=1024)
 QUICK = dict(pretrain_steps=2, pretrain_docs=200, max_new_tokens=12, sft_steps=6, sft_batch=4, sft_lr=3e-3, train_words=(8, 48), n_train=64,
              eval_words=(24, 48), n_eval=2, index_topk=8, index_n_heads=2, index_head_dim=16,
@@ -120,7 +119,7 @@ def _sig(x: float) -> float:
 def evaluate(model: Path, tasks: dict[int, Path], depths: dict[str, float], n: int, max_new_tokens: int,
              threads: int, work: Path, log: list, name: str) -> dict:
     """Greedy exact-match accuracy per filler length (and per depth third) with `nanoseek eval`."""
-    res = {"accuracy": {}, "by_depth": {}, "format_rate": {}, "seconds": 0.0}
+    res = {"accuracy": {}, "by_depth": {}, "digit_accuracy": {}, "format_rate": {}, "seconds": 0.0}
     for words, task in tasks.items():
         samples = work / f"samples_{name}_{words}.json"
         seconds, out = cli(["eval", "--model", str(model), "--task", str(task), "--n", str(n), "--k", "1",
@@ -130,10 +129,15 @@ def evaluate(model: Path, tasks: dict[int, Path], depths: dict[str, float], n: i
         res["accuracy"][words] = summary["pass_at_1"]
         res["format_rate"][words] = summary["format_rate"]
         thirds = [[0, 0], [0, 0], [0, 0]]
+        digits = [0, 0]
         for s in json.loads(samples.read_text()):
+            answer = "".join(ch for ch in s["answers"][0] if ch.isdigit())
+            digits[0] += sum(a == b for a, b in zip(answer, s["reference"]))
+            digits[1] += len(s["reference"])
             third = min(2, int(depths[s["prompt"]] * 3))
             thirds[third][0] += bool(s["correct"][0])
             thirds[third][1] += 1
+        res["digit_accuracy"][words] = round(digits[0] / digits[1], 4)
         res["by_depth"][words] = [round(c / t, 4) if t else None for c, t in thirds]
         res["seconds"] += seconds
     res["seconds"] = round(res["seconds"], 1)
@@ -160,7 +164,8 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
     config = str(ROOT / "configs" / "tiny.toml")
     common = ["--threads", str(threads), "--no-progress"]
 
-    # 1. the dense V3 model: a brief pretraining (tokenizer, language), then SFT on passkey problems
+    # 1. the dense V3 model: a brief pretraining on the built-in corpus (the tokenizer, the language), then
+    # SFT on passkey problems (loss on the answer only)
     seconds["pretrain"], _ = cli(["train", "--config", config, "--out", str(work / "pretrain"), *common,
                                   "--set", f"train.steps={s['pretrain_steps']}", "--set", "train.save_every=0",
                                   "--set", "train.seq_len=128", "--set", f"data.n_docs={s['pretrain_docs']}",
@@ -230,12 +235,12 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
 def table(result: dict) -> str:
     words = result["eval"]["words"]
     toks = result["eval"]["prompt_tokens"]
-    head = "| model | " + " | ".join(f"{w} words (~{toks[w]:.0f} tokens)" for w in words) + " | indexer KL (end of stage) |"
+    head = "| model | " + " | ".join(f"{w} words (~{toks[w]:.0f} tokens)" for w in words) + " | indexer KL (stage start -> end) |"
     lines = [head, "|---|" + "---|" * len(words) + "---|"]
     for stage in STAGES:
         r = result["results"][stage]
-        acc = " | ".join(f"{r['accuracy'][w]:.0%} ({'/'.join('-' if d is None else f'{d:.0%}' for d in r['by_depth'][w])})"
-                         for w in words)
+        acc = " | ".join(f"**{r['accuracy'][w]:.0%}** exact, {r['digit_accuracy'][w]:.0%} of digits (by depth: "
+                         + " / ".join("-" if d is None else f"{d:.0%}" for d in r["by_depth"][w]) + ")" for w in words)
         kl = result["indexer_kl"].get(stage)
         kl_text = f"{kl['first']:.3g} -> {kl['last']:.3g}" if kl else ""
         lines.append(f"| {LABELS[stage]} | {acc} | {kl_text} |")
