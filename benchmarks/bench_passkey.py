@@ -214,7 +214,7 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
     seconds["total"] = round(time.perf_counter() - t0, 1)
 
     cfg = json.loads((dense / "config.json").read_text())
-    return {
+    result = {
         "quick": quick,
         "settings": s,
         "model": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "n_routed_experts",
@@ -230,17 +230,19 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "commands": log,
     }
+    return json.loads(json.dumps(result))  # as the file will hold it (lengths as string keys)
 
 
 def table(result: dict) -> str:
-    words = result["eval"]["words"]
+    """The side-by-side Markdown table of a result (as written to the JSON file)."""
+    words = [str(w) for w in result["eval"]["words"]]
     toks = result["eval"]["prompt_tokens"]
     head = "| model | " + " | ".join(f"{w} words (~{toks[w]:.0f} tokens)" for w in words) + " | indexer KL (stage start -> end) |"
     lines = [head, "|---|" + "---|" * len(words) + "---|"]
     for stage in STAGES:
         r = result["results"][stage]
-        acc = " | ".join(f"**{r['accuracy'][w]:.0%}** exact, {r['digit_accuracy'][w]:.0%} of digits (by depth: "
-                         + " / ".join("-" if d is None else f"{d:.0%}" for d in r["by_depth"][w]) + ")" for w in words)
+        acc = " | ".join(f"**{r['accuracy'][w]:.0%}** exact, {r['digit_accuracy'][w]:.0%} of digits, "
+                         f"{r['format_rate'][w]:.0%} well-formed" for w in words)
         kl = result["indexer_kl"].get(stage)
         kl_text = f"{kl['first']:.3g} -> {kl['last']:.3g}" if kl else ""
         lines.append(f"| {LABELS[stage]} | {acc} | {kl_text} |")
@@ -254,9 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="where to write the result (default benchmarks/results/"
                     "passkey.json, or passkey_quick.json with --quick)")
+    ap.add_argument("--table", default=None, metavar="JSON", help="print the table of a result file and exit")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help=f"override a setting, e.g. --set sft_steps=400 (keys: {', '.join(FULL)})")
     args = ap.parse_args(argv)
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        print(table(result))
+        return result
     s = dict(QUICK if args.quick else FULL)
     for item in args.sets:
         key, sep, value = item.partition("=")
