@@ -10,17 +10,18 @@ thread for everything):
                       match (the passkey checker: the number after `</think>`), on held-out problems at
                       two filler lengths, the key at evenly spaced depths;
   3. conversion       `nanoseek convert --to v3.2 --index-topk K` with K well below the evaluation
-                      lengths, so every query of the long prompt attends to K of its 300-800 tokens and
+                      lengths, so every query late in the prompt attends to K of its ~150-250 tokens and
                       the indexer's choice decides whether the key is seen; evaluated as converted (fresh
                       indexers), after the dense warm-up (`nanoseek train --set dsa.stage=warmup`) and
                       after sparse training (`--set dsa.stage=sparse`), both on fresh passkey transcripts.
 
-Printed: the side-by-side table (dense V3 / converted / after warm-up / after sparse training), accuracy
-per length and per depth third, and the indexer KL (`indexer_kl` of metrics.jsonl) at the start and end
-of each stage. The JSON holds the settings, lengths (words and tokens), top-k, number of problems,
-accuracies, seconds per phase and the commands that ran.
+Printed: the side-by-side table (dense V3 / converted / after warm-up / after sparse training) with, per
+length, the exact-match accuracy, the share of key digits right and of well-formed answers, and the
+indexer KL (`indexer_kl` of metrics.jsonl) at the start and end of each stage. The JSON holds those plus
+accuracy per depth third, the settings, lengths (words and tokens), top-k, number of problems, seconds
+per phase and the commands that ran; `--table FILE` prints the table of a result file.
 
-Run: `.venv/bin/python -m benchmarks.bench_passkey --threads 1` (about 20-30 minutes on a 2-core CPU);
+Run: `.venv/bin/python -m benchmarks.bench_passkey --threads 1` (about 20 minutes on a 2-core CPU);
 `--quick` is the same pipeline on a few steps and short prompts (a pipeline check, not a measurement).
 Results: benchmarks/results/passkey.json (`--json PATH` writes elsewhere).
 """
@@ -48,17 +49,16 @@ STAGES = ("dense", "converted", "warmup", "sparse")
 LABELS = {"dense": "dense V3", "converted": "V3.2 as converted", "warmup": "after dense warm-up",
           "sparse": "after sparse training"}
 
-# The model is `tiny` (3 layers, d=64, MoE + MTP) with room for 1K positions; the settings below fit the
-# whole benchmark in ~20-30 minutes of one CPU thread.
-FULL = dict(pretrain_steps=30, pretrain_docs=2000, max_new_tokens=40, sft_steps=1200, sft_batch=16, sft_lr=3e-3,
-            train_words=(8, 128), n_train=8000, eval_words=(48, 112), n_eval=30, index_topk=16, index_n_heads=4,
+# The model is `tiny` (3 layers, d=64, MoE + MTP) with room for 1K positions. FULL fits the whole benchmark
+# in ~20 minutes of one CPU thread (almost all of it SFT); QUICK checks the pipeline in seconds.
+FULL = dict(pretrain_steps=30, pretrain_docs=2000, sft_steps=1200, sft_batch=16, sft_lr=3e-3, train_words=(8, 128),
+            n_train=8000, eval_words=(48, 112), n_eval=30, max_new_tokens=40, index_topk=16, index_n_heads=4,
             index_head_dim=32, stage_seq_len=256, stage_batch=8, warmup_steps=60, warmup_lr=3e-3, sparse_steps=60,
-            sparse_lr=1e-3,
-            max_position_embeddings=1024)
-QUICK = dict(pretrain_steps=2, pretrain_docs=200, max_new_tokens=12, sft_steps=6, sft_batch=4, sft_lr=3e-3, train_words=(8, 48), n_train=64,
-             eval_words=(24, 48), n_eval=2, index_topk=8, index_n_heads=2, index_head_dim=16,
-             stage_seq_len=128, stage_batch=2, warmup_steps=3, warmup_lr=3e-3, sparse_steps=3, sparse_lr=1e-3,
-             max_position_embeddings=256)
+            sparse_lr=1e-3, max_position_embeddings=1024)
+QUICK = dict(pretrain_steps=2, pretrain_docs=200, sft_steps=6, sft_batch=4, sft_lr=3e-3, train_words=(8, 48),
+             n_train=64, eval_words=(24, 48), n_eval=2, max_new_tokens=12, index_topk=8, index_n_heads=2,
+             index_head_dim=16, stage_seq_len=128, stage_batch=2, warmup_steps=3, warmup_lr=3e-3, sparse_steps=3,
+             sparse_lr=1e-3, max_position_embeddings=256)
 
 
 def write_problems(path: Path, n: int, words: tuple[int, int] | int, seed: int, fmt: str) -> dict[str, float]:
