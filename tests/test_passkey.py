@@ -52,3 +52,42 @@ def test_rewards_and_checker():
 def test_not_in_the_pretraining_corpus():
     assert not TASK.in_corpus
     assert not any("pass key" in doc for doc in builtin_corpus(300))
+
+
+def test_passkey_benchmark_quick_pipeline(tmp_path):
+    """benchmarks/bench_passkey.py --quick for real: pretrain, SFT, eval, convert, both V3.2 stages, the JSON.
+    (A pipeline check on a few steps: the accuracies of the full run are in benchmarks/results/passkey.json.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "passkey.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_passkey", "--quick", "--work", str(tmp_path / "work"),
+                        "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["quick"] and r["machine"]["threads"] == 1 and r["index_topk"] == r["settings"]["index_topk"]
+    words = [str(w) for w in r["eval"]["words"]]
+    assert len(words) >= 2 and r["eval"]["n"] >= 1
+    # selection matters: every evaluation prompt is longer than the indexer's top-k
+    assert all(r["eval"]["prompt_tokens"][w] > 2 * r["index_topk"] for w in words)
+    assert set(r["results"]) == {"dense", "converted", "warmup", "sparse"}
+    for stage in r["results"].values():
+        assert set(stage["accuracy"]) == set(words) and all(0.0 <= stage["accuracy"][w] <= 1.0 for w in words)
+        assert all(len(stage["by_depth"][w]) == 3 for w in words)
+    for stage in ("warmup", "sparse"):
+        kl = r["indexer_kl"][stage]
+        assert kl["steps"] == r["settings"][f"{stage}_steps"] and kl["first"] > 0 and kl["last"] > 0
+    assert {"pretrain", "sft", "convert", "warmup", "sparse", "eval", "total"} <= set(r["seconds"])
+    # each phase went through the CLI: the converted model is V3.2 with the requested top-k
+    argvs = [c["argv"][1] for c in r["commands"]]
+    assert argvs.count("eval") == 4 * len(words) and "convert" in argvs and argvs.count("train") == 3
+    config = json.loads((tmp_path / "work" / "v32" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v32" and config["index_topk"] == r["index_topk"]
+    run_cfg = json.loads((tmp_path / "work" / "sparse" / "run_config.json").read_text())
+    assert run_cfg["dsa"]["stage"] == "sparse"
+    assert "| dense V3 |" in p.stdout and "| after sparse training |" in p.stdout
