@@ -1,12 +1,14 @@
-"""Load: 64 concurrent clients against a real `nanoseek serve` (8 slots, a queue of 128: some clients ask for several choices), mixing streamed
-and plain chats, forced tool calls, JSON output, prompts that share a long prefix, completions and
-mid-stream disconnects. Every request succeeds, nothing leaks (every slot free again, the server's RSS
+"""Load: 64 concurrent clients against a real `nanoseek serve` (8 batch rows, a queue of 128, a paged cache in
+blocks of 16: some clients ask for several choices), mixing streamed and plain chats, forced tool calls,
+JSON output, prompts that share a long prefix (read from the prefix cache), completions and mid-stream
+disconnects. Every request succeeds, nothing leaks (no cache block held afterwards, the server's RSS
 bounded), /health is fine afterwards."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -80,7 +82,7 @@ async def one(client: "openai.AsyncOpenAI", url: str, i: int) -> str:
 
 def test_64_concurrent_clients(chat_model_dir, tmp_path):
     with running_server(chat_model_dir, tmp_path / "server.log", "--model-name", MODEL, "--max-batch-size", "8",
-                        "--max-queue", "128", "--max-len", "1024", "--log-level", "warning") as url:
+                        "--max-queue", "128", "--max-len", "1024", "--block-size", "16", "--log-level", "warning") as url:
         port = int(url.rsplit(":", 1)[1])
 
         async def main():
@@ -101,5 +103,9 @@ def test_64_concurrent_clients(chat_model_dir, tmp_path):
             asyncio.run(asyncio.sleep(0.1))
         assert health["status"] == "ok" and health["free_slots"] == 8
         assert health["batch_size"] == 0 and health["queue_depth"] == 0
+        metrics = httpx.get(url + "/metrics").text
+        assert "nanoseek_cache_blocks_used 0.0" in metrics  # every block back in the pool (cached or free)
+        hits = re.search(r"^nanoseek_cache_prefix_hit_tokens ([0-9.e+]+)$", metrics, re.M)
+        assert hits and float(hits.group(1)) > 0  # the shared system prompt came from the prefix cache
         second = rss_kib(port)
         assert second - first < max(first - warm, 0) + 200 * 1024, (warm, first, second)
