@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the nanoseek model")
     ap.add_argument("--before-src", default=None, help="also time this checkout's step against another's src/")
+    ap.add_argument("--before-after-only", action="store_true",
+                    help="with --before-src: only the two checkouts (results/train_before_after.json), no transformers")
     ap.add_argument("--worker", choices=["step"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -86,6 +88,13 @@ def main(argv=None) -> dict:
 
         print(json.dumps(worker_step(args)))
         return {}
+    if args.before_after_only:
+        if not args.before_src:
+            ap.error("--before-after-only needs --before-src")
+        result = {"benchmark": "train_step_before_after", "preset": args.preset, "batch": args.batch,
+                  "seq_len": args.seq, "rounds": args.rounds, **before_after(args)}
+        print("wrote", write_result("train_before_after", result))
+        return result
     import transformers
 
     dev = args.device
