@@ -44,8 +44,8 @@ class CacheView:
                  nothing is masked (every row brings one token at the same position).
     Streams are named so that an attention variant can cache more per token (stream widths come from
     Transformer.cache_layout). This base class holds the bookkeeping shared by every storage layout;
-    subclasses add write and read (the base class has no placeholders for them): LatentCacheView below (contiguous rows, the reference) and the
-    engine's cache in nanoseek.infer.cache. Everything that is the same for every layer is computed once
+    each storage layout defines write and read itself: LatentCacheView below (contiguous rows, the
+    reference) and the engine's paged cache in nanoseek.infer.cache. Everything that is the same for every layer is computed once
     per forward: at batch 1 a decode step is dominated by per-op overhead, not arithmetic.
     """
 
