@@ -20,8 +20,10 @@ Paged latent cache and prefix caching (nanoseek.infer.cache), on the `bench` pre
   json_schema grammar (llguidance masks filled before each sampling step, applied to the logits, each
   token fed back; nanoseek.infer.logits) against the same rows unconstrained, at batch 1 and 16, in
   alternating rounds. Target: at most 10% more per token. A byte-level BPE is trained here to the
-  preset's vocabulary size; unconstrained rows ignore EOS and run to --max-tokens, constrained rows run
-  until their JSON is complete, so time is divided by the tokens each actually generated.
+  preset's vocabulary size. Constrained rows run until their JSON is complete (at most --max-tokens);
+  each unconstrained row ignores EOS and generates exactly as many tokens as its constrained twin, so
+  both runs decode the same batch sizes step by step (a batch whose rows end early decodes fewer tokens
+  per step: that must not count as grammar cost), and time is divided by the tokens generated.
 
 Run: `.venv/bin/python -m benchmarks.bench_serve [--cases a,b] [--before-src DIR/src] [--threads N]`.
 """
@@ -191,20 +193,24 @@ def case_structured_output_overhead(args) -> dict:
         engine = Engine(model, max_batch_size=batch, max_len=256)
         prompts = [torch.randint(20, tok.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
 
+        lengths = [args.max_tokens] * batch  # per row: the tokens its constrained run generates
+
         def run(constrained: bool) -> tuple[float, int]:
             reqs = []
             for i, p in enumerate(prompts):
-                sp = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i,
-                                    stop_token_ids=[tok.eos_id] if constrained else [])
+                sp = SamplingParams(max_tokens=args.max_tokens if constrained else lengths[i], temperature=1.0,
+                                    seed=i, stop_token_ids=[tok.eos_id] if constrained else [])
                 reqs.append(engine.submit(p, sp, matcher=Matcher(gtok, grammar) if constrained else None))
             engine.step()  # the prefill step (its cost is not per generated token)
             n0 = sum(len(r.output) for r in reqs)
             t = time.perf_counter()
             while not all(r.done.is_set() for r in reqs):
                 engine.step()
+            if constrained:
+                lengths[:] = [len(r.output) for r in reqs]
             return time.perf_counter() - t, sum(len(r.output) for r in reqs) - n0
 
-        run(True), run(False)  # warm-up
+        run(True), run(False)  # warm-up (and each row's length: seeded sampling repeats it every round)
         per_token = {"constrained": [], "unconstrained": []}
         for r in range(args.rounds):
             for kind in (("constrained", "unconstrained") if r % 2 == 0 else ("unconstrained", "constrained")):
@@ -212,7 +218,8 @@ def case_structured_output_overhead(args) -> dict:
                 per_token[kind].append(dt / max(n, 1))
         c, u = statistics.median(per_token["constrained"]), statistics.median(per_token["unconstrained"])
         out[f"batch_{batch}"] = {"unconstrained_ms_per_token": round(u * 1e3, 4),
-                                 "constrained_ms_per_token": round(c * 1e3, 4), "overhead": round(c / u - 1, 4)}
+                                 "constrained_ms_per_token": round(c * 1e3, 4), "overhead": round(c / u - 1, 4),
+                                 "tokens_per_row": list(lengths)}
         print(f"batch {batch:2d}: {u * 1e3:.3f} ms/token free, {c * 1e3:.3f} constrained: overhead {c / u - 1:+.1%}",
               flush=True)
     return {"preset": args.preset, "vocab_size": model.config.vocab_size, "max_tokens": args.max_tokens,
