@@ -4,24 +4,29 @@ End to end through the real CLI (`nanoseek.cli.main`, in this process, so one in
 thread for everything):
 
   1. dense V3 model   `nanoseek train` briefly on the built-in corpus (the tokenizer and a starting model),
-                      then `nanoseek sft` on passkey problems (a JSONL file of `make_passkey` examples, the
-                      loss on the answer only), filler lengths drawn log-uniformly from `train_words`;
+                      `nanoseek train` on passkey transcripts (the language of the prompts: LM loss on every
+                      token), then `nanoseek sft` on passkey problems (a JSONL file of `make_passkey`
+                      examples, the loss on the answer only), filler lengths drawn log-uniformly from
+                      `train_words`; the SFT is where retrieval is learned (its loss leaves the plateau of
+                      guessed digits after several hundred steps);
   2. evaluation       `nanoseek eval --task FILE.jsonl --k 1 --temperature 0`: greedy decoding, exact key
                       match (the passkey checker: the number after `</think>`), on held-out problems at
                       two filler lengths, the key at evenly spaced depths;
   3. conversion       `nanoseek convert --to v3.2 --index-topk K` with K well below the evaluation
-                      lengths, so every query late in the prompt attends to K of its ~150-250 tokens and
+                      lengths, so every query late in the prompt attends to K of its ~130-160 tokens and
                       the indexer's choice decides whether the key is seen; evaluated as converted (fresh
                       indexers), after the dense warm-up (`nanoseek train --set dsa.stage=warmup`) and
-                      after sparse training (`--set dsa.stage=sparse`), both on fresh passkey transcripts.
+                      after sparse training (`--set dsa.stage=sparse`), both on the passkey transcripts;
+  4. the control      the dense model trained exactly like the sparse stage (same transcripts, steps and
+                      learning rate) without DSA: what that training does to retrieval on its own.
 
-Printed: the side-by-side table (dense V3 / converted / after warm-up / after sparse training) with, per
+Printed: the side-by-side table (dense V3 / converted / after warm-up / after sparse training / control) with, per
 length, the exact-match accuracy, the share of key digits right and of well-formed answers, and the
-indexer KL (`indexer_kl` of metrics.jsonl) at the start and end of each stage. The JSON holds those plus
+indexer KL (`indexer_kl` of metrics.jsonl) and the LM loss at the start and end of each stage. The JSON holds those plus
 accuracy per depth third, the settings, lengths (words and tokens), top-k, number of problems, seconds
 per phase and the commands that ran; `--table FILE` prints the table of a result file.
 
-Run: `.venv/bin/python -m benchmarks.bench_passkey --threads 1` (about 20 minutes on a 2-core CPU);
+Run: `.venv/bin/python -m benchmarks.bench_passkey --threads 1` (30-45 minutes of one core);
 `--quick` is the same pipeline on a few steps and short prompts (a pipeline check, not a measurement).
 Results: benchmarks/results/passkey.json (`--json PATH` writes elsewhere).
 """
@@ -45,17 +50,17 @@ import torch
 from benchmarks.common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("dense", "converted", "warmup", "sparse")
+STAGES = ("dense", "converted", "warmup", "sparse", "dense_control")
 LABELS = {"dense": "dense V3", "converted": "V3.2 as converted", "warmup": "after dense warm-up",
-          "sparse": "after sparse training"}
+          "sparse": "after sparse training", "dense_control": "control: dense V3 trained like the sparse stage"}
 
 # The model is `tiny` (3 layers, d=64, MoE + MTP) with room for 1K positions. FULL fits the whole benchmark
-# in ~20 minutes of one CPU thread (almost all of it SFT); QUICK checks the pipeline in seconds.
-FULL = dict(pretrain_steps=30, pretrain_docs=2000, sft_steps=1200, sft_batch=16, sft_lr=3e-3, train_words=(8, 128),
-            n_train=8000, eval_words=(48, 112), n_eval=30, max_new_tokens=40, index_topk=16, index_n_heads=4,
-            index_head_dim=32, stage_seq_len=256, stage_batch=8, warmup_steps=60, warmup_lr=3e-3, sparse_steps=60,
-            sparse_lr=1e-3, max_position_embeddings=1024)
-QUICK = dict(pretrain_steps=2, pretrain_docs=200, sft_steps=6, sft_batch=4, sft_lr=3e-3, train_words=(8, 48),
+# in well under an hour of one CPU thread (most of it the LM stage and SFT); QUICK checks the pipeline in seconds.
+FULL = dict(pretrain_steps=30, pretrain_docs=2000, lm_steps=1500, lm_lr=3e-3, sft_steps=1500, sft_batch=16, sft_lr=3e-3,
+            train_words=(8, 64), n_train=8000, eval_words=(24, 48), n_eval=20, max_new_tokens=40, index_topk=32,
+            index_n_heads=4, index_head_dim=32, stage_seq_len=256, stage_batch=8, warmup_steps=200, warmup_lr=3e-3,
+            sparse_steps=200, sparse_lr=1e-3, max_position_embeddings=1024)
+QUICK = dict(pretrain_steps=2, pretrain_docs=200, lm_steps=3, lm_lr=3e-3, sft_steps=6, sft_batch=4, sft_lr=3e-3, train_words=(8, 48),
              n_train=64, eval_words=(24, 48), n_eval=2, max_new_tokens=12, index_topk=8, index_n_heads=2,
              index_head_dim=16, stage_seq_len=128, stage_batch=2, warmup_steps=3, warmup_lr=3e-3, sparse_steps=3,
              sparse_lr=1e-3, max_position_embeddings=256)
@@ -102,14 +107,16 @@ def cli(argv: list[str], log: list, quiet: bool = True) -> tuple[float, str]:
     return seconds, out.getvalue()
 
 
-def kl_summary(run_dir: Path) -> dict:
-    """indexer_kl of a stage's metrics.jsonl: the first logged step and the mean of the last few."""
+def stage_summary(run_dir: Path) -> dict:
+    """A training run's metrics.jsonl: the LM loss at its first logged step and over its last tenth, and for
+    the V3.2 stages the indexer KL the same way (`first`, `last`)."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    kls = [r["indexer_kl"] for r in recs if "indexer_kl" in r]
-    tail = kls[-max(1, len(kls) // 10):]
-    losses = [r["loss"] for r in recs[-len(tail):]]
-    return {"first": _sig(kls[0]), "last": _sig(sum(tail) / len(tail)), "steps": recs[-1]["step"],
-            "loss_last": _sig(sum(losses) / len(losses))}
+    tail = recs[-max(1, len(recs) // 10):]
+    out = {"steps": recs[-1]["step"], "loss_first": _sig(recs[0]["loss"]),
+           "loss_last": _sig(sum(r["loss"] for r in tail) / len(tail))}
+    if "indexer_kl" in recs[0]:
+        out.update(first=_sig(recs[0]["indexer_kl"]), last=_sig(sum(r["indexer_kl"] for r in tail) / len(tail)))
+    return out
 
 
 def _sig(x: float) -> float:
@@ -156,6 +163,15 @@ def prompt_tokens(model: Path, tasks: dict[int, Path]) -> dict[int, float]:
     return lengths
 
 
+def stage_sets(init: Path, data: Path, steps: int, lr: float, s: dict) -> list[str]:
+    """`nanoseek train --set` overrides of a run from `init` on the transcripts `data` (LM stage and V3.2 stages)."""
+    sets = {"train.init_from": init, "data.source": data, "train.steps": steps, "train.lr": lr, "train.min_lr": lr / 10,
+            "train.warmup_steps": max(1, steps // 10), "train.seq_len": s["stage_seq_len"],
+            "train.batch_size": s["stage_batch"], "train.micro_batch_size": 0, "train.save_every": 0,
+            "train.log_every": max(1, steps // 20)}
+    return [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
+
+
 def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
     torch.set_num_threads(threads)
     log: list = []
@@ -170,9 +186,16 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
                                   "--set", f"train.steps={s['pretrain_steps']}", "--set", "train.save_every=0",
                                   "--set", "train.seq_len=128", "--set", f"data.n_docs={s['pretrain_docs']}",
                                   "--set", f"model.max_position_embeddings={s['max_position_embeddings']}"], log)
+    # the passkey transcripts: the language of the prompts (before SFT) and the data of both V3.2 stages
+    write_problems(work / "stage.jsonl", s["n_train"], tuple(s["train_words"]), seed=2, fmt="text")
+    base = work / "pretrain" / "final"
+    if s["lm_steps"]:
+        seconds["lm"], _ = cli(["train", "--config", config, "--out", str(work / "lm"), *common,
+                                *stage_sets(base, work / "stage.jsonl", s["lm_steps"], s["lm_lr"], s)], log)
+        base = work / "lm" / "final"
     write_problems(work / "sft.jsonl", s["n_train"], tuple(s["train_words"]), seed=1, fmt="task")
     dense = work / "dense"
-    seconds["sft"], _ = cli(["sft", "--model", str(work / "pretrain" / "final"), "--data", str(work / "sft.jsonl"),
+    seconds["sft"], _ = cli(["sft", "--model", str(base), "--data", str(work / "sft.jsonl"),
                              "--out", str(dense), "--steps", str(s["sft_steps"]), "--batch-size", str(s["sft_batch"]),
                              "--lr", str(s["sft_lr"]), "--warmup-steps", str(min(20, s["sft_steps"] // 4)),
                              "--max-len", str(s["max_position_embeddings"]), *common,
@@ -193,23 +216,24 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
                                  "--index-head-dim", str(s["index_head_dim"])], log)
     results["converted"] = evaluate(v32, tasks, depths, s["n_eval"], s["max_new_tokens"], threads, work, log, "converted")
 
-    # 3. the two V3.2 training stages on passkey transcripts
-    write_problems(work / "stage.jsonl", s["n_train"], tuple(s["train_words"]), seed=2, fmt="text")
-    kl = {}
+    # 3. the two V3.2 training stages on the passkey transcripts
+    kl, training = {}, {}
     start = v32
     for stage, steps, lr in (("warmup", s["warmup_steps"], s["warmup_lr"]), ("sparse", s["sparse_steps"], s["sparse_lr"])):
         out = work / stage
-        seconds[stage], _ = cli(["train", "--config", config, "--out", str(out), *common,
-                                 "--set", f"train.init_from={start}", "--set", f"dsa.stage={stage}",
-                                 "--set", f"data.source={work / 'stage.jsonl'}",
-                                 "--set", f"train.steps={steps}", "--set", f"train.lr={lr}",
-                                 "--set", f"train.min_lr={lr / 10}", "--set", f"train.warmup_steps={max(1, steps // 10)}",
-                                 "--set", f"train.seq_len={s['stage_seq_len']}",
-                                 "--set", f"train.batch_size={s['stage_batch']}", "--set", "train.micro_batch_size=0",
-                                 "--set", "train.save_every=0", "--set", f"train.log_every={max(1, steps // 20)}"], log)
-        kl[stage] = kl_summary(out)
+        seconds[stage], _ = cli(["train", "--config", config, "--out", str(out), *common, "--set", f"dsa.stage={stage}",
+                                 *stage_sets(start, work / "stage.jsonl", steps, lr, s)], log)
+        kl[stage] = stage_summary(out)
         start = out / "final"
         results[stage] = evaluate(start, tasks, depths, s["n_eval"], s["max_new_tokens"], threads, work, log, stage)
+    # 4. the control: the dense model trained exactly like the sparse stage (same data, steps, lr) without
+    # DSA, so what that training does to retrieval by itself is told apart from what sparse attention does
+    out = work / "dense_control"
+    seconds["dense_control"], _ = cli(["train", "--config", config, "--out", str(out), *common,
+                                       *stage_sets(dense, work / "stage.jsonl", s["sparse_steps"], s["sparse_lr"], s)], log)
+    training["dense_control"] = stage_summary(out)
+    results["dense_control"] = evaluate(out / "final", tasks, depths, s["n_eval"], s["max_new_tokens"], threads, work,
+                                        log, "dense_control")
     seconds["eval"] = round(sum(r["seconds"] for r in results.values()), 1)
     seconds["total"] = round(time.perf_counter() - t0, 1)
 
@@ -227,6 +251,7 @@ def run(s: dict, work: Path, threads: int, quick: bool) -> dict:
         "sft_loss": {"first": sft_recs[0]["loss"], "last": sft_recs[-1]["loss"]},
         "results": results,
         "indexer_kl": kl,
+        "training": {**({"lm": stage_summary(work / "lm")} if s["lm_steps"] else {}), **training},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "commands": log,
     }
@@ -237,15 +262,17 @@ def table(result: dict) -> str:
     """The side-by-side Markdown table of a result (as written to the JSON file)."""
     words = [str(w) for w in result["eval"]["words"]]
     toks = result["eval"]["prompt_tokens"]
-    head = "| model | " + " | ".join(f"{w} words (~{toks[w]:.0f} tokens)" for w in words) + " | indexer KL (stage start -> end) |"
-    lines = [head, "|---|" + "---|" * len(words) + "---|"]
-    for stage in STAGES:
+    head = ("| model | " + " | ".join(f"{w} words (~{toks[w]:.0f} tokens)" for w in words) +
+            " | indexer KL (stage start -> end) | LM loss on the transcripts (start -> end) |")
+    lines = [head, "|---|" + "---|" * len(words) + "---|---|"]
+    for stage in (st for st in STAGES if st in result["results"]):  # files of older runs lack the control
         r = result["results"][stage]
         acc = " | ".join(f"**{r['accuracy'][w]:.0%}** exact, {r['digit_accuracy'][w]:.0%} of digits, "
                          f"{r['format_rate'][w]:.0%} well-formed" for w in words)
-        kl = result["indexer_kl"].get(stage)
-        kl_text = f"{kl['first']:.3g} -> {kl['last']:.3g}" if kl else ""
-        lines.append(f"| {LABELS[stage]} | {acc} | {kl_text} |")
+        run = result["indexer_kl"].get(stage) or result.get("training", {}).get(stage)
+        kl_text = f"{run['first']:.3g} -> {run['last']:.3g}" if run and "first" in run else ""
+        loss_text = f"{run['loss_first']:.3g} -> {run['loss_last']:.3g}" if run and "loss_first" in run else ""
+        lines.append(f"| {LABELS[stage]} | {acc} | {kl_text} | {loss_text} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ BENCHMARKS = [
     ("bench_kernels", "C++ decode kernels vs the torch paths they replace, piece by piece"),
     ("bench_quant", "bf16 / int8 weight-only decoding vs fp32: logit error, greedy agreement, tokens/s"),
     ("bench_dsa", "attention cost per token vs context length, MLA vs V3.2 sparse attention"),
-    ("bench_passkey", "passkey accuracy: dense V3, converted to V3.2, after the warm-up and sparse training (~25 min)"),
+    ("bench_passkey", "passkey accuracy: dense V3, converted to V3.2, after the warm-up and sparse training, and a dense control (30-45 min)"),
     ("bench_eplb", "EPLB: max/mean tokens per EP rank before and after, Zipf loads and a trained model's routing"),
     ("bench_grammar", "structured-output libraries: mask cost per step, compile time, footprint"),
     ("bench_serve", "serving: structured-output overhead per generated token at batch 1 and 16"),

@@ -55,7 +55,8 @@ def test_not_in_the_pretraining_corpus():
 
 
 def test_passkey_benchmark_quick_pipeline(tmp_path):
-    """benchmarks/bench_passkey.py --quick for real: pretrain, SFT, eval, convert, both V3.2 stages, the JSON.
+    """benchmarks/bench_passkey.py --quick for real: pretrain, LM, SFT, eval, convert, both V3.2 stages, the
+    dense control, the JSON.
     (A pipeline check on a few steps: the accuracies of the full run are in benchmarks/results/passkey.json.)"""
     import json
     import os
@@ -75,19 +76,26 @@ def test_passkey_benchmark_quick_pipeline(tmp_path):
     assert len(words) >= 2 and r["eval"]["n"] >= 1
     # selection matters: every evaluation prompt is longer than the indexer's top-k
     assert all(r["eval"]["prompt_tokens"][w] > 2 * r["index_topk"] for w in words)
-    assert set(r["results"]) == {"dense", "converted", "warmup", "sparse"}
+    assert set(r["results"]) == {"dense", "converted", "warmup", "sparse", "dense_control"}
     for stage in r["results"].values():
         assert set(stage["accuracy"]) == set(words) and all(0.0 <= stage["accuracy"][w] <= 1.0 for w in words)
         assert all(len(stage["by_depth"][w]) == 3 for w in words)
     for stage in ("warmup", "sparse"):
         kl = r["indexer_kl"][stage]
         assert kl["steps"] == r["settings"][f"{stage}_steps"] and kl["first"] > 0 and kl["last"] > 0
-    assert {"pretrain", "sft", "convert", "warmup", "sparse", "eval", "total"} <= set(r["seconds"])
+        assert kl["loss_first"] > 0 and kl["loss_last"] > 0
+    # the control trains the dense model like the sparse stage: same steps, no indexer
+    control = r["training"]["dense_control"]
+    assert control["steps"] == r["settings"]["sparse_steps"] and "first" not in control and control["loss_last"] > 0
+    assert r["training"]["lm"]["steps"] == r["settings"]["lm_steps"]
+    assert {"pretrain", "lm", "sft", "convert", "warmup", "sparse", "dense_control", "eval", "total"} <= set(r["seconds"])
     # each phase went through the CLI: the converted model is V3.2 with the requested top-k
     argvs = [c["argv"][1] for c in r["commands"]]
-    assert argvs.count("eval") == 4 * len(words) and "convert" in argvs and argvs.count("train") == 3
+    assert argvs.count("eval") == 5 * len(words) and "convert" in argvs and argvs.count("train") == 5
     config = json.loads((tmp_path / "work" / "v32" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v32" and config["index_topk"] == r["index_topk"]
     run_cfg = json.loads((tmp_path / "work" / "sparse" / "run_config.json").read_text())
     assert run_cfg["dsa"]["stage"] == "sparse"
-    assert "| dense V3 |" in p.stdout and "| after sparse training |" in p.stdout
+    control_cfg = json.loads((tmp_path / "work" / "dense_control" / "run_config.json").read_text())
+    assert control_cfg["dsa"]["stage"] == "off" and control_cfg["train"]["steps"] == r["settings"]["sparse_steps"]
+    assert "| dense V3 |" in p.stdout and "| after sparse training |" in p.stdout and "| control: dense V3" in p.stdout
