@@ -2,8 +2,8 @@
 //
 // A decode step multiplies 1-32 activation rows by every weight it touches, so its time is that of
 // streaming the weights from memory, and narrower weights are read faster: bf16 halves the bytes, int8
-// (symmetric, one fp32 scale per output row and group of `G` inputs) quarters them and int4 (the same
-// scales, two signed 4-bit weights per byte, a uint8 tensor [N, K / 2]) eighths them before the scales.
+// (symmetric, one fp32 scale per output row and group of `G` inputs) quarters them, and int4 (the same
+// scales, two signed 4-bit weights per byte, a uint8 tensor [N, K / 2]) takes an eighth plus the scales.
 // The weights are widened to fp32 in registers and every product is accumulated in fp32, per group, then
 // scaled.
 //
