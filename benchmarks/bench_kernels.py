@@ -69,7 +69,8 @@ def bench_formats() -> dict:
     """GB/s of weight bytes per (instruction set, weight format, rows), and the speed-up over F.linear fp32."""
     weights = [torch.randn(8192, 512) for _ in range(24)]
     formats = {"fp32": [(w, None) for w in weights], "bf16": [(w.bfloat16(), None) for w in weights],
-               "int8": [quant.quantize_int8(w, 128) for w in weights]}
+               "int8": [quant.quantize_int8(w, 128) for w in weights],
+               "int4": [quant.quantize_int4(w, 32) for w in weights]}
     out = {}
     for rows in (1, 2, 16):
         x = torch.randn(rows, 512)

@@ -1,4 +1,4 @@
-"""Instruction-set dispatch of the C++ kernels, bf16 / int8 weight-only decoding, and `nanoseek quantize`.
+"""Instruction-set dispatch of the C++ kernels, bf16 / int8 / int4 weight-only decoding, and `nanoseek quantize`.
 
 The kernels are checked against torch for every instruction set this CPU runs plus the forced portable
 build (the one ARM machines get); the quantized model against the fp32 one (logits, greedy tokens); the
@@ -43,18 +43,23 @@ def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> t
     return (x.double() @ quant.dequantize(w, scale, torch.float64).t()).float()
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-row", "int8-g32", "int8-g128"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8-row", "int8-g32", "int8-g128", "int4-row", "int4-g32",
+                                 "int4-g128", "int4-g10"])
 def test_rows_matmul_every_isa_and_format_equals_torch(ext, fmt):
     torch.manual_seed(0)
-    for n_out, n_in in [(384, 256), (100, 203), (8, 5), (1024, 512)]:  # odd sizes exercise the tails
+    shapes = [(384, 256), (100, 203), (8, 5), (1024, 512)]  # odd sizes exercise the tails
+    if fmt.startswith("int4"):  # two inputs a byte: even rows; groups of 10 leave a tail in every group
+        shapes = [(384, 256), (100, 202), (8, 6), (1024, 512), (64, 250)]
+    for n_out, n_in in shapes:
         w32 = torch.randn(n_out, n_in)
         if fmt == "fp32":
             w, s = w32, None
         elif fmt == "bf16":
             w, s = w32.bfloat16(), None
         else:
-            group = {"int8-row": 0, "int8-g32": 32, "int8-g128": 128}[fmt]
-            w, s = quant.quantize_int8(w32, group)
+            kind, group = fmt.split("-")
+            group = 0 if group == "row" else int(group[1:])
+            w, s = quant.quantize(w32, kind, group)
             if group and n_in % group == 0:
                 assert s.shape == (n_out, n_in // group)
         for rows in (1, 2, 3, 7, 8, 9, 17, 32):
@@ -63,7 +68,7 @@ def test_rows_matmul_every_isa_and_format_equals_torch(ext, fmt):
             torch.testing.assert_close(got, reference(x, w, s), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 def test_experts_rows_every_isa_and_format_equals_torch(ext, fmt):
     torch.manual_seed(0)
     E, D, Fh, K = 6, 64, 96, 2
@@ -71,8 +76,8 @@ def test_experts_rows_every_isa_and_format_equals_torch(ext, fmt):
     s1 = s2 = None
     if fmt == "bf16":
         w1, w2 = w1.bfloat16(), w2.bfloat16()
-    elif fmt == "int8":
-        (w1, s1), (w2, s2) = quant.quantize_int8(w1, 32), quant.quantize_int8(w2, 32)
+    elif fmt in ("int8", "int4"):
+        (w1, s1), (w2, s2) = quant.quantize(w1, fmt, 32), quant.quantize(w2, fmt, 32)
     d1, d2 = quant.dequantize(w1, s1), quant.dequantize(w2, s2)
     for n in (1, 3, 20):  # 20 tokens x 2 put more than 8 rows (one register block) on some experts
         x = torch.randn(n, D)
@@ -88,12 +93,21 @@ def test_kernel_argument_checks(ext):
     q, s = quant.quantize_int8(torch.randn(16, 64), 32)
     with pytest.raises(RuntimeError, match="int8 weights need their scales"):
         ext.rows_matmul(x, q)
-    with pytest.raises(RuntimeError, match="only int8 weights take scales"):
+    with pytest.raises(RuntimeError, match="only int8 and int4 weights take scales"):
         ext.rows_matmul(x, torch.randn(16, 64), s)
     with pytest.raises(RuntimeError, match="do not divide"):
         ext.rows_matmul(x, q, torch.ones(16, 3))
-    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or int8"):
+    with pytest.raises(RuntimeError, match=r"must be float32, bfloat16, int8 or uint8 \(packed int4\)"):
         ext.rows_matmul(x, torch.randn(16, 64).half())
+    p4, s4 = quant.quantize_int4(torch.randn(16, 64), 32)
+    with pytest.raises(RuntimeError, match="int4 weights need their scales"):
+        ext.rows_matmul(x, p4)
+    with pytest.raises(RuntimeError, match="63 inputs is odd"):
+        ext.rows_matmul(torch.randn(2, 63), p4, s4)
+    with pytest.raises(RuntimeError, match="rows hold 32 bytes"):  # an unpacked row count for packed weights
+        ext.rows_matmul(torch.randn(2, 32), p4, s4)
+    with pytest.raises(RuntimeError, match="even number of inputs, got 1"):  # a group would start mid-byte
+        ext.rows_matmul(x, p4, torch.ones(16, 64))
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

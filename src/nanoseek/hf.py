@@ -120,14 +120,14 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
 
 
 def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
-    """(format, group size) of a checkpoint `nanoseek quantize` wrote (bf16 or int8 weights), else None."""
+    """(format, group size) of a checkpoint `nanoseek quantize` wrote (bf16, int8 or int4 weights), else None."""
     q = cfg_dict.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != "nanoseek":
         return None
     fmt, group = q.get("weight_format"), q.get("group_size")
-    if fmt not in ("int8", "bf16") or not (group is None or (isinstance(group, int) and group > 0)):
+    if fmt not in ("int8", "int4", "bf16") or not (group is None or (isinstance(group, int) and group > 0)):
         raise CheckpointError(f"config.json: quantization_config {q} is not a nanoseek weight format "
-                              "(weight_format int8 | bf16, group_size a positive int or null)")
+                              "(weight_format int8 | int4 | bf16, group_size a positive int or null)")
     return fmt, group
 
 
@@ -150,9 +150,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     """Load a HF deepseek_v3 or deepseek_v32 directory into a Transformer (eval mode). See the module docstring.
 
     `weights` is the storage format of the linear and expert weights (nanoseek.infer.quant): None keeps
-    the checkpoint's (dense, or the bf16 / int8 of a `nanoseek quantize` output); "bf16" or "int8"
-    converts tensor by tensor while filling (never holding the dense model); "dense" expands a quantized
-    checkpoint to `dtype`.
+    the checkpoint's (dense, or the bf16 / int8 / int4 of a `nanoseek quantize` output); "bf16", "int8" or
+    "int4" converts tensor by tensor while filling (never holding the dense model); "dense" expands a
+    quantized checkpoint to `dtype`.
     """
     path = check_model_dir(path)
     cfg_dict, cfg = read_config(path)
@@ -173,8 +173,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     stored = stored_weight_format(cfg_dict)
     if stored is not None:
         cfg = cfg.replace(quantization_config=None)  # the model's config is that of the dense model
-    if weights not in (None, "dense", "bf16", "int8"):
-        raise CheckpointError(f"weights={weights!r}: choose None (as stored), 'dense', 'bf16' or 'int8'")
+    if weights not in (None, "dense", "bf16", "int8", "int4"):
+        raise CheckpointError(f"weights={weights!r}: choose None (as stored), 'dense', 'bf16', 'int8' or 'int4'")
     fmt = stored[0] if weights is None and stored else None if weights in (None, "dense") else weights
     dtype = dtype or (torch.float32 if stored else _source_dtype(cfg_dict, weight_map, path))
     if cfg.quantization_config and dtype == torch.float8_e4m3fn:
@@ -184,10 +184,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         model = Transformer(cfg)
     model.cast(dtype)
     if fmt is not None:
-        from .infer.quant import DEFAULT_GROUP, quantize_model
+        from .infer.quant import default_group, quantize_model
 
-        group = stored[1] if stored and stored[0] == fmt else DEFAULT_GROUP
-        quantize_model(model, fmt, group or 0)
+        group = (stored[1] or 0) if stored and stored[0] == fmt else default_group(fmt)
+        try:
+            quantize_model(model, fmt, group)
+        except ValueError as e:  # a layer the format cannot hold (int4, odd inputs), a bad group size
+            raise CheckpointError(f"{path}: {e}") from None
     model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie them again
         model.lm_head.weight = model.embed_tokens.weight
@@ -205,8 +208,9 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
           stored_fmt: str | None = None) -> None:
     """Copy every checkpoint tensor into its place, shard by shard; fail on a stray, misshapen or missing one.
 
-    int8 weights come with a `weight_scale` tensor: copied beside an int8 destination, or used to expand
-    the weight into a dense one. A dense tensor bound for an int8 destination is quantized on the way."""
+    int8 / int4 weights come with a `weight_scale` tensor: copied beside a destination of the same format,
+    or used to expand the weight. A tensor bound for an int8 / int4 destination of another format is
+    quantized on the way."""
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
     todo = _parts_to_fill(params)
@@ -232,15 +236,15 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                 t = _read(fh, key, path, fname, weight_map, block)
                 if name is None:  # MTP copy of embedding/head: must match the shared tensor's shape
                     ref = model.embed_tokens.weight if key.endswith("embed_tokens.weight") else model.lm_head.weight
-                    if tuple(t.shape) != tuple(ref.shape):
+                    if _dense_shape(t) != _dense_shape(ref):  # either may be packed int4 (two inputs a byte)
                         raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
                     continue
                 target, dst, part = _destination(name, key, params, cfg)
                 if target in as_stored and t.dtype != _STORED_DTYPE[stored_fmt]:
                     raise CheckpointError(f"{key}: {t.dtype} in a checkpoint whose config.json says {stored_fmt} "
                                           "weights (a mismatched or partly overwritten quantized checkpoint)")
-                if t.dtype == torch.int8 or dst.dtype == torch.int8:
-                    t = _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg)
+                if t.dtype in _SCALED_DTYPES or dst.dtype in _SCALED_DTYPES:
+                    t = _scaled_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg)
                 if tuple(t.shape) != tuple(dst.shape):
                     raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the config's "
                                           f"{tuple(dst.shape)}")
@@ -253,28 +257,33 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
     _check_complete(todo, params, path, cfg)
 
 
-_STORED_DTYPE = {"int8": torch.int8, "bf16": torch.bfloat16}
+_STORED_DTYPE = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}
+_SCALED_DTYPES = (torch.int8, torch.uint8)  # int8, packed int4: each weight has a `_scale` beside it
 
 
-def _int8_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg) -> torch.Tensor:
-    """The tensor to copy into dst for an int8 checkpoint weight or an int8 destination; fills the scale."""
-    from .infer.quant import dequantize, quantize_int8
+def _dense_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return (*t.shape[:-1], 2 * t.shape[-1]) if t.dtype == torch.uint8 else tuple(t.shape)
+
+
+def _scaled_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg) -> torch.Tensor:
+    """The tensor to copy into dst for an int8 / int4 checkpoint weight or destination; fills the scale."""
+    from .infer.quant import dequantize, format_of, quantize
 
     skey = key + "_scale"
-    scale = None
-    if t.dtype == torch.int8:
-        scale = _companion(fh, key, skey, path, fname, weight_map, "int8")
+    scale, stored = None, format_of(t.dtype)
+    if stored is not None:
+        scale = _companion(fh, key, skey, path, fname, weight_map, stored)
+        inputs = t.shape[-1] * (2 if stored == "int4" else 1)
         if scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != t.shape[0] or \
-                scale.shape[1] == 0 or t.shape[1] % scale.shape[1]:
+                scale.shape[1] == 0 or inputs % scale.shape[1] or (stored == "int4" and inputs // scale.shape[1] % 2):
             raise CheckpointError(f"{skey}: {scale.dtype} {tuple(scale.shape)} is not an fp32 [rows, groups] scale "
-                                  f"for the {tuple(t.shape)} weight")
-    if dst.dtype != torch.int8:  # an int8 checkpoint loaded dense
-        if not t.is_floating_point():
-            t = dequantize(t, scale, dst.dtype)
-        return t
+                                  f"for the {tuple(t.shape)} {stored} weight")
+    if dst.dtype not in _SCALED_DTYPES:  # a quantized checkpoint loaded dense or as bf16
+        return t if scale is None else dequantize(t, scale, dst.dtype)
     _, sdst, spart = _destination(name, key, {target: params[target + "_scale"]}, cfg)
-    if t.is_floating_point():  # quantized now, one tensor at a time
-        t, scale = quantize_int8(t, t.shape[-1] // sdst.shape[-1])
+    if t.dtype != dst.dtype:  # dense, or the other scaled format: quantized now, one tensor at a time
+        t = t if scale is None else dequantize(t, scale)
+        t, scale = quantize(t, format_of(dst.dtype), t.shape[-1] // sdst.shape[-1])
     if tuple(scale.shape) != tuple(sdst.shape):
         raise CheckpointError(f"{skey}: shape {tuple(scale.shape)}, expected {tuple(sdst.shape)} (the group size "
                               "in config.json does not match the scales)")

@@ -10,9 +10,10 @@ from nanoseek.infer.generate import check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
-DTYPES = ["float32", "bfloat16", "float16", "int8", "bf16-weights"]
-DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8 and "
-              "bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek quantize`)")
+DTYPES = ["float32", "bfloat16", "float16", "int8", "int4", "bf16-weights"]
+DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8, int4 "
+              "and bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek "
+              "quantize`)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -46,17 +46,17 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     Without a dtype the weights keep their stored dtype, except that bf16/fp16 weights (real DeepSeek
     checkpoints, dequantised FP8) are upcast to fp32 on a CPU without fast bf16 (AMX / AVX512-BF16, as
     nanoseek.device.cpu_has_fast_bf16 detects): there bf16 matmuls take a slow scalar path. A `nanoseek
-    quantize` checkpoint keeps its int8 / bf16 weights. `int8` and `bf16-weights` convert the linear and
-    expert weights while loading (fp32 compute, nanoseek.infer.quant); a float dtype given for a quantized
-    checkpoint expands it.
+    quantize` checkpoint keeps its int8 / int4 / bf16 weights. `int8`, `int4` and `bf16-weights` convert the
+    linear and expert weights while loading (fp32 compute, nanoseek.infer.quant); a float dtype given for
+    a quantized checkpoint expands it.
     """
     from nanoseek.device import cpu_has_fast_bf16
     from nanoseek.hf import load
 
     device = torch.device(device)
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "int8": torch.float32, "bf16-weights": torch.float32}[dtype]
-    weights = {None: None, "int8": "int8", "bf16-weights": "bf16"}.get(dtype, "dense")
+                   "int8": torch.float32, "int4": torch.float32, "bf16-weights": torch.float32}[dtype]
+    weights = {None: None, "int8": "int8", "int4": "int4", "bf16-weights": "bf16"}.get(dtype, "dense")
     model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
     stored = model.embed_tokens.weight.dtype
     if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16() \

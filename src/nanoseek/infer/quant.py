@@ -1,12 +1,18 @@
-"""Weight-only quantized decoding: bf16 and int8 weights for the dense and the expert layers.
+"""Weight-only quantized decoding: bf16, int8 and int4 weights for the dense and the expert layers.
 
 Decoding on a CPU is bound by the bytes of weight read per token, so storing the weights narrower makes
-it faster and makes bigger models fit: bf16 halves the bytes, int8 quarters them. Only the weights are
-narrow; activations, norms, the router, the embedding and every accumulation stay fp32, and the C++
-kernels (nanoseek.infer.fast, csrc/gemv.h) widen the weights in registers.
+it faster and makes bigger models fit: bf16 halves the bytes, int8 quarters them, int4 (with its scales)
+takes 5/32 of them at groups of 32. Only the weights are narrow; activations, norms, the router, the
+embedding and every accumulation stay fp32, and the C++ kernels (nanoseek.infer.fast, csrc/gemv.h) widen
+the weights in registers.
 
-int8 is symmetric with one fp32 scale per output row and group of `group_size` inputs (the whole row when
-the row does not split evenly): q = round(w / s) in [-127, 127], s = max|w| / 127 over the group.
+int8 and int4 are symmetric with one fp32 scale per output row and group of `group_size` inputs (the
+whole row when the row does not split evenly; default 128 for int8, 32 for int4): q = round(w / s) with
+s = max|w| / 127 and q in [-127, 127] (int8), or s = max|w| / 7 and q in [-7, 7] (int4: -8 is never
+written, so the format stays symmetric and |w - q s| <= s / 2 holds for every weight). int4 weights are
+packed two to a byte in a uint8 tensor [..., rows, inputs / 2]: input 2j in the low nibble of byte j,
+2j + 1 in the high one, each a two's complement 4-bit number (pack_int4 / unpack_int4). It needs an even
+number of inputs per row and per group.
 
 `quantize_model(model, fmt)` swaps modules from outside, the way nanoseek.infer.fast.accelerate does:
 every nn.Linear becomes a QuantLinear and every GroupedExperts a QuantExperts, except kv_b_proj (the
@@ -24,8 +30,12 @@ from nanoseek.model.moe import GroupedExperts
 
 from .fast import kernels
 
-FORMATS = ("int8", "bf16")
-DEFAULT_GROUP = 128
+FORMATS = ("int8", "int4", "bf16")
+DEFAULT_GROUP = 128       # int8's
+DEFAULT_GROUPS = {"int8": DEFAULT_GROUP, "int4": 32}
+SCALED = ("int8", "int4")  # the formats with scales
+STORAGE = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}  # the dtype each is kept in
+INT_MAX = {"int8": 127, "int4": 7}
 KERNEL_ROWS = 32        # few-row matmuls up to this many rows take the kernel (measured against torch)
 KERNEL_ASSIGNMENTS = 4096
 NOT_QUANTIZED = ("kv_b_proj",)  # module names (last part) kept in the model dtype
@@ -37,40 +47,110 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def default_group(fmt: str) -> int | None:
+    """The group size a format takes when none is given (None for bf16: no scales)."""
+    return DEFAULT_GROUPS.get(check_format(fmt))
+
+
+def format_of(dtype: torch.dtype) -> str | None:
+    """The scaled format stored in this dtype (int8 | int4), else None."""
+    return {torch.int8: "int8", torch.uint8: "int4"}.get(dtype)
+
+
+def stored_columns(fmt: str, in_features: int) -> int:
+    """The last dimension of a weight with rows of in_features inputs (int4: two per byte; odd: an error)."""
+    if fmt == "int4" and in_features % 2:
+        raise ValueError(f"int4 packs two inputs per byte: a row of {in_features} inputs (odd) cannot be int4; "
+                         "use int8")
+    return in_features // 2 if fmt == "int4" else in_features
+
+
 def groups_for(in_features: int, group_size: int) -> int:
     """Scale groups per row: in_features / group_size when that divides evenly, else 1 (per row)."""
     return in_features // group_size if group_size and in_features % group_size == 0 else 1
 
 
+def scale_groups(fmt: str, in_features: int, group_size: int) -> int:
+    """groups_for, checked for the format: an int4 group must start on a byte (an even group size)."""
+    G = groups_for(in_features, group_size)
+    if fmt == "int4" and (in_features // G) % 2:
+        raise ValueError(f"int4 groups must be an even number of inputs so each starts on a byte, got "
+                         f"{in_features // G}")
+    return G
+
+
+def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [..., N, K] int8, or [..., N, K / 2] uint8 packed int4; scale fp32 [..., N, K / g]) with
+    w ~ q * scale per group of g inputs (the whole row when g does not divide K; g = 0: per row; None:
+    the format's default)."""
+    *lead, N, K = w.shape
+    stored_columns(fmt, K)
+    G = scale_groups(fmt, K, default_group(fmt) if group_size is None else group_size)
+    top = INT_MAX[fmt]
+    wg = w.float().reshape(*lead, N, G, K // G)
+    scale = wg.abs().amax(-1) / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
+    q = (wg / scale.unsqueeze(-1)).round_().clamp_(-top, top).to(torch.int8).reshape(*lead, N, K)
+    return (pack_int4(q) if fmt == "int4" else q), scale.contiguous()
+
+
 def quantize_int8(w: torch.Tensor, group_size: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [..., N, K], scale fp32 [..., N, K / g]) with w ~ q * scale per group of g inputs."""
-    *lead, N, K = w.shape
-    G = groups_for(K, group_size)
-    wg = w.float().reshape(*lead, N, G, K // G)
-    scale = wg.abs().amax(-1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
-    q = (wg / scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
-    return q.reshape(*lead, N, K), scale.contiguous()
+    return quantize(w, "int8", group_size)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUPS["int4"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q uint8 [..., N, K / 2] packed int4, scale fp32 [..., N, K / g]) with w ~ q * scale per group."""
+    return quantize(w, "int4", group_size)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], [..., K] (K even) -> uint8 [..., K / 2]: q[2j] in the low nibble of byte j."""
+    nib = q.to(torch.int16) & 0xF
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K / 2] -> int8 [..., K], the inverse of pack_int4."""
+    nib = torch.stack([p & 0xF, p >> 4], dim=-1).flatten(-2).to(torch.int8)
+    return (nib ^ 8) - 8  # two's complement: 8..15 stand for -8..-1
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense weight a narrow one stands for."""
     if scale is None:
         return w.to(dtype)
+    if w.dtype == torch.uint8:
+        w = unpack_int4(w)
     *lead, N, K = w.shape
     G = scale.shape[-1]
     return (w.reshape(*lead, N, G, K // G).to(torch.float32) * scale.unsqueeze(-1)).reshape(w.shape).to(dtype)
 
 
-def narrow(w: torch.Tensor, fmt: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def narrow(w: torch.Tensor, fmt: str, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A dense weight in format fmt: (weight, scale or None)."""
     if check_format(fmt) == "bf16":
         return w.to(torch.bfloat16), None
-    return quantize_int8(w, group_size)
+    return quantize(w, fmt, group_size)
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
+
+
+def _narrow_param(shape: tuple[int, ...], fmt: str, device) -> nn.Parameter:
+    """An empty weight of dense shape [..., rows, inputs] as format fmt stores it."""
+    *lead, K = shape
+    return _frozen(torch.empty(*lead, stored_columns(fmt, K), dtype=STORAGE[fmt], device=device))
+
+
+def _scale_param(shape: tuple[int, ...], fmt: str, group_size: int | None, device) -> nn.Parameter | None:
+    """The empty fp32 scales [..., rows, groups] of a weight of dense shape [..., rows, inputs], or None."""
+    if fmt not in SCALED:
+        return None
+    *lead, K = shape
+    G = scale_groups(fmt, K, default_group(fmt) if group_size is None else group_size)
+    return _frozen(torch.empty(*lead, G, dtype=torch.float32, device=device))
 
 
 def _fast_inference(x: torch.Tensor) -> bool:
@@ -78,26 +158,21 @@ def _fast_inference(x: torch.Tensor) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """y = x W^T with W stored as bf16, or int8 plus `weight_scale` [out, groups] (no bias: the model has none).
+    """y = x W^T with W stored as bf16, or int8 / packed int4 plus `weight_scale` [out, groups] (no bias: the
+    model has none).
 
     Few rows (decoding) take the C++ kernel or torch's dequantize-and-F.linear, whichever measured faster
     for the shape (kernels.faster_path); many rows (prefill) and anything with autograd, torch's path.
     """
 
-    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int = DEFAULT_GROUP,
-                 device=None):
+    def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None, device=None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt)
-        dtype = torch.int8 if fmt == "int8" else torch.bfloat16
-        self.weight = _frozen(torch.empty(out_features, in_features, dtype=dtype, device=device))
-        if fmt == "int8":
-            G = groups_for(in_features, group_size)
-            self.weight_scale = _frozen(torch.empty(out_features, G, dtype=torch.float32, device=device))
-        else:
-            self.weight_scale = None
+        self.weight = _narrow_param((out_features, in_features), fmt, device)
+        self.weight_scale = _scale_param((out_features, in_features), fmt, group_size, device)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, fmt: str, group_size: int = DEFAULT_GROUP) -> "QuantLinear":
+    def from_linear(cls, lin: nn.Linear, fmt: str, group_size: int | None = None) -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, fmt, group_size, device=lin.weight.device)
         if lin.weight.device.type != "meta":
             w, s = narrow(lin.weight.detach(), fmt, group_size)
@@ -131,30 +206,26 @@ class QuantLinear(nn.Module):
 
 
 class QuantExperts(nn.Module):
-    """GroupedExperts with bf16 or int8 stacked weights (`gate_up_proj` [E, 2F, D], `down_proj` [E, D, F],
-    and for int8 `gate_up_proj_scale` [E, 2F, D / g], `down_proj_scale` [E, D, F / g]).
+    """GroupedExperts with bf16, int8 or int4 stacked weights (`gate_up_proj` [E, 2F, D], `down_proj`
+    [E, D, F], int4 packed to half the last dimension; for int8 and int4 `gate_up_proj_scale` [E, 2F, D / g],
+    `down_proj_scale` [E, D, F / g]).
 
     The routed assignments go through kernels.experts_rows (each chosen expert's narrow weights read once);
     without the kernels (or with autograd), each used expert is dequantized in turn, so the dense copy of
     only one expert exists at a time.
     """
 
-    def __init__(self, n_experts: int, hidden: int, inter: int, fmt: str, group_size: int = DEFAULT_GROUP,
+    def __init__(self, n_experts: int, hidden: int, inter: int, fmt: str, group_size: int | None = None,
                  device=None):
         super().__init__()
         self.n_experts, self.fmt = n_experts, check_format(fmt)
-        dtype = torch.int8 if fmt == "int8" else torch.bfloat16
-        E, D, Fh = n_experts, hidden, inter
-        self.gate_up_proj = _frozen(torch.empty(E, 2 * Fh, D, dtype=dtype, device=device))
-        self.down_proj = _frozen(torch.empty(E, D, Fh, dtype=dtype, device=device))
-        if fmt == "int8":
-            self.gate_up_proj_scale = _frozen(torch.empty(E, 2 * Fh, groups_for(D, group_size), device=device))
-            self.down_proj_scale = _frozen(torch.empty(E, D, groups_for(Fh, group_size), device=device))
-        else:
-            self.gate_up_proj_scale = self.down_proj_scale = None
+        shapes = {"gate_up_proj": (n_experts, 2 * inter, hidden), "down_proj": (n_experts, hidden, inter)}
+        for name, shape in shapes.items():
+            setattr(self, name, _narrow_param(shape, fmt, device))
+            setattr(self, name + "_scale", _scale_param(shape, fmt, group_size, device))
 
     @classmethod
-    def from_experts(cls, ex: GroupedExperts, fmt: str, group_size: int = DEFAULT_GROUP) -> "QuantExperts":
+    def from_experts(cls, ex: GroupedExperts, fmt: str, group_size: int | None = None) -> "QuantExperts":
         E, F2, D = ex.gate_up_proj.shape
         q = cls(E, D, F2 // 2, fmt, group_size, device=ex.gate_up_proj.device)
         if ex.gate_up_proj.device.type != "meta":
@@ -197,25 +268,33 @@ class QuantExperts(nn.Module):
         return None if s is None else s[e]
 
 
-def quantize_model(model: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP) -> nn.Module:
+def quantize_model(model: nn.Module, fmt: str, group_size: int | None = None) -> nn.Module:
     """Swap in QuantLinear / QuantExperts, in place (weights quantized; on the meta device, empty ones
-    of the right dtypes and shapes for a checkpoint to fill); returns the model."""
+    of the right dtypes and shapes for a checkpoint to fill); returns the model. group_size None: the
+    format's default (DEFAULT_GROUPS); 0: one scale per output row. A layer the format cannot hold (int4
+    and an odd number of inputs) is a ValueError naming it."""
     check_format(fmt)
+    group_size = default_group(fmt) if group_size is None else group_size
+    if group_size is not None and group_size < 0:
+        raise ValueError(f"group_size must be >= 0 (0: one scale per row), got {group_size}")
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if name in NOT_QUANTIZED or (tied and name == "lm_head"):
                 continue
-            if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(parent, name, QuantLinear.from_linear(child, fmt, group_size))
-            elif isinstance(child, GroupedExperts):
-                setattr(parent, name, QuantExperts.from_experts(child, fmt, group_size))
-    model.weight_format = {"format": fmt, "group_size": group_size if fmt == "int8" else None}
+            try:
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    setattr(parent, name, QuantLinear.from_linear(child, fmt, group_size))
+                elif isinstance(child, GroupedExperts):
+                    setattr(parent, name, QuantExperts.from_experts(child, fmt, group_size))
+            except ValueError as e:
+                raise ValueError(f"{prefix + '.' if prefix else ''}{name}: {e}") from None
+    model.weight_format = {"format": fmt, "group_size": group_size if fmt in SCALED else None}
     return model
 
 
 def narrow_weight_names(model: nn.Module) -> set[str]:
-    """The names of the bf16 / int8 weights (not their scales) of a quantized model."""
+    """The names of the bf16 / int8 / int4 weights (not their scales) of a quantized model."""
     names = set()
     for prefix, m in model.named_modules():
         dot = prefix + "." if prefix else ""

@@ -1,13 +1,14 @@
-"""`nanoseek quantize`: write a checkpoint with bf16 or int8 weights, tensor by tensor, never holding the model.
+"""`nanoseek quantize`: write a checkpoint with bf16, int8 or int4 weights, tensor by tensor, never holding the model.
 
 The output is a HF `deepseek_v3` directory that nanoseek.load (and so `generate`, `chat`, `serve`) uses
 directly:
   * `config.json` is the source's plus `"quantization_config": {"quant_method": "nanoseek",
-    "weight_format": "int8" | "bf16", "group_size": 128 | null, "modules_not_converted": [...]}`;
+    "weight_format": "int8" | "int4" | "bf16", "group_size": 128 | 32 | null, "modules_not_converted": [...]}`;
   * sharded safetensors (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`), the
     tensor names of the source. Each linear and routed-expert weight that nanoseek.infer.quant converts
-    is stored as int8 (with an fp32 `<name>_scale` [out, in / group_size] beside it: w ~ q * scale per
-    group of inputs, the whole row when group_size does not divide it) or as bf16. Everything else
+    is stored as int8 [out, in] or packed int4 (uint8 [out, in / 2], two 4-bit weights a byte), each with
+    an fp32 `<name>_scale` [out, in / group_size] beside it (w ~ q * scale per group of inputs, the whole
+    row when group_size does not divide it), or as bf16. Everything else
     (embedding, norms, router, kv_b_proj) is copied in its source dtype; FP8 source weights are
     dequantised first.
   * the tokenizer files and generation_config.json, copied.
@@ -30,10 +31,11 @@ from nanoseek.hf import (_EXPERT_RE, TOKENIZER_FILES, CheckpointError, _checkpoi
                          read_config, stored_weight_format, write_index)
 from nanoseek.model import Transformer
 
-from .quant import DEFAULT_GROUP, NOT_QUANTIZED, check_format, narrow, narrow_weight_names, quantize_model
+from .quant import (DEFAULT_GROUPS, NOT_QUANTIZED, SCALED, check_format, default_group, narrow, narrow_weight_names,
+                    quantize_model)
 
 
-def _plan(cfg: ModelConfig, fmt: str, group_size: int) -> set[str]:
+def _plan(cfg: ModelConfig, fmt: str, group_size: int | None) -> set[str]:
     """Our names of the weights that become narrow (from a model built on the meta device: no memory)."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -54,14 +56,18 @@ def _target(key: str, cfg: ModelConfig) -> str | None:
     return name
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: int = DEFAULT_GROUP,
+def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: int | None = None,
                         max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write `src` with `fmt` weights to `out` (see the module docstring); returns out. Peak memory: one
-    output shard plus one source tensor."""
+    """Write `src` with `fmt` weights to `out` (see the module docstring); returns out. group_size None:
+    the format's default. Peak memory: one output shard plus one source tensor."""
     src, out = Path(src), Path(out)
-    check_format(fmt)
-    if group_size < 0:
+    if check_format(fmt) not in SCALED and group_size is not None:
+        raise ValueError(f"{fmt} weights have no scales: a group size is for int8 and int4")
+    group_size = default_group(fmt) if group_size is None else group_size
+    if group_size is not None and group_size < 0:
         raise ValueError(f"group_size must be >= 0 (0: one scale per row), got {group_size}")
+    if fmt == "int4" and group_size % 2:
+        raise ValueError(f"int4 groups must be an even number of inputs so each starts on a byte, got {group_size}")
     cfg_dict, cfg = read_config(src)
     if stored_weight_format(cfg_dict) is not None:
         raise CheckpointError(f"{src}: already a nanoseek {stored_weight_format(cfg_dict)[0]} checkpoint; "
@@ -69,7 +75,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: 
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: the output must not be the source directory")
     weight_map = _checkpoint_files(src)
-    plan = _plan(cfg, fmt, group_size)
+    plan = _plan(cfg, fmt, group_size)  # a layer the format cannot hold (int4: odd inputs) is a ValueError
     block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model*.safetensors*"):
@@ -110,7 +116,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: 
 
     cfg_out = dict(cfg_dict)
     cfg_out["quantization_config"] = {
-        "quant_method": "nanoseek", "weight_format": fmt, "group_size": (group_size or None) if fmt == "int8" else None,
+        "quant_method": "nanoseek", "weight_format": fmt, "group_size": (group_size or None) if fmt in SCALED else None,
         "modules_not_converted": ["embed_tokens", "mlp.gate", "*norm", *NOT_QUANTIZED]
         + (["lm_head"] if cfg.tie_word_embeddings else [])}
     (out / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
@@ -123,10 +129,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group_size: 
 # ----------------------------------------------------------------------------- `nanoseek quantize`
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="source model directory (HF deepseek_v3: fp32, bf16 or FP8)")
-    p.add_argument("--to", required=True, choices=["int8", "bf16"], help="weight format to write")
+    p.add_argument("--to", required=True, choices=["int8", "int4", "bf16"], help="weight format to write")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP,
-                   help=f"int8: inputs per scale (default {DEFAULT_GROUP}; 0 = one scale per output row)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int8 / int4: inputs per scale (default " + ", ".join(f"{g} for {f}" for f, g in
+                   DEFAULT_GROUPS.items()) + "; 0 = one scale per output row; int4: even)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (default 2 GB)")
 
 

@@ -466,7 +466,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cos"), py::arg("sin"), py::arg("kv_layer"), py::arg("index"), py::arg("weights"),
         py::arg("config"), nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32, CPU)", nogil);
-  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32 x; fp32, bf16 or scaled int8 w; CPU)",
+  m.def("rows_matmul", &rows_matmul, "x @ w.T for a few rows (fp32 x; fp32, bf16, or scaled int8 / packed int4 w; CPU)",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), nogil);
   m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (CPU)", py::arg("x"),
         py::arg("w1"), py::arg("w2"), py::arg("idx"), py::arg("gate"), py::arg("s1") = py::none(),

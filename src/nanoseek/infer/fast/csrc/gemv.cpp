@@ -1,7 +1,8 @@
-// The few-row matmul and routed-expert entry points (declared in gemv.h), for fp32, bf16 and int8 weights.
+// The few-row matmul and routed-expert entry points (declared in gemv.h), for fp32, bf16, int8 and int4
+// weights.
 //
 // torch's CPU GEMM is built for large M: with one row it runs a single-threaded GEMV, with a few rows it
-// re-packs the weight first, and it has no int8-weight path at all. These read each weight row once,
+// re-packs the weight first, and it has no int8- or int4-weight path at all. These read each weight row once,
 // keep the few activation rows in L1, and split the output features (or the experts) over the intra-op
 // threads.
 #include "gemv.h"
@@ -29,25 +30,35 @@ struct WeightArg {
   int64_t groups;  // scale columns per weight row (1 when unscaled)
 };
 
-// Checks w (fp32, bf16 or int8, contiguous, `dim` dims, rows of K inputs) and its scale (required for
-// int8 and only there: [..., rows, groups] fp32 with K % groups == 0).
+// The last dimension of a weight with rows of K inputs: K, or K / 2 bytes of packed int4.
+int64_t stored_columns(at::ScalarType type, int64_t K) { return type == at::kByte ? K / 2 : K; }
+
+// Checks w (fp32, bf16, int8, or uint8 holding packed int4; contiguous, `dim` dims, rows of K inputs: K / 2
+// bytes for int4) and its scale (required for int8 and int4 and only there: [..., rows, groups] fp32 with
+// K % groups == 0, and for int4 even groups, so that each starts on a byte).
 WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale, const char* what, int64_t dim,
                      int64_t K) {
   TORCH_CHECK(w.defined() && w.device().is_cpu(), what, " must be a CPU tensor");
   const auto type = w.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kChar, what,
-              " must be float32, bfloat16 or int8, got ", type);
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kChar || type == at::kByte, what,
+              " must be float32, bfloat16, int8 or uint8 (packed int4), got ", type);
   TORCH_CHECK(w.is_contiguous() && w.dim() == dim, what, " must be contiguous with ", dim, " dimensions, got ",
               w.sizes());
+  const bool int4 = type == at::kByte, narrow = int4 || type == at::kChar;
+  TORCH_CHECK(!int4 || K % 2 == 0, what, ": int4 weights pack two inputs per byte, and ", K, " inputs is odd");
+  TORCH_CHECK(w.size(-1) == stored_columns(type, K), what, " rows hold ", w.size(-1), int4 ?
+              " bytes (two int4 inputs each)" : " inputs", " but the input has ", K, " columns");
   const bool scaled = scale.has_value() && scale->defined();
-  TORCH_CHECK(scaled == (type == at::kChar), what, type == at::kChar ? ": int8 weights need their scales"
-                                                                     : ": only int8 weights take scales");
+  TORCH_CHECK(scaled == narrow, what, narrow ? (int4 ? ": int4 weights need their scales" : ": int8 weights need "
+              "their scales") : ": only int8 and int4 weights take scales");
   if (!scaled) return {type, w.data_ptr(), nullptr, 1};
   check_f32(*scale, what, dim);
   const int64_t groups = scale->size(-1);
   auto expect = w.sizes().vec();
   expect.back() = groups;
   TORCH_CHECK(groups > 0 && K % groups == 0, what, ": ", groups, " scale groups do not divide ", K, " inputs");
+  TORCH_CHECK(!int4 || (K / groups) % 2 == 0, what, ": int4 groups must be an even number of inputs, got ",
+              K / groups);
   check_shape(*scale, what, expect);
   return {type, w.data_ptr(), scale->data_ptr<float>(), groups};
 }
@@ -56,7 +67,7 @@ WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale
 void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t N, int64_t K, float* y,
               int64_t ldy, int64_t n0, int64_t n1) {
   const float* scale = wa.scale ? wa.scale + m * N * wa.groups : nullptr;
-  const int64_t G = K / wa.groups, off = m * N * K;
+  const int64_t G = K / wa.groups, off = m * N * K;  // in inputs (an int4 matrix starts at byte off / 2)
   switch (wa.type) {
     case at::kFloat:
       gemv::rows_range(x, M, gemv::Rows<float>{static_cast<const float*>(wa.data) + off, nullptr, K}, y, ldy,
@@ -65,6 +76,10 @@ void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t
     case at::kBFloat16:
       gemv::rows_range(x, M, gemv::Rows<at::BFloat16>{static_cast<const at::BFloat16*>(wa.data) + off, nullptr,
                                                       K}, y, ldy, K, n0, n1);
+      break;
+    case at::kByte:
+      gemv::rows_range(x, M, gemv::Rows<gemv::int4x2>{static_cast<const gemv::int4x2*>(wa.data) + off / 2, scale,
+                                                      G}, y, ldy, K, n0, n1);
       break;
     default:
       gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
@@ -81,7 +96,6 @@ torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w, const 
   const int64_t N = w.size(0);
   TORCH_CHECK(M > 0, "rows_matmul: x has no rows (an empty batch)");
   TORCH_CHECK(K > 0 && N > 0, "rows_matmul: empty weight ", w.sizes());
-  TORCH_CHECK(w.size(1) == K, "rows_matmul: x has ", K, " columns but w ", w.size(1));
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -104,8 +118,8 @@ torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, cons
   const int64_t N = x.size(0), D = x.size(1), E = w1.size(0), F2 = w1.size(1), F = F2 / 2, K = idx.size(1);
   TORCH_CHECK(N > 0 && K > 0, "experts_rows: no assignments (idx has shape ", idx.sizes(), ")");
   TORCH_CHECK(D > 0 && E > 0 && F > 0 && F2 % 2 == 0, "experts_rows: w1 must be [E, 2F, D], got ", w1.sizes());
-  check_shape(w1, "experts_rows: w1", {E, F2, D});
-  check_shape(w2, "experts_rows: w2", {E, D, F});
+  check_shape(w1, "experts_rows: w1", {E, F2, stored_columns(w1.scalar_type(), D)});
+  check_shape(w2, "experts_rows: w2", {E, D, stored_columns(w2.scalar_type(), F)});
   check_shape(idx, "experts_rows: idx", {N, K});
   check_shape(gate, "experts_rows: gate", {N, K});
   const auto wa1 = weight_arg(w1, s1, "experts_rows: w1", 3, D);

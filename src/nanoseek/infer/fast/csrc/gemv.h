@@ -1,9 +1,11 @@
-// Few-row matmuls against fp32, bf16 or int8 weights: the GEMV-shaped work of decoding.
+// Few-row matmuls against fp32, bf16, int8 or int4 weights: the GEMV-shaped work of decoding.
 //
 // A decode step multiplies 1-32 activation rows by every weight it touches, so its time is that of
-// streaming the weights from memory, and narrower weights are read faster: bf16 halves the bytes and
-// int8 (symmetric, one fp32 scale per output row and group of `G` inputs) quarters them. The weights are
-// widened to fp32 in registers and every product is accumulated in fp32, per group, then scaled.
+// streaming the weights from memory, and narrower weights are read faster: bf16 halves the bytes, int8
+// (symmetric, one fp32 scale per output row and group of `G` inputs) quarters them, and int4 (the same
+// scales, two signed 4-bit weights per byte, a uint8 tensor [N, K / 2]) takes an eighth plus the scales.
+// The weights are widened to fp32 in registers and every product is accumulated in fp32, per group, then
+// scaled.
 //
 // The vector width comes from the build (NANOSEEK_VEC_BYTES: 32 for AVX2 and the portable build, 64 for
 // AVX-512; nanoseek.infer.fast.build compiles one extension per instruction set). The code is written
@@ -46,12 +48,13 @@ inline void check_i64(const at::Tensor& t, const char* what, int64_t dim) {
               t.sizes());
 }
 
-// x [M, K] fp32 @ w[N, K]^T -> [M, N] fp32; w fp32, bf16, or int8 with scale [N, K / G] fp32.
+// x [M, K] fp32 @ w[N, K]^T -> [M, N] fp32; w fp32, bf16, or int8 [N, K] / packed int4 (uint8 [N, K / 2])
+// with scale [N, K / G] fp32.
 torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w,
                           const std::optional<torch::Tensor>& scale = std::nullopt);
 
 // sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for stacked SwiGLU experts w1 [E, 2F, D], w2 [E, D, F]
-// (fp32, bf16, or int8 with scales s1 [E, 2F, D / G1], s2 [E, D, F / G2]).
+// (fp32, bf16, or int8 / packed int4 with scales s1 [E, 2F, D / G1], s2 [E, D, F / G2]).
 torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
                            const torch::Tensor& idx, const torch::Tensor& gate,
                            const std::optional<torch::Tensor>& s1 = std::nullopt,
@@ -68,6 +71,16 @@ typedef uint32_t vu32 __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
 typedef uint16_t vu16 __attribute__((vector_size(NANOSEEK_VEC_BYTES / 2)));
 typedef int8_t vi8 __attribute__((vector_size(NANOSEEK_VEC_BYTES / 4)));
 
+// Two signed 4-bit weights in one byte (two's complement nibbles): input 2j in the low nibble of byte j,
+// input 2j + 1 in the high one. kLanes of them are kLanes / 8 little-endian 32-bit words, and lane i is
+// nibble i % 8 of word i / 8: shifted to the top of its lane and shifted back arithmetically, it comes out
+// sign-extended, in input order, with no shuffle of the activations.
+struct int4x2 {
+  uint8_t bits;
+};
+static_assert(sizeof(int4x2) == 1, "int4x2 is one byte");
+static_assert(kLanes % 8 == 0, "a vector of int4 weights is whole 32-bit words");
+
 // kLanes weights widened to fp32 (bf16 is the top half of an fp32: shift it up; int8 converts exactly).
 inline vf load(const float* p) {
   vf v;
@@ -83,6 +96,13 @@ inline vf load(const at::BFloat16* p) {
 inline vf load(const int8_t* p) {
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline vf load(const int4x2* p) {  // 16 nibbles: two words, each broadcast to 8 lanes
+  const __m512i word = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i up = _mm512_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512i w = _mm512_permutexvar_epi32(word, _mm512_castsi128_si512(_mm_loadl_epi64(
+                                                       reinterpret_cast<const __m128i*>(p))));
+  return (vf)_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(w, up), 28));
+}
 #elif defined(NANOSEEK_ISA_AVX2)
 inline vf load(const at::BFloat16* p) {
   const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -90,6 +110,12 @@ inline vf load(const at::BFloat16* p) {
 }
 inline vf load(const int8_t* p) {
   return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vf load(const int4x2* p) {  // 8 nibbles: one word broadcast to every lane
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  const __m256i up = _mm256_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+  return (vf)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(word), up), 28));
 }
 #else
 typedef int32_t vi32 __attribute__((vector_size(NANOSEEK_VEC_BYTES)));
@@ -106,10 +132,36 @@ inline vf load(const int8_t* p) {  // widened to int32 first: the int32 -> float
   std::memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(__builtin_convertvector(b, vi32), vf);
 }
+inline vf load(const int4x2* p) {
+  uint32_t words[kLanes / 8];
+  std::memcpy(words, p, sizeof(words));
+  vu32 w, up;
+  for (int i = 0; i < kLanes; ++i) w[i] = words[i / 8], up[i] = 28 - 4 * (i % 8);
+  return __builtin_convertvector((vi32)(w << up) >> 28, vf);
+}
 #endif
 inline float scalar(float v) { return v; }
 inline float scalar(int8_t v) { return static_cast<float>(v); }
 inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Row n of a weight with K inputs, the vector at input k (k a multiple of kLanes from an even group
+// start), the single input k: one element each, except int4, two to a byte.
+template <typename W>
+inline const W* row_of(const W* w, int64_t n, int64_t K) { return w + n * K; }
+template <typename W>
+inline vf load_at(const W* row, int64_t k) { return load(row + k); }
+template <typename W>
+inline float scalar_at(const W* row, int64_t k) { return scalar(row[k]); }
+template <typename W>
+inline int64_t row_bytes(int64_t K) { return int64_t(sizeof(W)) * K; }
+inline const int4x2* row_of(const int4x2* w, int64_t n, int64_t K) { return w + n * (K / 2); }
+inline vf load_at(const int4x2* row, int64_t k) { return load(row + k / 2); }
+inline float scalar_at(const int4x2* row, int64_t k) {
+  const int nibble = (row[k / 2].bits >> (4 * (k % 2))) & 0xF;
+  return static_cast<float>((nibble ^ 8) - 8);
+}
+template <>
+inline int64_t row_bytes<int4x2>(int64_t K) { return K / 2; }
 
 // Tree sum of the lanes (a serial lane-by-lane sum costs as much as the dot product for short rows).
 inline float hsum(vf v) {
@@ -129,7 +181,7 @@ void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64
   constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
   const int64_t NG = K / G;
   for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = w + n * K;
+    const W* wr = row_of(w, n, K);
     vf total[R];
     float tail[R];
     for (int r = 0; r < R; ++r) total[r] = vf{}, tail[r] = 0.f;
@@ -144,15 +196,15 @@ void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64
       }
       for (; k + U * kLanes <= k1; k += U * kLanes)
         for (int u = 0; u < U; ++u) {
-          const vf wv = load(wr + k + u * kLanes);
+          const vf wv = load_at(wr, k + u * kLanes);
           for (int r = 0; r < R; ++r) acc[r][u] += wv * load(x + r * K + k + u * kLanes);
         }
       for (; k + kLanes <= k1; k += kLanes) {
-        const vf wv = load(wr + k);
+        const vf wv = load_at(wr, k);
         for (int r = 0; r < R; ++r) acc[r][0] += wv * load(x + r * K + k);
       }
       for (; k < k1; ++k)
-        for (int r = 0; r < R; ++r) rest[r] += x[r * K + k] * scalar(wr[k]);
+        for (int r = 0; r < R; ++r) rest[r] += x[r * K + k] * scalar_at(wr, k);
       const float s = Scaled ? scale[n * NG + g] : 1.f;
       for (int r = 0; r < R; ++r) {
         vf sum = acc[r][0];
@@ -186,7 +238,7 @@ void rows_block_any(const float* x, int64_t R, const W* w, const float* scale, i
   }
 }
 
-// A weight matrix [N, K] as the loops read it: its elements, and for int8 the per-(row, group) scales.
+// A weight matrix [N, K] as the loops read it: its elements, and for int8 / int4 the per-(row, group) scales.
 template <typename W>
 struct Rows {
   const W* w;
@@ -210,7 +262,7 @@ void rows_range(const float* x, int64_t M, const Rows<W>& wt, float* y, int64_t 
     block(x, M, y, n0, n1);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / (int64_t(sizeof(W)) * K));  // ~64 KB
+  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / row_bytes<W>(K));  // ~64 KB
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t m = 0; m < M; m += 8) block(x + m * K, std::min<int64_t>(8, M - m), y + m * ldy, c0, c1);
