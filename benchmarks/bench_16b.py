@@ -83,43 +83,11 @@ def write_random(cfg, out: Path, shard_bytes: int = 2 * 1024**3) -> None:
 
 
 # ----------------------------------------------------------------------------- stage 3: decode
-def bandwidth_gbs() -> float:
-    import torch
-
-    a, b = torch.empty(256 * 1024**2 // 4), torch.empty(256 * 1024**2 // 4)
-    a.fill_(1.0)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() * 4 / best / 1e9  # read + write
-
-
-def step_bytes(model, batch: int) -> float:
-    """Weight bytes one decode step reads: everything but the routed experts, plus the experts the batch
-    is expected to touch per layer (all of top-k at batch 1; E * (1 - (1 - k/E)^batch) beyond)."""
-    from nanoseek.infer.quant import QuantExperts
-
-    cfg = model.config
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    total, experts = 0, 0
-    for m in model.modules():
-        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-            nbytes = t.numel() * t.element_size()
-            total += nbytes
-            if isinstance(m, QuantExperts) or type(m).__name__ in ("GroupedExperts", "FastExperts"):
-                experts += nbytes
-    embed = model.embed_tokens.weight
-    total -= embed.numel() * embed.element_size()  # a lookup reads one row, not the table
-    touched = E * (1 - (1 - K / E) ** batch) if E else 0
-    return (total - experts) + experts * (touched / E if E else 0)
-
-
 def decode(path: Path, new_tokens: int) -> dict:
     import torch
 
     import nanoseek
+    from benchmarks.common import bandwidth_gbs, step_bytes
     from nanoseek.infer import fast
 
     t = time.perf_counter()

@@ -94,6 +94,46 @@ def write_result(name: str, result: dict) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- the memory roofline
+def bandwidth_gbs() -> float:
+    """Memory bandwidth a 256 MB fp32 copy reaches (read + write, best of 5) at torch's thread count."""
+    a, b = torch.empty(256 * 1024**2 // 4), torch.empty(256 * 1024**2 // 4)
+    a.fill_(1.0)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9  # read + write
+
+
+def step_bytes(model, batch: int) -> float:
+    """Weight bytes one decode step reads: everything but the routed experts, plus the experts the batch
+    is expected to touch per layer (all of top-k at batch 1; E * (1 - (1 - k/E)^batch) beyond)."""
+    from nanoseek.infer.quant import QuantExperts
+
+    cfg = model.config
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    total, experts = 0, 0
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            nbytes = t.numel() * t.element_size()
+            total += nbytes
+            if isinstance(m, QuantExperts) or type(m).__name__ in ("GroupedExperts", "FastExperts"):
+                experts += nbytes
+    embed = model.embed_tokens.weight
+    total -= embed.numel() * embed.element_size()  # a lookup reads one row, not the table
+    return touched_bytes(total - experts, experts, E, K, batch)
+
+
+def touched_bytes(dense: float, experts: float, n_experts: int, top_k: int, batch: int) -> float:
+    """Bytes a decode step reads: all the `dense` bytes, and of the routed experts' `experts` bytes the
+    fraction a batch of independent tokens is expected to touch, 1 - (1 - k/E)^batch (k/E at batch 1)."""
+    if not n_experts:
+        return dense + experts
+    return dense + experts * (1 - (1 - top_k / n_experts) ** batch)
+
+
 # ----------------------------------------------------------------------------- this checkout against another
 def run_worker(module: str, worker: str, src: str | None, argv: list[str]) -> dict:
     """Run `python -m benchmarks.MODULE --worker WORKER ARGV` with nanoseek imported from `src` (another

@@ -24,6 +24,7 @@ BENCHMARKS = [
 # long or disk-hungry: only with `python -m benchmarks.run_all --slow`
 SLOW = [
     ("bench_16b", "16B-class checkpoints (V2-Lite, Moonlight shapes): int8 quantize shard by shard, peak RSS, tok/s"),
+    ("bench_llamacpp", "greedy decode at batch 1 vs llama.cpp (f32, bf16, f16, Q8_0; builds llama.cpp once, cached)"),
 ]
 
 
