@@ -173,13 +173,14 @@ inline float hsum(vf v) {
 }
 
 // Software prefetch of the weight stream kPrefetchBytes ahead of the loads (one hint per cache line of
-// the `n` elements about to be read). One core's hardware prefetcher alone leaves a narrow (bf16 / int8)
-// weight stream short of the bandwidth an fp32 one reaches: the loop consumes lines faster than it fetches.
+// the inputs [k, k + n) of a row about to be read; bytes from row_bytes, so int4's two-to-a-byte counts
+// right). One core's hardware prefetcher alone leaves a narrow (bf16 / int8) weight stream short of the
+// bandwidth an fp32 one reaches: the loop consumes lines faster than it fetches.
 constexpr int64_t kPrefetchBytes = 2048;
 template <typename W>
-inline void prefetch_ahead(const W* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  for (int64_t b = 0; b < n * int64_t(sizeof(W)); b += 64) __builtin_prefetch(c + b, 0, 0);
+inline void prefetch_ahead(const W* row, int64_t k, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(row) + row_bytes<W>(k) + kPrefetchBytes;
+  for (int64_t b = 0; b < row_bytes<W>(n); b += 64) __builtin_prefetch(c + b, 0, 0);
 }
 
 // y[r, n] = sum_g scale[n, g] * sum_{k in group g} x[r, k] * w[n, k] for R <= 8 rows and n in [n0, n1).
@@ -205,7 +206,7 @@ void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64
         for (int u = 0; u < U; ++u) acc[r][u] = vf{};
       }
       for (; k + U * kLanes <= k1; k += U * kLanes) {
-        prefetch_ahead(wr + k, U * kLanes);
+        prefetch_ahead(wr, k, U * kLanes);
         for (int u = 0; u < U; ++u) {
           const vf wv = load_at(wr, k + u * kLanes);
           for (int r = 0; r < R; ++r) acc[r][u] += wv * load(x + r * K + k + u * kLanes);
