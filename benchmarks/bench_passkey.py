@@ -7,8 +7,7 @@ thread for everything):
                       `nanoseek train` on passkey transcripts (the language of the prompts: LM loss on every
                       token), then `nanoseek sft` on passkey problems (a JSONL file of `make_passkey`
                       examples, the loss on the answer only), filler lengths drawn log-uniformly from
-                      `train_words`; the SFT is where retrieval is learned (its loss leaves the plateau of
-                      guessed digits after several hundred steps);
+                      `train_words`; the SFT is where retrieval is learned;
   2. evaluation       `nanoseek eval --task FILE.jsonl --k 1 --temperature 0`: greedy decoding, exact key
                       match (the passkey checker: the number after `</think>`), on held-out problems at
                       two filler lengths, the key at evenly spaced depths;
