@@ -124,8 +124,10 @@ def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
     q = cfg_dict.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != "nanoseek":
         return None
+    from .infer.quant import FORMATS
+
     fmt, group = q.get("weight_format"), q.get("group_size")
-    if fmt not in ("int8", "int4", "bf16") or not (group is None or (isinstance(group, int) and group > 0)):
+    if fmt not in FORMATS or not (group is None or (isinstance(group, int) and group > 0)):
         raise CheckpointError(f"config.json: quantization_config {q} is not a nanoseek weight format "
                               "(weight_format int8 | int4 | bf16, group_size a positive int or null)")
     return fmt, group
@@ -173,7 +175,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     stored = stored_weight_format(cfg_dict)
     if stored is not None:
         cfg = cfg.replace(quantization_config=None)  # the model's config is that of the dense model
-    if weights not in (None, "dense", "bf16", "int8", "int4"):
+    from .infer.quant import FORMATS
+
+    if weights not in (None, "dense", *FORMATS):
         raise CheckpointError(f"weights={weights!r}: choose None (as stored), 'dense', 'bf16', 'int8' or 'int4'")
     fmt = stored[0] if weights is None and stored else None if weights in (None, "dense") else weights
     dtype = dtype or (torch.float32 if stored else _source_dtype(cfg_dict, weight_map, path))
@@ -191,8 +195,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
             quantize_model(model, fmt, group)
         except ValueError as e:  # a layer the format cannot hold (int4, odd inputs), a bad group size
             raise CheckpointError(f"{path}: {e}") from None
-    model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty gives every module its own new tensor: tie them again
+    # model.to_empty(device), without torch.empty_like on meta tensors (its Python meta kernel imports sympy:
+    # seconds at every start)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    if cfg.tie_word_embeddings:  # every module got its own new tensor: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     _fill(model, path, weight_map, cfg, stored[0] if stored else None)
     inv_freq, _ = rope_inv_freq(cfg)
@@ -217,9 +223,9 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
     # The narrow weights of a model loaded in its checkpoint's own format: each must be stored so.
     fmt = (getattr(model, "weight_format", None) or {}).get("format")
     as_stored: set[str] = set()
-    if stored_fmt is not None and fmt == stored_fmt:
-        from .infer.quant import narrow_weight_names
+    from .infer.quant import STORAGE, format_of, narrow_weight_names
 
+    if stored_fmt is not None and fmt == stored_fmt:
         as_stored = narrow_weight_names(model)
     block = tuple((cfg.quantization_config or {}).get("weight_block_size") or (128, 128))
     by_file: dict[str, list[str]] = {}
@@ -240,10 +246,10 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                         raise CheckpointError(f"{key}: shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
                     continue
                 target, dst, part = _destination(name, key, params, cfg)
-                if target in as_stored and t.dtype != _STORED_DTYPE[stored_fmt]:
+                if target in as_stored and t.dtype != STORAGE[stored_fmt]:
                     raise CheckpointError(f"{key}: {t.dtype} in a checkpoint whose config.json says {stored_fmt} "
                                           "weights (a mismatched or partly overwritten quantized checkpoint)")
-                if t.dtype in _SCALED_DTYPES or dst.dtype in _SCALED_DTYPES:
+                if format_of(t.dtype) or format_of(dst.dtype):  # int8 / packed int4: a `_scale` beside each
                     t = _scaled_pair(t, key, name, target, part, dst, params, todo, fh, path, fname, weight_map, cfg)
                 if tuple(t.shape) != tuple(dst.shape):
                     raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the config's "
@@ -255,10 +261,6 @@ def _fill(model: Transformer, path: Path, weight_map: dict[str, str], cfg: Model
                 else:
                     todo[target].discard(part)
     _check_complete(todo, params, path, cfg)
-
-
-_STORED_DTYPE = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}
-_SCALED_DTYPES = (torch.int8, torch.uint8)  # int8, packed int4: each weight has a `_scale` beside it
 
 
 def _dense_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -278,7 +280,7 @@ def _scaled_pair(t, key, name, target, part, dst, params, todo, fh, path, fname,
                 scale.shape[1] == 0 or inputs % scale.shape[1] or (stored == "int4" and inputs // scale.shape[1] % 2):
             raise CheckpointError(f"{skey}: {scale.dtype} {tuple(scale.shape)} is not an fp32 [rows, groups] scale "
                                   f"for the {tuple(t.shape)} {stored} weight")
-    if dst.dtype not in _SCALED_DTYPES:  # a quantized checkpoint loaded dense or as bf16
+    if format_of(dst.dtype) is None:  # a quantized checkpoint loaded dense or as bf16
         return t if scale is None else dequantize(t, scale, dst.dtype)
     _, sdst, spart = _destination(name, key, {target: params[target + "_scale"]}, cfg)
     if t.dtype != dst.dtype:  # dense, or the other scaled format: quantized now, one tensor at a time

@@ -6,11 +6,10 @@ import argparse
 import sys
 
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.generate import check_model_dir, load_model
+from nanoseek.infer.generate import LOAD_DTYPES, check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
-DTYPES = ["float32", "bfloat16", "float16", "int8", "int4", "bf16-weights"]
 DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8, int4 "
               "and bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek "
               "quantize`)")
@@ -31,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=list(LOAD_DTYPES), default=None,
                    help=DTYPE_HELP)
 
 

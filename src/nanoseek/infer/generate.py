@@ -39,6 +39,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     return [c.token_ids for c in engine.generate_batch([list(p) for p in prompts], params)]
 
 
+# --dtype of generate / chat / serve -> (the compute dtype, the weight format nanoseek.load converts to)
+LOAD_DTYPES = {"float32": (torch.float32, "dense"), "bfloat16": (torch.bfloat16, "dense"),
+               "float16": (torch.float16, "dense"), "int8": (torch.float32, "int8"),
+               "int4": (torch.float32, "int4"), "bf16-weights": (torch.float32, "bf16")}
+
+
 def load_model(model_dir: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """nanoseek.load for the generate, chat and serve commands, with a line on stderr saying what was
     loaded, in which dtype and on which device.
@@ -54,9 +60,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     from nanoseek.hf import load
 
     device = torch.device(device)
-    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "int8": torch.float32, "int4": torch.float32, "bf16-weights": torch.float32}[dtype]
-    weights = {None: None, "int8": "int8", "int4": "int4", "bf16-weights": "bf16"}.get(dtype, "dense")
+    if dtype is not None and dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(LOAD_DTYPES)}")
+    torch_dtype, weights = LOAD_DTYPES[dtype] if dtype is not None else (None, None)
     model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
     stored = model.embed_tokens.weight.dtype
     if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16() \

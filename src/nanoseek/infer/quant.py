@@ -31,8 +31,7 @@ from nanoseek.model.moe import GroupedExperts
 from .fast import kernels
 
 FORMATS = ("int8", "int4", "bf16")
-DEFAULT_GROUP = 128       # int8's
-DEFAULT_GROUPS = {"int8": DEFAULT_GROUP, "int4": 32}
+DEFAULT_GROUPS = {"int8": 128, "int4": 32}  # inputs per scale when none is given
 SCALED = ("int8", "int4")  # the formats with scales
 STORAGE = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}  # the dtype each is kept in
 INT_MAX = {"int8": 127, "int4": 7}
@@ -94,7 +93,7 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> tuple[
     return (pack_int4(q) if fmt == "int4" else q), scale.contiguous()
 
 
-def quantize_int8(w: torch.Tensor, group_size: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, group_size: int = DEFAULT_GROUPS["int8"]) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [..., N, K], scale fp32 [..., N, K / g]) with w ~ q * scale per group of g inputs."""
     return quantize(w, "int8", group_size)
 

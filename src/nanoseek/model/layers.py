@@ -43,10 +43,11 @@ class MLP(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [rope_dim/2] and the cos/sin attention factor for the config's rope."""
+    """Inverse frequencies [rope_dim/2] (fp32, computed on the CPU whatever device the model is built on, so
+    every device rotates by the same angles) and the cos/sin attention factor for the config's rope."""
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     rs = cfg.rope_scaling
     if not rs:
         return 1.0 / pos_freqs, 1.0
@@ -71,7 +72,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1 = keep the original frequency (high-frequency dims)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attn_factor)
@@ -83,7 +84,7 @@ class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv_freq, self.attn_factor = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [..., T, rope/2]

@@ -70,7 +70,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (loaders build there) nn.Embedding's own normal_ init would import torch._dynamo,
+        # seconds at every start: given an empty weight it skips it. Elsewhere its draws stay part of the seeded init.
+        skeleton = torch.empty(cfg.vocab_size, cfg.hidden_size) if torch.get_default_device().type == "meta" else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=skeleton)
         self.layers = nn.ModuleList(Block(cfg, moe) for moe in cfg.is_moe_layer)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -90,6 +93,8 @@ class Transformer(nn.Module):
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * max(1, self.config.num_hidden_layers))
         for name, p in self.named_parameters():
+            if p.is_meta:  # a skeleton a loader fills (and normal_ on meta would import torch._dynamo: seconds)
+                continue
             if name.endswith("norm.weight") or ".norm." in name or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):  # the indexer's k_norm LayerNorm

@@ -23,6 +23,8 @@ The Engine applies it (and so nanoseek.generate, `nanoseek chat`, `serve`, GRPO 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -35,6 +37,9 @@ _FAST = set(SWAPS.values())
 
 
 def _fsdp_type():
+    # A process that never imported FSDP has no FSDP module (and importing it costs over a second at start).
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
