@@ -9,11 +9,12 @@ bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and 
   * greedy decode tokens/s at batch 1 and batch 8 (nanoseek.generate, the kernels on), the formats run
     alternately, and the speed-up over fp32 and over int8 per group of 128;
   * the bytes of weight each format holds.
-The CPU (`lscpu` model and SIMD flags) is printed and saved. Held-out task accuracy of the trained
-speedrun model is not measured here (it needs a trained checkpoint; see `--model`).
+The CPU (`lscpu` model and SIMD flags) is printed and saved. With `--model DIR --task NAME` (a trained
+checkpoint, e.g. `make run`'s runs/speedrun/model and countdown) each format's held-out accuracy too:
+pass@1 and cons@k of `nanoseek eval` (the same problems, samples and seeds for every format).
 
-Run: `.venv/bin/python -m benchmarks.bench_quant [--preset bench] [--model DIR]`.
-Results: benchmarks/results/quant.json.
+Run: `.venv/bin/python -m benchmarks.bench_quant [--preset bench] [--model DIR [--task countdown]]`.
+Results: benchmarks/results/quant.json (quant_checkpoint.json with --model).
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def build(args, fmt):
     return model
 
 
+def heldout(model, args) -> dict:
+    """`nanoseek eval`'s held-out pass@1, cons@k and well-formed share of one format (seed 0 for all)."""
+    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.rl.evaluate import evaluate
+
+    r = evaluate(model, load_tokenizer(args.model), get_task(args.task), n=args.eval_n, k=args.eval_k)
+    return {"heldout_task": args.task, "heldout_n": r.n, "heldout_k": r.k, "heldout_pass_at_1": round(r.pass_at_1, 4),
+            f"heldout_cons_at_{r.k}": round(r.cons_at_k, 4), "heldout_format_rate": round(r.format_rate, 4)}
+
+
 def decode_tps(model, prompts, new_tokens: int) -> float:
     t = time.perf_counter()
     out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
@@ -84,7 +96,12 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random weights")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--task", default=None, help="with --model: each format's held-out pass@1 / cons@k on this task")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out problems for --task")
+    p.add_argument("--eval-k", type=int, default=4, help="samples per problem for --task")
     args = p.parse_args(argv)
+    if args.task and not args.model:
+        p.error("--task needs --model (a trained checkpoint: random weights solve nothing)")
     cpu = cpu_info()
     load_start = round(os.getloadavg()[0], 2)  # the machine's other work: these are shared machines
     print(f"CPU: {cpu['model']}; SIMD flags: {' '.join(cpu['simd_flags'])}; kernels: {kernels.isa()}")
@@ -105,6 +122,8 @@ def main(argv=None) -> dict:
                         "max_logit_error_rel": round(err, 5),
                         "greedy_agreement": round(agree / sum(map(len, greedy["fp32"])), 4),
                         "weight_gb": round(weight_bytes(m) / 1e9, 3)}
+        if args.task:
+            quality[fmt].update(heldout(m, args))
     speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
     for batch in (1, 8):
         batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
@@ -127,9 +146,12 @@ def main(argv=None) -> dict:
     for fmt, r in result["formats"].items():
         speeds = ", ".join(f"batch {b} {r[f'batch_{b}_tokens_per_s']} tok/s ({r[f'batch_{b}_vs_fp32']}x fp32, "
                            f"{r[f'batch_{b}_vs_int8_g128']}x int8)" for b in (1, 8))
+        acc = (f", held-out {r['heldout_task']} pass@1 {r['heldout_pass_at_1']:.1%} "
+               f"({r['heldout_n']} x {r['heldout_k']})" if "heldout_pass_at_1" in r else "")
         print(f"{fmt:>10}: {r['weight_gb']} GB, weight error {r['weight_error_rel']:.2e}, logit error "
-              f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}, {speeds}")
-    print(f"wrote {write_result('quant', result)}")
+              f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}{acc}, {speeds}")
+    # a checkpoint's run beside the random model's, not over it
+    print(f"wrote {write_result('quant_checkpoint' if args.model else 'quant', result)}")
     return result
 
 

@@ -299,5 +299,10 @@ def test_eval_json_draws_no_progress_bar(speedrun_quick):
                  "--max-new-tokens", "8", "--json", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["n"] == 3
-    assert "\r" not in r.stderr and "sample/s" not in r.stderr and "eval:" in r.stderr, r.stderr
-    assert "on cpu" in r.stderr  # the device reached the model
+    assert "\r" not in r.stderr and "sample/s" not in r.stderr and "nanoseek: loaded" in r.stderr, r.stderr
+    assert "float32) on cpu" in r.stderr  # the device reached the model
+    # --dtype as for generate: the held-out accuracy of the model with int8 weights
+    r = nanoseek("eval", "--model", speedrun_quick / "model", "--task", "countdown", "--n", "3", "--k", "2",
+                 "--max-new-tokens", "8", "--json", "--threads", "1", "--dtype", "int8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == 3 and "int8 weights (groups of 128)) on cpu" in r.stderr, r.stderr

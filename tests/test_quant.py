@@ -301,3 +301,27 @@ def test_broken_quantized_checkpoints_give_one_line_errors(dense_dir, tmp_path):
     with pytest.raises(CheckpointError) as e:
         nanoseek.load(out)
     assert "not a nanoseek weight format" in _one_line(e)
+
+
+def test_bench_quant_reports_each_formats_heldout_accuracy(speedrun_quick, tmp_path, monkeypatch):
+    """bench_quant --model DIR --task NAME: every format of a trained checkpoint is evaluated on the same
+    held-out problems (here the quick speedrun's model, a few problems: the numbers only have to be real)."""
+    from benchmarks import bench_quant, common
+    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tokenizer import load_tokenizer
+    from nanoseek.rl.evaluate import evaluate
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    model_dir = speedrun_quick / "model"
+    result = bench_quant.main(["--model", str(model_dir), "--task", "countdown", "--eval-n", "3", "--eval-k", "2",
+                               "--rounds", "1", "--new-tokens", "2"])
+    assert json.loads((tmp_path / "quant_checkpoint.json").read_text())["formats"].keys() == bench_quant.FORMATS.keys()
+    for fmt, r in result["formats"].items():
+        assert r["heldout_task"] == "countdown" and r["heldout_n"] == 3 and r["heldout_k"] == 2, fmt
+        assert 0 <= r["heldout_pass_at_1"] <= 1 and 0 <= r["heldout_format_rate"] <= 1 and "heldout_cons_at_2" in r
+    # fp32's entry is exactly nanoseek eval's result on the dense model
+    ref = evaluate(nanoseek.load(model_dir, dtype=torch.float32), load_tokenizer(model_dir), get_task("countdown"),
+                   n=3, k=2)
+    assert result["formats"]["fp32"]["heldout_format_rate"] == round(ref.format_rate, 4)
+    with pytest.raises(SystemExit):
+        bench_quant.main(["--task", "countdown"])  # random weights: refused

@@ -70,6 +70,9 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
         print(f"nanoseek: {str(stored).removeprefix('torch.')} weights upcast to float32 (this CPU has no fast "
               "bf16; pass --dtype to keep them)", file=sys.stderr)
         model.cast(torch.float32)
+    fmt = getattr(model, "weight_format", None)
+    narrow = f", {fmt['format']} weights" + (f" (groups of {fmt['group_size']})" if fmt.get("group_size") else "") \
+        if fmt else ""
     print(f"nanoseek: loaded {model_dir} ({model.num_params():,} parameters, "
-          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}) on {device}", file=sys.stderr)
+          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}{narrow}) on {device}", file=sys.stderr)
     return model

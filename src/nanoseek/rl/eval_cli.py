@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from nanoseek.infer.cli_generate import add_dtype_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,22 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "progress bar)")
     parser.add_argument("--samples", default=None, help="also write every sample to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dtype_argument(parser)  # e.g. --dtype int8: the held-out accuracy of the quantized model
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    import nanoseek
     from nanoseek.data.tasks import get_task
     from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.hf import check_model_dir
+    from nanoseek.infer.generate import load_model
     from nanoseek.rl.evaluate import evaluate
 
     check_model_dir(args.model)
     task = get_task(args.task)
     tok = load_tokenizer(args.model)
-    model = nanoseek.load(args.model, dtype=torch.float32, device=args.device)
-    print(f"nanoseek eval: {args.model} on {args.device}", file=sys.stderr)
+    model = load_model(args.model, args.dtype, args.device)  # says on stderr what it loaded, in which dtype
     res = evaluate(model, tok, task, n=args.n, k=args.k, difficulty=args.difficulty, temperature=args.temperature,
                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split,
                    progress=not (args.json or args.no_progress))
