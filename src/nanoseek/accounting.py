@@ -167,7 +167,8 @@ def mtp_block_is_moe(cfg: ModelConfig, i: int = 0) -> bool:
 def count_params(cfg: ModelConfig) -> ParamCounts:
     """Exact parameter counts of `cfg` (see the module docstring for the shapes)."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    blocks = [_block(cfg, moe) for moe in cfg.is_moe_layer]
+    kinds = {moe: _block(cfg, moe) for moe in set(cfg.is_moe_layer)}  # a dense and a MoE block at most
+    blocks = [kinds[moe] for moe in cfg.is_moe_layer]
     embedding = V * D
     lm_head = 0 if cfg.tie_word_embeddings else V * D
     final_norm = D

@@ -3,7 +3,8 @@ the decoder layers are split into pipeline stages. Formulas: see the nanoseek.pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, replace
 
 from nanoseek.accounting import attention_flops_per_token, block_params, mtp_block_is_moe
 from nanoseek.config import ModelConfig
@@ -85,7 +86,8 @@ def _block_piece(cfg: ModelConfig, name: str, moe: bool, seq_len: int, prec: Pre
 def pieces(cfg: ModelConfig, seq_len: int, prec: Precision) -> tuple[list[Piece], Piece, Piece, list[Piece]]:
     """(decoder layers, embedding, final norm + head, MTP modules) with their parameters, FLOPs, activations."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    layers = [_block_piece(cfg, f"layer {i}", moe, seq_len, prec) for i, moe in enumerate(cfg.is_moe_layer)]
+    kinds = {moe: _block_piece(cfg, "", moe, seq_len, prec) for moe in set(cfg.is_moe_layer)}  # dense, MoE
+    layers = [replace(kinds[moe], name=f"layer {i}") for i, moe in enumerate(cfg.is_moe_layer)]
     zero = {m: 0.0 for m in RECOMPUTE}
     emb = Piece("embedding", V * D, 0, 0.0, dict(zero), dict(zero))
     head_act = {m: D * prec.act_bytes + (D * prec.cache_bytes if m == "none" else 0.0) for m in RECOMPUTE}
@@ -119,6 +121,14 @@ def stage_rank(s: int, pp: int, schedule: str | None) -> int:
 
 def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[int], num_ranks: int,
                  may_be_empty: list[bool] | None = None) -> list[int]:
+    """Decoder layers per stage (in order) that minimise the busiest rank's cost (see _split_layers)."""
+    return list(_split_layers(tuple(layer_cost), tuple(extra_cost), tuple(ranks), num_ranks,
+                              None if may_be_empty is None else tuple(may_be_empty)))
+
+
+@functools.lru_cache(maxsize=4096)  # a --search asks again for the same split under many layouts
+def _split_layers(layer_cost: tuple, extra_cost: tuple, ranks: tuple, num_ranks: int,
+                  may_be_empty: tuple | None) -> tuple[int, ...]:
     """Decoder layers per stage (in order) that minimise the busiest rank's cost.
 
     `extra_cost[s]` is what stage s holds besides layers (embedding, head, MTP), `ranks[s]` its rank.
@@ -152,6 +162,8 @@ def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[i
     lo, hi = 0.0, sum(layer_cost) + sum(extra_cost)
     best = fill(hi)
     for _ in range(60):
+        if hi - lo <= 1e-12 * hi:  # as close as fill's own tolerance tells caps apart
+            break
         mid = (lo + hi) / 2
         plan = fill(mid)
         if plan is None:
@@ -159,5 +171,5 @@ def split_layers(layer_cost: list[float], extra_cost: list[float], ranks: list[i
         else:
             hi, best = mid, plan
     assert best is not None
-    return best
+    return tuple(best)
 
