@@ -20,7 +20,7 @@ from nanoseek.config import preset
 from nanoseek.data.corpus import builtin_corpus
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.rl import grpo
+from nanoseek.rl import grpo, packed
 from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer, Rollouts, completion_log_probs, reference_log_probs
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.step import TrainStep
@@ -82,18 +82,24 @@ def _record_grads(opt) -> list[list[torch.Tensor]]:
 
 
 def _count_forwards(model) -> list[int]:
+    """Forwards of the model, packed or padded: both run the first layer's kv_a projection once per forward."""
     calls = [0]
-    model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model.layers[0].self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
+@pytest.mark.parametrize("path", ["packed", "buckets"])
 @pytest.mark.parametrize("mu,minibatches,aggregation,beta", [
     (1, 1, "token", 0.001),    # on-policy: no old-policy forward, rho = 1
     (1, 1, "sequence", 0.0),   # the paper's aggregation, no reference model
     (2, 2, "token", 0.05),     # off-policy minibatches (clipping acts), a second pass
     (2, 1, "sequence", 0.01),  # a second pass over the only minibatch: old = its first forward
 ])
-def test_update_matches_the_plain_update(tok, mu, minibatches, aggregation, beta):
+def test_update_matches_the_plain_update(tok, monkeypatch, mu, minibatches, aggregation, beta, path):
+    """packed: each group's prompt once, no padding (nanoseek.rl.packed); buckets: the padded fallback for
+    models packing does not cover."""
+    if path == "buckets":
+        monkeypatch.setattr(packed, "supports", lambda model: False)
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     cfg = GRPOConfig(task="arithmetic", prompts_per_step=4, G=4, mu=mu, minibatches=minibatches, beta=beta,
@@ -125,9 +131,9 @@ def test_update_matches_the_plain_update(tok, mu, minibatches, aggregation, beta
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))  # it did train
-    # Two length buckets per optimizer step (one when a minibatch is too small to split: under 2 x 8 rows);
-    # the old-policy forward only for the minibatches after the first.
-    buckets = 2 if len(ro.prompts) // minibatches >= 16 else 1
+    # Packed: one forward per minibatch. Buckets: two per optimizer step (one when a minibatch is too small to
+    # split: under 2 x 8 rows). The old-policy forward only for the minibatches after the first.
+    buckets = 2 if path == "buckets" and len(ro.prompts) // minibatches >= 16 else 1
     assert forwards[0] == buckets * (n_steps + (minibatches - 1))
     if minibatches > 1:
         assert rec["clip_frac"] > 0  # the comparison covers clipping
