@@ -210,3 +210,55 @@ def test_trainstep_sums_shares_when_not_averaging():
     assert rec["m"] == 6.0
     ref = torch.autograd.grad(lin(x).sum() / 6, lin.weight)[0]
     assert torch.allclose(grads[0][0], ref, atol=1e-6)
+
+
+def test_packed_log_probs_match_the_padded_forward_and_its_gradients():
+    """Groups of equal consecutive prompts of different lengths, completions of 0, 1, 2 and more tokens, a
+    prompt that comes back later (its own group): values and every weight's gradient agree with
+    completion_log_probs on the right-padded batch, in training mode and for a frozen model under inference
+    mode; the packing computes each group's prompt once and no padding."""
+    torch.manual_seed(4)
+    model = Transformer(preset("tiny", vocab_size=300)).train()
+    assert packed.supports(model)
+    rng = random.Random(4)
+    prompts, completions = [], []
+    shared = [rng.randrange(8, 300) for _ in range(5)]
+    for p in ([rng.randrange(8, 300) for _ in range(n)] for n in (3, 8)):
+        for _ in range(4):
+            prompts.append(p)
+            completions.append([rng.randrange(8, 300) for _ in range(rng.choice([0, 1, 2, 5, 11]))])
+    for c in ([7, 9, 11], [12]):  # a prompt seen before, not adjacent to its earlier rows
+        prompts += [shared, prompts[0]]
+        completions += [c, list(c) + [13]]
+    ids, targets, mask = grpo.completion_batch(prompts, completions, 0)
+    pk = packed.Packing.of(prompts, completions)
+    n_groups = sum(1 for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1])
+    assert pk.prompt_lens.numel() == n_groups
+    assert pk.ids.numel() == sum(pk.prompt_lens.tolist()) + sum(max(len(c) - 1, 0) for c in completions)
+    want = completion_log_probs(model, ids, targets, mask)
+    got = packed.packed_log_probs(model, pk)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[mask == 0] == 0).all()
+    w = torch.randn(want.shape)  # a generic linear function of the log-probabilities
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), g_want, g_got):
+        if a is None:
+            assert b is None or not b.any(), name
+            continue
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.inference_mode():
+        ref = packed.packed_log_probs(frozen, pk)
+    assert torch.allclose(ref, reference_log_probs(frozen, ids, targets, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_packing_refuses_bad_batches_and_sparse_attention_models():
+    with pytest.raises(ValueError, match="prompts but"):
+        packed.Packing.of([[1, 2]], [])
+    with pytest.raises(ValueError, match="at least one token"):
+        packed.Packing.of([[]], [[3]])
+    # V3.2's sparse attention picks keys per query over the padded row: the padded path scores it.
+    assert not packed.supports(Transformer(preset("small-dsa", vocab_size=300, num_hidden_layers=2)))
