@@ -19,8 +19,8 @@ target in each row) and every completion input (predicting the next token).
 
 This is the same function of the weights as the padded forward: the same tokens at the same positions
 see the same keys, so log-probabilities and gradients agree to float rounding (summation order only;
-tests/test_grpo_update.py compares both). What differs is the cost: on bench_grpo_trl's rollouts it
-scores ~19% fewer rows than the padded batch (benchmarks/results/grpo_trl.json holds the measured step).
+tests/test_grpo_update.py compares both). What differs is the cost: the position-wise layers see
+each distinct token once (benchmarks/bench_grpo_trl.py measures the step, README quotes it).
 One thing is counted differently: each MoE layer's expert loads (MoE.load, read for max_vio) count a shared
 prompt token once instead of G times.
 
