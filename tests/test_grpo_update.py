@@ -20,7 +20,7 @@ from nanoseek.config import preset
 from nanoseek.data.corpus import builtin_corpus
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.model import Transformer
-from nanoseek.rl import grpo
+from nanoseek.rl import grpo, packed
 from nanoseek.rl.trainer import GRPOConfig, GRPOTrainer, Rollouts, completion_log_probs, reference_log_probs
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.step import TrainStep
@@ -82,18 +82,24 @@ def _record_grads(opt) -> list[list[torch.Tensor]]:
 
 
 def _count_forwards(model) -> list[int]:
+    """Forwards of the model, packed or padded: both run the first layer's kv_a projection once per forward."""
     calls = [0]
-    model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    model.layers[0].self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
+@pytest.mark.parametrize("path", ["packed", "buckets"])
 @pytest.mark.parametrize("mu,minibatches,aggregation,beta", [
     (1, 1, "token", 0.001),    # on-policy: no old-policy forward, rho = 1
     (1, 1, "sequence", 0.0),   # the paper's aggregation, no reference model
     (2, 2, "token", 0.05),     # off-policy minibatches (clipping acts), a second pass
     (2, 1, "sequence", 0.01),  # a second pass over the only minibatch: old = its first forward
 ])
-def test_update_matches_the_plain_update(tok, mu, minibatches, aggregation, beta):
+def test_update_matches_the_plain_update(tok, monkeypatch, mu, minibatches, aggregation, beta, path):
+    """packed: each group's prompt once, no padding (nanoseek.rl.packed); buckets: the padded fallback for
+    models packing does not cover."""
+    if path == "buckets":
+        monkeypatch.setattr(packed, "supports", lambda model: False)
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     cfg = GRPOConfig(task="arithmetic", prompts_per_step=4, G=4, mu=mu, minibatches=minibatches, beta=beta,
@@ -125,9 +131,9 @@ def test_update_matches_the_plain_update(tok, mu, minibatches, aggregation, beta
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters()))  # it did train
-    # Two length buckets per optimizer step (one when a minibatch is too small to split: under 2 x 8 rows);
-    # the old-policy forward only for the minibatches after the first.
-    buckets = 2 if len(ro.prompts) // minibatches >= 16 else 1
+    # Packed: one forward per minibatch. Buckets: two per optimizer step (one when a minibatch is too small to
+    # split: under 2 x 8 rows). The old-policy forward only for the minibatches after the first.
+    buckets = 2 if path == "buckets" and len(ro.prompts) // minibatches >= 16 else 1
     assert forwards[0] == buckets * (n_steps + (minibatches - 1))
     if minibatches > 1:
         assert rec["clip_frac"] > 0  # the comparison covers clipping
@@ -204,3 +210,55 @@ def test_trainstep_sums_shares_when_not_averaging():
     assert rec["m"] == 6.0
     ref = torch.autograd.grad(lin(x).sum() / 6, lin.weight)[0]
     assert torch.allclose(grads[0][0], ref, atol=1e-6)
+
+
+def test_packed_log_probs_match_the_padded_forward_and_its_gradients():
+    """Groups of equal consecutive prompts of different lengths, completions of 0, 1, 2 and more tokens, a
+    prompt that comes back later (its own group): values and every weight's gradient agree with
+    completion_log_probs on the right-padded batch, in training mode and for a frozen model under inference
+    mode; the packing computes each group's prompt once and no padding."""
+    torch.manual_seed(4)
+    model = Transformer(preset("tiny", vocab_size=300)).train()
+    assert packed.supports(model)
+    rng = random.Random(4)
+    prompts, completions = [], []
+    shared = [rng.randrange(8, 300) for _ in range(5)]
+    for p in ([rng.randrange(8, 300) for _ in range(n)] for n in (3, 8)):
+        for _ in range(4):
+            prompts.append(p)
+            completions.append([rng.randrange(8, 300) for _ in range(rng.choice([0, 1, 2, 5, 11]))])
+    for c in ([7, 9, 11], [12]):  # a prompt seen before, not adjacent to its earlier rows
+        prompts += [shared, prompts[0]]
+        completions += [c, list(c) + [13]]
+    ids, targets, mask = grpo.completion_batch(prompts, completions, 0)
+    pk = packed.Packing.of(prompts, completions)
+    n_groups = sum(1 for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1])
+    assert pk.prompt_lens.numel() == n_groups
+    assert pk.ids.numel() == sum(pk.prompt_lens.tolist()) + sum(max(len(c) - 1, 0) for c in completions)
+    want = completion_log_probs(model, ids, targets, mask)
+    got = packed.packed_log_probs(model, pk)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[mask == 0] == 0).all()
+    w = torch.randn(want.shape)  # a generic linear function of the log-probabilities
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_want = torch.autograd.grad((want * w).sum(), params, allow_unused=True)
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), g_want, g_got):
+        if a is None:
+            assert b is None or not b.any(), name
+            continue
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.inference_mode():
+        ref = packed.packed_log_probs(frozen, pk)
+    assert torch.allclose(ref, reference_log_probs(frozen, ids, targets, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_packing_refuses_bad_batches_and_sparse_attention_models():
+    with pytest.raises(ValueError, match="prompts but"):
+        packed.Packing.of([[1, 2]], [])
+    with pytest.raises(ValueError, match="at least one token"):
+        packed.Packing.of([[]], [[3]])
+    # V3.2's sparse attention picks keys per query over the padded row: the padded path scores it.
+    assert not packed.supports(Transformer(preset("small-dsa", vocab_size=300, num_hidden_layers=2)))

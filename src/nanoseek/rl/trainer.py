@@ -46,7 +46,7 @@ import torch
 from nanoseek.data.chat import render_prompt
 from nanoseek.data.tasks import Task, get_task
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.rl import grpo
+from nanoseek.rl import grpo, packed
 from nanoseek.rl.rewards import accuracy_reward, combined_reward, format_reward
 from nanoseek.train.head import head_log_probs
 
@@ -124,7 +124,7 @@ class GRPOTrainer:
     def __init__(self, model: torch.nn.Module, tok: Tokenizer, cfg: GRPOConfig, out_dir: str | Path | None = None,
                  tokenizer_dir: str | Path | None = None, progress: bool = True,
                  on_log: Callable[[dict], None] | None = None, task: Task | None = None):
-        from nanoseek.infer import Engine
+        from nanoseek.infer import Engine, fast
         from nanoseek.train.optim import OptimConfig
         from nanoseek.train.step import TrainStep
 
@@ -136,7 +136,9 @@ class GRPOTrainer:
         self.progress, self.on_log = progress, on_log
         self.reference = None
         if cfg.beta > 0:
-            self.reference = copy.deepcopy(model).eval()
+            # The pure modules (a model that has been through an Engine carries its decode paths, which are
+            # slower than the training paths at a whole rollout batch; see reference_log_probs).
+            self.reference = fast.restore(copy.deepcopy(model)).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         # The MTP head is not part of the RL objective: keep it out of the optimizer.
@@ -196,9 +198,10 @@ class GRPOTrainer:
         Work the objective does not need is skipped, each skip computing the same loss and gradient
         (tests/test_grpo_update.py): the old-policy log-probabilities of a minibatch that no optimizer step
         has touched yet are its own first forward's (detached; so with mu * minibatches = 1 there is no
-        old-policy forward at all, and otherwise only for minibatches 2..k); each optimizer step's rows run
-        in length buckets padded to their own longest row (grpo.length_buckets); the head scores only
-        completion positions (completion_log_probs).
+        old-policy forward at all, and otherwise only for minibatches 2..k); each minibatch runs packed
+        (nanoseek.rl.packed: each group's prompt once, no padding), or, for a model that packing does not
+        cover, in length buckets padded to their own longest row (grpo.length_buckets); the head scores
+        only completion positions; the frozen reference runs under inference mode.
         """
         cfg = self.cfg
         dev = next(self.model.parameters()).device  # rollouts are host lists; the model may live on a GPU
@@ -207,32 +210,46 @@ class GRPOTrainer:
         B = ids.shape[0]
         mb = B // cfg.minibatches
         lengths = [len(p) + len(c) - 1 for p, c in zip(ro.prompts, ro.completions)]
-        # Per minibatch: its micro-batches (row indices, trimmed length) and the counts its loss averages over.
+        use_packed = packed.supports(self.model) and (self.reference is None or packed.supports(self.reference))
+        # Per minibatch: its micro-batches (row indices, trimmed length, the Packing or None) and the counts its
+        # loss averages over.
         parts = []
         for k in range(cfg.minibatches):
             rows = range(k * mb, (k + 1) * mb)
+            if use_packed:
+                pk = packed.Packing.of([ro.prompts[i] for i in rows], [ro.completions[i] for i in rows], dev)
+                parts.append([(torch.arange(k * mb, (k + 1) * mb, device=dev), pk.shape[1], pk)])
+                continue
             buckets = grpo.length_buckets([lengths[i] for i in rows])
-            parts.append([(torch.tensor([k * mb + i for i in b], device=dev), max(lengths[k * mb + i] for i in b))
+            parts.append([(torch.tensor([k * mb + i for i in b], device=dev), max(lengths[k * mb + i] for i in b), None)
                           for b in buckets])
         wholes = [grpo.Whole.of(mask[k * mb: (k + 1) * mb]) for k in range(cfg.minibatches)]
 
-        def batch(idx: torch.Tensor, T: int):
-            return ids[idx, :T], targets[idx, :T], mask[idx, :T]
+        def log_probs(model, part) -> torch.Tensor:
+            idx, T, pk = part
+            if pk is not None:
+                return packed.packed_log_probs(model, pk)
+            return completion_log_probs(model, ids[idx, :T], targets[idx, :T], mask[idx, :T])
 
         t_ref = time.perf_counter()
         ref = None
         if self.reference is not None:
             ref = torch.zeros(ids.shape, device=dev)
-            for idx, T in (p for ps in parts for p in ps):
-                ref[idx, :T] = reference_log_probs(self.reference, *batch(idx, T))
+            for idx, T, pk in (p for ps in parts for p in ps):
+                if pk is None:
+                    ref[idx, :T] = reference_log_probs(self.reference, ids[idx, :T], targets[idx, :T], mask[idx, :T])
+                    continue
+                with torch.inference_mode():  # a frozen copy: no autograd bookkeeping at all
+                    lp = packed.packed_log_probs(self.reference, pk)
+                ref[idx, :T] = lp
         t_ref = time.perf_counter() - t_ref
         old = torch.zeros(ids.shape, device=dev)
         fresh = [True] * cfg.minibatches  # minibatch k not yet seen by its first forward
         if cfg.minibatches > 1:  # later minibatches come after an optimizer step: their old log-probs now
             self.model.eval()
             with torch.no_grad():
-                for idx, T in (p for ps in parts[1:] for p in ps):
-                    old[idx, :T] = completion_log_probs(self.model, *batch(idx, T))
+                for part in (p for ps in parts[1:] for p in ps):
+                    old[part[0], :part[1]] = log_probs(self.model, part)
             fresh[1:] = [False] * (cfg.minibatches - 1)
         self.model.train()
 
@@ -240,10 +257,10 @@ class GRPOTrainer:
             whole, first = wholes[k], fresh[k]
             fresh[k] = False
 
-            def loss_fn(part: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, dict]:
-                idx, T = part
-                i, tg, m = batch(idx, T)
-                logp = completion_log_probs(self.model, i, tg, m)
+            def loss_fn(part) -> tuple[torch.Tensor, dict]:
+                idx, T, _ = part
+                m = mask[idx, :T]
+                logp = log_probs(self.model, part)
                 if first:  # the policy has not moved since the rollout: pi_old is this very forward
                     old[idx, :T] = logp.detach()
                 loss, d = grpo.grpo_loss_tensors(logp, old[idx, :T], adv[idx], m,
@@ -377,19 +394,18 @@ def completion_log_probs(model: torch.nn.Module, ids: torch.Tensor, targets: tor
 
 def reference_log_probs(reference: torch.nn.Module, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
                         ) -> torch.Tensor:
-    """completion_log_probs of the frozen reference, as constants.
+    """completion_log_probs of the frozen reference, as constants (computed under inference mode).
 
-    Grad mode stays ON: the reference has no parameter that requires a gradient, so autograd records
-    nothing, but the model keeps the code paths it takes in training (one grouped GEMM over the experts,
-    torch's GEMMs for the linears), which at a whole rollout batch are faster than its inference paths
-    (padded expert batches and the few-row decode layouts; benchmarks/bench_grpo_trl.py measures the
-    step). The values are the same to float rounding.
+    The trainer keeps its reference as the pure modules (fast.restore): under inference mode those take the
+    same code paths as in training (one grouped GEMM over the experts, torch's GEMMs for the linears), which
+    at a whole rollout batch are faster than the decode paths an Engine swaps in (padded expert batches,
+    few-row layouts). The values are the same to float rounding.
     """
     if any(p.requires_grad for p in reference.parameters()):
         raise ValueError("the reference model must be frozen (no parameter requiring a gradient)")
-    with torch.enable_grad():
+    with torch.inference_mode():
         out = completion_log_probs(reference, ids, targets, mask)
-    return out.detach()
+    return out.clone()  # a normal tensor again (an inference tensor cannot be saved for a backward)
 
 
 def plot_grpo(history: list[dict], out_png: str | Path) -> Path | None:
