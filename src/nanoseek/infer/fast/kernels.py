@@ -2,7 +2,7 @@
 
 The kernels (csrc/, built once per machine and instruction set by nanoseek.infer.fast.build) compute what
 the torch paths compute, for CPU tensors at inference: few-row matmuls that stream each weight once on
-all threads (fp32 weights, or bf16 / int8 weights widened in registers), the routed experts of a few
+all threads (fp32 weights, or bf16 / int8 / int4 weights widened in registers), the routed experts of a few
 tokens read once per chosen expert, RMSNorm in one loop, and a whole decoder block of a decode step.
 benchmarks/bench_kernels.py measures each against the torch path it replaces (results in
 benchmarks/results/kernels.json).
@@ -22,10 +22,11 @@ import torch
 
 from .build import load, status
 
-__all__ = ["load", "status", "usable", "disabled", "rows_matmul", "experts_rows", "rms_norm", "block_decode",
+__all__ = ["load", "status", "usable", "disabled", "op_by_op", "rows_matmul", "experts_rows", "rms_norm", "block_decode",
            "block_config", "block_weights", "cache_index", "isa", "faster_path", "row_bucket", "PATHS"]
 
 _disabled = 0  # > 0 inside `disabled()`
+_op_by_op = 0  # > 0 inside `op_by_op()`
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -47,6 +48,23 @@ def disabled():
         yield
     finally:
         _disabled -= 1
+
+
+@contextlib.contextmanager
+def op_by_op():
+    """Run decode steps block by block from Python, one module at a time (each still takes its kernels),
+    instead of one block_decode call per block: what tests and benchmarks compare the C++ block against."""
+    global _op_by_op
+    _op_by_op += 1
+    try:
+        yield
+    finally:
+        _op_by_op -= 1
+
+
+def whole_blocks() -> bool:
+    """Whether a decode step may run each block as one block_decode call (not inside `op_by_op()`)."""
+    return not _op_by_op
 
 
 def _built():
