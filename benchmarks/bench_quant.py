@@ -8,6 +8,9 @@ bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and 
     (4 prompts x 32 new tokens);
   * greedy decode tokens/s at batch 1 and batch 8 (nanoseek.generate, the kernels on), the formats run
     alternately, and the speed-up over fp32 and over int8 per group of 128;
+  * the same decode with each block's step run module by module from Python (kernels.op_by_op) instead of
+    one C++ block_decode call per block, in the same rounds: `batch_<b>_whole_block_vs_op_by_op` is what
+    the whole-block step gains in each format;
   * the bytes of weight each format holds.
 The CPU (`lscpu` model and SIMD flags) is printed and saved. Held-out task accuracy of the trained
 speedrun model is not measured here (it needs a trained checkpoint; see `--model`).
@@ -19,6 +22,7 @@ Results: benchmarks/results/quant.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -72,10 +76,11 @@ def build(args, fmt):
     return model
 
 
-def decode_tps(model, prompts, new_tokens: int) -> float:
-    t = time.perf_counter()
-    out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
-    return sum(map(len, out)) / (time.perf_counter() - t)
+def decode_tps(model, prompts, new_tokens: int, op_by_op: bool = False) -> float:
+    with kernels.op_by_op() if op_by_op else contextlib.nullcontext():
+        t = time.perf_counter()
+        out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
+        return sum(map(len, out)) / (time.perf_counter() - t)
 
 
 def main(argv=None) -> dict:
@@ -108,14 +113,19 @@ def main(argv=None) -> dict:
     speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
     for batch in (1, 8):
         batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
-        runs: dict[str, list[float]] = {fmt: [] for fmt in FORMATS}
+        # (format, op by op): the whole-block C++ step and the module-by-module one, alternately
+        runs: dict[tuple[str, bool], list[float]] = {(fmt, o): [] for fmt in FORMATS for o in (False, True)}
         for fmt, m in models.items():  # warm-up: kernel builds, path calibration, allocator
             decode_tps(m, batch_prompts, 4)
+            decode_tps(m, batch_prompts, 4, op_by_op=True)
         for r in range(args.rounds):
-            for fmt in (list(FORMATS) if r % 2 == 0 else list(FORMATS)[::-1]):
-                runs[fmt].append(decode_tps(models[fmt], batch_prompts, args.new_tokens))
+            for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                runs[key].append(decode_tps(models[key[0]], batch_prompts, args.new_tokens, op_by_op=key[1]))
         for fmt in FORMATS:
-            speed[fmt][f"batch_{batch}_tokens_per_s"] = round(max(runs[fmt]), 2)
+            best, ops = max(runs[fmt, False]), max(runs[fmt, True])
+            speed[fmt][f"batch_{batch}_tokens_per_s"] = round(best, 2)
+            speed[fmt][f"batch_{batch}_op_by_op_tokens_per_s"] = round(ops, 2)
+            speed[fmt][f"batch_{batch}_whole_block_vs_op_by_op"] = round(best / ops, 2)
         for fmt in FORMATS:
             for base in ("fp32", "int8_g128"):
                 speed[fmt][f"batch_{batch}_vs_{base}"] = round(speed[fmt][f"batch_{batch}_tokens_per_s"]
@@ -126,7 +136,8 @@ def main(argv=None) -> dict:
               "formats": {fmt: {**quality[fmt], **speed[fmt]} for fmt in FORMATS}}
     for fmt, r in result["formats"].items():
         speeds = ", ".join(f"batch {b} {r[f'batch_{b}_tokens_per_s']} tok/s ({r[f'batch_{b}_vs_fp32']}x fp32, "
-                           f"{r[f'batch_{b}_vs_int8_g128']}x int8)" for b in (1, 8))
+                           f"{r[f'batch_{b}_vs_int8_g128']}x int8, {r[f'batch_{b}_whole_block_vs_op_by_op']}x "
+                           "op by op)" for b in (1, 8))
         print(f"{fmt:>10}: {r['weight_gb']} GB, weight error {r['weight_error_rel']:.2e}, logit error "
               f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}, {speeds}")
     print(f"wrote {write_result('quant', result)}")
