@@ -32,8 +32,9 @@ FORMATS = ["bf16", "int8", "int8-row", "int4", "mixed"]
 
 
 def quantized(fmt: str, **overrides) -> Transformer:
-    """The accelerated tiny model in `fmt` ("fp32": not quantized); "mixed": layer 0 stays fp32, then int8 attention, int4 routed
-    experts, bf16 shared experts / dense MLP in layer 1, and int4 attention with int8 experts in layer 2."""
+    """The accelerated tiny model in `fmt` ("fp32": not quantized); "mixed": layer 0 stays fp32, then int8
+    attention, int4 routed experts, bf16 shared experts / dense MLP in layer 1, and int4 attention with int8
+    (per-row) experts in layer 2."""
     torch.manual_seed(0)
     cfg = preset("tiny", initializer_range=0.1, hidden_size=128, moe_intermediate_size=64, **overrides)
     model = Transformer(cfg).eval()
@@ -172,14 +173,16 @@ def test_malformed_quantized_block_weights_give_one_line_errors(built):  # noqa:
     o, o_s = tensors["o_proj"], tensors["o_proj_scale"]
     ex_s = tensors["experts_gate_up_proj_scale"]
     cases = [
-        (dict(o_proj_scale=o_s[:-1].contiguous()), r"BlockWeights.o_proj's scale must have shape \[128, 2\], got \[127, 2\]"),
+        (dict(o_proj_scale=o_s[:-1].contiguous()),
+         r"BlockWeights.o_proj's scale must have shape \[128, 2\], got \[127, 2\]"),
         (dict(o_proj_scale=o_s.t()), "BlockWeights.o_proj's scale must be contiguous"),
         (dict(o_proj_scale=torch.ones(o.shape[0], 3)), "o_proj: 3 scale groups do not divide 64 inputs"),
         (dict(o_proj_scale=None), "BlockWeights.o_proj: int8 weights need their scales"),
         (dict(o_proj=o.float(), o_proj_scale=o_s), "BlockWeights.o_proj: only int8 and int4 weights take scales"),
         (dict(o_proj=o.half(), o_proj_scale=None), r"o_proj must be float32, bfloat16, int8 or uint8 \(packed int4\)"),
         (dict(o_proj=q4[:, :-1].contiguous(), o_proj_scale=s4), "o_proj rows hold 31 bytes"),
-        (dict(o_proj=o[:-1].contiguous(), o_proj_scale=o_s[:-1].contiguous()), r"BlockWeights.o_proj must have shape \[128, 64\]"),
+        (dict(o_proj=o[:-1].contiguous(), o_proj_scale=o_s[:-1].contiguous()),
+         r"BlockWeights.o_proj must have shape \[128, 64\]"),
         (dict(experts_gate_up_proj_scale=ex_s[:-1].contiguous()), "experts_gate_up_proj's scale must have shape"),
         (dict(experts_down_proj_scale=None), "experts_down_proj: int8 weights need their scales"),
         (dict(kv_b_proj=quant.quantize(tensors["kv_b_proj"], "int8")[0]), "kv_b_proj must be an fp32 CPU tensor"),
@@ -189,5 +192,5 @@ def test_malformed_quantized_block_weights_give_one_line_errors(built):  # noqa:
             call(**change)
         assert "\n" not in str(e.value).strip(), str(e.value)
     # the packed int4 weight of the right shape is taken (with its scale)
-    torch.testing.assert_close(call(o_proj=q4, o_proj_scale=s4), call(o_proj=quant.dequantize(q4, s4), o_proj_scale=None),
-                               rtol=1e-4, atol=1e-5)
+    dense = call(o_proj=quant.dequantize(q4, s4), o_proj_scale=None)
+    torch.testing.assert_close(call(o_proj=q4, o_proj_scale=s4), dense, rtol=1e-4, atol=1e-5)

@@ -22,8 +22,9 @@ import torch
 
 from .build import load, status
 
-__all__ = ["load", "status", "usable", "disabled", "op_by_op", "rows_matmul", "experts_rows", "rms_norm", "block_decode",
-           "block_config", "block_weights", "cache_index", "isa", "faster_path", "row_bucket", "PATHS"]
+__all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "rows_matmul", "experts_rows",
+           "rms_norm", "block_decode", "block_config", "block_weights", "cache_index", "isa", "faster_path",
+           "row_bucket", "PATHS"]
 
 _disabled = 0  # > 0 inside `disabled()`
 _op_by_op = 0  # > 0 inside `op_by_op()`
@@ -76,8 +77,8 @@ def _built():
 
 
 def rows_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x2d [M, K] fp32 @ weight[N, K]^T for a few rows (M >= 1); weight fp32, bf16, or int8 with its
-    scale [N, K / group] fp32 (each row's groups of inputs share one scale)."""
+    """x2d [M, K] fp32 @ weight[N, K]^T for a few rows (M >= 1); weight fp32, bf16, or int8 / packed int4
+    (uint8 [N, K / 2]) with its scale [N, K / group] fp32 (each row's groups of inputs share one scale)."""
     return _built().rows_matmul(x2d.contiguous(), weight.contiguous(), scale)
 
 
@@ -163,7 +164,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def block_decode(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, index,
                  weights, config) -> torch.Tensor:
     """One decoder block of a decode step: x [B, T, D] and its rope angles, this layer's cache rows, a
-    CacheIndex (cache_index), the block's BlockWeights and BlockConfig (block_weights, block_config)."""
+    CacheIndex (cache_index), the block's BlockWeights and BlockConfig (block_weights, block_config).
+    The projections and experts may be fp32, bf16, or int8 / packed int4 with their `<name>_scale`."""
     return _built().block_decode(x, cos, sin, kv_layer, index, weights, config)
 
 
@@ -177,7 +179,8 @@ def block_config(**fields):
 
 
 def block_weights(**tensors: torch.Tensor):
-    """A BlockWeights holding the given tensors under their module names."""
+    """A BlockWeights holding the given tensors under their module names (an int8 / int4 weight's scales
+    under `<name>_scale`)."""
     w = _built().BlockWeights()
     for name, t in tensors.items():
         setattr(w, name, t)

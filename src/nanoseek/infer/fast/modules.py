@@ -180,7 +180,8 @@ class _KernelPlan:
         for field, (parent, child, tensor) in fields.items():
             m = parent._modules[child]
             quantized = isinstance(m, (QuantLinear, QuantExperts)) and field != "kv_b_proj"
-            for name, t, dtypes in [(field, tensor, NARROW if quantized else FP32), (field + "_scale", tensor + "_scale", FP32)]:
+            own = [(field, tensor, NARROW if quantized else FP32), (field + "_scale", tensor + "_scale", FP32)]
+            for name, t, dtypes in own:
                 if t in m._parameters or t in m._buffers:  # a scale only where the format has one
                     self.names.append(name)
                     self.sources.append((m._parameters if t in m._parameters else m._buffers, t))
