@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
                 speed[fmt][f"batch_{batch}_vs_{base}"] = round(speed[fmt][f"batch_{batch}_tokens_per_s"]
                                                                / speed[base][f"batch_{batch}_tokens_per_s"], 2)
     profile = {fmt: {**step_profile(m), "stream_gbs": round(stream_gbs(fmt), 2)} for fmt, m in models.items()}
-    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "copy_gbs": round(bandwidth_gbs(), 2), "step_profile": profile, "config": "checkpoint " + args.model if args.model else args.preset,
+    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "copy_gbs": round(bandwidth_gbs(), 2), "step_profile": profile,
+              "config": "checkpoint " + args.model if args.model else args.preset,
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
               "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
               "formats": {fmt: {**quality[fmt], **speed[fmt]} for fmt in FORMATS}}
