@@ -8,7 +8,14 @@ bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and 
     (4 prompts x 32 new tokens);
   * greedy decode tokens/s at batch 1 and batch 8 (nanoseek.generate, the kernels on), the formats run
     alternately, and the speed-up over fp32 and over int8 per group of 128;
-  * the bytes of weight each format holds.
+  * the same decode with each block's step run module by module from Python (kernels.op_by_op) instead of
+    one C++ block_decode call per block, in the same rounds: `batch_<b>_whole_block_vs_op_by_op` is what
+    the whole-block step gains in each format;
+  * the bytes of weight each format holds;
+  * where a batch-1 decode step's time goes in each format (`step_profile`: PROFILE_STEPS steps, each split
+    into the C++ block calls, the head and the rest, with the weight GB/s of each and of the step), beside
+    the rate at which the few-row kernel streams large weights of that format from memory (`stream_gbs`:
+    4096 x 1536 weights, 256 MB of them, one row) and a large copy's bandwidth (`copy_gbs`).
 The CPU (`lscpu` model and SIMD flags) is printed and saved. With `--model DIR --task NAME` (a trained
 checkpoint, e.g. `make run`'s runs/speedrun/model and countdown) each format's held-out accuracy too:
 pass@1 and cons@k of `nanoseek eval` (the same problems, samples and seeds for every format).
@@ -20,15 +27,17 @@ Results: benchmarks/results/quant.json (quant_checkpoint.json with --model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
 import torch
 
 import nanoseek
-from benchmarks.common import cpu_info, write_result
+from benchmarks.common import bandwidth_gbs, cpu_info, step_bytes, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast, quant
+from nanoseek.infer.cache import PagedCache
 from nanoseek.infer.fast import kernels
 
 DECODE_SIZED = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, moe_intermediate_size=1024,
@@ -84,10 +93,76 @@ def heldout(model, args) -> dict:
             f"heldout_cons_at_{r.k}": round(r.cons_at_k, 4), "heldout_format_rate": round(r.format_rate, 4)}
 
 
-def decode_tps(model, prompts, new_tokens: int) -> float:
-    t = time.perf_counter()
-    out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
-    return sum(map(len, out)) / (time.perf_counter() - t)
+def decode_tps(model, prompts, new_tokens: int, op_by_op: bool = False) -> float:
+    with kernels.op_by_op() if op_by_op else contextlib.nullcontext():
+        t = time.perf_counter()
+        out = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
+        return sum(map(len, out)) / (time.perf_counter() - t)
+
+
+PROFILE_STEPS = 48
+
+
+def stream_gbs(fmt: str, total_bytes: float = 256e6) -> float:
+    """GB/s of weight bytes kernels.rows_matmul reaches on one row over many 4096 x 1536 weights of `fmt`
+    (more bytes than any cache: each is read from memory), best of 3 passes."""
+    spec = FORMATS[fmt]
+    weights, size = [], 0
+    while size < total_bytes:
+        w = torch.randn(4096, 1536) * 0.05
+        w, s = quant.narrow(w, *spec) if spec else (w, None)
+        weights.append((w, s))
+        size += w.numel() * w.element_size() + (0 if s is None else s.numel() * 4)
+    x = torch.randn(1, 1536)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for w, s in weights:
+            kernels.rows_matmul(x, w, s)
+        best = min(best, time.perf_counter() - t)
+    return size / best / 1e9
+
+
+def step_profile(model, steps: int = PROFILE_STEPS) -> dict:
+    """One row's decode steps after a 32-token prefill, each timed whole and split into its C++ block calls
+    (kernels.block_decode), the head and the rest (embedding, final norm, Python); the median half of the
+    steps by total time, averaged, in ms, with the weight GB/s of the blocks, the head and the step."""
+    split = {"blocks": 0.0, "head": 0.0}
+    block_decode, head = kernels.block_decode, model.lm_head
+
+    def timed(part, fn):
+        def run(*args):
+            t = time.perf_counter()
+            out = fn(*args)
+            split[part] += time.perf_counter() - t
+            return out
+        return run
+
+    cache = PagedCache.for_model(model, -(-(32 + steps) // 16), 16, torch.float32, "cpu")
+    table = [list(range(cache.num_blocks))]
+    ids = torch.randint(3, model.config.vocab_size, (1, 32 + steps), generator=torch.Generator().manual_seed(2))
+    rows = []
+    kernels.block_decode, head.forward = timed("blocks", block_decode), timed("head", head.forward)
+    try:
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :32], cache.view(table, torch.zeros(1, dtype=torch.long), 32))
+            for pos in range(32, 32 + steps):
+                split["blocks"] = split["head"] = 0.0
+                t = time.perf_counter()
+                model.forward_cached(ids[:, pos:pos + 1], cache.view(table, torch.tensor([pos]), 1))
+                rows.append((time.perf_counter() - t, split["blocks"], split["head"]))
+    finally:
+        kernels.block_decode = block_decode
+        del head.forward  # back to the class's forward
+    rows.sort()
+    mid = rows[len(rows) // 4: 3 * len(rows) // 4]
+    step, blocks, head_s = (sum(r[i] for r in mid) / len(mid) for i in range(3))
+    head_bytes = sum(t.numel() * t.element_size() for t in model.lm_head.parameters())
+    total = step_bytes(model, 1)
+    return {"step_ms": round(step * 1e3, 2), "blocks_ms": round(blocks * 1e3, 2), "head_ms": round(head_s * 1e3, 2),
+            "rest_ms": round((step - blocks - head_s) * 1e3, 2), "step_gb": round(total / 1e9, 4),
+            "step_gbs": round(total / step / 1e9, 2), "blocks_gbs": round((total - head_bytes) / blocks / 1e9, 2),
+            "head_gbs": round(head_bytes / head_s / 1e9, 2)}
 
 
 def main(argv=None) -> dict:
@@ -99,6 +174,7 @@ def main(argv=None) -> dict:
     p.add_argument("--task", default=None, help="with --model: each format's held-out pass@1 / cons@k on this task")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for --task")
     p.add_argument("--eval-k", type=int, default=4, help="samples per problem for --task")
+    p.add_argument("--no-profile", action="store_true", help="skip the step profile and the streaming rates")
     args = p.parse_args(argv)
     if args.task and not args.model:
         p.error("--task needs --model (a trained checkpoint: random weights solve nothing)")
@@ -127,29 +203,45 @@ def main(argv=None) -> dict:
     speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
     for batch in (1, 8):
         batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
-        runs: dict[str, list[float]] = {fmt: [] for fmt in FORMATS}
+        # (format, op by op): the whole-block C++ step and the module-by-module one, alternately
+        runs: dict[tuple[str, bool], list[float]] = {(fmt, o): [] for fmt in FORMATS for o in (False, True)}
         for fmt, m in models.items():  # warm-up: kernel builds, path calibration, allocator
             decode_tps(m, batch_prompts, 4)
+            decode_tps(m, batch_prompts, 4, op_by_op=True)
         for r in range(args.rounds):
-            for fmt in (list(FORMATS) if r % 2 == 0 else list(FORMATS)[::-1]):
-                runs[fmt].append(decode_tps(models[fmt], batch_prompts, args.new_tokens))
+            for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                runs[key].append(decode_tps(models[key[0]], batch_prompts, args.new_tokens, op_by_op=key[1]))
         for fmt in FORMATS:
-            speed[fmt][f"batch_{batch}_tokens_per_s"] = round(max(runs[fmt]), 2)
+            best, ops = max(runs[fmt, False]), max(runs[fmt, True])
+            speed[fmt][f"batch_{batch}_tokens_per_s"] = round(best, 2)
+            speed[fmt][f"batch_{batch}_op_by_op_tokens_per_s"] = round(ops, 2)
+            speed[fmt][f"batch_{batch}_whole_block_vs_op_by_op"] = round(best / ops, 2)
         for fmt in FORMATS:
             for base in ("fp32", "int8_g128"):
                 speed[fmt][f"batch_{batch}_vs_{base}"] = round(speed[fmt][f"batch_{batch}_tokens_per_s"]
                                                                / speed[base][f"batch_{batch}_tokens_per_s"], 2)
-    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "config": "checkpoint " + args.model if args.model else args.preset,
+    profile = {} if args.no_profile else \
+        {fmt: {**step_profile(m), "stream_gbs": round(stream_gbs(fmt), 2)} for fmt, m in models.items()}
+    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "step_profile": profile,
+              **({} if args.no_profile else {"copy_gbs": round(bandwidth_gbs(), 2)}),
+              "config": "checkpoint " + args.model if args.model else args.preset,
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
               "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
               "formats": {fmt: {**quality[fmt], **speed[fmt]} for fmt in FORMATS}}
     for fmt, r in result["formats"].items():
         speeds = ", ".join(f"batch {b} {r[f'batch_{b}_tokens_per_s']} tok/s ({r[f'batch_{b}_vs_fp32']}x fp32, "
-                           f"{r[f'batch_{b}_vs_int8_g128']}x int8)" for b in (1, 8))
+                           f"{r[f'batch_{b}_vs_int8_g128']}x int8, {r[f'batch_{b}_whole_block_vs_op_by_op']}x "
+                           "op by op)" for b in (1, 8))
         acc = (f", held-out {r['heldout_task']} pass@1 {r['heldout_pass_at_1']:.1%} "
                f"({r['heldout_n']} x {r['heldout_k']})" if "heldout_pass_at_1" in r else "")
         print(f"{fmt:>10}: {r['weight_gb']} GB, weight error {r['weight_error_rel']:.2e}, logit error "
               f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}{acc}, {speeds}")
+    if profile:
+        print(f"copy bandwidth {result['copy_gbs']} GB/s; a batch-1 step (ms, and GB/s of weights):")
+    for fmt, r in profile.items():
+        print(f"{fmt:>10}: {r['step_ms']} = blocks {r['blocks_ms']} ({r['blocks_gbs']} GB/s) + head {r['head_ms']} "
+              f"({r['head_gbs']} GB/s) + rest {r['rest_ms']}; step {r['step_gbs']} GB/s; the kernel streams "
+              f"{r['stream_gbs']} GB/s")
     # a checkpoint's run beside the random model's, not over it
     print(f"wrote {write_result('quant_checkpoint' if args.model else 'quant', result)}")
     return result

@@ -314,7 +314,7 @@ def test_bench_quant_reports_each_formats_heldout_accuracy(speedrun_quick, tmp_p
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     model_dir = speedrun_quick / "model"
     result = bench_quant.main(["--model", str(model_dir), "--task", "countdown", "--eval-n", "3", "--eval-k", "2",
-                               "--rounds", "1", "--new-tokens", "2"])
+                               "--rounds", "1", "--new-tokens", "2", "--no-profile"])
     assert json.loads((tmp_path / "quant_checkpoint.json").read_text())["formats"].keys() == bench_quant.FORMATS.keys()
     for fmt, r in result["formats"].items():
         assert r["heldout_task"] == "countdown" and r["heldout_n"] == 3 and r["heldout_k"] == 2, fmt

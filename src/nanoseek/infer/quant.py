@@ -18,6 +18,8 @@ number of inputs per row and per group.
 every nn.Linear becomes a QuantLinear and every GroupedExperts a QuantExperts, except kv_b_proj (the
 absorbed attention reads it as a matrix) and a head tied to the embedding. The model/ code is untouched;
 nanoseek.load applies the transform before filling a quantized checkpoint (nanoseek.infer.quant_io).
+A decode step of an accelerated quantized model runs each block as one C++ call (kernels.block_decode,
+reading these modules' tensors as stored; nanoseek.infer.fast.modules._KernelPlan), as for fp32.
 """
 
 from __future__ import annotations

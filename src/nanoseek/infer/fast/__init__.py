@@ -5,7 +5,8 @@ What it swaps (nanoseek.infer.fast.modules): nn.Linear -> FastLinear (few-row la
 few-row matmul), RMSNorm -> FastRMSNorm (one C++ loop), GroupedExperts -> FastExperts (the padded GEMM
 for mid-sized fp32 batches), MoE -> FastMoE (the C++ routed-expert kernel for up to a few thousand
 assignments, one GEMV pair per assignment without it), Block / MTPModule -> FastBlock / FastMTPModule
-(a whole decode step of the block in C++, fed a named BlockConfig / BlockWeights / CacheIndex).
+(a whole decode step of the block in C++, fed a named BlockConfig / BlockWeights / CacheIndex; its
+weights fp32, or as nanoseek.infer.quant stores them: bf16, int8 / int4 with scales, mixed freely).
 
 Guarantees:
   * exact: the same values as the pure model up to fp32 rounding (the kernels sum in another order), so

@@ -2,7 +2,7 @@
 
 The kernels (csrc/, built once per machine and instruction set by nanoseek.infer.fast.build) compute what
 the torch paths compute, for CPU tensors at inference: few-row matmuls that stream each weight once on
-all threads (fp32 weights, or bf16 / int8 weights widened in registers), the routed experts of a few
+all threads (fp32 weights, or bf16 / int8 / int4 weights widened in registers), the routed experts of a few
 tokens read once per chosen expert, RMSNorm in one loop, and a whole decoder block of a decode step.
 benchmarks/bench_kernels.py measures each against the torch path it replaces (results in
 benchmarks/results/kernels.json).
@@ -22,10 +22,12 @@ import torch
 
 from .build import load, status
 
-__all__ = ["load", "status", "usable", "disabled", "rows_matmul", "experts_rows", "rms_norm", "block_decode",
-           "block_config", "block_weights", "cache_index", "isa", "faster_path", "row_bucket", "PATHS"]
+__all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "rows_matmul", "experts_rows",
+           "rms_norm", "block_decode", "block_config", "block_weights", "cache_index", "isa", "faster_path",
+           "row_bucket", "PATHS"]
 
 _disabled = 0  # > 0 inside `disabled()`
+_op_by_op = 0  # > 0 inside `op_by_op()`
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -49,6 +51,23 @@ def disabled():
         _disabled -= 1
 
 
+@contextlib.contextmanager
+def op_by_op():
+    """Run decode steps block by block from Python, one module at a time (each still takes its kernels),
+    instead of one block_decode call per block: what tests and benchmarks compare the C++ block against."""
+    global _op_by_op
+    _op_by_op += 1
+    try:
+        yield
+    finally:
+        _op_by_op -= 1
+
+
+def whole_blocks() -> bool:
+    """Whether a decode step may run each block as one block_decode call (not inside `op_by_op()`)."""
+    return not _op_by_op
+
+
 def _built():
     ext = load()
     if ext is None:
@@ -58,8 +77,8 @@ def _built():
 
 
 def rows_matmul(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x2d [M, K] fp32 @ weight[N, K]^T for a few rows (M >= 1); weight fp32, bf16, or int8 with its
-    scale [N, K / group] fp32 (each row's groups of inputs share one scale)."""
+    """x2d [M, K] fp32 @ weight[N, K]^T for a few rows (M >= 1); weight fp32, bf16, or int8 / packed int4
+    (uint8 [N, K / 2]) with its scale [N, K / group] fp32 (each row's groups of inputs share one scale)."""
     return _built().rows_matmul(x2d.contiguous(), weight.contiguous(), scale)
 
 
@@ -145,7 +164,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def block_decode(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, index,
                  weights, config) -> torch.Tensor:
     """One decoder block of a decode step: x [B, T, D] and its rope angles, this layer's cache rows, a
-    CacheIndex (cache_index), the block's BlockWeights and BlockConfig (block_weights, block_config)."""
+    CacheIndex (cache_index), the block's BlockWeights and BlockConfig (block_weights, block_config).
+    The projections and experts may be fp32, bf16, or int8 / packed int4 with their `<name>_scale`."""
     return _built().block_decode(x, cos, sin, kv_layer, index, weights, config)
 
 
@@ -159,7 +179,8 @@ def block_config(**fields):
 
 
 def block_weights(**tensors: torch.Tensor):
-    """A BlockWeights holding the given tensors under their module names."""
+    """A BlockWeights holding the given tensors under their module names (an int8 / int4 weight's scales
+    under `<name>_scale`)."""
     w = _built().BlockWeights()
     for name, t in tensors.items():
         setattr(w, name, t)

@@ -132,38 +132,68 @@ class FastMoE(MoE):
         return super().routed_experts(x_ND, w_NK, idx_NK)
 
 
+FP32 = (torch.float32,)
+NARROW = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)  # what a QuantLinear / QuantExperts may hold
+
+
 class _KernelPlan:
     """What kernels.block_decode needs from one block, gathered once: its BlockConfig, and for each
-    BlockWeights field the (tensor dict, name) to read it from. The tensors are looked up at every call
-    and the BlockWeights rebuilt when one was replaced (a reload, a cast to another dtype, ...)."""
+    BlockWeights field the (tensor dict, name) to read it from and the dtypes it may have. The tensors are
+    looked up at every call and the BlockWeights rebuilt when one was replaced (a reload, a cast to another
+    dtype, ...); `current()` says whether the block still holds the modules the plan was made from (a
+    module swapped in since, e.g. by quantize_model, needs a new plan).
+
+    A projection or expert stack of nanoseek.infer.quant (QuantLinear / QuantExperts) is read as it is
+    stored: bf16, or int8 / packed int4 with its `<field>_scale`; everything else must be fp32."""
 
     def __init__(self, block: Block):
+        from nanoseek.infer.quant import QuantExperts, QuantLinear  # here: quant imports this package
+
         a, mlp, cfg = block.self_attn, block.mlp, block.self_attn.cfg
-        fields = {"input_layernorm": (block.input_layernorm, "weight"),
-                  "post_attention_layernorm": (block.post_attention_layernorm, "weight"),
-                  "kv_a_proj_with_mqa": (a.kv_a_proj_with_mqa, "weight"), "kv_a_layernorm": (a.kv_a_layernorm, "weight"),
-                  "kv_b_proj": (a.kv_b_proj, "weight"), "o_proj": (a.o_proj, "weight")}
+        # field -> (parent module, child name, tensor name); the child is the module holding the tensor
+        fields = {"input_layernorm": (block, "input_layernorm", "weight"),
+                  "post_attention_layernorm": (block, "post_attention_layernorm", "weight"),
+                  "kv_a_proj_with_mqa": (a, "kv_a_proj_with_mqa", "weight"),
+                  "kv_a_layernorm": (a, "kv_a_layernorm", "weight"),
+                  "kv_b_proj": (a, "kv_b_proj", "weight"), "o_proj": (a, "o_proj", "weight")}
         if cfg.q_lora_rank is None:
-            fields["q_proj"] = (a.q_proj, "weight")
+            fields["q_proj"] = (a, "q_proj", "weight")
         else:
-            fields.update(q_a_proj=(a.q_a_proj, "weight"), q_a_layernorm=(a.q_a_layernorm, "weight"),
-                          q_b_proj=(a.q_b_proj, "weight"))
+            fields.update(q_a_proj=(a, "q_a_proj", "weight"), q_a_layernorm=(a, "q_a_layernorm", "weight"),
+                          q_b_proj=(a, "q_b_proj", "weight"))
         moe = isinstance(mlp, MoE)
+        containers = [(block, "self_attn"), (block, "mlp")]
         if moe:
-            fields.update(router_weight=(mlp.gate, "weight"), e_score_correction_bias=(mlp.gate, "e_score_correction_bias"),
-                          experts_gate_up_proj=(mlp.experts, "gate_up_proj"), experts_down_proj=(mlp.experts, "down_proj"))
+            fields.update(router_weight=(mlp, "gate", "weight"),
+                          e_score_correction_bias=(mlp, "gate", "e_score_correction_bias"),
+                          experts_gate_up_proj=(mlp, "experts", "gate_up_proj"),
+                          experts_down_proj=(mlp, "experts", "down_proj"))
             if mlp.shared_experts is not None:
                 sh = mlp.shared_experts
-                fields.update(shared_gate_proj=(sh.gate_proj, "weight"), shared_up_proj=(sh.up_proj, "weight"),
-                              shared_down_proj=(sh.down_proj, "weight"))
+                containers.append((mlp, "shared_experts"))
+                fields.update(shared_gate_proj=(sh, "gate_proj", "weight"), shared_up_proj=(sh, "up_proj", "weight"),
+                              shared_down_proj=(sh, "down_proj", "weight"))
         else:
-            fields.update(gate_proj=(mlp.gate_proj, "weight"), up_proj=(mlp.up_proj, "weight"),
-                          down_proj=(mlp.down_proj, "weight"))
-        self.names = list(fields)
-        self.sources = [(m._parameters if n in m._parameters else m._buffers, n) for m, n in fields.values()]
-        self.linears = [m for m, _ in fields.values() if isinstance(m, nn.Linear)]
-        self.norms = [m for m, _ in fields.values() if isinstance(m, RMSNorm)]
-        self.hooked = [block, a, mlp]
+            fields.update(gate_proj=(mlp, "gate_proj", "weight"), up_proj=(mlp, "up_proj", "weight"),
+                          down_proj=(mlp, "down_proj", "weight"))
+        self.names, self.sources, self.dtypes = [], [], []
+        for field, (parent, child, tensor) in fields.items():
+            m = parent._modules[child]
+            quantized = isinstance(m, (QuantLinear, QuantExperts)) and field != "kv_b_proj"
+            own = [(field, tensor, NARROW if quantized else FP32), (field + "_scale", tensor + "_scale", FP32)]
+            for name, t, dtypes in own:
+                if t in m._parameters or t in m._buffers:  # a scale only where the format has one
+                    self.names.append(name)
+                    self.sources.append((m._parameters if t in m._parameters else m._buffers, t))
+                    self.dtypes.append(dtypes)
+        # every (parent, child name, child) link the tensors were found through, checked by current()
+        links = containers + [(p, c) for p, c, _ in fields.values()]
+        self.links = [(p._modules, c, p._modules[c]) for p, c in dict.fromkeys(links)]
+        self.modules = [block] + [m for _, _, m in self.links]
+        self.linear_types = (FastLinear, nn.Linear, QuantLinear)
+        self.experts_types = (FastExperts, GroupedExperts, QuantExperts)
+        self.linears = [m for m in self.modules if isinstance(m, (nn.Linear, QuantLinear))]
+        self.norms = [m for m in self.modules if isinstance(m, RMSNorm)]
         self.moe = mlp if moe else None
         self.config = kernels.block_config(
             hidden_size=cfg.hidden_size, num_attention_heads=a.n_heads, qk_nope_head_dim=a.nope,
@@ -180,20 +210,26 @@ class _KernelPlan:
         # A plan is a cache of C++ objects: a deep copy or a pickle of the model builds its own when it runs.
         return _no_plan, ()
 
+    def current(self) -> bool:
+        """The block still holds the modules this plan reads (none replaced since it was made)."""
+        return all(children.get(name) is child for children, name, child in self.links)
+
     def plain(self) -> bool:
-        """The block is still made of the modules accelerate put there (nothing wrapped it since)."""
+        """The block is still made of the modules accelerate (or quantize_model) put there, and nothing
+        wrapped them or hooked into them since."""
         moe = self.moe
-        if moe is not None and (type(moe) not in (FastMoE, MoE) or type(moe.experts) not in (FastExperts, GroupedExperts)):
+        if moe is not None and (type(moe) not in (FastMoE, MoE) or type(moe.experts) not in self.experts_types):
             return False
-        if any(m._forward_pre_hooks or m._forward_hooks for m in self.hooked):
+        if any(m._forward_pre_hooks or m._forward_hooks for m in self.modules):
             return False
-        return all(type(m) in (FastLinear, nn.Linear) for m in self.linears) and \
+        return all(type(m) in self.linear_types for m in self.linears) and \
             all(type(m) in (FastRMSNorm, RMSNorm) for m in self.norms)
 
     def weights(self):
-        """The BlockWeights of the current tensors, or None if one is not fp32 on the CPU."""
+        """The BlockWeights of the current tensors, or None if one is off the CPU or of a dtype the C++
+        block does not take there (fp32 everywhere; bf16 / int8 / uint8 int4 in quantized modules)."""
         tensors = [d[n] for d, n in self.sources]
-        if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
+        if not all(t is not None and t.is_cpu and t.dtype in ok for t, ok in zip(tensors, self.dtypes)):
             return None
         # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them).
         impls = [t._cdata for t in tensors]
@@ -224,10 +260,10 @@ class _DecodeInKernel:
             return None
         if type(self.self_attn) is not MLA:  # the C++ block is dense MLA (V3.2's SparseMLA runs in torch)
             return None
-        if not kernels.usable(x, cos):
+        if not kernels.whole_blocks() or not kernels.usable(x, cos):
             return None
         plan = self.__dict__.get("_kernel_plan")
-        if plan is None or plan.hooked[1] is not self.self_attn or plan.hooked[2] is not self.mlp:
+        if plan is None or not plan.current():
             plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)  # built once (again if a part was replaced)
         if not plan.plain():
             return None

@@ -1,10 +1,10 @@
-// CPU kernels for decoding: a few activation rows times large fp32 weights.
+// CPU kernels for decoding: a few activation rows times large weights (fp32, bf16, int8 or int4).
 //
 // A decode step multiplies 1-16 rows by every weight it touches, so its time is that of streaming the
 // weights from memory. torch's CPU GEMM is built for large M: with one row it runs a single-threaded GEMV,
 // with a few rows it re-packs the weight first. These kernels read each weight row once, keep the few
 // activation rows in L1, and split the output features (or the experts) over the intra-op threads.
-// Those few-row matmuls (fp32, bf16 and int8 weights) live in gemv.h / gemv.cpp; this file holds RMSNorm,
+// Those few-row matmuls (fp32, bf16, int8 and int4 weights) live in gemv.h / gemv.cpp; this file holds RMSNorm,
 // the absorbed attention and the whole-block decode step built on them.
 //
 // Every entry point checks the shapes, sizes, dtypes and layouts its loops rely on (TORCH_CHECK raises a
@@ -69,6 +69,12 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double
 // plain loops, the router as the same ATen ops (so top-k ties break the same way), the matmuls through
 // rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python costs
 // more than the arithmetic.
+//
+// The projections and experts may be stored narrow, as nanoseek.infer.quant's QuantLinear / QuantExperts
+// hold them: bf16, or int8 / packed int4 (uint8, half the last dimension) with their fp32 scales
+// [..., rows, groups] in the `<name>_scale` fields; each tensor in its own format, so a block may mix them.
+// The norms, the router, kv_b_proj (the absorbed attention reads it as a matrix) and the activations stay
+// fp32, as they do in a quantized model.
 
 // The block's hyper-parameters (ModelConfig's names), set once per block by nanoseek.infer.fast.
 struct BlockConfig {
@@ -98,6 +104,7 @@ struct BlockConfig {
 
 // The block's tensors under their module names; set the attention's q_a_proj, q_a_layernorm and q_b_proj,
 // or q_proj; the dense MLP's gate/up/down_proj, or the MoE's router tensors, experts and shared experts.
+// A projection or expert stack stored as int8 / int4 also needs its `<name>_scale`; fp32 and bf16 take none.
 struct BlockWeights {
   std::optional<at::Tensor> input_layernorm, post_attention_layernorm;
   std::optional<at::Tensor> q_proj, q_a_proj, q_a_layernorm, q_b_proj;
@@ -106,6 +113,11 @@ struct BlockWeights {
   std::optional<at::Tensor> router_weight, e_score_correction_bias;          // MoE router (fp32)
   std::optional<at::Tensor> experts_gate_up_proj, experts_down_proj;         // [E, 2F, D], [E, D, F]
   std::optional<at::Tensor> shared_gate_proj, shared_up_proj, shared_down_proj;  // absent without shared experts
+  // the scales of int8 / int4 weights: [rows, groups] ([E, rows, groups] for the experts)
+  std::optional<at::Tensor> q_proj_scale, q_a_proj_scale, q_b_proj_scale, kv_a_proj_with_mqa_scale, o_proj_scale;
+  std::optional<at::Tensor> gate_proj_scale, up_proj_scale, down_proj_scale;
+  std::optional<at::Tensor> experts_gate_up_proj_scale, experts_down_proj_scale;
+  std::optional<at::Tensor> shared_gate_proj_scale, shared_up_proj_scale, shared_down_proj_scale;
 };
 
 // Where this batch's rows live in the paged cache, the same for every layer of one forward (see
@@ -134,12 +146,40 @@ const at::Tensor& weight(const std::optional<at::Tensor>& t, const char* name, a
   return w;
 }
 
-// F.linear for [..., K] inputs, through rows_matmul when the rows are few (as nanoseek.infer.fast does).
-torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w) {
+// A projection (fp32, bf16, or int8 / int4 with its scales) of dense shape `shape` ([rows, inputs], or
+// [experts, rows, inputs]): its dtype, layout, stored shape (int4: inputs / 2 bytes) and scales.
+void proj(const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& scale, const char* name,
+          at::IntArrayRef shape) {
+  const auto& w = need(t, name);
+  const std::string what = std::string("BlockWeights.") + name;
+  weight_arg(w, scale, what.c_str(), static_cast<int64_t>(shape.size()), shape.back());
+  auto stored = shape.vec();
+  stored.back() = stored_columns(w.scalar_type(), shape.back());
+  check_shape(w, what.c_str(), stored);
+}
+
+// The inputs of a weight's rows (two per byte of packed int4).
+int64_t inputs_of(const at::Tensor& w) { return w.scalar_type() == at::kByte ? 2 * w.size(-1) : w.size(-1); }
+
+// nanoseek.infer.quant.dequantize: the fp32 weight [N, K] a bf16, int8 or packed int4 one stands for.
+torch::Tensor dequantize(const torch::Tensor& w, const std::optional<at::Tensor>& s) {
+  if (!s.has_value() || !s->defined()) return w.to(at::kFloat);
+  auto q = w;
+  if (w.scalar_type() == at::kByte)  // unpack_int4: the low nibble first, each a two's complement number
+    q = at::stack({w.bitwise_and(0xF), at::bitwise_right_shift(w, 4)}, -1).flatten(-2).to(at::kChar)
+            .bitwise_xor(8).sub(8);
+  const int64_t N = q.size(0), K = q.size(1), G = s->size(-1);
+  return (q.reshape({N, G, K / G}).to(at::kFloat) * s->unsqueeze(-1)).reshape({N, K});
+}
+
+// F.linear for [..., K] inputs, through rows_matmul when the rows are few (as nanoseek.infer.fast and
+// QuantLinear do); more rows take torch's path for the weight's format (a narrow one dequantized first).
+torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const std::optional<at::Tensor>& s = std::nullopt) {
   const int64_t K = x.size(-1), rows = x.numel() / K;
   auto out_shape = x.sizes().vec();
   out_shape.back() = w.size(0);
-  if (rows <= kKernelRows) return rows_matmul(x.reshape({rows, K}).contiguous(), w).view(out_shape);
+  if (rows <= kKernelRows) return rows_matmul(x.reshape({rows, K}).contiguous(), w, s).view(out_shape);
+  if (w.scalar_type() != at::kFloat) return at::linear(x, dequantize(w, s));
   if (rows <= 64 && w.numel() >= (int64_t(1) << 16))  // W @ x^T streams W once
     return at::mm(w, x.reshape({rows, K}).t()).t().contiguous().view(out_shape);
   return at::linear(x, w);
@@ -268,9 +308,12 @@ torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_
   return out;
 }
 
-torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate, const torch::Tensor& up,
-                     const torch::Tensor& down) {
-  return lin(at::silu(lin(x, gate)) * lin(x, up), down);
+// MLP.forward: down(silu(gate(x)) * up(x)), each projection with its scales (if any).
+torch::Tensor swiglu(const torch::Tensor& x, const std::optional<at::Tensor>& gate,
+                     const std::optional<at::Tensor>& gate_s, const std::optional<at::Tensor>& up,
+                     const std::optional<at::Tensor>& up_s, const std::optional<at::Tensor>& down,
+                     const std::optional<at::Tensor>& down_s) {
+  return lin(at::silu(lin(x, *gate, gate_s)) * lin(x, *up, up_s), *down, down_s);
 }
 
 // The checks block_decode relies on: every tensor's dtype, layout and shape against the config, and the
@@ -314,21 +357,21 @@ void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   weight(w.input_layernorm, "input_layernorm", {D});
   weight(w.post_attention_layernorm, "post_attention_layernorm", {D});
   if (Q > 0) {
-    weight(w.q_a_proj, "q_a_proj", {Q, D});
+    proj(w.q_a_proj, w.q_a_proj_scale, "q_a_proj", {Q, D});
     weight(w.q_a_layernorm, "q_a_layernorm", {Q});
-    weight(w.q_b_proj, "q_b_proj", {H * (N + R), Q});
+    proj(w.q_b_proj, w.q_b_proj_scale, "q_b_proj", {H * (N + R), Q});
   } else {
-    weight(w.q_proj, "q_proj", {H * (N + R), D});
+    proj(w.q_proj, w.q_proj_scale, "q_proj", {H * (N + R), D});
   }
-  weight(w.kv_a_proj_with_mqa, "kv_a_proj_with_mqa", {C + R, D});
+  proj(w.kv_a_proj_with_mqa, w.kv_a_proj_with_mqa_scale, "kv_a_proj_with_mqa", {C + R, D});
   weight(w.kv_a_layernorm, "kv_a_layernorm", {C});
   weight(w.kv_b_proj, "kv_b_proj", {H * (N + V), C});
-  weight(w.o_proj, "o_proj", {D, H * V});
+  proj(w.o_proj, w.o_proj_scale, "o_proj", {D, H * V});
   if (!c.moe) {
     const int64_t I = need(w.gate_proj, "gate_proj").size(0);
-    weight(w.gate_proj, "gate_proj", {I, D});
-    weight(w.up_proj, "up_proj", {I, D});
-    weight(w.down_proj, "down_proj", {D, I});
+    proj(w.gate_proj, w.gate_proj_scale, "gate_proj", {I, D});
+    proj(w.up_proj, w.up_proj_scale, "up_proj", {I, D});
+    proj(w.down_proj, w.down_proj_scale, "down_proj", {D, I});
     return;
   }
   const int64_t E = need(w.router_weight, "router_weight").size(0);
@@ -336,14 +379,14 @@ void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   weight(w.e_score_correction_bias, "e_score_correction_bias", {E});
   TORCH_CHECK(E % c.n_group == 0, "block_decode: ", E, " experts do not split into ", c.n_group, " groups");
   TORCH_CHECK(c.num_experts_per_tok <= E, "block_decode: num_experts_per_tok > the number of experts");
-  const int64_t F = need(w.experts_down_proj, "experts_down_proj").size(-1);
-  weight(w.experts_gate_up_proj, "experts_gate_up_proj", {E, 2 * F, D});
-  weight(w.experts_down_proj, "experts_down_proj", {E, D, F});
+  const int64_t F = inputs_of(need(w.experts_down_proj, "experts_down_proj"));
+  proj(w.experts_gate_up_proj, w.experts_gate_up_proj_scale, "experts_gate_up_proj", {E, 2 * F, D});
+  proj(w.experts_down_proj, w.experts_down_proj_scale, "experts_down_proj", {E, D, F});
   if (w.shared_gate_proj.has_value()) {
     const int64_t Fs = w.shared_gate_proj->size(0);
-    weight(w.shared_gate_proj, "shared_gate_proj", {Fs, D});
-    weight(w.shared_up_proj, "shared_up_proj", {Fs, D});
-    weight(w.shared_down_proj, "shared_down_proj", {D, Fs});
+    proj(w.shared_gate_proj, w.shared_gate_proj_scale, "shared_gate_proj", {Fs, D});
+    proj(w.shared_up_proj, w.shared_up_proj_scale, "shared_up_proj", {Fs, D});
+    proj(w.shared_down_proj, w.shared_down_proj_scale, "shared_down_proj", {D, Fs});
   }
 }
 
@@ -362,11 +405,12 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
 
   // --- MLA (MLA._project, cache write/read, MLA._absorbed)
   const auto h = rms_norm(x, *w.input_layernorm, c.rms_norm_eps);
-  auto q = c.q_lora_rank > 0 ? lin(rms_norm(lin(h, *w.q_a_proj), *w.q_a_layernorm, c.rms_norm_eps), *w.q_b_proj)
-                             : lin(h, *w.q_proj);
+  auto q = c.q_lora_rank > 0 ? lin(rms_norm(lin(h, *w.q_a_proj, w.q_a_proj_scale), *w.q_a_layernorm, c.rms_norm_eps),
+                                   *w.q_b_proj, w.q_b_proj_scale)
+                             : lin(h, *w.q_proj, w.q_proj_scale);
   q = q.view({B, T, H, N + R});
   const auto q_rope = rope(q.narrow(-1, N, R), cos, sin, c.rope_interleave);
-  const auto kv = lin(h, *w.kv_a_proj_with_mqa);
+  const auto kv = lin(h, *w.kv_a_proj_with_mqa, w.kv_a_proj_with_mqa_scale);
   const auto latent = rms_norm(kv.narrow(-1, 0, C), *w.kv_a_layernorm, c.rms_norm_eps);
   const auto k_rope = rope(kv.narrow(-1, C, R).unsqueeze(2), cos, sin, c.rope_interleave).squeeze(2);
   // The new rows first (a token attends to itself), each to its flat row of the paged layer.
@@ -378,11 +422,12 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : torch::Tensor();  // may be an expanded view
   const auto attn_out = absorbed_attention(q.contiguous(), q_rope, kv_layer, ix.block_table, ix.kv_len,
                                            *w.kv_b_proj, bias, N, V, c.softmax_scale);
-  auto out = x + lin(attn_out, *w.o_proj);
+  auto out = x + lin(attn_out, *w.o_proj, w.o_proj_scale);
 
   // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
   const auto h2 = rms_norm(out, *w.post_attention_layernorm, c.rms_norm_eps);
-  if (!c.moe) return out + swiglu(h2, *w.gate_proj, *w.up_proj, *w.down_proj);
+  if (!c.moe)
+    return out + swiglu(h2, w.gate_proj, w.gate_proj_scale, w.up_proj, w.up_proj_scale, w.down_proj, w.down_proj_scale);
   const int64_t K = c.num_experts_per_tok, G = c.n_group;
   const auto x_nd = h2.reshape({B * T, D});
   const auto logits = at::linear(x_nd, *w.router_weight);
@@ -402,8 +447,10 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   if (c.norm_topk_prob) gates = gates / (gates.sum(-1, true) + 1e-20);
   gates = gates * c.routed_scaling_factor;
   auto y = experts_rows(x_nd.contiguous(), *w.experts_gate_up_proj, *w.experts_down_proj, idx.contiguous(),
-                        gates.contiguous());
-  if (w.shared_gate_proj.has_value()) y = y + swiglu(x_nd, *w.shared_gate_proj, *w.shared_up_proj, *w.shared_down_proj);
+                        gates.contiguous(), w.experts_gate_up_proj_scale, w.experts_down_proj_scale);
+  if (w.shared_gate_proj.has_value())
+    y = y + swiglu(x_nd, w.shared_gate_proj, w.shared_gate_proj_scale, w.shared_up_proj, w.shared_up_proj_scale,
+                   w.shared_down_proj, w.shared_down_proj_scale);
   return out + y.view({B, T, D});
 }
 
@@ -453,7 +500,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("experts_down_proj", &BlockWeights::experts_down_proj)
       .def_readwrite("shared_gate_proj", &BlockWeights::shared_gate_proj)
       .def_readwrite("shared_up_proj", &BlockWeights::shared_up_proj)
-      .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj);
+      .def_readwrite("shared_down_proj", &BlockWeights::shared_down_proj)
+      .def_readwrite("q_proj_scale", &BlockWeights::q_proj_scale)
+      .def_readwrite("q_a_proj_scale", &BlockWeights::q_a_proj_scale)
+      .def_readwrite("q_b_proj_scale", &BlockWeights::q_b_proj_scale)
+      .def_readwrite("kv_a_proj_with_mqa_scale", &BlockWeights::kv_a_proj_with_mqa_scale)
+      .def_readwrite("o_proj_scale", &BlockWeights::o_proj_scale)
+      .def_readwrite("gate_proj_scale", &BlockWeights::gate_proj_scale)
+      .def_readwrite("up_proj_scale", &BlockWeights::up_proj_scale)
+      .def_readwrite("down_proj_scale", &BlockWeights::down_proj_scale)
+      .def_readwrite("experts_gate_up_proj_scale", &BlockWeights::experts_gate_up_proj_scale)
+      .def_readwrite("experts_down_proj_scale", &BlockWeights::experts_down_proj_scale)
+      .def_readwrite("shared_gate_proj_scale", &BlockWeights::shared_gate_proj_scale)
+      .def_readwrite("shared_up_proj_scale", &BlockWeights::shared_up_proj_scale)
+      .def_readwrite("shared_down_proj_scale", &BlockWeights::shared_down_proj_scale);
   py::class_<CacheIndex>(m, "CacheIndex", py::module_local(), "where a batch's rows live in the paged cache (one forward, every layer)")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, std::optional<at::Tensor>>(), py::arg("block_table"),
            py::arg("write_rows"), py::arg("block_size"), py::arg("kv_len"), py::arg("bias"))
@@ -462,7 +522,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("block_size", &CacheIndex::block_size)
       .def_readonly("kv_len", &CacheIndex::kv_len)
       .def_readonly("bias", &CacheIndex::bias);
-  m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32, CPU)", py::arg("x"),
+  m.def("block_decode", &block_decode, "one decoder block of a cached decode step (fp32 activations; fp32, bf16, int8 or int4 weights; CPU)", py::arg("x"),
         py::arg("cos"), py::arg("sin"), py::arg("kv_layer"), py::arg("index"), py::arg("weights"),
         py::arg("config"), nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (fp32, CPU)", nogil);

@@ -8,6 +8,7 @@
 #include "gemv.h"
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 const char* kernel_isa() {
@@ -20,22 +21,8 @@ const char* kernel_isa() {
 #endif
 }
 
-namespace {
-
-// A 2-D (or one expert's slice of a 3-D) weight with its optional scales, checked and typed.
-struct WeightArg {
-  at::ScalarType type;
-  const void* data;
-  const float* scale;
-  int64_t groups;  // scale columns per weight row (1 when unscaled)
-};
-
-// The last dimension of a weight with rows of K inputs: K, or K / 2 bytes of packed int4.
 int64_t stored_columns(at::ScalarType type, int64_t K) { return type == at::kByte ? K / 2 : K; }
 
-// Checks w (fp32, bf16, int8, or uint8 holding packed int4; contiguous, `dim` dims, rows of K inputs: K / 2
-// bytes for int4) and its scale (required for int8 and int4 and only there: [..., rows, groups] fp32 with
-// K % groups == 0, and for int4 even groups, so that each starts on a byte).
 WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale, const char* what, int64_t dim,
                      int64_t K) {
   TORCH_CHECK(w.defined() && w.device().is_cpu(), what, " must be a CPU tensor");
@@ -52,16 +39,19 @@ WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale
   TORCH_CHECK(scaled == narrow, what, narrow ? (int4 ? ": int4 weights need their scales" : ": int8 weights need "
               "their scales") : ": only int8 and int4 weights take scales");
   if (!scaled) return {type, w.data_ptr(), nullptr, 1};
-  check_f32(*scale, what, dim);
+  const std::string of_scale = std::string(what) + "'s scale";
+  check_f32(*scale, of_scale.c_str(), dim);
   const int64_t groups = scale->size(-1);
   auto expect = w.sizes().vec();
   expect.back() = groups;
   TORCH_CHECK(groups > 0 && K % groups == 0, what, ": ", groups, " scale groups do not divide ", K, " inputs");
   TORCH_CHECK(!int4 || (K / groups) % 2 == 0, what, ": int4 groups must be an even number of inputs, got ",
               K / groups);
-  check_shape(*scale, what, expect);
+  check_shape(*scale, of_scale.c_str(), expect);
   return {type, w.data_ptr(), scale->data_ptr<float>(), groups};
 }
+
+namespace {
 
 // rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements).
 void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t N, int64_t K, float* y,

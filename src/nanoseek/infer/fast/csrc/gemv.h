@@ -48,6 +48,24 @@ inline void check_i64(const at::Tensor& t, const char* what, int64_t dim) {
               t.sizes());
 }
 
+// A weight (or stacked weights) as the kernels read it: its element type, data, and for int8 / int4 the
+// per-(row, group) scales.
+struct WeightArg {
+  at::ScalarType type;
+  const void* data;
+  const float* scale;
+  int64_t groups;  // scale columns per weight row (1 when unscaled)
+};
+
+// The last dimension of a weight with rows of K inputs: K, or K / 2 bytes of packed int4 (uint8).
+int64_t stored_columns(at::ScalarType type, int64_t K);
+
+// Checks w (fp32, bf16, int8, or uint8 holding packed int4; contiguous, `dim` dims, rows of K inputs: K / 2
+// bytes for int4) and its scale (required for int8 and int4 and only there: [..., rows, groups] fp32 with
+// K % groups == 0, and for int4 even groups, so that each starts on a byte). `what` names w in the errors.
+WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale, const char* what, int64_t dim,
+                     int64_t K);
+
 // x [M, K] fp32 @ w[N, K]^T -> [M, N] fp32; w fp32, bf16, or int8 [N, K] / packed int4 (uint8 [N, K / 2])
 // with scale [N, K / G] fp32.
 torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w,
