@@ -10,6 +10,7 @@
 // Every entry point checks the shapes, sizes, dtypes and layouts its loops rely on (TORCH_CHECK raises a
 // RuntimeError that names the argument) before touching a pointer.
 #include "gemv.h"
+#include <torch/python.h>  // pybind11 and its tensor casters (the kernels need only ATen)
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -39,7 +40,7 @@ inline float hsum(v8 v) {
 }  // namespace
 
 // RMSNorm over the last dim, fp32 (torch's CPU rms_norm is a chain of ~8 ops: most of a small block's time).
-torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
   TORCH_CHECK(x_in.defined() && x_in.dim() >= 1, "rms_norm: x must have at least one dimension");
   const auto x = x_in.contiguous();
   check_f32(x, "rms_norm: x", -1);
@@ -47,7 +48,7 @@ torch::Tensor rms_norm(const torch::Tensor& x_in, const torch::Tensor& w, double
   const int64_t D = x.size(-1), rows = D > 0 ? x.numel() / D : 0;
   TORCH_CHECK(D > 0, "rms_norm: the normalised dimension is empty");
   TORCH_CHECK(w.size(0) == D, "rms_norm: x has ", D, " features but the weight ", w.size(0));
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -162,7 +163,7 @@ void proj(const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& s
 int64_t inputs_of(const at::Tensor& w) { return w.scalar_type() == at::kByte ? 2 * w.size(-1) : w.size(-1); }
 
 // nanoseek.infer.quant.dequantize: the fp32 weight [N, K] a bf16, int8 or packed int4 one stands for.
-torch::Tensor dequantize(const torch::Tensor& w, const std::optional<at::Tensor>& s) {
+at::Tensor dequantize(const at::Tensor& w, const std::optional<at::Tensor>& s) {
   if (!s.has_value() || !s->defined()) return w.to(at::kFloat);
   auto q = w;
   if (w.scalar_type() == at::kByte)  // unpack_int4: the low nibble first, each a two's complement number
@@ -174,7 +175,7 @@ torch::Tensor dequantize(const torch::Tensor& w, const std::optional<at::Tensor>
 
 // F.linear for [..., K] inputs, through rows_matmul when the rows are few (as nanoseek.infer.fast and
 // QuantLinear do); more rows take torch's path for the weight's format (a narrow one dequantized first).
-torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const std::optional<at::Tensor>& s = std::nullopt) {
+at::Tensor lin(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& s = std::nullopt) {
   const int64_t K = x.size(-1), rows = x.numel() / K;
   auto out_shape = x.sizes().vec();
   out_shape.back() = w.size(0);
@@ -188,9 +189,9 @@ torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const std::opt
 // apply_rope: x [B, T, H, R] (any strides), cos/sin [B, T, R/2] contiguous -> contiguous [B, T, H, R] holding
 // the rotated pairs as [first halves | second halves]; pairs are (0,1),(2,3).. when interleaved, else
 // (i, i + R/2).
-torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleave) {
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleave) {
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), P = R / 2;
-  auto y = torch::empty({B, T, H, R}, x.options());
+  auto y = at::empty({B, T, H, R}, x.options());
   const auto xa = x.accessor<float, 4>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
@@ -241,16 +242,16 @@ inline void for_rows(const float* kv, const int64_t* table, int64_t bs, int64_t 
 // than its arithmetic at decode sizes. q [B, T, H, N + R] (the rope half unused), q_rope [B, T, H, R],
 // kv [blocks, block_size, C + R] read in place through table [B, nb], w = kv_b [H * (N + V), C];
 // bias [B, T * H, L] or undefined.
-torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_rope, const torch::Tensor& kv,
-                                 const torch::Tensor& table, int64_t L, const torch::Tensor& w,
-                                 const torch::Tensor& bias, int64_t N, int64_t V, double scale) {
+at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& q_rope, const at::Tensor& kv,
+                                 const at::Tensor& table, int64_t L, const at::Tensor& w,
+                                 const at::Tensor& bias, int64_t N, int64_t V, double scale) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), R = q_rope.size(3), bs = kv.size(1);
   const int64_t C = kv.size(2) - R, W = C + R, nb = table.size(1);
   TORCH_CHECK(q.is_contiguous() && q_rope.is_contiguous() && w.is_contiguous() && kv.is_contiguous() &&
               table.is_contiguous(), "absorbed_attention: unexpected layout");
   TORCH_CHECK(!bias.defined() || bias.sizes() == at::IntArrayRef({B, T * H, L}),
               "absorbed_attention: the bias must be [B, T*H, L]");
-  auto out = torch::empty({B, T, H * V}, q.options());
+  auto out = at::empty({B, T, H * V}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* rp = q_rope.data_ptr<float>();
   const float* kp = kv.data_ptr<float>();
@@ -309,7 +310,7 @@ torch::Tensor absorbed_attention(const torch::Tensor& q, const torch::Tensor& q_
 }
 
 // MLP.forward: down(silu(gate(x)) * up(x)), each projection with its scales (if any).
-torch::Tensor swiglu(const torch::Tensor& x, const std::optional<at::Tensor>& gate,
+at::Tensor swiglu(const at::Tensor& x, const std::optional<at::Tensor>& gate,
                      const std::optional<at::Tensor>& gate_s, const std::optional<at::Tensor>& up,
                      const std::optional<at::Tensor>& up_s, const std::optional<at::Tensor>& down,
                      const std::optional<at::Tensor>& down_s) {
@@ -395,8 +396,8 @@ void check_block(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
 // x [B, T, D]: the block input of the new tokens; cos/sin [B, T, R/2]: their rope angles; kv_layer
 // [blocks, block_size, C + R]: this layer's paged cache; returns the block output [B, T, D] and writes the new
 // tokens' [latent | rope key] rows into the cache.
-torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                           torch::Tensor kv_layer, const CacheIndex& ix, const BlockWeights& w,
+at::Tensor block_decode(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor kv_layer, const CacheIndex& ix, const BlockWeights& w,
                            const BlockConfig& c) {
   check_block(x, cos, sin, kv_layer, ix, w, c);
   const int64_t H = c.num_attention_heads, N = c.qk_nope_head_dim, R = c.qk_rope_head_dim, V = c.v_head_dim;
@@ -419,7 +420,7 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   float* kvp = kv_layer.data_ptr<float>();
   const int64_t* wr = ix.write_rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) std::memcpy(kvp + wr[i] * (C + R), fp + i * (C + R), (C + R) * sizeof(float));
-  const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : torch::Tensor();  // may be an expanded view
+  const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : at::Tensor();  // may be an expanded view
   const auto attn_out = absorbed_attention(q.contiguous(), q_rope, kv_layer, ix.block_table, ix.kv_len,
                                            *w.kv_b_proj, bias, N, V, c.softmax_scale);
   auto out = x + lin(attn_out, *w.o_proj, w.o_proj_scale);
@@ -438,7 +439,7 @@ torch::Tensor block_decode(const torch::Tensor& x, const torch::Tensor& cos, con
   if (G > 1 && c.topk_method != "greedy") {
     const auto grouped = choice.view({B * T, G, E / G});
     const auto gs = noaux ? std::get<0>(grouped.topk(2, -1)).sum(-1) : std::get<0>(grouped.max(-1));
-    auto keep = at::zeros_like(gs, gs.options().dtype(torch::kBool));
+    auto keep = at::zeros_like(gs, gs.options().dtype(at::kBool));
     keep.scatter_(1, std::get<1>(gs.topk(c.topk_group, -1)), true);
     choice = grouped.masked_fill(keep.logical_not().unsqueeze(-1), -INFINITY).view({B * T, E});
   }

@@ -79,14 +79,14 @@ void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t
 
 }  // namespace
 
-torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& scale) {
+at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale) {
   check_f32(x, "rows_matmul: x", 2);
   const int64_t M = x.size(0), K = x.size(1);
   const auto wa = weight_arg(w, scale, "rows_matmul: w", 2, K);
   const int64_t N = w.size(0);
   TORCH_CHECK(M > 0, "rows_matmul: x has no rows (an empty batch)");
   TORCH_CHECK(K > 0 && N > 0, "rows_matmul: empty weight ", w.sizes());
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // Small weights stay on one thread: a parallel region costs more than reading them.
@@ -97,9 +97,9 @@ torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w, const 
 
 // The work is split by expert (each thread reads whole experts, once, for all their tokens); every
 // (token, slot) output lands in its own row, and the weighted sum runs afterwards in slot order.
-torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
-                           const torch::Tensor& idx, const torch::Tensor& gate, const std::optional<torch::Tensor>& s1,
-                           const std::optional<torch::Tensor>& s2) {
+at::Tensor experts_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                           const at::Tensor& idx, const at::Tensor& gate, const std::optional<at::Tensor>& s1,
+                           const std::optional<at::Tensor>& s2) {
   check_f32(x, "experts_rows: x", 2);
   check_f32(gate, "experts_rows: gate", 2);
   check_i64(idx, "experts_rows: idx", 2);
@@ -124,7 +124,7 @@ torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, cons
   std::vector<int64_t> used;
   for (int64_t e = 0; e < E; ++e)
     if (!rows[e].empty()) used.push_back(e);
-  auto out = torch::empty({N * K, D}, x.options());
+  auto out = at::empty({N * K, D}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t u0, int64_t u1) {
@@ -149,5 +149,5 @@ torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, cons
     }
   });
   // Weighted sum over slots, as a [N, 1, K] x [N, K, D] batched product (the same order as the torch path).
-  return torch::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
+  return at::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
 }

@@ -13,7 +13,9 @@
 // on x86 and NEON on ARM.
 #pragma once
 
-#include <torch/extension.h>
+// ATen only, not torch/extension.h (the whole C++ frontend): it halves the build. decode_kernels.cpp adds
+// torch/python.h for the Python binding.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -68,15 +70,15 @@ WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale
 
 // x [M, K] fp32 @ w[N, K]^T -> [M, N] fp32; w fp32, bf16, or int8 [N, K] / packed int4 (uint8 [N, K / 2])
 // with scale [N, K / G] fp32.
-torch::Tensor rows_matmul(const torch::Tensor& x, const torch::Tensor& w,
-                          const std::optional<torch::Tensor>& scale = std::nullopt);
+at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& scale = std::nullopt);
 
 // sum_k gate[n, k] * expert_{idx[n, k]}(x[n]) for stacked SwiGLU experts w1 [E, 2F, D], w2 [E, D, F]
 // (fp32, bf16, or int8 / packed int4 with scales s1 [E, 2F, D / G1], s2 [E, D, F / G2]).
-torch::Tensor experts_rows(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
-                           const torch::Tensor& idx, const torch::Tensor& gate,
-                           const std::optional<torch::Tensor>& s1 = std::nullopt,
-                           const std::optional<torch::Tensor>& s2 = std::nullopt);
+at::Tensor experts_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                           const at::Tensor& idx, const at::Tensor& gate,
+                           const std::optional<at::Tensor>& s1 = std::nullopt,
+                           const std::optional<at::Tensor>& s2 = std::nullopt);
 
 // The instruction set this extension was compiled for ("avx512", "avx2" or "portable").
 const char* kernel_isa();
