@@ -35,8 +35,11 @@ toolchain:
 	command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
 	command -v c++ >/dev/null && exit 0; what="a C++ compiler (c++)"; why="the C++ decode kernel tests"; $(STRICT_MISSING)
 
+# The suite in parallel processes, one per core (at most 4), each test file whole in one process (its
+# module fixtures are built once); `pytest -q` alone runs it serially.
+TEST_JOBS ?= -n auto --maxprocesses 4 --dist loadfile
 test: $(STAMP) browser toolchain
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_JOBS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
