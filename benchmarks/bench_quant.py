@@ -82,13 +82,11 @@ def build(args, fmt):
     return model
 
 
-def heldout(model, args) -> dict:
+def heldout(model, tok, task, args) -> dict:
     """`nanoseek eval`'s held-out pass@1, cons@k and well-formed share of one format (seed 0 for all)."""
-    from nanoseek.data.tasks import get_task
-    from nanoseek.data.tokenizer import load_tokenizer
     from nanoseek.rl.evaluate import evaluate
 
-    r = evaluate(model, load_tokenizer(args.model), get_task(args.task), n=args.eval_n, k=args.eval_k)
+    r = evaluate(model, tok, task, n=args.eval_n, k=args.eval_k)
     return {"heldout_task": args.task, "heldout_n": r.n, "heldout_k": r.k, "heldout_pass_at_1": round(r.pass_at_1, 4),
             f"heldout_cons_at_{r.k}": round(r.cons_at_k, 4), "heldout_format_rate": round(r.format_rate, 4)}
 
@@ -188,6 +186,11 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         ref = models["fp32"](ids)
     quality, greedy = {}, {}
+    if args.task:  # read once, evaluated in every format
+        from nanoseek.data.tasks import get_task
+        from nanoseek.data.tokenizer import load_tokenizer
+
+        tok, task = load_tokenizer(args.model), get_task(args.task)
     prompts = [ids[i].tolist() for i in range(4)]
     for fmt, m in models.items():
         with torch.inference_mode():
@@ -199,7 +202,7 @@ def main(argv=None) -> dict:
                         "greedy_agreement": round(agree / sum(map(len, greedy["fp32"])), 4),
                         "weight_gb": round(weight_bytes(m) / 1e9, 3)}
         if args.task:
-            quality[fmt].update(heldout(m, args))
+            quality[fmt].update(heldout(m, tok, task, args))
     speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
     for batch in (1, 8):
         batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]

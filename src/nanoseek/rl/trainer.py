@@ -235,13 +235,8 @@ class GRPOTrainer:
         ref = None
         if self.reference is not None:
             ref = torch.zeros(ids.shape, device=dev)
-            for idx, T, pk in (p for ps in parts for p in ps):
-                if pk is None:
-                    ref[idx, :T] = reference_log_probs(self.reference, ids[idx, :T], targets[idx, :T], mask[idx, :T])
-                    continue
-                with torch.inference_mode():  # a frozen copy: no autograd bookkeeping at all
-                    lp = packed.packed_log_probs(self.reference, pk)
-                ref[idx, :T] = lp
+            for part in (p for ps in parts for p in ps):
+                ref[part[0], :part[1]] = frozen_log_probs(self.reference, log_probs, part)
         t_ref = time.perf_counter() - t_ref
         old = torch.zeros(ids.shape, device=dev)
         fresh = [True] * cfg.minibatches  # minibatch k not yet seen by its first forward
@@ -401,10 +396,16 @@ def reference_log_probs(reference: torch.nn.Module, ids: torch.Tensor, targets: 
     at a whole rollout batch are faster than the decode paths an Engine swaps in (padded expert batches,
     few-row layouts). The values are the same to float rounding.
     """
+    return frozen_log_probs(reference, completion_log_probs, ids, targets, mask)
+
+
+def frozen_log_probs(reference: torch.nn.Module, score: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """score(reference, *args) (padded or packed log-probabilities) as constants: the reference must be
+    frozen, and runs under inference mode (no autograd bookkeeping at all)."""
     if any(p.requires_grad for p in reference.parameters()):
         raise ValueError("the reference model must be frozen (no parameter requiring a gradient)")
     with torch.inference_mode():
-        out = completion_log_probs(reference, ids, targets, mask)
+        out = score(reference, *args)
     return out.clone()  # a normal tensor again (an inference tensor cannot be saved for a backward)
 
 
