@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import nanoseek
-from benchmarks.common import RESULTS, alternate, fast_dtype, median, write_result
+from benchmarks.common import RESULTS, alternate, bandwidth_gbs, fast_dtype, median, write_result
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
 
@@ -64,16 +64,6 @@ def bench_decode(args) -> dict:
     return out
 
 
-def memory_bandwidth_gbs(mbytes: int = 512) -> float:
-    """Read bandwidth of this machine at the current torch thread count: a sum over a tensor far above L3."""
-    a = torch.ones(mbytes * (1 << 20) // 4)
-    a.sum()
-    t = time.perf_counter()
-    for _ in range(3):
-        a.sum()
-    return 3 * a.nbytes / (time.perf_counter() - t) / 1e9
-
-
 def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
     """The weight bytes one decode step of `batch` rows must read, and the fastest that step can be here.
 
@@ -99,7 +89,7 @@ def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
 
 def _decode_rows(args, cfg, ours, theirs, dtype: str) -> dict:
     out = {}
-    bandwidth = memory_bandwidth_gbs()
+    bandwidth = bandwidth_gbs()
     for B in args.batches:
         prompts = random_prompts(B, args.prompt_len, cfg.vocab_size, seed=B)
         ids = torch.tensor(prompts)

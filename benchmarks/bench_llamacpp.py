@@ -21,7 +21,8 @@ next to it when that tool was built.
 Printed and saved: tokens/s of each, the ratio nanoseek / llama.cpp (the target is >= 1.0), and the
 fraction of the memory roofline each reaches (weight bytes one step reads, counted from the model in
 memory for nanoseek and from the GGUF tensor table for llama.cpp, over the time per token, over the
-bandwidth a large copy measures at that thread count). As a check that both run the same model, the
+fastest memory read measured at that thread count: benchmarks.common.bandwidth, whose copy rate is saved
+beside it). As a check that both run the same model, the
 greedy tokens of llama.cpp f32 and nanoseek fp32 are compared position by position.
 
 The tokenizer: nanoseek trains a small byte-level BPE for the checkpoint. llama.cpp's converter
@@ -287,7 +288,7 @@ def ratio_row(label: str, gguf_type: str, ours: str, llama_spt: float, ours_spt:
 def format_table(rows: list[dict], threads: int, bandwidth_gbs: float) -> str:
     head = (f"{'precision':<9} {'nanoseek':<8} {'llama tok/s':>11} {'nanoseek tok/s':>14} {'ratio':>6} "
             f"{'llama roof':>10} {'ours roof':>9} {'llama-bench':>11}")
-    lines = [f"threads {threads}, measured bandwidth {bandwidth_gbs:.1f} GB/s", head]
+    lines = [f"threads {threads}, roofline: a {bandwidth_gbs:.1f} GB/s read (benchmarks.common.bandwidth)", head]
     for r in rows:
         lb = "-" if r["llama_bench_tokens_per_s"] is None else f"{r['llama_bench_tokens_per_s']:.2f}"
         lines.append(f"{r['precision']:<9} {r['nanoseek']:<8} {r['llama_tokens_per_s']:>11.2f} "
@@ -307,7 +308,7 @@ def run(args) -> dict:
     import torch
 
     import nanoseek
-    from benchmarks.common import bandwidth_gbs, cpu_info, machine, median, step_bytes, write_result
+    from benchmarks.common import bandwidth, cpu_info, machine, median, step_bytes, write_result
 
     root = cache_root()
     info = ensure_build(root, args.jobs)
@@ -344,7 +345,8 @@ def run(args) -> dict:
                   "threads": {}}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            bw = bandwidth_gbs()
+            mem = bandwidth()
+            bw = mem["read_gbs"]
             for m in models.values():  # warm-up: kernel builds, path calibration, allocator
                 nanoseek_decode(m, prompt, 4)
             times: dict[str, dict[str, list[float]]] = {label: {"llama": [], "nanoseek": []} for label, _, _ in PAIRS}
@@ -373,7 +375,7 @@ def run(args) -> dict:
             f32 = rows[0]["greedy_agreement"]
             print(f"greedy tokens, llama.cpp f32 vs nanoseek fp32: {f32['same_position']}/{f32['positions']} "
                   f"positions agree, first {f32['common_prefix']} identical", flush=True)
-            result["threads"][str(threads)] = {"bandwidth_gbs": round(bw, 2), "rows": rows}
+            result["threads"][str(threads)] = {"bandwidth_gbs": round(bw, 2), "bandwidth": mem, "rows": rows}
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and 
   * where a batch-1 decode step's time goes in each format (`step_profile`: PROFILE_STEPS steps, each split
     into the C++ block calls, the head and the rest, with the weight GB/s of each and of the step), beside
     the rate at which the few-row kernel streams large weights of that format from memory (`stream_gbs`:
-    4096 x 1536 weights, 256 MB of them, one row) and a large copy's bandwidth (`copy_gbs`).
+    4096 x 1536 weights, 256 MB of them, one row) and the machine's memory read and copy bandwidth
+    (`read_gbs`, `copy_gbs`: benchmarks.common.bandwidth).
 The CPU (`lscpu` model and SIMD flags) is printed and saved. With `--model DIR --task NAME` (a trained
 checkpoint, e.g. `make run`'s runs/speedrun/model and countdown) each format's held-out accuracy too:
 pass@1 and cons@k of `nanoseek eval` (the same problems, samples and seeds for every format).
@@ -34,7 +35,7 @@ import time
 import torch
 
 import nanoseek
-from benchmarks.common import bandwidth_gbs, cpu_info, step_bytes, write_result
+from benchmarks.common import bandwidth, cpu_info, step_bytes, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast, quant
 from nanoseek.infer.cache import PagedCache
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
     profile = {} if args.no_profile else \
         {fmt: {**step_profile(m), "stream_gbs": round(stream_gbs(fmt), 2)} for fmt, m in models.items()}
     result = {"cpu": cpu, "kernel_isa": kernels.isa(), "step_profile": profile,
-              **({} if args.no_profile else {"copy_gbs": round(bandwidth_gbs(), 2)}),
+              **({} if args.no_profile else bandwidth()),
               "config": "checkpoint " + args.model if args.model else args.preset,
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
               "load_average_1min": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
@@ -240,7 +241,7 @@ def main(argv=None) -> dict:
         print(f"{fmt:>10}: {r['weight_gb']} GB, weight error {r['weight_error_rel']:.2e}, logit error "
               f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}{acc}, {speeds}")
     if profile:
-        print(f"copy bandwidth {result['copy_gbs']} GB/s; a batch-1 step (ms, and GB/s of weights):")
+        print(f"memory: read {result['read_gbs']} GB/s, copy {result['copy_gbs']} GB/s; a batch-1 step (ms, and GB/s of weights):")
     for fmt, r in profile.items():
         print(f"{fmt:>10}: {r['step_ms']} = blocks {r['blocks_ms']} ({r['blocks_gbs']} GB/s) + head {r['head_ms']} "
               f"({r['head_gbs']} GB/s) + rest {r['rest_ms']}; step {r['step_gbs']} GB/s; the kernel streams "

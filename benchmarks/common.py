@@ -95,16 +95,37 @@ def write_result(name: str, result: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------- the memory roofline
-def bandwidth_gbs() -> float:
-    """Memory bandwidth a 256 MB fp32 copy reaches (read + write, best of 5) at torch's thread count."""
+def bandwidth() -> dict:
+    """What this machine's memory reaches at torch's thread count over 256 MB (far above any cache), best of 5:
+    `copy_gbs`, a copy (read + write bytes); `read_gbs`, the fastest read: torch's sum (one stream per thread)
+    or the kernels' read probe at 2, 4 and 8 streams per thread (kernels.read_streams: reading several parts
+    of a buffer at once, the way the few-row matmuls read their weights; a single core's prefetchers follow
+    one stream only so far). A decode step only reads its weights, so `read_gbs` is its roofline."""
+    from nanoseek.infer.fast import kernels
+
     a, b = torch.empty(256 * 1024**2 // 4), torch.empty(256 * 1024**2 // 4)
     a.fill_(1.0)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() * 4 / best / 1e9  # read + write
+
+    def best(fn) -> float:
+        fn()
+        t_best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            t_best = min(t_best, time.perf_counter() - t)
+        return t_best
+
+    reads = {"torch_sum": a.nbytes / best(a.sum) / 1e9}
+    if kernels.load() is not None:
+        for streams in (2, 4, 8):
+            reads[f"streams_{streams}"] = a.nbytes / best(lambda: kernels.read_streams(a, streams)) / 1e9
+    return {"copy_gbs": round(2 * a.nbytes / best(lambda: b.copy_(a)) / 1e9, 2),
+            "read_gbs": round(max(reads.values()), 2), "read_by_pattern_gbs": {k: round(v, 2) for k, v in reads.items()}}
+
+
+def bandwidth_gbs() -> float:
+    """The roofline bandwidth of a decode step: bandwidth()'s fastest read."""
+    return bandwidth()["read_gbs"]
 
 
 def step_bytes(model, batch: int) -> float:

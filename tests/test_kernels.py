@@ -49,9 +49,11 @@ def test_rows_matmul_equals_f_linear(built, threads):
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        for n_out, n_in in [(384, 256), (1000, 203), (8, 5), (4096, 512)]:  # odd sizes exercise the tails
+        # Odd sizes exercise the tails; fewer than four output rows, or a remainder after four equal parts,
+        # the rows a few-row matmul reads outside its parallel streams.
+        for n_out, n_in in [(384, 256), (1000, 203), (8, 5), (4096, 512), (1, 64), (3, 100), (7, 33), (6, 8)]:
             w = torch.randn(n_out, n_in)
-            for rows in (1, 2, 3, 7, 8, 9, 16, 32):
+            for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 32):
                 x = torch.randn(rows, n_in)
                 torch.testing.assert_close(kernels.rows_matmul(x, w), x @ w.t(), rtol=1e-5, atol=1e-4)
         # FastLinear's few-row path goes through the kernel up to KERNEL_ROWS rows, whatever the input's shape.
@@ -63,6 +65,24 @@ def test_rows_matmul_equals_f_linear(built, threads):
                     got = modules.few_rows_linear(xin, w)
                     assert got.shape == xin.shape[:-1] + (384,) and got.is_contiguous()
                     torch.testing.assert_close(got, torch.nn.functional.linear(xin, w), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_streams_sums_every_element(built, threads):
+    """The benchmarks' memory-read probe reads every element once, whatever the split into streams."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 7, 8, 100, 4099, 1 << 16):
+            x = torch.arange(n, dtype=torch.float32) % 97
+            for streams in (1, 2, 4, 8):
+                assert kernels.read_streams(x, streams) == pytest.approx(float(x.double().sum()), rel=1e-6)
+        with pytest.raises(RuntimeError, match="streams must be 1, 2, 4 or 8"):
+            kernels.read_streams(x, 3)
+        with pytest.raises(RuntimeError, match="must have 1 dimensions"):
+            kernels.read_streams(x.view(2, -1), 2)
     finally:
         torch.set_num_threads(old)
 

@@ -47,9 +47,10 @@ def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> t
                                  "int4-g128", "int4-g10"])
 def test_rows_matmul_every_isa_and_format_equals_torch(ext, fmt):
     torch.manual_seed(0)
-    shapes = [(384, 256), (100, 203), (8, 5), (1024, 512)]  # odd sizes exercise the tails
+    # Odd sizes exercise the tails, and 1, 3 and 7 output rows the rows read outside the parallel streams.
+    shapes = [(384, 256), (100, 203), (8, 5), (1024, 512), (1, 64), (3, 96), (7, 203)]
     if fmt.startswith("int4"):  # two inputs a byte: even rows; groups of 10 leave a tail in every group
-        shapes = [(384, 256), (100, 202), (8, 6), (1024, 512), (64, 250)]
+        shapes = [(384, 256), (100, 202), (8, 6), (1024, 512), (64, 250), (1, 64), (3, 96), (7, 202)]
     for n_out, n_in in shapes:
         w32 = torch.randn(n_out, n_in)
         if fmt == "fp32":
@@ -62,7 +63,7 @@ def test_rows_matmul_every_isa_and_format_equals_torch(ext, fmt):
             w, s = quant.quantize(w32, kind, group)
             if group and n_in % group == 0:
                 assert s.shape == (n_out, n_in // group)
-        for rows in (1, 2, 3, 7, 8, 9, 17, 32):
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 17, 32):
             x = torch.randn(rows, n_in)
             got = ext.rows_matmul(x, w, s)
             torch.testing.assert_close(got, reference(x, w, s), rtol=1e-4, atol=1e-3)

@@ -23,8 +23,8 @@ import torch
 from .build import load, status
 
 __all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "rows_matmul", "experts_rows",
-           "rms_norm", "block_decode", "block_config", "block_weights", "cache_index", "isa", "faster_path",
-           "row_bucket", "PATHS"]
+           "rms_norm", "read_streams", "block_decode", "block_config", "block_weights", "cache_index", "isa",
+           "faster_path", "row_bucket", "PATHS"]
 
 _disabled = 0  # > 0 inside `disabled()`
 _op_by_op = 0  # > 0 inside `op_by_op()`
@@ -88,6 +88,12 @@ def experts_rows(x_ND: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, idx_NK:
     (fp32, bf16, or int8 with scales s1 [E, 2F, D / g1], s2 [E, D, F / g2])."""
     return _built().experts_rows(x_ND.contiguous(), w1.contiguous(), w2.contiguous(), idx_NK.contiguous(),
                                  gate_NK.float().contiguous(), s1, s2)
+
+
+def read_streams(x: torch.Tensor, streams: int) -> float:
+    """x.sum() of a 1-D fp32 tensor, each thread's share read as `streams` (1, 2, 4, 8) equal parts at once:
+    the memory-read probe of the benchmarks (rows_matmul's access pattern, without the multiply)."""
+    return _built().read_streams(x.contiguous(), streams)
 
 
 def isa() -> str | None:

@@ -532,5 +532,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts_rows", &experts_rows, "weighted routed-expert outputs for a few tokens (CPU)", py::arg("x"),
         py::arg("w1"), py::arg("w2"), py::arg("idx"), py::arg("gate"), py::arg("s1") = py::none(),
         py::arg("s2") = py::none(), nogil);
+  m.def("read_streams", &read_streams, "sum of a 1-D fp32 tensor, each thread's share read as 1, 2, 4 or 8 "
+        "streams at once (the memory-read probe of the benchmarks)", py::arg("x"), py::arg("streams"), nogil);
   m.def("kernel_isa", &kernel_isa, "the instruction set this build was compiled for");
 }

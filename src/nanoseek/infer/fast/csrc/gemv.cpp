@@ -95,6 +95,41 @@ at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& w, const std::opti
   return y;
 }
 
+namespace {
+
+template <int S>
+double sum_streams(const float* p, int64_t n) {
+  const int64_t part = n / S / gemv::kLanes * gemv::kLanes;  // whole vectors per stream
+  gemv::vf acc[S] = {};
+  for (int64_t i = 0; i < part; i += gemv::kLanes)
+    for (int j = 0; j < S; ++j) acc[j] += gemv::load(p + j * part + i);
+  double total = 0;
+  for (int j = 0; j < S; ++j) total += gemv::hsum(acc[j]);
+  for (int64_t i = S * part; i < n; ++i) total += p[i];
+  return total;
+}
+
+}  // namespace
+
+double read_streams(const at::Tensor& x, int64_t streams) {
+  check_f32(x, "read_streams: x", 1);
+  TORCH_CHECK(streams == 1 || streams == 2 || streams == 4 || streams == 8, "read_streams: streams must be 1, 2, 4 "
+              "or 8, got ", streams);
+  const float* p = x.data_ptr<float>();
+  const int64_t n = x.numel(), threads = at::get_num_threads(), per = (n + threads - 1) / threads;
+  std::vector<double> part(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t a = std::min(n, t * per), len = std::min(n, a + per) - a;
+      part[t] = streams == 1 ? sum_streams<1>(p + a, len) : streams == 2 ? sum_streams<2>(p + a, len)
+              : streams == 4 ? sum_streams<4>(p + a, len) : sum_streams<8>(p + a, len);
+    }
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
 // The work is split by expert (each thread reads whole experts, once, for all their tokens); every
 // (token, slot) output lands in its own row, and the weighted sum runs afterwards in slot order.
 at::Tensor experts_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,

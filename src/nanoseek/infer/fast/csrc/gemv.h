@@ -80,6 +80,11 @@ at::Tensor experts_rows(const at::Tensor& x, const at::Tensor& w1, const at::Ten
                            const std::optional<at::Tensor>& s1 = std::nullopt,
                            const std::optional<at::Tensor>& s2 = std::nullopt);
 
+// The sum of x (fp32, contiguous), each thread's share read as `streams` equal parts at once: the read pattern
+// of rows_matmul at one row. benchmarks/common.py times it over a buffer far above the caches as the memory
+// read bandwidth a decode step can reach (a copy or torch's one-stream sum reaches less on some machines).
+double read_streams(const at::Tensor& x, int64_t streams);
+
 // The instruction set this extension was compiled for ("avx512", "avx2" or "portable").
 const char* kernel_isa();
 
@@ -192,67 +197,100 @@ inline float hsum(vf v) {
   return s[0];
 }
 
-// Software prefetch of the weight stream kPrefetchBytes ahead of the loads (one hint per cache line of
-// the inputs [k, k + n) of a row about to be read; bytes from row_bytes, so int4's two-to-a-byte counts
-// right). One core's hardware prefetcher alone leaves a narrow (bf16 / int8) weight stream short of the
-// bandwidth an fp32 one reaches: the loop consumes lines faster than it fetches.
-constexpr int64_t kPrefetchBytes = 2048;
-template <typename W>
-inline void prefetch_ahead(const W* row, int64_t k, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(row) + row_bytes<W>(k) + kPrefetchBytes;
-  for (int64_t b = 0; b < row_bytes<W>(n); b += 64) __builtin_prefetch(c + b, 0, 0);
-}
-
-// y[r, n] = sum_g scale[n, g] * sum_{k in group g} x[r, k] * w[n, k] for R <= 8 rows and n in [n0, n1).
-// Each weight row is read once, in order (one stream for the prefetcher), and each widened vector of it
-// serves all R rows. U independent accumulators per row hide the FMA latency when R is small.
-template <typename W, bool Scaled, int R>
-void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
-                int64_t n0, int64_t n1) {
-  constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+// y[r, n_j] = sum_g scale[n_j, g] * sum_{k in group g} x[r, k] * w[n_j, k] for R <= 8 activation rows and
+// S weight rows n_0 .. n_{S-1} at once. Each weight row is read once, in order, and each widened vector of it
+// serves all R activation rows; U independent accumulators per (weight row, activation row) hide the FMA
+// latency when R * S is small. With Prefetch > 0 every stream is also prefetched that many bytes ahead (a hint
+// per cache line).
+template <typename W, bool Scaled, int R, int S, int U, int64_t Prefetch>
+void rows_streams(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                  const int64_t* n) {
   const int64_t NG = K / G;
-  for (int64_t n = n0; n < n1; ++n) {
-    const W* wr = row_of(w, n, K);
-    vf total[R];
-    float tail[R];
-    for (int r = 0; r < R; ++r) total[r] = vf{}, tail[r] = 0.f;
-    for (int64_t g = 0; g < NG; ++g) {
-      const int64_t k1 = (g + 1) * G;
-      int64_t k = g * G;
-      vf acc[R][U];
-      float rest[R];
+  const W* wr[S];
+  vf total[S][R];
+  float tail[S][R];
+  for (int j = 0; j < S; ++j) {
+    wr[j] = row_of(w, n[j], K);
+    for (int r = 0; r < R; ++r) total[j][r] = vf{}, tail[j][r] = 0.f;
+  }
+  for (int64_t g = 0; g < NG; ++g) {
+    const int64_t k1 = (g + 1) * G;
+    int64_t k = g * G;
+    vf acc[S][R][U];
+    float rest[S][R];
+    for (int j = 0; j < S; ++j)
       for (int r = 0; r < R; ++r) {
-        rest[r] = 0.f;
-        for (int u = 0; u < U; ++u) acc[r][u] = vf{};
+        rest[j][r] = 0.f;
+        for (int u = 0; u < U; ++u) acc[j][r][u] = vf{};
       }
-      for (; k + U * kLanes <= k1; k += U * kLanes) {
-        prefetch_ahead(wr, k, U * kLanes);
-        for (int u = 0; u < U; ++u) {
-          const vf wv = load_at(wr, k + u * kLanes);
-          for (int r = 0; r < R; ++r) acc[r][u] += wv * load(x + r * K + k + u * kLanes);
+    for (; k + U * kLanes <= k1; k += U * kLanes) {
+      if (Prefetch > 0)
+        for (int j = 0; j < S; ++j) {
+          const char* c = reinterpret_cast<const char*>(wr[j]) + row_bytes<W>(k) + Prefetch;
+          for (int64_t b = 0; b < row_bytes<W>(U * kLanes); b += 64) __builtin_prefetch(c + b, 0, 0);
         }
-      }
-      for (; k + kLanes <= k1; k += kLanes) {
-        const vf wv = load_at(wr, k);
-        for (int r = 0; r < R; ++r) acc[r][0] += wv * load(x + r * K + k);
-      }
-      for (; k < k1; ++k)
-        for (int r = 0; r < R; ++r) rest[r] += x[r * K + k] * scalar_at(wr, k);
-      const float s = Scaled ? scale[n * NG + g] : 1.f;
-      for (int r = 0; r < R; ++r) {
-        vf sum = acc[r][0];
-        for (int u = 1; u < U; ++u) sum += acc[r][u];
-        if (Scaled) {
-          total[r] += sum * s;
-          tail[r] += rest[r] * s;
-        } else {
-          total[r] += sum;
-          tail[r] += rest[r];
+      for (int u = 0; u < U; ++u) {
+        if (S == 1) {  // each activation vector used once: straight from L1 into the FMA
+          const vf wv = load_at(wr[0], k + u * kLanes);
+          for (int r = 0; r < R; ++r) acc[0][r][u] += wv * load(x + r * K + k + u * kLanes);
+          continue;
+        }
+        vf xv[R];  // loaded once for the S weight rows
+        for (int r = 0; r < R; ++r) xv[r] = load(x + r * K + k + u * kLanes);
+        for (int j = 0; j < S; ++j) {
+          const vf wv = load_at(wr[j], k + u * kLanes);
+          for (int r = 0; r < R; ++r) acc[j][r][u] += wv * xv[r];
         }
       }
     }
-    for (int r = 0; r < R; ++r) y[r * ldy + n] = hsum(total[r]) + tail[r];
+    for (; k + kLanes <= k1; k += kLanes)
+      for (int j = 0; j < S; ++j) {
+        const vf wv = load_at(wr[j], k);
+        for (int r = 0; r < R; ++r) acc[j][r][0] += wv * load(x + r * K + k);
+      }
+    for (; k < k1; ++k)
+      for (int j = 0; j < S; ++j)
+        for (int r = 0; r < R; ++r) rest[j][r] += x[r * K + k] * scalar_at(wr[j], k);
+    for (int j = 0; j < S; ++j) {
+      const float s = Scaled ? scale[n[j] * NG + g] : 1.f;
+      for (int r = 0; r < R; ++r) {
+        vf sum = acc[j][r][0];
+        for (int u = 1; u < U; ++u) sum += acc[j][r][u];
+        if (Scaled) {
+          total[j][r] += sum * s;
+          tail[j][r] += rest[j][r] * s;
+        } else {
+          total[j][r] += sum;
+          tail[j][r] += rest[j][r];
+        }
+      }
+    }
   }
+  for (int j = 0; j < S; ++j)
+    for (int r = 0; r < R; ++r) y[r * ldy + n[j]] = hsum(total[j][r]) + tail[j][r];
+}
+
+// rows_streams over the weight rows [n0, n1). One core reading one weight row after another reaches about
+// half the memory bandwidth it reaches reading several rows at once from different pages (its hardware
+// prefetchers run only so far ahead of each stream): so at one or two activation rows the range is cut into
+// S = 4 equal parts, and row i of every part is read together (n0 + i, n0 + i + q, ...; the < S rows left
+// over one at a time). More activation rows need more accumulators (S * R * U of the 16 vector registers of
+// AVX2) and consume each weight vector more slowly: there fewer streams and a software prefetch ahead of
+// each do better (the choice per R was measured on a 2-core EPYC: a [2048, 1536] weight per format).
+template <typename W, bool Scaled, int R>
+void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  constexpr int S = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+  constexpr int U = R == 1 ? 2 : 1;
+  constexpr int64_t Prefetch = R <= 2 ? 0 : R <= 4 ? 1024 : 2048;
+  const int64_t q = (n1 - n0) / S;
+  int64_t n[S];
+  for (int64_t i = 0; i < q; ++i) {
+    for (int j = 0; j < S; ++j) n[j] = n0 + i + j * q;
+    rows_streams<W, Scaled, R, S, U, Prefetch>(x, K, w, scale, G, y, ldy, n);
+  }
+  for (int64_t m = n0 + S * q; m < n1; ++m)
+    rows_streams<W, Scaled, R, 1, U, Prefetch>(x, K, w, scale, G, y, ldy, &m);
 }
 
 template <typename W, bool Scaled>
