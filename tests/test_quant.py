@@ -150,8 +150,16 @@ def test_few_row_paths_are_measured_against_torch(monkeypatch):
         for _ in range(2):
             torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
     (entry,) = kernels.PATHS.table()
-    assert entry["key"] == ["int8", "384", "256", "4", "4"] and entry["path"] in ("kernel", "torch")
+    threads = torch.get_num_threads()
+    assert entry["key"] == ["int8", "384", "256", "4", "4", str(threads)] and entry["path"] in ("kernel", "torch")
     assert entry["kernel_s"] > 0 and entry["torch_s"] > 0
+    torch.set_num_threads(threads + 1)  # another thread count is measured anew
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    assert [e["key"][-1] for e in kernels.PATHS.table()] == sorted([str(threads), str(threads + 1)])
     kernels.PATHS.clear()
     monkeypatch.setenv(kernels.PATHS_ENV, "torch")
     with torch.no_grad():

@@ -8,7 +8,7 @@ benchmarks/bench_kernels.py measures each against the torch path it replaces (re
 benchmarks/results/kernels.json).
 
 `faster_path` is where a few-row matmul chooses between the kernel and torch's own path: measured once
-per (weight format, shape, row bucket) in this process, never assumed (PathChoice).
+per (weight format, shape, row bucket, threads) in this process, never assumed (PathChoice).
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def row_bucket(rows: int) -> int:
 class PathChoice:
     """Which of two equal computations is faster, per key, measured on first use in this process.
 
-    A key is (weight format, weight shape, row bucket). The first call with a key runs both paths on its
-    real input, alternately (REPEATS each, after one warm-up), and keeps the one with the lower best time;
+    A key is (weight format, weight shape, row bucket) and the thread count it runs at (what is faster on
+    one thread need not be on several). The first call with a key runs both paths on its real input, alternately (REPEATS each, after one warm-up), and keeps the one with the lower best time;
     later calls take it at a dict lookup. NANOSEEK_KERNEL_PATHS=kernel|torch skips the measurement.
     `table()` is what bench_kernels prints.
     """
@@ -127,6 +127,7 @@ class PathChoice:
         self.choices: dict[tuple, dict] = {}
 
     def run(self, key: tuple, kernel_fn, torch_fn, *args):
+        key = (*key, torch.get_num_threads())
         choice = self.choices.get(key)
         if choice is not None:
             return (kernel_fn if choice["path"] == "kernel" else torch_fn)(*args)
