@@ -26,8 +26,26 @@ __all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "
            "rms_norm", "read_streams", "block_decode", "block_config", "block_weights", "cache_index", "isa",
            "faster_path", "row_bucket", "PATHS"]
 
-_disabled = 0  # > 0 inside `disabled()`
-_op_by_op = 0  # > 0 inside `op_by_op()`
+class _Switch:
+    """A process-wide switch that is on inside any open `with switch.on():` block (nested blocks count)."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def __bool__(self) -> bool:
+        return self.depth > 0
+
+    @contextlib.contextmanager
+    def on(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+_disabled = _Switch()  # on inside `disabled()`
+_op_by_op = _Switch()  # on inside `op_by_op()`
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -40,27 +58,15 @@ def usable(*tensors: torch.Tensor) -> bool:
     return load() is not None
 
 
-@contextlib.contextmanager
 def disabled():
     """Run on the torch paths (tests compare the two; benchmarks measure the difference)."""
-    global _disabled
-    _disabled += 1
-    try:
-        yield
-    finally:
-        _disabled -= 1
+    return _disabled.on()
 
 
-@contextlib.contextmanager
 def op_by_op():
     """Run decode steps block by block from Python, one module at a time (each still takes its kernels),
     instead of one block_decode call per block: what tests and benchmarks compare the C++ block against."""
-    global _op_by_op
-    _op_by_op += 1
-    try:
-        yield
-    finally:
-        _op_by_op -= 1
+    return _op_by_op.on()
 
 
 def whole_blocks() -> bool:
