@@ -8,7 +8,8 @@ gives), in separate processes so each stage's peak RSS is its own:
   2. `nanoseek quantize --to int8` it (tensor by tensor: the fp32 / bf16 model is never held);
   3. load the int8 checkpoint and decode greedily at batch 1 and 8: tokens/s, and the fraction of the
      memory roofline reached at batch 1 (bytes of weight one step must read, non-expert weights plus
-     top-k experts per layer, divided by the step time, over the bandwidth a large copy measures).
+     top-k experts per layer, divided by the step time, over the fastest memory read measured:
+     benchmarks.common.bandwidth).
 Disk: the bf16 checkpoint is ~31 GB and the int8 one ~16 GB at full depth; `--layers N` keeps the first
 N layers (the per-layer shapes unchanged) for machines without that much disk or memory. Everything is
 written under `--dir` and deleted afterwards unless `--keep`.
