@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
         print(f"{fmt:>10}: {r['weight_gb']} GB, weight error {r['weight_error_rel']:.2e}, logit error "
               f"{r['max_logit_error_rel']:.2e}, greedy agreement {r['greedy_agreement']:.0%}{acc}, {speeds}")
     if profile:
-        print(f"memory: read {result['read_gbs']} GB/s, copy {result['copy_gbs']} GB/s; a batch-1 step (ms, and GB/s of weights):")
+        print(f"memory: read {result['read_gbs']} GB/s, copy {result['copy_gbs']} GB/s; a batch-1 step (ms, and "
+              "GB/s of weights):")
     for fmt, r in profile.items():
         print(f"{fmt:>10}: {r['step_ms']} = blocks {r['blocks_ms']} ({r['blocks_gbs']} GB/s) + head {r['head_ms']} "
               f"({r['head_gbs']} GB/s) + rest {r['rest_ms']}; step {r['step_gbs']} GB/s; the kernel streams "

@@ -120,7 +120,8 @@ def bandwidth() -> dict:
         for streams in (2, 4, 8):
             reads[f"streams_{streams}"] = a.nbytes / best(lambda: kernels.read_streams(a, streams)) / 1e9
     return {"copy_gbs": round(2 * a.nbytes / best(lambda: b.copy_(a)) / 1e9, 2),
-            "read_gbs": round(max(reads.values()), 2), "read_by_pattern_gbs": {k: round(v, 2) for k, v in reads.items()}}
+            "read_gbs": round(max(reads.values()), 2),
+            "read_by_pattern_gbs": {k: round(v, 2) for k, v in reads.items()}}
 
 
 def bandwidth_gbs() -> float:

@@ -121,8 +121,9 @@ class PathChoice:
     """Which of two equal computations is faster, per key, measured on first use in this process.
 
     A key is (weight format, weight shape, row bucket) and the thread count it runs at (what is faster on
-    one thread need not be on several). The first call with a key runs both paths on its real input, alternately (REPEATS each, after one warm-up), and keeps the one with the lower best time;
-    later calls take it at a dict lookup. NANOSEEK_KERNEL_PATHS=kernel|torch skips the measurement.
+    one thread need not be on several). The first call with a key runs both paths on its real input,
+    alternately (REPEATS each, after one warm-up), and keeps the one with the lower best time; later calls
+    take it at a dict lookup. NANOSEEK_KERNEL_PATHS=kernel|torch skips the measurement.
     `table()` is what bench_kernels prints.
     """
 
