@@ -87,6 +87,16 @@ def test_read_streams_sums_every_element(built, threads):
         torch.set_num_threads(old)
 
 
+def test_bandwidth_reports_the_fastest_read_as_the_roofline(built):
+    """benchmarks.common.bandwidth: every read pattern measured, the fastest of them the roofline."""
+    from benchmarks.common import bandwidth, bandwidth_gbs
+
+    bw = bandwidth()
+    assert set(bw["read_by_pattern_gbs"]) == {"torch_sum", "streams_2", "streams_4", "streams_8"}
+    assert bw["read_gbs"] == max(bw["read_by_pattern_gbs"].values()) > 0 and bw["copy_gbs"] > 0
+    assert bandwidth_gbs() > 0
+
+
 def test_experts_rows_and_rms_norm_equal_torch(built):
     torch.manual_seed(0)
     moe = tiny(initializer_range=0.2, n_routed_experts=8, num_experts_per_tok=3).layers[1].mlp
