@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #if defined(NANOSEEK_ISA_AVX2) || defined(NANOSEEK_ISA_AVX512)
 #include <immintrin.h>
@@ -274,15 +275,18 @@ void rows_streams(const float* x, int64_t K, const W* w, const float* scale, int
 // half the memory bandwidth it reaches reading several rows at once from different pages (its hardware
 // prefetchers run only so far ahead of each stream): so at one or two activation rows the range is cut into
 // S = 4 equal parts, and row i of every part is read together (n0 + i, n0 + i + q, ...; the < S rows left
-// over one at a time). More activation rows need more accumulators (S * R * U of the 16 vector registers of
-// AVX2) and consume each weight vector more slowly: there fewer streams and a software prefetch ahead of
-// each do better (the choice per R was measured on a 2-core EPYC: a [2048, 1536] weight per format).
+// over one at a time). bf16 and int8 streams, which a core consumes in fewer bytes per vector, are also
+// prefetched 512 bytes ahead (int4, bound by its unpacking, is not: the hints only cost it). More activation
+// rows need more accumulators (S * R * U of the 16 vector registers of AVX2) and consume each weight vector
+// more slowly: there fewer streams and a software prefetch further ahead do better (each choice measured on
+// a 2-core EPYC, 1 and 2 threads, a [2048, 1536] weight per format).
 template <typename W, bool Scaled, int R>
 void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
                 int64_t n0, int64_t n1) {
   constexpr int S = R <= 2 ? 4 : R <= 4 ? 2 : 1;
   constexpr int U = R == 1 ? 2 : 1;
-  constexpr int64_t Prefetch = R <= 2 ? 0 : R <= 4 ? 1024 : 2048;
+  constexpr bool narrow = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, int8_t>;
+  constexpr int64_t Prefetch = R <= 2 ? (narrow ? 512 : 0) : R <= 4 ? 1024 : 2048;
   const int64_t q = (n1 - n0) / S;
   int64_t n[S];
   for (int64_t i = 0; i < q; ++i) {
