@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("NANOSEEK_RESULTS_DIR") or ROOT / "benchmarks" / "results")  # as benchmarks.common
 
 
 def run(config: Path, out: Path, overrides: list[str]) -> tuple[list[dict], float]:

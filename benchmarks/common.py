@@ -14,7 +14,9 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# Where every benchmark writes its JSON: benchmarks/results/, or $NANOSEEK_RESULTS_DIR, so that a second
+# kind of machine keeps its own results beside the first's (e.g. benchmarks/results/epyc-avx512/).
+RESULTS = Path(os.environ.get("NANOSEEK_RESULTS_DIR") or Path(__file__).parent / "results")
 ROOT = Path(__file__).resolve().parent.parent
 
 
