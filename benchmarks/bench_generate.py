@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import nanoseek
-from benchmarks.common import RESULTS, alternate, bandwidth_gbs, fast_dtype, median, write_result
+from benchmarks.common import RESULTS, alternate, bandwidth_gbs, fast_dtype, median, step_bytes, write_result
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
 
@@ -56,11 +56,12 @@ def bench_decode(args) -> dict:
     theirs32.generation_config.eos_token_id = None  # always 64 new tokens, as ours (no stop ids)
     theirs32.generation_config.pad_token_id = 0
     out = {}
+    bandwidth = bandwidth_gbs()  # once: the machine's memory, whatever the weights' dtype
     for dtype in args.dtypes:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         ours = fp32 if dt == torch.float32 else copy.deepcopy(fp32).cast(dt)
         theirs = theirs32 if dt == torch.float32 else copy.deepcopy(theirs32).to(dt)
-        out[dtype] = _decode_rows(args, cfg, ours, theirs, dtype)
+        out[dtype] = _decode_rows(args, cfg, ours, theirs, dtype, bandwidth)
     return out
 
 
@@ -69,27 +70,21 @@ def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
 
     A decode step multiplies a few rows by every weight it touches, so it cannot beat streaming those
     weights from memory once: all non-expert weights (the embedding is a lookup) plus, per MoE layer, the
-    experts the batch picks (B tokens x K choices; uniform routing is assumed for the expected count).
+    experts the batch picks (B tokens x K choices; uniform routing is assumed for the expected count):
+    benchmarks.common.step_bytes.
     """
     cfg = model.config
-    elem = next(model.parameters()).element_size()
-    moes = model.moe_layers(include_mtp=False)
-    expert = sum(p[0].numel() for p in (moes[0].experts.gate_up_proj, moes[0].experts.down_proj)) if moes else 0
-    main = {id(p): p for n, p in model.named_parameters() if not n.startswith("mtp.")}
-    stacked = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in moes)
-    dense = sum(p.numel() for p in main.values()) - stacked - model.embed_tokens.weight.numel()
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     hit = E * (1 - (1 - K / E) ** batch) if E else 0.0
-    step_bytes = (dense + len(moes) * hit * expert) * elem
-    floor_s = step_bytes / (bandwidth_gbs * 1e9)
-    return {"weight_mb_per_step": round(step_bytes / 1e6, 1), "experts_read_per_layer": round(hit, 1),
+    nbytes = step_bytes(model, batch)
+    floor_s = nbytes / (bandwidth_gbs * 1e9)
+    return {"weight_mb_per_step": round(nbytes / 1e6, 1), "experts_read_per_layer": round(hit, 1),
             "bandwidth_gbs": round(bandwidth_gbs, 1), "floor_ms_per_step": round(floor_s * 1e3, 2),
             "ceiling_tokens_per_s": round(batch / floor_s, 1)}
 
 
-def _decode_rows(args, cfg, ours, theirs, dtype: str) -> dict:
+def _decode_rows(args, cfg, ours, theirs, dtype: str, bandwidth: float) -> dict:
     out = {}
-    bandwidth = bandwidth_gbs()
     for B in args.batches:
         prompts = random_prompts(B, args.prompt_len, cfg.vocab_size, seed=B)
         ids = torch.tensor(prompts)

@@ -6,7 +6,8 @@
    `bench` head) at 1, 2 and 16 rows, and the call time on a small 64x128 weight at 2 rows; then the
    same 8192x512 weights as fp32, bf16 and int8 (group 128) through each runnable instruction set's
    build, as GB/s of weight bytes and as the speed-up over F.linear on the fp32 weight;
-1b. the calibration the decode paths use (kernels.PATHS, nanoseek.infer.fast.modules.few_rows_linear and
+1b. the bf16 / int8 prefetch distance each build chose on this machine (nanoseek.infer.fast.prefetch), and
+   the calibration the decode paths use (kernels.PATHS, nanoseek.infer.fast.modules.few_rows_linear and
    nanoseek.infer.quant.QuantLinear): kernel vs F.linear measured per shape and row bucket on first use,
    and which one each shape takes on this machine;
 2. one `bench` MoE layer (router, routed and shared experts; the model accelerated) at 1 and 16 tokens:
@@ -157,6 +158,10 @@ def main(argv=None) -> dict:
         result = {"cpu": cpu, "runnable_isas": build.runnable_isas(), "selected_isa": kernels.isa(),
                   "matmul": bench_matmul(), "formats": bench_formats(), "experts": bench_experts(model),
                   "rmsnorm": bench_rmsnorm()}
+    # the bf16 / int8 prefetch distance each build measured (or was told) here: nanoseek.infer.fast.prefetch
+    result["prefetch"] = {isa: build.status(isa)["prefetch"] for isa in build.runnable_isas()}
+    print("bf16 / int8 prefetch by build: " + ", ".join(f"{isa} {p.get('bytes')} B ({p.get('read_gbs', p.get('source'))})"
+                                                        for isa, p in result["prefetch"].items()))
     result["calibration"] = bench_calibration(model)
     result["decode_step_batch_1"] = bench_threads(model)
     m, e = result["matmul"], result["experts"]

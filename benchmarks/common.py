@@ -66,10 +66,11 @@ SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
 
 
 def cpu_info() -> dict:
-    """`lscpu`'s model name and the SIMD flags that decide which kernels and dtypes are fast."""
+    """`lscpu`'s model name, CPU family and model number (a VM may show only "AMD EPYC": family 25 is
+    Zen 3 / Zen 4, 26 is Zen 5), and the SIMD flags that decide which kernels and dtypes are fast."""
     import subprocess
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
@@ -78,9 +79,11 @@ def cpu_info() -> dict:
         key, _, value = line.partition(":")
         if key.strip() == "Model name":
             model = value.strip()
+        elif key.strip() in ("CPU family", "Model"):
+            ids["family" if key.strip() == "CPU family" else "model_number"] = value.strip()
         elif key.strip() == "Flags":
             flags = set(value.split())
-    return {"model": model, "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
+    return {"model": model, **ids, "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
 
 
 def machine() -> dict:
@@ -133,13 +136,17 @@ def bandwidth_gbs() -> float:
 
 def step_bytes(model, batch: int) -> float:
     """Weight bytes one decode step reads: everything but the routed experts, plus the experts the batch
-    is expected to touch per layer (all of top-k at batch 1; E * (1 - (1 - k/E)^batch) beyond)."""
+    is expected to touch per layer (all of top-k at batch 1; E * (1 - (1 - k/E)^batch) beyond). Counted
+    from the tensors in memory, so bf16 / int8 / int4 weights and their scales count what they store. The
+    MTP modules are left out: decoding without speculation never runs them."""
     from nanoseek.infer.quant import QuantExperts
 
     cfg = model.config
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     total, experts = 0, 0
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if name == "mtp" or name.startswith("mtp."):
+            continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
             nbytes = t.numel() * t.element_size()
             total += nbytes

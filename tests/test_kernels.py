@@ -394,3 +394,63 @@ def test_build_lock_removes_the_baton_a_killed_build_left(tmp_path):
         assert not (tmp_path / "lock").exists()
     with build._build_lock(tmp_path):  # released: a second build takes it again
         pass
+
+
+def test_prefetch_distance_changes_speed_not_values(built):
+    """Every prefetch distance the one- and two-row matmuls offer gives bitwise the same result (a hint
+    changes when bytes arrive, never the sums); other distances are refused with a one-line error."""
+    from nanoseek.infer import quant
+    from nanoseek.infer.fast import prefetch
+
+    ext = kernels.load()
+    before = ext.narrow_prefetch()
+    torch.manual_seed(0)
+    w = torch.randn(300, 1024)
+    weights = [(w.bfloat16(), None), quant.quantize_int8(w, 128), (w, None)]
+    try:
+        for rows in (1, 2, 3):
+            x = torch.randn(rows, 1024)
+            outs = {}
+            for d in prefetch.DISTANCES:
+                ext.set_narrow_prefetch(d)
+                assert ext.narrow_prefetch() == d
+                outs[d] = [ext.rows_matmul(x, q, s) for q, s in weights]
+            for d in prefetch.DISTANCES[1:]:
+                for a, b in zip(outs[0], outs[d]):
+                    assert torch.equal(a, b)
+        with pytest.raises(RuntimeError, match="0, 512, 1024 or 2048"):
+            ext.set_narrow_prefetch(100)
+    finally:
+        ext.set_narrow_prefetch(before)
+
+
+def test_prefetch_distance_is_measured_once_recorded_and_forced_by_env(built, tmp_path, monkeypatch, capsys):
+    from nanoseek.infer.fast import prefetch
+
+    ext = kernels.load()
+    before = ext.narrow_prefetch()
+    monkeypatch.setattr(prefetch, "PROBE_BYTES", 16 << 20)  # the mechanism, not a good measurement
+    monkeypatch.delenv(prefetch.ENV, raising=False)
+    try:
+        first = prefetch.configure(ext, tmp_path, "build_x")
+        assert first["source"] == "measured" and first["bytes"] in prefetch.DISTANCES
+        assert set(first["read_gbs"]) == {str(d) for d in prefetch.DISTANCES}
+        assert all(v > 0 for v in first["read_gbs"].values()) and ext.narrow_prefetch() == first["bytes"]
+        record = prefetch.record_path(tmp_path, "build_x")
+        assert record.is_file()
+        again = prefetch.configure(ext, tmp_path, "build_x")  # read back, not measured again
+        assert again["source"] == str(record) and again["bytes"] == first["bytes"]
+
+        record.write_text("{not json")  # a corrupt record is measured again and rewritten
+        assert prefetch.configure(ext, tmp_path, "build_x")["source"] == "measured"
+
+        other = next(d for d in prefetch.DISTANCES if d != first["bytes"])
+        monkeypatch.setenv(prefetch.ENV, str(other))
+        assert prefetch.configure(ext, tmp_path, "build_x") == {"bytes": other, "source": prefetch.ENV}
+        assert ext.narrow_prefetch() == other
+
+        monkeypatch.setenv(prefetch.ENV, "300")  # refused in one line; the record is used instead
+        assert prefetch.configure(ext, tmp_path, "build_x")["source"] == str(record)
+        assert "NANOSEEK_PREFETCH='300' ignored" in capsys.readouterr().err
+    finally:
+        ext.set_narrow_prefetch(before)

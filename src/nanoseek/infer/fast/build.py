@@ -192,6 +192,7 @@ class _Kernels:
         self.state = "not loaded"  # -> loaded | failed | disabled
         self.reason = ""
         self.path: Path | None = None
+        self.prefetch: dict = {}  # nanoseek.infer.fast.prefetch.configure's record, once loaded
 
     def load(self, force: bool = False):
         if not force and self.tried:  # the hot path: every fast-path call asks
@@ -229,6 +230,10 @@ class _Kernels:
                 print(f"nanoseek: the C++ decode kernels did not build ({self.reason}); using the torch paths "
                       f"(the same values, slower decoding). Retry with `nanoseek build-kernels` once fixed "
                       f"(details: {marker})", file=sys.stderr, flush=True)
+            if self.module is not None:
+                from .prefetch import configure  # the prefetch distance this machine's memory wants
+
+                self.prefetch = configure(self.module, build_root(), key["name"])
         return self.module
 
 
@@ -372,7 +377,7 @@ def status(isa: str | None = None) -> dict:
     if k is None:
         return {"state": "failed", "reason": KERNELS.isa_error, "path": None, "isa": None}
     return {"state": k.state if enabled() else "disabled", "reason": k.reason,
-            "path": str(k.path) if k.path else None, "isa": k.isa}
+            "path": str(k.path) if k.path else None, "isa": k.isa, "prefetch": k.prefetch}
 
 
 def compile_only(isa: str, out_dir: Path) -> list[Path]:
@@ -431,12 +436,15 @@ def run(args) -> int:
     directory = build_root() / key["name"]
     if args.force and directory.is_dir():
         shutil.rmtree(directory)
+    if args.force:  # and measure the prefetch distance again
+        (build_root() / f"{key['name']}.prefetch.json").unlink(missing_ok=True)
     module = load(force=True, isa=isa)
     info_file = directory / "nanoseek_build.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else dict(key)
     st = status(isa)
     result = {**info, "ok": module is not None, "directory": str(directory), "library": st["path"],
-              "reason": st["reason"], "disabled_at_run_time": not enabled(), "runnable_isas": runnable}
+              "reason": st["reason"], "disabled_at_run_time": not enabled(), "runnable_isas": runnable,
+              "prefetch": st["prefetch"]}
     if args.json:
         print(json.dumps(result, indent=2))
     elif module is None:
@@ -445,7 +453,9 @@ def run(args) -> int:
         print(f"decode kernels: {result['library']}\n  key: torch {key['torch']}, {key['python']}, "
               f"{key['machine']} {key['isa']}, {key['compiler']}, source {key['source_sha256'][:12]}\n"
               f"  OpenMP: {info.get('openmp', 'unknown (built by an older nanoseek)')}\n"
-              f"  this CPU runs: {', '.join(runnable)}")
+              f"  this CPU runs: {', '.join(runnable)}\n"
+              f"  bf16 / int8 prefetch: {st['prefetch'].get('bytes')} bytes ahead ({st['prefetch'].get('source')}; "
+              f"1-2 row GB/s by distance: {st['prefetch'].get('read_gbs', 'not measured')})")
         if not enabled():
             print("  note: NANOSEEK_KERNELS=0 is set, so they stay off at run time")
     return 0 if module is not None else 1

@@ -535,4 +535,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_streams", &read_streams, "sum of a 1-D fp32 tensor, each thread's share read as 1, 2, 4 or 8 "
         "streams at once (the memory-read probe of the benchmarks)", py::arg("x"), py::arg("streams"), nogil);
   m.def("kernel_isa", &kernel_isa, "the instruction set this build was compiled for");
+  m.def("narrow_prefetch", &narrow_prefetch, "bytes the 1-2 row matmuls prefetch bf16 / int8 weights ahead");
+  m.def("set_narrow_prefetch", &set_narrow_prefetch, "set those bytes (0, 512, 1024 or 2048)",
+        py::arg("bytes"));
 }

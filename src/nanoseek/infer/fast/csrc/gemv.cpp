@@ -7,6 +7,7 @@
 // threads.
 #include "gemv.h"
 
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -19,6 +20,18 @@ const char* kernel_isa() {
 #else
   return "portable";
 #endif
+}
+
+namespace {
+std::atomic<int64_t> g_narrow_prefetch{512};
+}
+
+int64_t narrow_prefetch() { return g_narrow_prefetch.load(std::memory_order_relaxed); }
+
+void set_narrow_prefetch(int64_t bytes) {
+  TORCH_CHECK(bytes == 0 || bytes == 512 || bytes == 1024 || bytes == 2048, "set_narrow_prefetch: ", bytes,
+              " bytes (0, 512, 1024 or 2048 expected)");
+  g_narrow_prefetch.store(bytes, std::memory_order_relaxed);
 }
 
 int64_t stored_columns(at::ScalarType type, int64_t K) { return type == at::kByte ? K / 2 : K; }

@@ -89,6 +89,13 @@ double read_streams(const at::Tensor& x, int64_t streams);
 // The instruction set this extension was compiled for ("avx512", "avx2" or "portable").
 const char* kernel_isa();
 
+// How far ahead (bytes) the one- and two-row matmuls prefetch bf16 and int8 weights: 0 (no hints), 512, 1024
+// or 2048; 512 until set. The best distance depends on the machine's memory, not on the instruction set (512 on the
+// 2-core AVX2 EPYC this was first tuned on, 2048 on a Zen 5 EPYC), so it is measured once per build and
+// machine and set from Python (nanoseek.infer.fast.prefetch).
+int64_t narrow_prefetch();
+void set_narrow_prefetch(int64_t bytes);
+
 namespace gemv {
 
 constexpr int kLanes = NANOSEEK_VEC_BYTES / 4;
@@ -288,17 +295,15 @@ void rows_streams(const float* x, int64_t K, const W* w, const float* scale, int
 // prefetchers run only so far ahead of each stream): so at one or two activation rows the range is cut into
 // S = 4 equal parts, and row i of every part is read together (n0 + i, n0 + i + q, ...; the < S rows left
 // over one at a time). bf16 and int8 streams, which a core consumes in fewer bytes per vector, are also
-// prefetched 512 bytes ahead (int4, bound by its unpacking, is not: the hints only cost it). More activation
-// rows need more accumulators (S * R * U of the 16 vector registers of AVX2) and consume each weight vector
-// more slowly: there fewer streams and a software prefetch further ahead do better (each choice measured on
-// a 2-core EPYC, 1 and 2 threads, a [2048, 1536] weight per format).
-template <typename W, bool Scaled, int R>
-void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
-                int64_t n0, int64_t n1) {
+// prefetched narrow_prefetch() bytes ahead (int4, bound by its unpacking, is not: the hints only cost it).
+// More activation rows need more accumulators (S * R * U of the 16 vector registers of AVX2) and consume
+// each weight vector more slowly: there fewer streams and a software prefetch further ahead do better (each
+// choice measured on a 2-core EPYC, 1 and 2 threads, a [2048, 1536] weight per format).
+template <typename W, bool Scaled, int R, int64_t Prefetch>
+void rows_block_at(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                   int64_t n0, int64_t n1) {
   constexpr int S = R <= 2 ? 4 : R <= 4 ? 2 : 1;
   constexpr int U = R == 1 ? 2 : 1;
-  constexpr bool narrow = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, int8_t>;
-  constexpr int64_t Prefetch = R <= 2 ? (narrow ? 512 : 0) : R <= 4 ? 1024 : 2048;
   const int64_t q = (n1 - n0) / S;
   int64_t n[S];
   for (int64_t i = 0; i < q; ++i) {
@@ -307,6 +312,26 @@ void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64
   }
   for (int64_t m = n0 + S * q; m < n1; ++m)
     rows_streams<W, Scaled, R, 1, U, Prefetch>(x, K, w, scale, G, y, ldy, &m);
+}
+
+// The distance is a template argument (a run-time distance in the loop cost fp32 rows ~10-20% on a Zen 5,
+// though fp32 takes no hints): the narrow formats' run-time setting picks one of four instantiations.
+template <typename W, bool Scaled, int R>
+void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
+                int64_t n0, int64_t n1) {
+  constexpr bool narrow = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, int8_t>;
+  if constexpr (R > 2) {
+    rows_block_at<W, Scaled, R, R <= 4 ? 1024 : 2048>(x, K, w, scale, G, y, ldy, n0, n1);
+  } else if constexpr (!narrow) {
+    rows_block_at<W, Scaled, R, 0>(x, K, w, scale, G, y, ldy, n0, n1);
+  } else {
+    switch (narrow_prefetch()) {
+      case 0: rows_block_at<W, Scaled, R, 0>(x, K, w, scale, G, y, ldy, n0, n1); break;
+      case 1024: rows_block_at<W, Scaled, R, 1024>(x, K, w, scale, G, y, ldy, n0, n1); break;
+      case 2048: rows_block_at<W, Scaled, R, 2048>(x, K, w, scale, G, y, ldy, n0, n1); break;
+      default: rows_block_at<W, Scaled, R, 512>(x, K, w, scale, G, y, ldy, n0, n1);
+    }
+  }
 }
 
 template <typename W, bool Scaled>
