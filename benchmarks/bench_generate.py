@@ -2,7 +2,8 @@
 
 1. decode: greedy tokens/s of `Engine.generate_batch` against transformers' `DeepseekV3ForCausalLM.generate`
    with the same weights (nanoseek saves, transformers loads), on the `bench` preset, prompt 32 tokens,
-   64 new, at batch 1 and 16, in fp32 and in bf16 (both sides cast); rounds alternate between the two and
+   64 new, at batch 1 and 16, in fp32 and in bf16 (transformers cast to bf16; nanoseek as `generate` loads a
+   bf16 checkpoint on a CPU: bf16 linear and expert weights, fp32 compute); rounds alternate between the two and
    the median is reported, with the number of sequences whose 64 tokens are identical.
 2. server: a real `nanoseek serve` process on loopback; N concurrent clients (a bounded thread pool) send
    the same requests that are then sent one at a time: total time, throughput, p50/p99 latency.
@@ -36,6 +37,7 @@ import nanoseek
 from benchmarks.common import RESULTS, alternate, bandwidth_gbs, fast_dtype, median, step_bytes, write_result
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.quant import quantize_model
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -59,7 +61,9 @@ def bench_decode(args) -> dict:
     bandwidth = bandwidth_gbs()  # once: the machine's memory, whatever the weights' dtype
     for dtype in args.dtypes:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        ours = fp32 if dt == torch.float32 else copy.deepcopy(fp32).cast(dt)
+        # bf16: what `generate` / `serve` load a bf16 checkpoint as on a CPU (bf16 linear and expert weights,
+        # fp32 compute: nanoseek.infer.generate.load_model); transformers computes in bf16.
+        ours = fp32 if dt == torch.float32 else quantize_model(copy.deepcopy(fp32), "bf16")
         theirs = theirs32 if dt == torch.float32 else copy.deepcopy(theirs32).to(dt)
         out[dtype] = _decode_rows(args, cfg, ours, theirs, dtype, bandwidth)
     return out
@@ -331,7 +335,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     ap.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
                     help="fp32 (identical tokens expected) and/or bf16 (half the weight bytes; tokens may drift); "
-                         "default fp32, plus bf16 where bf16 is fast (GPUs, AMX CPUs)")
+                         "default fp32, plus bf16 where bf16 is fast (AMX / AVX512-BF16 CPUs)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)

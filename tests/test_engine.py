@@ -263,15 +263,29 @@ def test_background_thread_survives_a_failing_step(model):
         engine.stop()
 
 
-def test_load_model_upcasts_bf16_on_a_cpu_without_fast_bf16(tmp_path, monkeypatch):
-    """Serving a bf16 checkpoint on a CPU without AMX / AVX512-BF16 runs in fp32 unless --dtype says so."""
+def test_load_model_keeps_bf16_weights_and_computes_in_fp32_on_a_cpu(tmp_path, monkeypatch):
+    """A bf16 checkpoint served on a CPU keeps its linear and expert weights in bf16, bit for bit, and computes
+    in fp32 (`bf16-weights`), with or without fast bf16 matmuls; --dtype bfloat16 keeps bf16 compute; an
+    fp16 checkpoint on a CPU without fast bf16 runs in fp32."""
     import nanoseek
     from nanoseek.infer.generate import load_model
 
-    nanoseek.save(Transformer(preset("tiny")).cast(torch.bfloat16), tmp_path)
+    torch.manual_seed(0)
+    ref = Transformer(preset("tiny")).cast(torch.bfloat16)
+    nanoseek.save(ref, tmp_path)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        expected = copy.deepcopy(ref).cast(torch.float32)(ids)
+    for fast_bf16 in (False, True):
+        monkeypatch.setattr("nanoseek.device.cpu_has_fast_bf16", lambda fast_bf16=fast_bf16: fast_bf16)
+        model = load_model(str(tmp_path))
+        assert model.weight_format["format"] == "bf16" and model.embed_tokens.weight.dtype == torch.float32
+        assert torch.equal(model.layers[0].self_attn.o_proj.weight, ref.layers[0].self_attn.o_proj.weight)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+        assert load_model(str(tmp_path), "bfloat16").embed_tokens.weight.dtype == torch.bfloat16
+    fp16 = tmp_path / "fp16"
+    nanoseek.save(Transformer(preset("tiny")).cast(torch.float16), fp16)
     monkeypatch.setattr("nanoseek.device.cpu_has_fast_bf16", lambda: False)
-    model = load_model(str(tmp_path))
+    model = load_model(str(fp16))
     assert model.embed_tokens.weight.dtype == torch.float32 and model.layers[1].mlp.gate.weight.dtype == torch.float32
-    assert load_model(str(tmp_path), "bfloat16").embed_tokens.weight.dtype == torch.bfloat16
-    monkeypatch.setattr("nanoseek.device.cpu_has_fast_bf16", lambda: True)
-    assert load_model(str(tmp_path)).embed_tokens.weight.dtype == torch.bfloat16

@@ -119,6 +119,16 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
     return torch.float32
 
 
+def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
+    """The float dtype a checkpoint directory's weights load in as stored (FP8 ones: the dtype they are
+    dequantised to); None for a `nanoseek quantize` checkpoint, whose narrow weights are a format of their own."""
+    path = Path(path)
+    cfg_dict, _ = read_config(path)
+    if stored_weight_format(cfg_dict) is not None:
+        return None
+    return _source_dtype(cfg_dict, _checkpoint_files(path), path)
+
+
 def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:
     """(format, group size) of a checkpoint `nanoseek quantize` wrote (bf16, int8 or int4 weights), else None."""
     q = cfg_dict.get("quantization_config")
