@@ -120,12 +120,32 @@ def chat_model_dir(tmp_path_factory) -> Path:
     model.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only add contention on a shared machine
+    def memorised() -> bool:
+        """Every reply token is the argmax after its teacher-forced prefix, by a clear margin: then greedy
+        decoding reproduces the reply on any CPU, whatever order its kernels add in."""
+        with torch.no_grad():
+            logits = model(x)
+        mask = y != -100
+        target = logits.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        runner_up = logits.scatter(-1, y.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)
+        return bool(((target - runner_up)[mask] > 1.0).all())
+
     try:
-        for _ in range(150):
+        # 150 steps memorise the replies on the AVX2 machines; CPUs that add in another order (AVX-512)
+        # may need more. The check, not a step count, decides.
+        for step in range(600):
             loss = model.forward_train(x, y, mtp_weight=0.3).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if step + 1 >= 150 and (step + 1) % 25 == 0:
+                model.eval()
+                done = memorised()
+                model.train()
+                if done:
+                    break
+        else:
+            raise AssertionError("the chat fixture did not memorise its replies in 600 steps")
     finally:
         torch.set_num_threads(threads)
     model.eval()

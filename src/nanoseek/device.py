@@ -1,7 +1,7 @@
 """Which device and dtype to run on: helpers shared by training, inference and serving.
 
 Kept apart from `nanoseek.train` so that serving a model never imports the training stack: the
-generate/chat/serve commands ask `cpu_has_fast_bf16` whether to upcast bf16 weights, and the training
+generate/chat/serve commands ask `cpu_has_fast_bf16` whether to upcast fp16 weights, and the training
 loop asks the same question to choose its autocast dtype.
 """
 

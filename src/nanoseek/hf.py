@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
 from .errors import CheckpointError  # noqa: F401 (re-exported: callers import it from here)
+from .hf_keys import hf_to_ours, ours_to_hf  # noqa: F401 (re-exported: the key map)
 from .model_dir import RUN_MODEL_DIRS, check_model_dir, read_config_json  # noqa: F401 (re-exported)
 from .model import Transformer
 from .model.layers import rope_inv_freq
@@ -41,32 +42,6 @@ from .model.layers import rope_inv_freq
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 _EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-# ----------------------------------------------------------------------------- key map
-def hf_to_ours(key: str, n_layers: int) -> str | None:
-    """HF name -> our name (None for the MTP copies of embedding/head, which we share with the main model)."""
-    if key == "lm_head.weight":
-        return key
-    if not key.startswith("model."):
-        raise CheckpointError(f"unexpected tensor {key!r}: not a deepseek_v3 / deepseek_v32 weight")
-    key = key[len("model."):]
-    m = re.match(r"^layers\.(\d+)\.(.*)$", key)
-    if m and int(m.group(1)) >= n_layers:
-        rest = m.group(2)
-        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
-            return None
-        return f"mtp.{int(m.group(1)) - n_layers}.{rest}"
-    return key
-
-
-def ours_to_hf(name: str, n_layers: int) -> str:
-    if name == "lm_head.weight":
-        return name
-    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
-    if m:
-        return f"model.layers.{n_layers + int(m.group(1))}.{m.group(2)}"
-    return "model." + name
 
 
 # ----------------------------------------------------------------------------- loading
@@ -120,13 +95,10 @@ def _source_dtype(cfg_dict: dict, weight_map: dict[str, str], path: Path) -> tor
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
-    """The float dtype a checkpoint directory's weights load in as stored (FP8 ones: the dtype they are
-    dequantised to); None for a `nanoseek quantize` checkpoint, whose narrow weights are a format of their own."""
-    path = Path(path)
-    cfg_dict, _ = read_config(path)
-    if stored_weight_format(cfg_dict) is not None:
-        return None
-    return _source_dtype(cfg_dict, _checkpoint_files(path), path)
+    """The float dtype a checkpoint's weights load in as stored (FP8: the dtype they dequantise to); None for
+    a `nanoseek quantize` checkpoint, whose narrow weights are a format of their own."""
+    cfg_dict, _ = read_config(path := Path(path))
+    return None if stored_weight_format(cfg_dict) else _source_dtype(cfg_dict, _checkpoint_files(path), path)
 
 
 def stored_weight_format(cfg_dict: dict) -> tuple[str, int | None] | None:

@@ -10,9 +10,9 @@ from nanoseek.infer.generate import LOAD_DTYPES, check_model_dir, load_model
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.text import ChatTokenizer
 
-DTYPE_HELP = ("weights dtype (default: as stored; bf16/fp16 become float32 on CPUs without fast bf16); int8, int4 "
-              "and bf16-weights convert the linear and expert weights at load (fp32 compute; see `nanoseek "
-              "quantize`)")
+DTYPE_HELP = ("weights dtype (default: as stored, except on a CPU: bf16 loads as bf16-weights, and fp16 as float32 "
+              "where bf16 is not fast); int8, int4 and bf16-weights convert the linear and expert weights at load "
+              "(fp32 compute; see `nanoseek quantize`)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

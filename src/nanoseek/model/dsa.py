@@ -196,10 +196,12 @@ class SparseMLA(MLA):
         out = self._naive(st.q_nope, st.q_rope, latent, k_rope, mask)
         with torch.no_grad():
             target = self._head_summed_probs(st, allowed)
-        log_q = self.indexer.scores(st.index_q, st.index_w, st.index_key).masked_fill(~allowed, float("-inf"))
-        log_q = log_q.log_softmax(dim=-1)
-        # KL(p || q) per query over the allowed keys (p is 0 elsewhere; masked so 0 * -inf never appears)
-        kl = (torch.xlogy(target, target) - target * log_q.masked_fill(~allowed, 0.0)).sum(-1)
+        scores = self.indexer.scores(st.index_q, st.index_w, st.index_key).float()
+        # KL(p || q) per query over the allowed keys (p is 0 elsewhere; masked so 0 * -inf never appears), in
+        # fp32 under bf16 autocast too: log q rounded to bf16 alone can make it negative
+        with torch.autocast(x.device.type, enabled=False):
+            log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
+            kl = (torch.xlogy(target, target) - target * log_q.masked_fill(~allowed, 0.0)).sum(-1)
         self.indexer_kl = kl.mean()
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim).to(x.dtype))
 
