@@ -89,10 +89,10 @@ double read_streams(const at::Tensor& x, int64_t streams);
 // The instruction set this extension was compiled for ("avx512", "avx2" or "portable").
 const char* kernel_isa();
 
-// How far ahead (bytes) the one- and two-row matmuls prefetch bf16 and int8 weights: 0 (no hints), 512, 1024
-// or 2048; 512 until set. The best distance depends on the machine's memory, not on the instruction set (512 on the
-// 2-core AVX2 EPYC this was first tuned on, 2048 on a Zen 5 EPYC), so it is measured once per build and
-// machine and set from Python (nanoseek.infer.fast.prefetch).
+// How far ahead (bytes) the one- and two-row matmuls prefetch bf16 and int8 weights: 0 (no hints), 512,
+// 1024 or 2048; 512 until set. The best distance depends on the machine's memory, not on the instruction
+// set (512 on the 2-core AVX2 EPYC this was first tuned on, 2048 on a Zen 5 EPYC), so it is measured once
+// per build and machine and set from Python (nanoseek.infer.fast.prefetch).
 int64_t narrow_prefetch();
 void set_narrow_prefetch(int64_t bytes);
 
