@@ -11,6 +11,9 @@ that TRL's prompt token ids equal nanoseek's), samples G completions of each at 
 learning rate, betas (0.9, 0.95), no weight decay, grad clip 1.0, clip eps 0.2 and token-level loss
 aggregation (TRL's "dapo").
 
+`--dtype bf16` runs both updates and reference forwards under bf16 autocast, fp32 master weights (nanoseek:
+grpo.dtype = "bf16"; TRL: `bf16=True`); both sample in fp32. The default is fp32 on both sides.
+
 TRL's side runs its fastest CPU settings found here (none of them change the maths): fp32, no gradient
 checkpointing (TRL's default turns it on), transformers' `generate` with the dynamic cache (no vLLM on a
 CPU; TRL's other option, transformers' continuous-batching engine, fails on deepseek_v3's MLA in
@@ -26,7 +29,7 @@ update (policy forward, backward, clipping, AdamW); each side reports that break
 installed at run time: TRL comes from the venv (`pip install -e ".[bench]"`), and its versions are in the
 JSON.
 
-    python -m benchmarks.bench_grpo_trl [--prompts 8 --G 8 --max-new-tokens 64 --steps 6 --warmup 2]
+    python -m benchmarks.bench_grpo_trl [--prompts 8 --G 8 --max-new-tokens 64 --steps 6 --warmup 2] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the updates' autocast on both sides")
     ap.add_argument("--trl-experts", default="grouped_mm", help="transformers experts_implementation for TRL's model")
     args = ap.parse_args(argv)
     try:
@@ -126,7 +130,7 @@ def main(argv=None) -> dict:
     model = Transformer(preset(args.preset, vocab_size=tok.vocab_size))
     cfg = GRPOConfig(task="arithmetic", steps=n_steps, prompts_per_step=P, G=G, max_new_tokens=args.max_new_tokens,
                      beta=args.beta, lr=args.lr, clip_eps=0.2, grad_clip=1.0, weight_decay=0.0, mu=1, minibatches=1,
-                     temperature=1.0, top_p=1.0, aggregation="token")
+                     temperature=1.0, top_p=1.0, aggregation="token", dtype=args.dtype)
 
     with tempfile.TemporaryDirectory() as d:
         nanoseek.save(model, d)
@@ -150,7 +154,7 @@ def main(argv=None) -> dict:
             num_generations=G, max_completion_length=args.max_new_tokens, beta=args.beta, learning_rate=args.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
             max_grad_norm=1.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-            temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, bf16=False, fp16=False,
+            temperature=1.0, top_p=1.0, top_k=0, use_cpu=True, bf16=args.dtype == "bf16", fp16=False,
             gradient_checkpointing=False, optim="adamw_torch_fused", max_steps=n_steps, logging_strategy="no",
             report_to="none", save_strategy="no", shuffle_dataset=False, seed=0, dataloader_num_workers=0,
             log_completions=False, disable_tqdm=True,
@@ -206,7 +210,7 @@ def main(argv=None) -> dict:
     if not all(prompt_match):
         raise RuntimeError("TRL's prompt token ids differ from nanoseek's: the comparison would not be like for like")
     n = P * G
-    result = {"benchmark": "grpo_vs_trl", "preset": args.preset, "params": model.num_params(),
+    result = {"benchmark": "grpo_vs_trl", "preset": args.preset, "params": model.num_params(), "dtype": args.dtype,
               "prompts": P, "G": G, "completions_per_step": n, "max_new_tokens": args.max_new_tokens,
               "beta": args.beta, "lr": args.lr, "timed_steps": args.steps, "warmup_steps": args.warmup,
               "threads": torch.get_num_threads(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
@@ -214,6 +218,7 @@ def main(argv=None) -> dict:
               "versions": {k: version(k) for k in ("torch", "transformers", "trl", "accelerate", "datasets")},
               "trl_settings": {"experts_implementation": args.trl_experts, "gradient_checkpointing": False,
                                "optim": "adamw_torch_fused", "use_vllm": False, "dtype": "float32",
+                               "bf16_autocast": args.dtype == "bf16",
                                "loss_type": "dapo", "num_iterations": 1, "generation": "transformers generate"}}
     for side, rs in recs.items():
         timed = rs[args.warmup:]
@@ -227,14 +232,14 @@ def main(argv=None) -> dict:
                         "all_step_s": [r["step_s"] for r in rs]}
     result["speedup"] = result["nanoseek"]["completions_per_s"] / result["trl"]["completions_per_s"]
     print(f"GRPO step ({args.preset}, {P} prompts x G={G}, <= {args.max_new_tokens} new tokens, beta {args.beta}, "
-          f"{torch.get_num_threads()} threads, {cpu_model()}; load {load_before[0]:.1f})")
+          f"{torch.get_num_threads()} threads, {args.dtype} updates, {cpu_model()}; load {load_before[0]:.1f})")
     for side in ("nanoseek", "trl"):
         r = result[side]
         print(f"  {side:9s} {r['completions_per_s']:6.1f} completions/s  step {r['step_s']:.2f} s = rollout "
               f"{r['rollout_s']:.2f} + reference {r['reference_s']:.2f} + update {r['update_s']:.2f}  "
               f"({r['mean_completion_tokens']:.1f} tokens/completion)")
     print(f"  nanoseek / TRL: {result['speedup']:.2f}x per full step")
-    print("wrote", write_result("grpo_trl", result))
+    print("wrote", write_result("grpo_trl" if args.dtype == "fp32" else f"grpo_trl_{args.dtype}", result))
     return result
 
 

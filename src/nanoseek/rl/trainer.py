@@ -32,6 +32,7 @@ Departures from the paper, all deliberate:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -76,6 +77,8 @@ class GRPOConfig:
     save_every: int = 0              # 0 = only at the end
     keep_last: int = 2
     log_every: int = 1
+    dtype: str = "fp32"              # the update's and reference's autocast: fp32, bf16, or auto (bf16 on CUDA and
+                                     # on CPUs with fast bf16); master weights, optimizer and rollouts stay fp32
 
     def validate(self) -> "GRPOConfig":
         for k in ("steps", "prompts_per_step", "G", "max_new_tokens", "mu", "minibatches", "difficulty",
@@ -95,6 +98,8 @@ class GRPOConfig:
             raise ValueError(f"grpo aggregation must be one of {grpo.AGGREGATIONS}, got {self.aggregation!r}")
         if self.save_every < 0 or self.warmup_steps < 0:
             raise ValueError("grpo save_every and warmup_steps must be >= 0")
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"grpo dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         return self
 
 
@@ -155,6 +160,14 @@ class GRPOTrainer:
                              max_len=max_len)
         self.max_len = max_len
         self.state = GRPOState()
+        from nanoseek.device import autocast_dtype
+
+        self.amp_dtype = autocast_dtype(cfg.dtype, next(model.parameters()).device)
+
+    def autocast(self):
+        """The forwards of the update (policy, old policy, reference) under grpo.dtype's autocast."""
+        dev = next(self.model.parameters()).device
+        return torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ rollouts and rewards
     def problems(self, step: int) -> list:
@@ -227,9 +240,10 @@ class GRPOTrainer:
 
         def log_probs(model, part) -> torch.Tensor:
             idx, T, pk = part
-            if pk is not None:
-                return packed.packed_log_probs(model, pk)
-            return completion_log_probs(model, ids[idx, :T], targets[idx, :T], mask[idx, :T])
+            with self.autocast():
+                if pk is not None:
+                    return packed.packed_log_probs(model, pk).float()
+                return completion_log_probs(model, ids[idx, :T], targets[idx, :T], mask[idx, :T]).float()
 
         t_ref = time.perf_counter()
         ref = None
