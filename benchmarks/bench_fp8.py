@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(os.environ.get("NANOSEEK_RESULTS_DIR") or ROOT / "benchmarks" / "results")  # as benchmarks.common
 
 
 def run(config: Path, out: Path, overrides: list[str]) -> tuple[list[dict], float]:

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 import nanoseek
-from benchmarks.common import RESULTS, alternate, bandwidth_gbs, fast_dtype, median, step_bytes, write_result
+from benchmarks.common import (RESULTS, alternate, bandwidth_gbs, experts_touched, fast_dtype, median, step_bytes,
+                               write_result)
 from nanoseek.config import preset
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.quant import quantize_model
@@ -78,8 +79,7 @@ def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
     benchmarks.common.step_bytes.
     """
     cfg = model.config
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    hit = E * (1 - (1 - K / E) ** batch) if E else 0.0
+    hit = experts_touched(cfg.n_routed_experts, cfg.num_experts_per_tok, batch)
     nbytes = step_bytes(model, batch)
     floor_s = nbytes / (bandwidth_gbs * 1e9)
     return {"weight_mb_per_step": round(nbytes / 1e6, 1), "experts_read_per_layer": round(hit, 1),

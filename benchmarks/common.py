@@ -157,12 +157,18 @@ def step_bytes(model, batch: int) -> float:
     return touched_bytes(total - experts, experts, E, K, batch)
 
 
+def experts_touched(n_experts: int, top_k: int, batch: int) -> float:
+    """How many of a layer's E routed experts a batch of independent tokens is expected to touch (uniform
+    routing): E * (1 - (1 - k/E)^batch), k at batch 1."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** batch) if n_experts else 0.0
+
+
 def touched_bytes(dense: float, experts: float, n_experts: int, top_k: int, batch: int) -> float:
     """Bytes a decode step reads: all the `dense` bytes, and of the routed experts' `experts` bytes the
-    fraction a batch of independent tokens is expected to touch, 1 - (1 - k/E)^batch (k/E at batch 1)."""
+    fraction a batch of independent tokens is expected to touch (experts_touched / E)."""
     if not n_experts:
         return dense + experts
-    return dense + experts * (1 - (1 - top_k / n_experts) ** batch)
+    return dense + experts * experts_touched(n_experts, top_k, batch) / n_experts
 
 
 # ----------------------------------------------------------------------------- this checkout against another

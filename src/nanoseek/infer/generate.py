@@ -49,17 +49,17 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     """nanoseek.load for the generate, chat and serve commands, with a line on stderr saying what was
     loaded, in which dtype and on which device.
 
-    Without a dtype the weights keep their stored dtype, except on a CPU: there bf16 weights (real DeepSeek
-    checkpoints, dequantised FP8) load as `bf16-weights`: the linear and expert weights stay bf16, bit for
-    bit, and everything computes in fp32 through the decode kernels, which widen bf16 in registers. That
-    decodes faster than bf16 compute even where bf16 matmuls are fast (AVX512-BF16 / AMX: torch's bf16
-    path at a few rows is the slow part; `benchmarks/results/epyc-avx512/generate.json` against
-    `quant.json`) and than fp32 weights (half the bytes to read), in half fp32's memory. fp16 weights are
-    upcast to fp32 on a CPU without fast bf16 (nanoseek.device.cpu_has_fast_bf16), where half-precision
-    matmuls take a slow scalar path. `--dtype bfloat16` keeps bf16 compute. A `nanoseek quantize`
-    checkpoint keeps its int8 / int4 / bf16 weights. `int8`, `int4` and `bf16-weights` convert the
-    linear and expert weights while loading (fp32 compute, nanoseek.infer.quant); a float dtype given for
-    a quantized checkpoint expands it.
+    Without a dtype the weights keep their stored dtype, except on a CPU (decided from the checkpoint
+    before loading, so no second copy is made): there bf16 weights (real DeepSeek checkpoints, dequantised
+    FP8) load as `bf16-weights`: the linear and expert weights stay bf16, bit for bit, and everything
+    computes in fp32 through the decode kernels, which widen bf16 in registers. That decodes faster than
+    bf16 compute even where bf16 matmuls are fast (AVX512-BF16 / AMX: torch's bf16 path at a few rows is
+    the slow part; the README's Zen 5 table) and than fp32 weights (half the bytes to read), in half
+    fp32's memory. fp16 weights load as fp32 on a CPU without fast bf16 (nanoseek.device.cpu_has_fast_bf16),
+    where half-precision matmuls take a slow scalar path. `--dtype bfloat16` keeps bf16 compute. A
+    `nanoseek quantize` checkpoint keeps its int8 / int4 / bf16 weights. `int8`, `int4` and `bf16-weights`
+    convert the linear and expert weights while loading (fp32 compute, nanoseek.infer.quant); a float
+    dtype given for a quantized checkpoint expands it.
     """
     from nanoseek.device import cpu_has_fast_bf16
     from nanoseek.hf import load
@@ -68,20 +68,19 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(LOAD_DTYPES)}")
     torch_dtype, weights = LOAD_DTYPES[dtype] if dtype is not None else (None, None)
-    if dtype is None and device.type == "cpu":
+    if dtype is None and device.type == "cpu":  # the CPU defaults, decided before loading: no second copy
         from nanoseek.hf import checkpoint_dtype
 
-        if checkpoint_dtype(model_dir) == torch.bfloat16:
+        stored = checkpoint_dtype(model_dir)
+        if stored == torch.bfloat16:
             torch_dtype, weights = LOAD_DTYPES["bf16-weights"]
             print("nanoseek: bf16 weights kept as bf16, computed in float32 (--dtype bf16-weights, the CPU "
                   "default; --dtype bfloat16 computes in bf16)", file=sys.stderr)
+        elif stored == torch.float16 and not cpu_has_fast_bf16():
+            torch_dtype = torch.float32
+            print("nanoseek: float16 weights upcast to float32 (this CPU has no fast half-precision matmuls; "
+                  "pass --dtype to keep them)", file=sys.stderr)
     model = load(model_dir, dtype=torch_dtype, device=device, weights=weights).eval()
-    stored = model.embed_tokens.weight.dtype
-    if dtype is None and device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16() \
-            and getattr(model, "weight_format", None) is None:
-        print(f"nanoseek: {str(stored).removeprefix('torch.')} weights upcast to float32 (this CPU has no fast "
-              "bf16; pass --dtype to keep them)", file=sys.stderr)
-        model.cast(torch.float32)
     fmt = getattr(model, "weight_format", None)
     narrow = f", {fmt['format']} weights" + (f" (groups of {fmt['group_size']})" if fmt.get("group_size") else "") \
         if fmt else ""

@@ -162,12 +162,12 @@ class GRPOTrainer:
         self.state = GRPOState()
         from nanoseek.device import autocast_dtype
 
-        self.amp_dtype = autocast_dtype(cfg.dtype, next(model.parameters()).device)
+        self.amp_device = next(model.parameters()).device.type
+        self.amp_dtype = autocast_dtype(cfg.dtype, torch.device(self.amp_device))
 
     def autocast(self):
         """The forwards of the update (policy, old policy, reference) under grpo.dtype's autocast."""
-        dev = next(self.model.parameters()).device
-        return torch.autocast(dev.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        return torch.autocast(self.amp_device, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ rollouts and rewards
     def problems(self, step: int) -> list:

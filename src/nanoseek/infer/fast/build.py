@@ -437,7 +437,9 @@ def run(args) -> int:
     if args.force and directory.is_dir():
         shutil.rmtree(directory)
     if args.force:  # and measure the prefetch distance again
-        (build_root() / f"{key['name']}.prefetch.json").unlink(missing_ok=True)
+        from .prefetch import record_path
+
+        record_path(build_root(), key["name"]).unlink(missing_ok=True)
     module = load(force=True, isa=isa)
     info_file = directory / "nanoseek_build.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else dict(key)

@@ -2,9 +2,9 @@
 
 One core decoding at batch 1 reads weights as fast as its outstanding memory requests allow, and a software
 prefetch a fixed distance ahead of each weight stream adds requests. The best distance is a property of
-the machine's memory (its latency times the rate one core consumes), not of the instruction set: 512 bytes
-on the 2-core AVX2 EPYC the kernels were first tuned on, 2048 on a Zen 5 EPYC with AVX-512, where 512
-leaves a third of the int8 rate on the table. So the first process that loads a build times one- and
+the machine's memory (its latency times the rate one core consumes), not of the instruction set: the
+two CPU kinds measured want different distances, and the avx2 and avx512 builds on one of them the same
+(README, "One build per instruction set"). So the first process that loads a build times one- and
 two-row matmuls over bf16 and int8 weights far larger than the caches at each distance the kernels offer
 (0, 512, 1024, 2048 bytes; about a second, once), keeps the fastest, and records it beside the build
 (`<build name>.prefetch.json` under the build root); later processes read it.
@@ -24,7 +24,7 @@ import torch
 
 DISTANCES = (0, 512, 1024, 2048)
 ENV = "NANOSEEK_PREFETCH"
-PROBE_BYTES = 128 << 20  # per format: several times the L3 of the machines measured (32 MB)
+PROBE_BYTES = 128 << 20  # per format: several times the L3 of a desktop or small-server CPU
 
 
 def record_path(root: Path, name: str) -> Path:

@@ -91,8 +91,7 @@ const char* kernel_isa();
 
 // How far ahead (bytes) the one- and two-row matmuls prefetch bf16 and int8 weights: 0 (no hints), 512,
 // 1024 or 2048; 512 until set. The best distance depends on the machine's memory, not on the instruction
-// set (512 on the 2-core AVX2 EPYC this was first tuned on, 2048 on a Zen 5 EPYC), so it is measured once
-// per build and machine and set from Python (nanoseek.infer.fast.prefetch).
+// set, so it is measured once per build and machine and set from Python (nanoseek.infer.fast.prefetch).
 int64_t narrow_prefetch();
 void set_narrow_prefetch(int64_t bytes);
 
@@ -198,7 +197,7 @@ inline int64_t row_bytes<int4x2>(int64_t K) { return K / 2; }
 
 // Tree sum of the lanes, lane i + lane i + kLanes / 2 first, halving in vector registers (a serial
 // lane-by-lane sum costs as much as the dot product for short rows, and a sum through memory costs a
-// 16-lane vector a store and 15 scalar adds: measurable at rows of 512 inputs).
+// 16-lane vector a store and 15 scalar adds, which short rows feel).
 inline float hsum(vf v) {
   typedef float f4 __attribute__((vector_size(16)));
   typedef float f8 __attribute__((vector_size(32)));
@@ -314,8 +313,8 @@ void rows_block_at(const float* x, int64_t K, const W* w, const float* scale, in
     rows_streams<W, Scaled, R, 1, U, Prefetch>(x, K, w, scale, G, y, ldy, &m);
 }
 
-// The distance is a template argument (a run-time distance in the loop cost fp32 rows ~10-20% on a Zen 5,
-// though fp32 takes no hints): the narrow formats' run-time setting picks one of four instantiations.
+// The distance is a template argument (a run-time distance in the loop slowed even the fp32 rows, which
+// take no hints): the narrow formats' run-time setting picks one of four instantiations.
 template <typename W, bool Scaled, int R>
 void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
                 int64_t n0, int64_t n1) {
