@@ -4,8 +4,10 @@
 1. few-row matmuls: kernels.rows_matmul vs F.linear (and vs the torch-only few-row layouts that
    nanoseek.infer.fast uses without the kernels), weight bandwidth (GB/s) of an 8192x512 weight (the
    `bench` head) at 1, 2 and 16 rows, and the call time on a small 64x128 weight at 2 rows; then the
-   same 8192x512 weights as fp32, bf16 and int8 (group 128) through each runnable instruction set's
-   build, as GB/s of weight bytes and as the speed-up over F.linear on the fp32 weight;
+   same 8192x512 weights as fp32, bf16, int8 (group 128) and int4 (group 32), weight-only and (int8, int4)
+   with int8 activations, through each runnable instruction set's build, as GB/s of weight bytes and as the speed-up over F.linear
+   on the fp32 weight, from memory and from cache (one 1024x1024 weight again and again: each format's
+   compute rate);
 1b. the bf16 / int8 prefetch distance each build chose on this machine (nanoseek.infer.fast.prefetch), and
    the calibration the decode paths use (kernels.PATHS, nanoseek.infer.fast.modules.few_rows_linear and
    nanoseek.infer.quant.QuantLinear): kernel vs F.linear measured per shape and row bucket on first use,
@@ -67,24 +69,36 @@ def bench_matmul() -> dict:
 
 
 def bench_formats() -> dict:
-    """GB/s of weight bytes per (instruction set, weight format, rows), and the speed-up over F.linear fp32."""
-    weights = [torch.randn(8192, 512) for _ in range(24)]
-    formats = {"fp32": [(w, None) for w in weights], "bf16": [(w.bfloat16(), None) for w in weights],
-               "int8": [quant.quantize_int8(w, 128) for w in weights],
-               "int4": [quant.quantize_int4(w, 32) for w in weights]}
+    """GB/s of weight bytes per (instruction set, weight format, rows), and the speed-up over F.linear fp32:
+    over 24 different weights (from memory), and over one 1024 x 1024 weight again and again (`cached`: it
+    stays in the last-level cache, so the rate is that of the loop itself: what a format costs to compute).
+    `int8_a8` / `int4_a8` are the int8 / int4 weights with int8 activations (kernels.set_int8_activations)."""
+    convert = {"fp32": lambda w: (w, None), "bf16": lambda w: (w.bfloat16(), None),
+               "int8": lambda w: quant.quantize_int8(w, 128), "int4": lambda w: quant.quantize_int4(w, 32)}
     out = {}
-    for rows in (1, 2, 16):
-        x = torch.randn(rows, 512)
-        t_linear = per_call(lambda: [F.linear(x, w) for w in weights], 3) / len(weights)
-        for isa in build.runnable_isas():
-            ext = build.load(isa=isa)
-            if ext is None:
-                continue
-            for fmt, ws in formats.items():
-                nbytes = ws[0][0].numel() * ws[0][0].element_size() + (ws[0][1].numel() * 4 if ws[0][1] is not None else 0)
-                t = per_call(lambda: [ext.rows_matmul(x, w, s) for w, s in ws], 3) / len(ws)
-                out[f"{isa}_{fmt}_rows_{rows}"] = {"weight_gbs": round(nbytes / t / 1e9, 1),
-                                                   "speedup_vs_F.linear_fp32": round(t_linear / t, 2)}
+    for where, distinct, repeat in (("memory", [torch.randn(8192, 512) for _ in range(24)], 1),
+                                    ("cached", [torch.randn(1024, 1024)], 32)):
+        formats = {fmt: [f(w) for w in distinct] * repeat for fmt, f in convert.items()}
+        formats["int8_a8"], formats["int4_a8"] = formats["int8"], formats["int4"]
+        ws_fp32 = [w for w, _ in formats["fp32"]]
+        n_in = distinct[0].shape[1]
+        for rows in (1, 2, 16):
+            x = torch.randn(rows, n_in)
+            t_linear = per_call(lambda: [F.linear(x, w) for w in ws_fp32], 3) / len(ws_fp32)
+            for isa in build.runnable_isas():
+                ext = build.load(isa=isa)
+                if ext is None:
+                    continue
+                for fmt, ws in formats.items():
+                    w0, s0 = ws[0]
+                    nbytes = w0.numel() * w0.element_size() + (s0.numel() * 4 if s0 is not None else 0)
+                    ext.set_int8_activations(fmt.endswith("_a8"))
+                    try:
+                        t = per_call(lambda: [ext.rows_matmul(x, w, s) for w, s in ws], 3) / len(ws)
+                    finally:
+                        ext.set_int8_activations(False)
+                    name = f"{isa}_{fmt}_rows_{rows}" + ("_cached" if where == "cached" else "")
+                    out[name] = {"weight_gbs": round(nbytes / t / 1e9, 1), "speedup_vs_F.linear_fp32": round(t_linear / t, 2)}
     return out
 
 
@@ -156,6 +170,7 @@ def main(argv=None) -> dict:
     print(f"kernel builds this CPU runs: {', '.join(build.runnable_isas())}; selected: {kernels.isa()}")
     with torch.inference_mode():
         result = {"cpu": cpu, "runnable_isas": build.runnable_isas(), "selected_isa": kernels.isa(),
+                  "int8_activation_kernel": kernels.int8_activation_kernel(),
                   "matmul": bench_matmul(), "formats": bench_formats(), "experts": bench_experts(model),
                   "rmsnorm": bench_rmsnorm()}
     # the bf16 / int8 prefetch distance each build measured (or was told) here: nanoseek.infer.fast.prefetch

@@ -10,6 +10,8 @@ f16 and Q8_0 GGUF files. Each precision decodes the same prompt token ids greedi
     llama.cpp bf16 <->  nanoseek bf16 weights (fp32 compute, nanoseek.infer.quant)
     llama.cpp f16  <->  nanoseek bf16 weights (nanoseek has no f16 weight format; same bytes per weight)
     llama.cpp Q8_0 <->  nanoseek int8 (per group of 128; Q8_0 is per block of 32, fp16 scales)
+    llama.cpp Q8_0 <->  nanoseek int8 with int8 activations (`int8-a8`: kernels.set_int8_activations; the
+                        scheme Q8_0's own matmuls use, activations quantized per block of 32)
 
 at batch 1, with the same number of threads on both sides (`--threads`, default 1 and 2), for a few
 rounds that alternate the two sides; the prompt is excluded (the timer starts after the prompt and the
@@ -61,8 +63,10 @@ from pathlib import Path
 LLAMA_CPP_PYTHON = "0.3.36"
 PRE_TOKENIZER = "deepseek-v3"  # the name the converter is told for nanoseek's BPE (see the docstring)
 # (label, GGUF outtype of convert_hf_to_gguf.py, nanoseek weight format of nanoseek.load)
-PAIRS = [("f32", "f32", "fp32"), ("bf16", "bf16", "bf16"), ("f16", "f16", "bf16"), ("q8_0", "q8_0", "int8")]
-NANOSEEK_WEIGHTS = {"fp32": "dense", "bf16": "bf16", "int8": "int8"}
+PAIRS = [("f32", "f32", "fp32"), ("bf16", "bf16", "bf16"), ("f16", "f16", "bf16"), ("q8_0", "q8_0", "int8"),
+         ("q8_0", "q8_0", "int8-a8")]
+NANOSEEK_WEIGHTS = {"fp32": "dense", "bf16": "bf16", "int8": "int8", "int8-a8": "int8"}
+INT8_ACTIVATIONS = {"int8-a8"}  # int8 weights and int8 activations (kernels.set_int8_activations), as Q8_0 runs
 # the decode-sized model of benchmarks/bench_quant.py with DeepSeek-V3's group-limited routing on
 MODEL_OVERRIDES = dict(n_group=4, topk_group=2)
 
@@ -308,7 +312,8 @@ def run(args) -> dict:
     import torch
 
     import nanoseek
-    from benchmarks.common import bandwidth, cpu_info, machine, median, step_bytes, write_result
+    from benchmarks.common import (bandwidth, cpu_info, int8_activations, machine, median, step_bytes,
+                                   write_result)
 
     root = cache_root()
     info = ensure_build(root, args.jobs)
@@ -324,12 +329,12 @@ def run(args) -> dict:
         write_checkpoint(cfg, ckpt)
         print(f"wrote the checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
         ggufs, tables = {}, {}
-        for label, outtype, _ in PAIRS:
-            ggufs[label] = work / f"model-{label}.gguf"
+        for outtype in dict.fromkeys(p[1] for p in PAIRS):  # each GGUF type once (two rows share Q8_0)
+            ggufs[outtype] = work / f"model-{outtype}.gguf"
             t = time.perf_counter()
-            tables[label] = worker("convert", root, str(llama_dir), str(ckpt), str(ggufs[label]), outtype)
-            print(f"converted to {label} in {time.perf_counter() - t:.0f}s "
-                  f"({tables[label]['file_bytes'] / 1e9:.2f} GB)", flush=True)
+            tables[outtype] = worker("convert", root, str(llama_dir), str(ckpt), str(ggufs[outtype]), outtype)
+            print(f"converted to {outtype} in {time.perf_counter() - t:.0f}s "
+                  f"({tables[outtype]['file_bytes'] / 1e9:.2f} GB)", flush=True)
         models = {fmt: nanoseek.load(ckpt, dtype=torch.float32, weights=NANOSEEK_WEIGHTS[fmt])
                   for fmt in sorted({p[2] for p in PAIRS})}
         g = torch.Generator().manual_seed(1)
@@ -341,36 +346,39 @@ def run(args) -> dict:
                   "params": sum(p.numel() for p in models["fp32"].parameters()),
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
                   "pre_tokenizer_forced": PRE_TOKENIZER,
-                  "gguf_types": {label: sorted({t[2] for t in tables[label]["tensors"]}) for label in ggufs},
+                  "gguf_types": {outtype: sorted({t[2] for t in tables[outtype]["tensors"]}) for outtype in ggufs},
                   "threads": {}}
         for threads in args.threads:
             torch.set_num_threads(threads)
             mem = bandwidth()
             bw = mem["read_gbs"]
-            for m in models.values():  # warm-up: kernel builds, path calibration, allocator
-                nanoseek_decode(m, prompt, 4)
-            times: dict[str, dict[str, list[float]]] = {label: {"llama": [], "nanoseek": []} for label, _, _ in PAIRS}
-            tokens: dict[str, dict[str, list[int]]] = {label: {} for label, _, _ in PAIRS}
+            for fmt, m in models.items():  # warm-up: kernel builds, path calibration, allocator
+                with int8_activations(fmt in INT8_ACTIVATIONS):
+                    nanoseek_decode(m, prompt, 4)
+            # per row of PAIRS (two rows share the Q8_0 file: nanoseek's int8 without and with int8 activations)
+            times = [{"llama": [], "nanoseek": []} for _ in PAIRS]
+            tokens: list[dict[str, list[int]]] = [{} for _ in PAIRS]
             for r in range(args.rounds):
-                for label, _, fmt in PAIRS:
+                for i, (label, outtype, fmt) in enumerate(PAIRS):
                     sides = ["llama", "nanoseek"] if r % 2 == 0 else ["nanoseek", "llama"]
                     for side in sides:
                         if side == "llama":
-                            out = worker("llama", root, str(ggufs[label]), str(threads), ",".join(map(str, prompt)),
+                            out = worker("llama", root, str(ggufs[outtype]), str(threads), ",".join(map(str, prompt)),
                                          str(args.new_tokens))
                         else:
-                            out = nanoseek_decode(models[fmt], prompt, args.new_tokens)
-                        times[label][side].append(out["seconds_per_token"])
-                        tokens[label][side] = out["tokens"]
+                            with int8_activations(fmt in INT8_ACTIVATIONS):
+                                out = nanoseek_decode(models[fmt], prompt, args.new_tokens)
+                        times[i][side].append(out["seconds_per_token"])
+                        tokens[i][side] = out["tokens"]
             rows = []
-            for label, outtype, fmt in PAIRS:
-                bench_tps = llama_bench(root, ggufs[label], threads, args.prompt_tokens, args.new_tokens,
+            for i, (label, outtype, fmt) in enumerate(PAIRS):
+                bench_tps = llama_bench(root, ggufs[outtype], threads, args.prompt_tokens, args.new_tokens,
                                         max(args.rounds, 2)) if not args.no_llama_bench else None
-                rows.append(ratio_row(label, outtype, fmt, median(times[label]["llama"]),
-                                      median(times[label]["nanoseek"]), gguf_step_bytes(tables[label]["tensors"], E, K),
+                rows.append(ratio_row(label, outtype, fmt, median(times[i]["llama"]),
+                                      median(times[i]["nanoseek"]), gguf_step_bytes(tables[outtype]["tensors"], E, K),
                                       step_bytes(models[fmt], 1), bw, bench_tps))
-                rows[-1]["greedy_agreement"] = agreement(tokens[label]["llama"], tokens[label]["nanoseek"])
-                rows[-1]["seconds_per_token"] = {k: [round(x, 5) for x in v] for k, v in times[label].items()}
+                rows[-1]["greedy_agreement"] = agreement(tokens[i]["llama"], tokens[i]["nanoseek"])
+                rows[-1]["seconds_per_token"] = {k: [round(x, 5) for x in v] for k, v in times[i].items()}
             print(format_table(rows, threads, bw), flush=True)
             f32 = rows[0]["greedy_agreement"]
             print(f"greedy tokens, llama.cpp f32 vs nanoseek fp32: {f32['same_position']}/{f32['positions']} "

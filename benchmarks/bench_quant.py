@@ -2,7 +2,9 @@
 
 For one random-weight model (default: a decode-sized config, hidden 1536 and 16 experts per MoE layer,
 ~1.5 GB in fp32, so that decoding streams its weights from memory rather than from cache) in fp32,
-bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and of 128:
+bf16 weights, int8 per group of 128, int8 per row, and int4 per group of 32 and of 128, all weight-only, and
+int8 per 128 / int4 per 32 with int8 activations (`int8_g128_a8`, `int4_g32_a8`: the same weights,
+nanoseek.infer.fast.kernels.set_int8_activations):
   * quality against fp32: the error of the converted weights (||dq(q(w)) - w|| / ||w|| over all of them),
     the largest logit error relative to the largest fp32 logit, and the agreement of greedy tokens
     (4 prompts x 32 new tokens);
@@ -35,7 +37,7 @@ import time
 import torch
 
 import nanoseek
-from benchmarks.common import bandwidth, cpu_info, step_bytes, write_result
+from benchmarks.common import bandwidth, cpu_info, int8_activations, step_bytes, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast, quant
 from nanoseek.infer.cache import PagedCache
@@ -46,8 +48,15 @@ DECODE_SIZED = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, 
                     kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                     n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=1, topk_group=1,
                     max_position_embeddings=1024, num_nextn_predict_layers=0, initializer_range=0.05)
-FORMATS = {"fp32": None, "bf16": ("bf16", None), "int8_g128": ("int8", 128), "int8_row": ("int8", 0),
-           "int4_g32": ("int4", 32), "int4_g128": ("int4", 128)}
+FORMATS = {"fp32": None, "bf16": ("bf16", None), "int8_g128": ("int8", 128), "int8_g128_a8": ("int8", 128),
+           "int8_row": ("int8", 0), "int4_g32": ("int4", 32), "int4_g32_a8": ("int4", 32), "int4_g128": ("int4", 128)}
+# the same weights as the format without `_a8`, with int8 activations (kernels.set_int8_activations)
+INT8_ACTIVATIONS = {"int8_g128_a8", "int4_g32_a8"}
+
+
+def activations_of(fmt: str):
+    """Int8 activations on while `fmt` runs, if it is a format that takes them."""
+    return int8_activations(fmt in INT8_ACTIVATIONS)
 
 
 def weight_bytes(model) -> int:
@@ -194,27 +203,31 @@ def main(argv=None) -> dict:
         tok, task = load_tokenizer(args.model), get_task(args.task)
     prompts = [ids[i].tolist() for i in range(4)]
     for fmt, m in models.items():
-        with torch.inference_mode():
+        with torch.inference_mode(), activations_of(fmt):
             err = ((m(ids) - ref).abs().max() / ref.abs().max()).item()
-        greedy[fmt] = nanoseek.generate(m, prompts, max_new_tokens=args.new_tokens)
+        with activations_of(fmt):
+            greedy[fmt] = nanoseek.generate(m, prompts, max_new_tokens=args.new_tokens)
         agree = sum(a == b for p, q in zip(greedy["fp32"], greedy[fmt]) for a, b in zip(p, q))
         quality[fmt] = {"weight_error_rel": round(weight_error(models["fp32"], m), 5),
                         "max_logit_error_rel": round(err, 5),
                         "greedy_agreement": round(agree / sum(map(len, greedy["fp32"])), 4),
                         "weight_gb": round(weight_bytes(m) / 1e9, 3)}
         if args.task:
-            quality[fmt].update(heldout(m, tok, task, args))
+            with activations_of(fmt):
+                quality[fmt].update(heldout(m, tok, task, args))
     speed: dict[str, dict] = {fmt: {} for fmt in FORMATS}
     for batch in (1, 8):
         batch_prompts = [torch.randint(3, cfg.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
         # (format, op by op): the whole-block C++ step and the module-by-module one, alternately
         runs: dict[tuple[str, bool], list[float]] = {(fmt, o): [] for fmt in FORMATS for o in (False, True)}
         for fmt, m in models.items():  # warm-up: kernel builds, path calibration, allocator
-            decode_tps(m, batch_prompts, 4)
-            decode_tps(m, batch_prompts, 4, op_by_op=True)
+            with activations_of(fmt):
+                decode_tps(m, batch_prompts, 4)
+                decode_tps(m, batch_prompts, 4, op_by_op=True)
         for r in range(args.rounds):
             for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-                runs[key].append(decode_tps(models[key[0]], batch_prompts, args.new_tokens, op_by_op=key[1]))
+                with activations_of(key[0]):
+                    runs[key].append(decode_tps(models[key[0]], batch_prompts, args.new_tokens, op_by_op=key[1]))
         for fmt in FORMATS:
             best, ops = max(runs[fmt, False]), max(runs[fmt, True])
             speed[fmt][f"batch_{batch}_tokens_per_s"] = round(best, 2)
@@ -224,9 +237,12 @@ def main(argv=None) -> dict:
             for base in ("fp32", "int8_g128"):
                 speed[fmt][f"batch_{batch}_vs_{base}"] = round(speed[fmt][f"batch_{batch}_tokens_per_s"]
                                                                / speed[base][f"batch_{batch}_tokens_per_s"], 2)
-    profile = {} if args.no_profile else \
-        {fmt: {**step_profile(m), "stream_gbs": round(stream_gbs(fmt), 2)} for fmt, m in models.items()}
-    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "step_profile": profile,
+    profile = {}
+    for fmt, m in ({} if args.no_profile else models).items():
+        with activations_of(fmt):
+            profile[fmt] = {**step_profile(m), "stream_gbs": round(stream_gbs(fmt), 2)}
+    result = {"cpu": cpu, "kernel_isa": kernels.isa(), "int8_activation_kernel": kernels.int8_activation_kernel(),
+              "step_profile": profile,
               **({} if args.no_profile else bandwidth()),
               "config": "checkpoint " + args.model if args.model else args.preset,
               "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -55,6 +56,22 @@ def alternate(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) 
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     return times
+
+
+@contextlib.contextmanager
+def int8_activations(on: bool):
+    """Int8 activations for int8 weights (nanoseek.infer.fast.kernels.set_int8_activations) on inside the block
+    when `on`, off after it; nothing changes when not `on`."""
+    if not on:
+        yield
+        return
+    from nanoseek.infer.fast import kernels
+
+    kernels.set_int8_activations(True)
+    try:
+        yield
+    finally:
+        kernels.set_int8_activations(False)
 
 
 def median(xs: list[float]) -> float:

@@ -89,6 +89,99 @@ def test_experts_rows_every_isa_and_format_equals_torch(ext, fmt):
         torch.testing.assert_close(ext.experts_rows(x, w1, w2, idx, gate, s1, s2), ref, rtol=1e-4, atol=1e-5)
 
 
+def int8_activation_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """csrc/gemv_int8act.h's definition in torch: x quantized per block of 128, 64 or 32 inputs (the largest
+    dividing the weight's group), q = round(x * 127 / max|x|), each block's integer dot product with the int8
+    or int4 weights exact in float64, scaled by both scales. None where no block fits the group (the
+    weight-only path runs)."""
+    M, K = x.shape
+    if w.dtype == torch.uint8:  # packed int4: its integers, unscaled
+        w = quant.dequantize(w, torch.ones_like(scale), torch.float64)
+    G = K // scale.shape[1]
+    B = next((b for b in (128, 64, 32) if G % b == 0), None)
+    if B is None:
+        return None
+    xb = x.view(M, K // B, B)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # 127 / max|x| rounded once in fp32, as the kernel (torch's `127.0 / t` is t.reciprocal() * 127: twice)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127).double()
+    dots = torch.einsum("mbk,nbk->mnb", q, w.double().view(-1, K // B, B))
+    s_w = scale.double().repeat_interleave(G // B, dim=1)  # each block's weight scale
+    return (dots * (amax.squeeze(-1).double() / 127.0)[:, None, :] * s_w[None]).sum(-1).float()
+
+
+@pytest.fixture
+def int8_activations_on(ext):
+    ext.set_int8_activations(True)
+    try:
+        yield ext
+    finally:
+        ext.set_int8_activations(False)
+
+
+def test_int8_activations_every_isa_equal_the_integer_reference(int8_activations_on):
+    ext = int8_activations_on
+    torch.manual_seed(0)
+    # groups of 128, 64, 32 and whole rows (1536: blocks of 128); 203 inputs fit no block (weight-only path)
+    cases = [("int8", 384, 256, 128), ("int8", 257, 1024, 64), ("int8", 100, 96, 32), ("int8", 300, 1536, 0),
+             ("int8", 7, 203, 0),
+             # int4: groups of 32 / 64 / 128 / whole rows in chunks of 128 or 64 inputs; rows of 192 fit only
+             # the 64-input chunk, 202 none (and no block: the weight-only path runs)
+             ("int4", 384, 256, 32), ("int4", 130, 512, 64), ("int4", 64, 1024, 128), ("int4", 33, 1536, 0),
+             ("int4", 40, 192, 32), ("int4", 9, 202, 0)]
+    for fmt, n_out, n_in, group in cases:
+        w, s = quant.quantize(torch.randn(n_out, n_in) * 0.05, fmt, group)
+        for rows in (1, 2, 3, 4, 5, 8, 9, 17, 32):
+            x = torch.randn(rows, n_in)
+            x[0, :32] = 0  # an all-zero block has scale 0
+            want = int8_activation_reference(x, w, s)
+            got = ext.rows_matmul(x, w, s)
+            if want is None:
+                ext.set_int8_activations(False)
+                torch.testing.assert_close(got, ext.rows_matmul(x, w, s), rtol=0, atol=0)
+                ext.set_int8_activations(True)
+                continue
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            # and it is the weights' matmul to within the activations' rounding
+            exact = reference(x, w, s)
+            assert ((got - exact).norm() / exact.norm()) < 0.02, (fmt, n_out, n_in, group, rows)
+    # the routed experts take them too: per expert, x into w1 and the SwiGLU activation into w2
+    E, D, Fh, K = 6, 128, 64, 2
+    for fmt, n in [("int8", 1), ("int8", 3), ("int8", 20), ("int4", 1), ("int4", 20)]:
+        (w1, s1), (w2, s2) = quant.quantize(torch.randn(E, 2 * Fh, D) * 0.1, fmt, 32), \
+            quant.quantize(torch.randn(E, D, Fh) * 0.1, fmt, 32)
+        x = torch.randn(n, D)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
+        gate = torch.rand(n, K)
+        want = torch.zeros(n, D)
+        for t in range(n):
+            for k in range(K):
+                e = int(idx[t, k])
+                g, u = int8_activation_reference(x[t:t + 1], w1[e], s1[e]).chunk(2, dim=-1)
+                want[t] += gate[t, k] * int8_activation_reference(F.silu(g) * u, w2[e], s2[e])[0]
+        torch.testing.assert_close(ext.experts_rows(x, w1, w2, idx, gate, s1, s2), want, rtol=1e-4, atol=1e-5)
+    assert ext.int8_activations()
+    assert ext.int8_activation_kernel() in {"avx512": ("avx512-vnni", "avx2"), "avx2": ("avx2",),
+                                            "portable": ("portable",)}[ext.kernel_isa()]
+
+
+def test_int8_activations_are_off_by_default_and_leave_float_weights_alone(ext):
+    assert not ext.int8_activations()
+    torch.manual_seed(1)
+    x = torch.randn(2, 256)
+    w32 = torch.randn(64, 256)
+    outs = {}
+    for on in (False, True):
+        ext.set_int8_activations(on)
+        try:
+            outs[on] = [ext.rows_matmul(x, w32), ext.rows_matmul(x, w32.bfloat16())]
+        finally:
+            ext.set_int8_activations(False)
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)
+
+
 def test_kernel_argument_checks(ext):
     x = torch.randn(2, 64)
     q, s = quant.quantize_int8(torch.randn(16, 64), 32)
@@ -129,6 +222,16 @@ def test_the_isa_is_chosen_at_start_and_can_be_forced():
         refused = _python(code, NANOSEEK_KERNEL_ISA="avx512")
         assert refused.stdout.split()[-1] == "None"
         assert "this CPU cannot run it" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_int8_activations_from_the_environment():
+    code = "from nanoseek.infer.fast import kernels, build; print(kernels.int8_activations(), build.status()['int8_activations'])"
+    on = _python(code, NANOSEEK_INT8_ACTIVATIONS="1")
+    assert on.stdout.startswith("True {'on': True, 'kernel': "), on.stderr
+    off = _python(code)
+    assert off.stdout.startswith("False {'on': False"), off.stderr
+    bogus = _python(code, NANOSEEK_INT8_ACTIVATIONS="yes")
+    assert bogus.stdout.startswith("False") and "NANOSEEK_INT8_ACTIVATIONS='yes' ignored (1 = on, 0 = off)" in bogus.stderr
 
 
 @pytest.mark.slow  # a whole extra build (~1.5 min on 2 cores); `make test-slow`
@@ -206,6 +309,31 @@ def test_quantized_model_matches_fp32(fmt, group, tol):
     assert agree >= 0.9, (a, b)
 
 
+def test_int8_activations_decode_close_to_int8_weights():
+    dense = tiny_model()
+    q = fast.accelerate(quant.quantize_model(tiny_model(), "int8", 32))
+    fast.accelerate(dense)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 12))
+    prompts = [ids[0].tolist(), ids[1, :5].tolist()]
+    with torch.no_grad():
+        ref, w8 = dense(ids), q(ids)
+    kernels.set_int8_activations(True)
+    try:
+        assert kernels.int8_activations()
+        with torch.no_grad():
+            a8 = q(ids)
+        tokens = nanoseek.generate(q, prompts, max_new_tokens=16)
+    finally:
+        kernels.set_int8_activations(False)
+    assert not torch.equal(a8, w8)  # the activations were quantized: the kernels took them
+    # per position (a routing decision flipped by either rounding moves one position a lot): the median
+    error = {name: ((y - ref).norm(dim=-1) / ref.norm(dim=-1)).median().item() for name, y in (("w8", w8), ("a8", a8))}
+    assert error["a8"] < 2 * error["w8"] + 0.005, error  # the activations' rounding adds about as much again
+    want = nanoseek.generate(dense, prompts, max_new_tokens=16)
+    agree = sum(x == y for p, r in zip(want, tokens) for x, y in zip(p, r)) / sum(map(len, want))
+    assert agree >= 0.9, (want, tokens)
+
+
 def test_quantize_cli_round_trip(dense_dir, tmp_path):
     out = tmp_path / "int8"
     r = quantize_cli(dense_dir, out, "int8", "--group-size", "32", "--max-shard-gb", "0.0005")
@@ -252,12 +380,18 @@ def test_generate_cli_uses_a_quantized_checkpoint_and_dtype_at_load(chat_model_d
     runs = {}
     for name, args in {"dense": ["--model", str(chat_model_dir)], "int8": ["--model", str(out)],
                        "at-load": ["--model", str(chat_model_dir), "--dtype", "int8"],
-                       "bf16w": ["--model", str(chat_model_dir), "--dtype", "bf16-weights"]}.items():
+                       "bf16w": ["--model", str(chat_model_dir), "--dtype", "bf16-weights"],
+                       "a8": ["--model", str(out), "--int8-activations"]}.items():
         r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", *args, "--prompt", "hello",
                             "--max-tokens", "8"], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr
         runs[name] = r.stdout
     assert runs["int8"] == runs["at-load"]  # the same int8 weights, whether written ahead or at load
+    assert runs["a8"].strip()
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", "--model", str(chat_model_dir),
+                        "--int8-activations", "--prompt", "x"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--int8-activations needs int8 or int4 weights" in r.stderr
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     key = "model.layers.0.self_attn.o_proj.weight"

@@ -46,5 +46,9 @@ class PathNotFound(NanoseekError, FileNotFoundError):
     """A file or folder the user named does not exist (a FileNotFoundError too)."""
 
 
+class OptionError(NanoseekError, ValueError):
+    """An option that does not apply to what it was given (a model, this machine); says what it needs."""
+
+
 class CheckpointError(NanoseekError, RuntimeError):
     """A checkpoint that cannot be loaded as-is; the message names the file or tensor."""

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     # A bad --temperature/--top-p/--max-tokens fails now, not at the first turn.
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     tok = ChatTokenizer(args.model)
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, args.int8_activations)
     engine = Engine(model, max_batch_size=1, speculative=args.speculative)
     tty = sys.stdout.isatty()
     dim, reset = ("\033[2m", "\033[0m") if tty else ("", "")

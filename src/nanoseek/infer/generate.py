@@ -45,7 +45,8 @@ LOAD_DTYPES = {"float32": (torch.float32, "dense"), "bfloat16": (torch.bfloat16,
                "int4": (torch.float32, "int4"), "bf16-weights": (torch.float32, "bf16")}
 
 
-def load_model(model_dir: str | Path, dtype: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(model_dir: str | Path, dtype: str | None = None, device: str | torch.device = "cpu",
+               int8_activations: bool = False) -> torch.nn.Module:
     """nanoseek.load for the generate, chat and serve commands, with a line on stderr saying what was
     loaded, in which dtype and on which device.
 
@@ -60,8 +61,13 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     `nanoseek quantize` checkpoint keeps its int8 / int4 / bf16 weights. `int8`, `int4` and `bf16-weights`
     convert the linear and expert weights while loading (fp32 compute, nanoseek.infer.quant); a float
     dtype given for a quantized checkpoint expands it.
+
+    int8_activations: int8 / int4 weights take int8 activations in the decode kernels (process-wide,
+    nanoseek.infer.fast.kernels.set_int8_activations); an OptionError where the model has no int8 or int4
+    weights, is not on a CPU, or the kernels are not available.
     """
     from nanoseek.device import cpu_has_fast_bf16
+    from nanoseek.errors import OptionError
     from nanoseek.hf import load
 
     device = torch.device(device)
@@ -84,6 +90,18 @@ def load_model(model_dir: str | Path, dtype: str | None = None, device: str | to
     fmt = getattr(model, "weight_format", None)
     narrow = f", {fmt['format']} weights" + (f" (groups of {fmt['group_size']})" if fmt.get("group_size") else "") \
         if fmt else ""
+    if int8_activations:
+        if device.type != "cpu" or not fmt or fmt.get("format") not in ("int8", "int4"):
+            raise OptionError("--int8-activations needs int8 or int4 weights on a CPU (--dtype int8|int4, or a "
+                              "checkpoint written by `nanoseek quantize --to int8|int4`)")
+        from nanoseek.infer.fast import kernels
+
+        if kernels.load() is None:
+            st = kernels.status()
+            raise OptionError(f"--int8-activations needs the C++ decode kernels, which are {st['state']} here "
+                              f"({st['reason'] or 'NANOSEEK_KERNELS=0?'})")
+        kernels.set_int8_activations(True)
+        narrow += f", int8 activations ({kernels.int8_activation_kernel()} loop)"
     print(f"nanoseek: loaded {model_dir} ({model.num_params():,} parameters, "
           f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}{narrow}) on {device}", file=sys.stderr)
     return model

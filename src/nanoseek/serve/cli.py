@@ -101,7 +101,7 @@ def build_app(args: argparse.Namespace, start_engine: bool = True):
 
     check_model_dir(args.model)
     tokenizer = ChatTokenizer(args.model)
-    model = load_model(args.model, args.dtype, args.device)
+    model = load_model(args.model, args.dtype, args.device, args.int8_activations)
     max_len = args.max_len or min(model.config.max_position_embeddings, 8192)
     engine = Engine(model, max_batch_size=args.max_batch_size, max_len=max_len, max_queue=args.max_queue,
                     speculative=args.speculative, block_size=args.block_size, cache_blocks=args.cache_blocks,

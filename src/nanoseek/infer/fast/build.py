@@ -47,7 +47,7 @@ import torch
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("decode_kernels.cpp", "gemv.cpp")  # compiled, from csrc/; gemv.h is included by both
-HEADERS = ("gemv.h",)
+HEADERS = ("gemv.h", "gemv_int8act.h")
 CFLAGS = ["-O3", "-ffp-contract=fast"]
 # instruction set -> compiler flags, best first. The portable build has no -m flag at all.
 ISA_FLAGS: dict[str, list[str]] = {
@@ -234,6 +234,7 @@ class _Kernels:
                 from .prefetch import configure  # the prefetch distance this machine's memory wants
 
                 self.prefetch = configure(self.module, build_root(), key["name"])
+                _int8_activations_from_env(self.module)
         return self.module
 
 
@@ -364,6 +365,19 @@ class _PerISA:
 KERNELS = _PerISA()
 
 
+INT8_ACTIVATIONS_ENV = "NANOSEEK_INT8_ACTIVATIONS"  # 1: int8 / int4 weights take int8 activations
+
+
+def _int8_activations_from_env(module) -> None:
+    """NANOSEEK_INT8_ACTIVATIONS=1 switches int8 activations on when the kernels load (0 or unset: off)."""
+    value = os.environ.get(INT8_ACTIVATIONS_ENV, "").strip()
+    if value in ("1", "0"):
+        module.set_int8_activations(value == "1")
+    elif value:
+        print(f"nanoseek: {INT8_ACTIVATIONS_ENV}={value!r} ignored (1 = on, 0 = off); int8 activations stay off",
+              file=sys.stderr, flush=True)
+
+
 def load(force: bool = False, isa: str | None = None):
     """The compiled extension of `isa` (default: the selected one), building it on the first call of this
     process if no build exists; None when it is disabled, failed before (a recorded failure is not retried
@@ -377,7 +391,9 @@ def status(isa: str | None = None) -> dict:
     if k is None:
         return {"state": "failed", "reason": KERNELS.isa_error, "path": None, "isa": None}
     return {"state": k.state if enabled() else "disabled", "reason": k.reason,
-            "path": str(k.path) if k.path else None, "isa": k.isa, "prefetch": k.prefetch}
+            "path": str(k.path) if k.path else None, "isa": k.isa, "prefetch": k.prefetch,
+            "int8_activations": None if k.module is None else {"on": k.module.int8_activations(),
+                                                                "kernel": k.module.int8_activation_kernel()}}
 
 
 def compile_only(isa: str, out_dir: Path) -> list[Path]:
@@ -457,7 +473,9 @@ def run(args) -> int:
               f"  OpenMP: {info.get('openmp', 'unknown (built by an older nanoseek)')}\n"
               f"  this CPU runs: {', '.join(runnable)}\n"
               f"  bf16 / int8 prefetch: {st['prefetch'].get('bytes')} bytes ahead ({st['prefetch'].get('source')}; "
-              f"1-2 row GB/s by distance: {st['prefetch'].get('read_gbs', 'not measured')})")
+              f"1-2 row GB/s by distance: {st['prefetch'].get('read_gbs', 'not measured')})\n"
+              f"  int8 activations: {st['int8_activations']['kernel']} loop, "
+              f"{'on' if st['int8_activations']['on'] else 'off'} ({INT8_ACTIVATIONS_ENV}=1 or --int8-activations)")
         if not enabled():
             print("  note: NANOSEEK_KERNELS=0 is set, so they stay off at run time")
     return 0 if module is not None else 1

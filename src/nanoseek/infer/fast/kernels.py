@@ -24,7 +24,8 @@ from .build import load, status
 
 __all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "rows_matmul", "experts_rows",
            "rms_norm", "read_streams", "block_decode", "block_config", "block_weights", "cache_index", "isa",
-           "faster_path", "row_bucket", "PATHS"]
+           "faster_path", "row_bucket", "PATHS", "int8_activations", "set_int8_activations",
+           "int8_activation_kernel"]
 
 class _Switch:
     """A process-wide switch that is on inside any open `with switch.on():` block (nested blocks count)."""
@@ -100,6 +101,30 @@ def read_streams(x: torch.Tensor, streams: int) -> float:
     """x.sum() of a 1-D fp32 tensor, each thread's share read as `streams` (1, 2, 4, 8) equal parts at once:
     the memory-read probe of the benchmarks (rows_matmul's access pattern, without the multiply)."""
     return _built().read_streams(x.contiguous(), streams)
+
+
+def int8_activations() -> bool:
+    """Whether int8 and int4 weights take int8 activations in the kernels (False without kernels)."""
+    ext = load()
+    return False if ext is None else ext.int8_activations()
+
+
+def set_int8_activations(on: bool) -> None:
+    """Switch int8 activations for int8 and int4 weights on or off, process-wide (csrc/gemv_int8act.h): each
+    few-row matmul against such weights quantizes its activation rows per block of up to 128 inputs and sums
+    exact integer products, faster where the weight-only loop is bound by widening weights, not by memory;
+    the logits move by the activations' rounding (benchmarks/bench_quant.py measures both against fp32).
+    Weights whose groups fit no block (fewer than 32 inputs, or not a multiple of 32; int4 rows that are not
+    a multiple of 64 inputs on x86) keep the weight-only loop. Raises where the kernels are not available
+    (the torch paths have no int8 activations)."""
+    ext = _built()
+    ext.set_int8_activations(bool(on))
+
+
+def int8_activation_kernel() -> str | None:
+    """The int8-activation loop this CPU runs (avx512-vnni | avx2 | portable), None without kernels."""
+    ext = load()
+    return None if ext is None else ext.int8_activation_kernel()
 
 
 def isa() -> str | None:

@@ -538,4 +538,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("narrow_prefetch", &narrow_prefetch, "bytes the 1-2 row matmuls prefetch bf16 / int8 weights ahead");
   m.def("set_narrow_prefetch", &set_narrow_prefetch, "set those bytes (0, 512, 1024 or 2048)",
         py::arg("bytes"));
+  m.def("int8_activations", &int8_activations, "whether int8 weights take int8 activations (integer dot products)");
+  m.def("set_int8_activations", &set_int8_activations, "switch int8 activations for int8 weights on or off",
+        py::arg("on"));
+  m.def("int8_activation_kernel", &int8_activation_kernel,
+        "the int8-activation loop this CPU runs (avx512-vnni, avx2 or portable)");
 }

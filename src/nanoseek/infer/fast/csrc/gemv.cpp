@@ -6,6 +6,7 @@
 // keep the few activation rows in L1, and split the output features (or the experts) over the intra-op
 // threads.
 #include "gemv.h"
+#include "gemv_int8act.h"
 
 #include <atomic>
 #include <cmath>
@@ -24,7 +25,23 @@ const char* kernel_isa() {
 
 namespace {
 std::atomic<int64_t> g_narrow_prefetch{512};
+std::atomic<bool> g_int8_activations{false};
 }
+
+bool int8_activations() { return g_int8_activations.load(std::memory_order_relaxed); }
+
+void set_int8_activations(bool on) { g_int8_activations.store(on, std::memory_order_relaxed); }
+
+const char* int8_activation_kernel() {
+#if defined(NANOSEEK_ISA_AVX512)
+  return gemv::a8::has_vnni() ? "avx512-vnni" : "avx2";
+#elif defined(NANOSEEK_ISA_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 
 int64_t narrow_prefetch() { return g_narrow_prefetch.load(std::memory_order_relaxed); }
 
@@ -66,9 +83,27 @@ WeightArg weight_arg(const at::Tensor& w, const std::optional<at::Tensor>& scale
 
 namespace {
 
-// rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements).
+// Whether these int8 or int4 weights (rows of K inputs) take int8 activations now.
+bool takes_int8_activations(const WeightArg& wa, int64_t K) {
+  if (!int8_activations()) return false;
+  const int64_t G = K / wa.groups;
+  if (wa.type == at::kChar) return gemv::a8::block_size(G) > 0;
+  return wa.type == at::kByte && gemv::a8::int4_takes(K, G);
+}
+
+// x quantized for int8 activations in this thread's buffer (reused: a decode step quantizes a few rows per
+// matmul).
+const gemv::a8::Act* quantized_here(const float* x, int64_t M, at::ScalarType type, int64_t K, int64_t G) {
+  thread_local gemv::a8::Act own;
+  gemv::a8::quantize_for(own, type, x, M, K, G);
+  return &own;
+}
+
+// rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements). Int8
+// weights taking int8 activations read them from `act` where the caller quantized x once for all its
+// threads, else quantize x here.
 void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t N, int64_t K, float* y,
-              int64_t ldy, int64_t n0, int64_t n1) {
+              int64_t ldy, int64_t n0, int64_t n1, const gemv::a8::Act* act = nullptr) {
   const float* scale = wa.scale ? wa.scale + m * N * wa.groups : nullptr;
   const int64_t G = K / wa.groups, off = m * N * K;  // in inputs (an int4 matrix starts at byte off / 2)
   switch (wa.type) {
@@ -81,12 +116,22 @@ void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t
                                                       K}, y, ldy, K, n0, n1);
       break;
     case at::kByte:
-      gemv::rows_range(x, M, gemv::Rows<gemv::int4x2>{static_cast<const gemv::int4x2*>(wa.data) + off / 2, scale,
-                                                      G}, y, ldy, K, n0, n1);
+      if (takes_int8_activations(wa, K)) {
+        if (act == nullptr) act = quantized_here(x, M, wa.type, K, G);
+        gemv::a8::rows_range(*act, M, static_cast<const uint8_t*>(wa.data) + off / 2, scale, G, y, ldy, n0, n1);
+      } else {
+        gemv::rows_range(x, M, gemv::Rows<gemv::int4x2>{static_cast<const gemv::int4x2*>(wa.data) + off / 2, scale,
+                                                        G}, y, ldy, K, n0, n1);
+      }
       break;
     default:
-      gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
-                       K, n0, n1);
+      if (takes_int8_activations(wa, K)) {
+        if (act == nullptr) act = quantized_here(x, M, wa.type, K, G);
+        gemv::a8::rows_range(*act, M, static_cast<const int8_t*>(wa.data) + off, scale, G, y, ldy, n0, n1);
+      } else {
+        gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
+                         K, n0, n1);
+      }
   }
 }
 
@@ -104,7 +149,12 @@ at::Tensor rows_matmul(const at::Tensor& x, const at::Tensor& w, const std::opti
   float* yp = y.data_ptr<float>();
   // Small weights stay on one thread: a parallel region costs more than reading them.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_any(xp, M, wa, 0, N, K, yp, N, n0, n1); });
+  gemv::a8::Act act;  // int8 activations: quantized once, read by every thread
+  const bool a8 = takes_int8_activations(wa, K);
+  if (a8) gemv::a8::quantize_for(act, wa.type, xp, M, K, K / wa.groups);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    rows_any(xp, M, wa, 0, N, K, yp, N, n0, n1, a8 ? &act : nullptr);
+  });
   return y;
 }
 

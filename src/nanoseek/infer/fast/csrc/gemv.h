@@ -95,6 +95,15 @@ const char* kernel_isa();
 int64_t narrow_prefetch();
 void set_narrow_prefetch(int64_t bytes);
 
+// Whether int8 weights take int8 activations, quantized per block (gemv_int8act.h); off until set, from Python
+// (nanoseek.infer.fast.kernels.int8_activations).
+bool int8_activations();
+void set_int8_activations(bool on);
+
+// The loop that runs them on this CPU: "avx512-vnni", "avx2" (vpmaddubsw; also an AVX-512 CPU without VNNI)
+// or "portable".
+const char* int8_activation_kernel();
+
 namespace gemv {
 
 constexpr int kLanes = NANOSEEK_VEC_BYTES / 4;
