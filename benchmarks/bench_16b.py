@@ -6,10 +6,12 @@ shapes with V3's sigmoid / noaux_tc router and a 163,840-token vocabulary, the s
 gives), in separate processes so each stage's peak RSS is its own:
   1. write a random-weight bf16 checkpoint tensor by tensor (2 GB shards; the model is never built);
   2. `nanoseek quantize --to int8` it (tensor by tensor: the fp32 / bf16 model is never held);
-  3. load the int8 checkpoint and decode greedily at batch 1 and 8: tokens/s, and the fraction of the
-     memory roofline reached at batch 1 (bytes of weight one step must read, non-expert weights plus
-     top-k experts per layer, divided by the step time, over the fastest memory read measured:
-     benchmarks.common.bandwidth).
+  3. load the int8 checkpoint and decode greedily at batch 1 and 8, with the int8 weights alone and with
+     int8 activations (nanoseek.infer.fast.kernels.set_int8_activations): decode tokens/s (the steps after
+     the first: a run of one new token, the prefill and its step, is timed separately and subtracted), and
+     the fraction of the memory roofline reached (bytes of weight one step must read, non-expert weights
+     plus the experts a batch touches per layer, divided by the step time, over the fastest memory read
+     measured: benchmarks.common.bandwidth).
 Disk: the bf16 checkpoint is ~31 GB and the int8 one ~16 GB at full depth; `--layers N` keeps the first
 N layers (the per-layer shapes unchanged) for machines without that much disk or memory. Everything is
 written under `--dir` and deleted afterwards unless `--keep`.
@@ -88,7 +90,7 @@ def decode(path: Path, new_tokens: int) -> dict:
     import torch
 
     import nanoseek
-    from benchmarks.common import bandwidth_gbs, step_bytes
+    from benchmarks.common import bandwidth_gbs, int8_activations, step_bytes
     from nanoseek.infer import fast
 
     t = time.perf_counter()
@@ -101,13 +103,20 @@ def decode(path: Path, new_tokens: int) -> dict:
     for batch in (1, 8):
         prompts = [torch.randint(3, model.config.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
         nanoseek.generate(model, prompts, max_new_tokens=2)  # warm-up: path calibration, allocator
-        t = time.perf_counter()
-        res = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
-        dt = time.perf_counter() - t
-        tokens = sum(map(len, res))
-        out[f"batch_{batch}_tokens_per_s"] = round(tokens / dt, 2)
-        steps_per_s = tokens / batch / dt
-        out[f"batch_{batch}_roofline_fraction"] = round(step_bytes(model, batch) * steps_per_s / 1e9 / bw, 3)
+        for a8 in (False, True):  # the int8 weights alone, then with int8 activations
+            with int8_activations(a8):
+                nanoseek.generate(model, prompts, max_new_tokens=2)
+                t = time.perf_counter()
+                nanoseek.generate(model, prompts, max_new_tokens=1)  # the prefill and one step
+                first = time.perf_counter() - t
+                t = time.perf_counter()
+                res = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
+                decode_s = time.perf_counter() - t - first  # the decode steps after the first
+            steps = min(map(len, res)) - 1
+            key = f"batch_{batch}" + ("_int8_activations" if a8 else "")
+            out[f"{key}_prefill_and_first_step_s"] = round(first, 3)
+            out[f"{key}_tokens_per_s"] = round(batch * steps / decode_s, 2)
+            out[f"{key}_roofline_fraction"] = round(step_bytes(model, batch) * steps / decode_s / 1e9 / bw, 3)
     out["step_weight_gb_batch_1"] = round(step_bytes(model, 1) / 1e9, 3)
     out["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return out
@@ -174,7 +183,10 @@ def main(argv=None) -> dict:
                   f"{r['int8_gb']} GB; quantize peak RSS {r['quantize']['peak_rss_gb']} GB; decode peak RSS "
                   f"{d['peak_rss_gb']} GB; batch 1 {d['batch_1_tokens_per_s']} tok/s "
                   f"({d['batch_1_roofline_fraction']:.0%} of the {d['measured_bandwidth_gbs']} GB/s roofline), "
-                  f"batch 8 {d['batch_8_tokens_per_s']} tok/s", flush=True)
+                  f"batch 8 {d['batch_8_tokens_per_s']} tok/s; with int8 activations batch 1 "
+                  f"{d['batch_1_int8_activations_tokens_per_s']} tok/s "
+                  f"({d['batch_1_int8_activations_roofline_fraction']:.0%}), batch 8 "
+                  f"{d['batch_8_int8_activations_tokens_per_s']} tok/s", flush=True)
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(root, ignore_errors=True)

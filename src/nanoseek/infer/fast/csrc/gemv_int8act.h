@@ -153,6 +153,26 @@ struct Act {
   }
 };
 
+// y[r, n[j]] = the lane sum of total[j][r], for the S x R outputs of one pass.
+#if defined(NANOSEEK_ISA_AVX512)
+template <int S, int R>
+inline void store_sums(const __m512 (&total)[S][R], float* y, int64_t ldy, const int64_t* n) {
+  for (int j = 0; j < S; ++j)
+    for (int r = 0; r < R; ++r) y[r * ldy + n[j]] = _mm512_reduce_add_ps(total[j][r]);
+}
+#endif
+#if defined(NANOSEEK_ISA_AVX512) || defined(NANOSEEK_ISA_AVX2)
+template <int S, int R>
+inline void store_sums(const __m256 (&total)[S][R], float* y, int64_t ldy, const int64_t* n) {
+  for (int j = 0; j < S; ++j)
+    for (int r = 0; r < R; ++r) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[j][r]), _mm256_extractf128_ps(total[j][r], 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      y[r * ldy + n[j]] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+    }
+}
+#endif
+
 // The three loops below share one shape, that of gemv::rows_streams: R <= 8 activation rows against S weight
 // rows n[0..S) read together (S streams keep a core's prefetchers busy), each block's integer sums scaled
 // into fp32 accumulators, one horizontal sum per output at the end.
@@ -198,8 +218,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_vnni(const A
       }
     }
   }
-  for (int j = 0; j < S; ++j)
-    for (int r = 0; r < R; ++r) y[r * ldy + n[j]] = _mm512_reduce_add_ps(total[j][r]);
+  store_sums<S, R>(total, y, ldy, n);
 }
 #endif
 
@@ -245,12 +264,7 @@ void streams_avx2(const Act::View& a, const int8_t* w, const float* scale, int64
       }
     }
   }
-  for (int j = 0; j < S; ++j)
-    for (int r = 0; r < R; ++r) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[j][r]), _mm256_extractf128_ps(total[j][r], 1));
-      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      y[r * ldy + n[j]] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
-    }
+  store_sums<S, R>(total, y, ldy, n);
 }
 #endif
 
@@ -331,8 +345,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_int4_vnni(co
       }
     }
   }
-  for (int j = 0; j < S; ++j)
-    for (int r = 0; r < R; ++r) y[r * ldy + n[j]] = _mm512_reduce_add_ps(total[j][r]);
+  store_sums<S, R>(total, y, ldy, n);
 }
 #endif
 
@@ -378,12 +391,7 @@ void streams_int4_avx2(const Act::View& a, const uint8_t* w, const float* scale,
       }
     }
   }
-  for (int j = 0; j < S; ++j)
-    for (int r = 0; r < R; ++r) {
-      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[j][r]), _mm256_extractf128_ps(total[j][r], 1));
-      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      y[r * ldy + n[j]] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
-    }
+  store_sums<S, R>(total, y, ldy, n);
 }
 #endif
 
