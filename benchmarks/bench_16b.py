@@ -7,8 +7,9 @@ gives), in separate processes so each stage's peak RSS is its own:
   1. write a random-weight bf16 checkpoint tensor by tensor (2 GB shards; the model is never built);
   2. `nanoseek quantize --to int8` it (tensor by tensor: the fp32 / bf16 model is never held);
   3. load the int8 checkpoint and decode greedily at batch 1 and 8, with the int8 weights alone and with
-     int8 activations (nanoseek.infer.fast.kernels.set_int8_activations): decode tokens/s (the steps after
-     the first: a run of one new token, the prefill and its step, is timed separately and subtracted), and
+     int8 activations (nanoseek.infer.fast.kernels.set_int8_activations), the two alternating for 3 rounds
+     after a warm-up one (medians): decode tokens/s of the engine's steps after its first (that one, the
+     prefill and a token for each prompt, is timed apart), and
      the fraction of the memory roofline reached (bytes of weight one step must read, non-expert weights
      plus the experts a batch touches per layer, divided by the step time, over the fastest memory read
      measured: benchmarks.common.bandwidth).
@@ -86,11 +87,29 @@ def write_random(cfg, out: Path, shard_bytes: int = 2 * 1024**3) -> None:
 
 
 # ----------------------------------------------------------------------------- stage 3: decode
-def decode(path: Path, new_tokens: int) -> dict:
+def timed_decode(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """Greedy decoding of the prompts together in the engine: (seconds of the first step: the prefill and
+    one token each; seconds of the new_tokens - 1 steps after it)."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    engine = Engine(model, max_batch_size=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 2,
+                    prefix_caching=False)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.0)) for p in prompts]
+    t = time.perf_counter()
+    engine.step()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return first, time.perf_counter() - t
+
+
+def decode(path: Path, new_tokens: int, rounds: int = 3) -> dict:
     import torch
 
     import nanoseek
-    from benchmarks.common import bandwidth_gbs, int8_activations, step_bytes
+    from benchmarks.common import bandwidth_gbs, int8_activations, median, step_bytes
     from nanoseek.infer import fast
 
     t = time.perf_counter()
@@ -102,21 +121,22 @@ def decode(path: Path, new_tokens: int) -> dict:
     g = torch.Generator().manual_seed(0)
     for batch in (1, 8):
         prompts = [torch.randint(3, model.config.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
-        nanoseek.generate(model, prompts, max_new_tokens=2)  # warm-up: path calibration, allocator
-        for a8 in (False, True):  # the int8 weights alone, then with int8 activations
-            with int8_activations(a8):
-                nanoseek.generate(model, prompts, max_new_tokens=2)
-                t = time.perf_counter()
-                nanoseek.generate(model, prompts, max_new_tokens=1)  # the prefill and one step
-                first = time.perf_counter() - t
-                t = time.perf_counter()
-                res = nanoseek.generate(model, prompts, max_new_tokens=new_tokens)
-                decode_s = time.perf_counter() - t - first  # the decode steps after the first
-            steps = min(map(len, res)) - 1
+        first, decode_s = {False: [], True: []}, {False: [], True: []}
+        for r in range(rounds + 1):  # the int8 weights alone and with int8 activations, alternately
+            for a8 in ((False, True) if r % 2 == 0 else (True, False)):
+                with int8_activations(a8):
+                    f, d = timed_decode(model, prompts, new_tokens)
+                if r:  # round 0 warms up: path calibration per mode, allocator
+                    first[a8].append(f)
+                    decode_s[a8].append(d)
+        steps = new_tokens - 1
+        for a8 in (False, True):
             key = f"batch_{batch}" + ("_int8_activations" if a8 else "")
-            out[f"{key}_prefill_and_first_step_s"] = round(first, 3)
-            out[f"{key}_tokens_per_s"] = round(batch * steps / decode_s, 2)
-            out[f"{key}_roofline_fraction"] = round(step_bytes(model, batch) * steps / decode_s / 1e9 / bw, 3)
+            d = median(decode_s[a8])
+            out[f"{key}_prefill_and_first_step_s"] = round(median(first[a8]), 3)
+            out[f"{key}_tokens_per_s"] = round(batch * steps / d, 2)
+            out[f"{key}_roofline_fraction"] = round(step_bytes(model, batch) * steps / d / 1e9 / bw, 3)
+            out[f"{key}_tokens_per_s_by_round"] = [round(batch * steps / x, 2) for x in decode_s[a8]]
     out["step_weight_gb_batch_1"] = round(step_bytes(model, 1) / 1e9, 3)
     out["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return out

@@ -3,8 +3,9 @@
 1. decode: greedy tokens/s of `Engine.generate_batch` against transformers' `DeepseekV3ForCausalLM.generate`
    with the same weights (nanoseek saves, transformers loads), on the `bench` preset, prompt 32 tokens,
    64 new, at batch 1 and 16, in fp32 and in bf16 (transformers cast to bf16; nanoseek as `generate` loads a
-   bf16 checkpoint on a CPU: bf16 linear and expert weights, fp32 compute); rounds alternate between the two and
-   the median is reported, with the number of sequences whose 64 tokens are identical.
+   bf16 checkpoint on a CPU: bf16 linear and expert weights, fp32 compute, and in the same rounds the model
+   cast to bf16 and computed in bf16 through torch, what `--dtype bfloat16` loads: `nanoseek_bf16_compute`);
+   rounds alternate and the median is reported, with the number of sequences whose 64 tokens are identical.
 2. server: a real `nanoseek serve` process on loopback; N concurrent clients (a bounded thread pool) send
    the same requests that are then sent one at a time: total time, throughput, p50/p99 latency.
 3. mtp: speculative decoding (MTP drafts, one forward verifies) against plain greedy decoding of the same
@@ -66,7 +67,9 @@ def bench_decode(args) -> dict:
         # fp32 compute: nanoseek.infer.generate.load_model); transformers computes in bf16.
         ours = fp32 if dt == torch.float32 else quantize_model(copy.deepcopy(fp32), "bf16")
         theirs = theirs32 if dt == torch.float32 else copy.deepcopy(theirs32).to(dt)
-        out[dtype] = _decode_rows(args, cfg, ours, theirs, dtype, bandwidth)
+        # and for bf16, in the same rounds, nanoseek computing in bf16 through torch (`--dtype bfloat16`)
+        also = {} if dt == torch.float32 else {"nanoseek_bf16_compute": copy.deepcopy(fp32).to(dt)}
+        out[dtype] = _decode_rows(args, cfg, ours, theirs, dtype, bandwidth, also)
     return out
 
 
@@ -87,7 +90,9 @@ def decode_roofline(model, batch: int, bandwidth_gbs: float) -> dict:
             "ceiling_tokens_per_s": round(batch / floor_s, 1)}
 
 
-def _decode_rows(args, cfg, ours, theirs, dtype: str, bandwidth: float) -> dict:
+def _decode_rows(args, cfg, ours, theirs, dtype: str, bandwidth: float, also: dict | None = None) -> dict:
+    """nanoseek's engine against transformers.generate at each batch, rounds alternating; `also` names more
+    nanoseek models timed in the same rounds (their tokens/s and their ratio to `ours` are reported)."""
     out = {}
     for B in args.batches:
         prompts = random_prompts(B, args.prompt_len, cfg.vocab_size, seed=B)
@@ -99,13 +104,18 @@ def _decode_rows(args, cfg, ours, theirs, dtype: str, bandwidth: float) -> dict:
         def run_ours():
             results["ours"] = [c.token_ids for c in engine.generate_batch(prompts, sp)]
 
+        def runner(model):
+            other = Engine(model, max_batch_size=B, max_len=args.prompt_len + args.new_tokens)
+            return lambda: other.generate_batch(prompts, sp)
+
         def run_theirs():
             with torch.inference_mode():
                 seq = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                       do_sample=False)
             results["theirs"] = seq[:, args.prompt_len:].tolist()
 
-        times = alternate({"nanoseek": run_ours, "transformers": run_theirs}, rounds=args.rounds, warmup=1)
+        fns = {"nanoseek": run_ours, "transformers": run_theirs, **{k: runner(m) for k, m in (also or {}).items()}}
+        times = alternate(fns, rounds=args.rounds, warmup=1)
         same_seq = sum(a == b for a, b in zip(results["ours"], results["theirs"]))
         same_tok = sum(x == y for a, b in zip(results["ours"], results["theirs"]) for x, y in zip(a, b))
         tps = {k: B * args.new_tokens / median(v) for k, v in times.items()}
@@ -116,13 +126,16 @@ def _decode_rows(args, cfg, ours, theirs, dtype: str, bandwidth: float) -> dict:
                              "identical_sequences": f"{same_seq}/{B}",
                              "identical_tokens": f"{same_tok}/{B * args.new_tokens}",
                              "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
-                             "memory_roofline": roof}
+                             "memory_roofline": roof,
+                             **{f"nanoseek_vs_{k}": tps["nanoseek"] / tps[k] for k in also or {}}}
         print(f"decode {dtype} batch {B:>2}: nanoseek {tps['nanoseek']:.0f} tok/s  transformers {tps['transformers']:.0f} "
               f"tok/s  speed-up {tps['nanoseek'] / tps['transformers']:.2f}x  identical sequences {same_seq}/{B}\n"
               f"    roofline: {roof['weight_mb_per_step']} MB of weights per step at {roof['bandwidth_gbs']} GB/s = "
               f"{roof['floor_ms_per_step']} ms -> at most {roof['ceiling_tokens_per_s']:.0f} tok/s, "
               f"{roof['max_speedup_vs_transformers']}x transformers (nanoseek is at "
-              f"{roof['nanoseek_fraction_of_ceiling']:.0%} of it)", flush=True)
+              f"{roof['nanoseek_fraction_of_ceiling']:.0%} of it)"
+              + "".join(f"\n    {k}: {tps[k]:.0f} tok/s (nanoseek {tps['nanoseek'] / tps[k]:.2f}x it)" for k in also or {}),
+              flush=True)
     return out
 
 

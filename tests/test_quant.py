@@ -271,6 +271,43 @@ def test_few_row_paths_are_measured_against_torch(monkeypatch):
     kernels.PATHS.clear()
 
 
+def test_prefill_rows_of_int8_and_int4_weights_are_measured_per_mode_and_bf16_stays_torch(monkeypatch):
+    """Up to PREFILL_KERNEL_ROWS rows of int8 / int4 weights are measured too, per int8-activation mode
+    (the kernel forced here, so both modes run it); bf16 weights past KERNEL_ROWS keep torch's path."""
+    if kernels.load() is None:
+        pytest.skip("no kernels")
+    kernels.PATHS.clear()
+    monkeypatch.setenv(kernels.PATHS_ENV, "kernel")
+    torch.manual_seed(0)
+    x = torch.randn(100, 256)
+    try:
+        for fmt, group in (("int8", 128), ("int4", 32)):
+            lin = quant.QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), fmt, group)
+            with torch.no_grad():
+                ref = x @ lin.dense_weight().t()
+                torch.testing.assert_close(lin(x), ref, rtol=1e-4, atol=1e-4)  # 100 rows: the kernel, exactly
+                kernels.set_int8_activations(True)
+                try:
+                    got = lin(x)
+                finally:
+                    kernels.set_int8_activations(False)
+            assert ((got - ref).norm() / ref.norm()) < 0.02  # within the activations' rounding
+        keys = {tuple(e["key"][:-1]) for e in kernels.PATHS.table()}
+        assert keys == {("int4", "384", "256", "8", "128"), ("int4", "384", "256", "8", "128", "a8"),
+                        ("int8", "384", "256", "2", "128"), ("int8", "384", "256", "2", "128", "a8")}
+        kernels.PATHS.clear()
+        lin = quant.QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), "bf16")
+        with torch.no_grad():
+            lin(x)
+        assert kernels.PATHS.table() == []  # bf16 at 100 rows: torch's path, unmeasured
+        x_big = torch.randn(quant.PREFILL_KERNEL_ROWS + 1, 256)
+        with torch.no_grad():
+            quant.QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), "int8")(x_big)
+        assert kernels.PATHS.table() == []  # past PREFILL_KERNEL_ROWS: torch's GEMM
+    finally:
+        kernels.PATHS.clear()
+
+
 # ----------------------------------------------------------------------------- quantized models
 def tiny_model() -> Transformer:
     torch.manual_seed(0)

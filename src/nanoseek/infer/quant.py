@@ -38,6 +38,7 @@ SCALED = ("int8", "int4")  # the formats with scales
 STORAGE = {"int8": torch.int8, "int4": torch.uint8, "bf16": torch.bfloat16}  # the dtype each is kept in
 INT_MAX = {"int8": 127, "int4": 7}
 KERNEL_ROWS = 32        # few-row matmuls up to this many rows take the kernel (measured against torch)
+PREFILL_KERNEL_ROWS = 256  # and up to this many (a prefill) int8 / int4 ones too, where measured faster
 KERNEL_ASSIGNMENTS = 4096
 NOT_QUANTIZED = ("kv_b_proj",)  # module names (last part) kept in the model dtype
 
@@ -163,7 +164,10 @@ class QuantLinear(nn.Module):
     model has none).
 
     Few rows (decoding) take the C++ kernel or torch's dequantize-and-F.linear, whichever measured faster
-    for the shape (kernels.faster_path); many rows (prefill) and anything with autograd, torch's path.
+    for the shape (kernels.faster_path); so do int8 / int4 weights at up to PREFILL_KERNEL_ROWS rows (a
+    short prefill: the dense copy the torch path makes of every weight costs about as much as its GEMM,
+    and with int8 activations the kernel is often the faster one). More rows and anything with autograd:
+    torch's path.
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None, device=None):
@@ -193,9 +197,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if 0 < rows <= KERNEL_ROWS and _fast_inference(x):
+        limit = KERNEL_ROWS if self.weight_scale is None else PREFILL_KERNEL_ROWS
+        if 0 < rows <= limit and _fast_inference(x):
+            # measured per mode: int8 activations change the kernel's speed (and only int8 / int4 take them)
+            a8 = self.weight_scale is not None and kernels.int8_activations()
             key = (self.fmt, self.out_features, self.in_features, self.weight_scale is not None and
-                   self.weight_scale.shape[1], kernels.row_bucket(rows))
+                   self.weight_scale.shape[1], kernels.row_bucket(rows)) + (("a8",) if a8 else ())
             x2d = x.reshape(rows, self.in_features)
             y = kernels.faster_path(key, self._kernel, self._torch, x2d)
             return y.view(*x.shape[:-1], self.out_features)
