@@ -153,6 +153,15 @@ struct Act {
   }
 };
 
+// The S weight rows' starts (rows of `stride` elements) and their zeroed accumulators, for one pass.
+template <typename T, typename V, int S, int R>
+inline void start_streams(const T* (&wr)[S], V (&total)[S][R], const T* w, const int64_t* n, int64_t stride) {
+  for (int j = 0; j < S; ++j) {
+    wr[j] = w + n[j] * stride;
+    for (int r = 0; r < R; ++r) total[j][r] = V{};
+  }
+}
+
 // y[r, n[j]] = the lane sum of total[j][r], for the S x R outputs of one pass.
 #if defined(NANOSEEK_ISA_AVX512)
 template <int S, int R>
@@ -187,10 +196,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_vnni(const A
   const int64_t K = a.K, B = a.B, NB = K / B, NG = K / G;
   const int8_t* wr[S];
   __m512 total[S][R];
-  for (int j = 0; j < S; ++j) {
-    wr[j] = w + n[j] * K;
-    for (int r = 0; r < R; ++r) total[j][r] = _mm512_setzero_ps();
-  }
+  start_streams(wr, total, w, n, K);
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t b = 0; b < NB; ++b) {
     __m512i acc[S][R], wsum[S];
@@ -231,10 +237,7 @@ void streams_avx2(const Act::View& a, const int8_t* w, const float* scale, int64
   const int64_t K = a.K, B = a.B, NB = K / B, NG = K / G;
   const int8_t* wr[S];
   __m256 total[S][R];
-  for (int j = 0; j < S; ++j) {
-    wr[j] = w + n[j] * K;
-    for (int r = 0; r < R; ++r) total[j][r] = _mm256_setzero_ps();
-  }
+  start_streams(wr, total, w, n, K);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < NB; ++b) {
     __m256i acc[S][R];
@@ -312,10 +315,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_int4_vnni(co
   const int64_t K = a.K, NG = K / G;
   const uint8_t* wr[S];
   __m512 total[S][R];
-  for (int j = 0; j < S; ++j) {
-    wr[j] = w + n[j] * (K / 2);
-    for (int r = 0; r < R; ++r) total[j][r] = _mm512_setzero_ps();
-  }
+  start_streams(wr, total, w, n, K / 2);
   const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x88));
   // lane i's weight group, counted from the chunk's first: 8 i / G (0 for groups of a chunk or more)
   alignas(64) int32_t group_of_lane[16];
@@ -358,10 +358,7 @@ void streams_int4_avx2(const Act::View& a, const uint8_t* w, const float* scale,
   const int64_t K = a.K, NG = K / G;
   const uint8_t* wr[S];
   __m256 total[S][R];
-  for (int j = 0; j < S; ++j) {
-    wr[j] = w + n[j] * (K / 2);
-    for (int r = 0; r < R; ++r) total[j][r] = _mm256_setzero_ps();
-  }
+  start_streams(wr, total, w, n, K / 2);
   const __m256i low = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) int32_t group_of_lane[8], load_lane[8];
