@@ -185,6 +185,38 @@ def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_ro
     same()
 
 
+def test_decode_block_steps_aside_for_a_hook_added_after_its_first_step(built, paged_rows, monkeypatch):
+    """A forward hook registered on a module inside a block once its plan exists sends the block back to
+    the Python path (the hook sees every decode step); removing it brings the C++ block back."""
+    model = fast.accelerate(tiny(hidden_size=128, moe_intermediate_size=128))
+    calls = {"block": 0, "hook": 0}
+    block_decode = kernels.block_decode
+
+    def counted(*a):
+        calls["block"] += 1
+        return block_decode(*a)
+
+    monkeypatch.setattr(kernels, "block_decode", counted)
+    _, view = paged_rows(model, 1, 16)
+    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
+
+    def decode():
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))[0]
+
+    first = decode()
+    n_layers = len(model.layers)
+    assert calls["block"] == n_layers
+    handle = model.layers[1].self_attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("hook", calls["hook"] + 1))
+    torch.testing.assert_close(decode(), first)
+    # the hook ran in the prefill and in the decode step, where its block took the Python path
+    assert calls["hook"] == 2 and calls["block"] == 2 * n_layers - 1
+    handle.remove()
+    torch.testing.assert_close(decode(), first)
+    assert calls["hook"] == 2 and calls["block"] == 3 * n_layers - 1
+
+
 def greedy_with_cache(model, prompt, n, dtype):
     """Greedy tokens of one prompt decoded by hand on a reference cache of `dtype`."""
     cache = model.new_cache(1, len(prompt) + n, dtype=dtype)

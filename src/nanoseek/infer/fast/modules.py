@@ -13,6 +13,8 @@ own overhead). benchmarks/bench_kernels.py measures each path against the torch 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,6 +197,18 @@ class _KernelPlan:
         self.linears = [m for m in self.modules if isinstance(m, (nn.Linear, QuantLinear))]
         self.norms = [m for m in self.modules if isinstance(m, RMSNorm)]
         self.moe = mlp if moe else None
+        self.attention, self.n_heads = a, a.n_heads
+        self.assignments_per_token = max(1, cfg.num_experts_per_tok)
+        # The same checks as lists that map() and list equality walk in C: a decode step makes them once per
+        # block, with its caches cold from the weights it streams, so each Python-level step counts.
+        self._children = [children for children, _, _ in self.links]
+        self._child_names = [name for _, name, _ in self.links]
+        self._child_modules = [child for _, _, child in self.links]
+        self._hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+        self._plain_types = None  # the modules' types when plain() last held
+        self._dicts = [d for d, _ in self.sources]
+        self._keys = [n for _, n in self.sources]
+        self._dtypes_ok = None  # the tensors' dtypes when they were last found acceptable
         self.config = kernels.block_config(
             hidden_size=cfg.hidden_size, num_attention_heads=a.n_heads, qk_nope_head_dim=a.nope,
             qk_rope_head_dim=a.rope, v_head_dim=a.v_dim, kv_lora_rank=a.kv_rank, q_lora_rank=cfg.q_lora_rank or 0,
@@ -212,31 +226,48 @@ class _KernelPlan:
 
     def current(self) -> bool:
         """The block still holds the modules this plan reads (none replaced since it was made)."""
-        return all(children.get(name) is child for children, name, child in self.links)
+        return list(map(dict.get, self._children, self._child_names)) == self._child_modules  # `is` per item
 
     def plain(self) -> bool:
         """The block is still made of the modules accelerate (or quantize_model) put there, and nothing
         wrapped them or hooked into them since."""
+        if any(self._hook_dicts):
+            return False
+        types = list(map(type, self.modules))
+        if types == self._plain_types:
+            return True
+        if type(self.attention) is not MLA:
+            return False
         moe = self.moe
         if moe is not None and (type(moe) not in (FastMoE, MoE) or type(moe.experts) not in self.experts_types):
             return False
-        if any(m._forward_pre_hooks or m._forward_hooks for m in self.modules):
-            return False
-        return all(type(m) in self.linear_types for m in self.linears) and \
-            all(type(m) in (FastRMSNorm, RMSNorm) for m in self.norms)
+        if all(type(m) in self.linear_types for m in self.linears) and \
+                all(type(m) in (FastRMSNorm, RMSNorm) for m in self.norms):
+            self._plain_types = types
+            return True
+        return False
 
     def weights(self):
         """The BlockWeights of the current tensors, or None if one is off the CPU or of a dtype the C++
         block does not take there (fp32 everywhere; bf16 / int8 / uint8 int4 in quantized modules)."""
-        tensors = [d[n] for d, n in self.sources]
-        if not all(t is not None and t.is_cpu and t.dtype in ok for t, ok in zip(tensors, self.dtypes)):
+        tensors = list(map(dict.get, self._dicts, self._keys))
+        # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them; an
+        # assignment to .data keeps them but may change the dtype or device).
+        try:
+            impls = list(map(_CDATA, tensors))
+        except AttributeError:  # a tensor set to None
             return None
-        # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them).
-        impls = [t._cdata for t in tensors]
-        if impls != self._impls:
-            self._tensors, self._impls = tensors, impls
-            self._weights = kernels.block_weights(**dict(zip(self.names, tensors)))
+        dtypes = list(map(_DTYPE, tensors))
+        if impls == self._impls and dtypes == self._dtypes_ok and all(map(_IS_CPU, tensors)):
+            return self._weights
+        if not all(t.is_cpu and dt in ok for t, dt, ok in zip(tensors, dtypes, self.dtypes)):
+            return None
+        self._tensors, self._impls, self._dtypes_ok = tensors, impls, dtypes
+        self._weights = kernels.block_weights(**dict(zip(self.names, tensors)))
         return self._weights
+
+
+_CDATA, _DTYPE, _IS_CPU = (operator.attrgetter(a) for a in ("_cdata", "dtype", "is_cpu"))
 
 
 def _no_plan():
@@ -255,20 +286,19 @@ class _DecodeInKernel:
         return super().forward(x, cos, sin, cache, layer, aux_alpha)
 
     def _decode(self, x, cos, sin, cache, layer):
-        K = max(1, self.self_attn.cfg.num_experts_per_tok)
-        if x.shape[0] * x.shape[1] * K > KERNEL_ASSIGNMENTS or not hasattr(cache, "kernel_cache"):
-            return None
-        if type(self.self_attn) is not MLA:  # the C++ block is dense MLA (V3.2's SparseMLA runs in torch)
-            return None
-        if not kernels.whole_blocks() or not kernels.usable(x, cos):
-            return None
         plan = self.__dict__.get("_kernel_plan")
         if plan is None or not plan.current():
+            # the C++ block is dense MLA (V3.2's SparseMLA runs in torch); a plan needs the kernels built
+            if type(self.self_attn) is not MLA or not hasattr(cache, "kernel_cache") or not kernels.usable(x, cos):
+                return None
             plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)  # built once (again if a part was replaced)
-        if not plan.plain():
+        if x.shape[0] * x.shape[1] * plan.assignments_per_token > KERNEL_ASSIGNMENTS:
             return None
-        weights = plan.weights()
-        where = cache.kernel_cache(layer, self.self_attn.n_heads) if weights is not None else None
+        if not plan.plain() or not kernels.whole_blocks() or not kernels.usable(x, cos):
+            return None
+        kernel_cache = getattr(cache, "kernel_cache", None)
+        weights = plan.weights() if kernel_cache is not None else None
+        where = kernel_cache(layer, plan.n_heads) if weights is not None else None
         if where is None:
             return None
         kv_layer, index = where
