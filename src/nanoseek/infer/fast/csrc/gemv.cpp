@@ -42,7 +42,6 @@ const char* int8_activation_kernel() {
 #endif
 }
 
-
 int64_t narrow_prefetch() { return g_narrow_prefetch.load(std::memory_order_relaxed); }
 
 void set_narrow_prefetch(int64_t bytes) {
@@ -99,13 +98,21 @@ const gemv::a8::Act* quantized_here(const float* x, int64_t M, at::ScalarType ty
   return &own;
 }
 
-// rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements). Int8
+// rows_range on the weight rows [n0, n1) of matrix `m` (an offset in matrices of N x K elements). Int8 / int4
 // weights taking int8 activations read them from `act` where the caller quantized x once for all its
-// threads, else quantize x here.
+// threads (rows_matmul), else x is quantized here.
 void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t N, int64_t K, float* y,
               int64_t ldy, int64_t n0, int64_t n1, const gemv::a8::Act* act = nullptr) {
   const float* scale = wa.scale ? wa.scale + m * N * wa.groups : nullptr;
   const int64_t G = K / wa.groups, off = m * N * K;  // in inputs (an int4 matrix starts at byte off / 2)
+  if (act != nullptr || takes_int8_activations(wa, K)) {
+    if (act == nullptr) act = quantized_here(x, M, wa.type, K, G);
+    if (wa.type == at::kChar)
+      gemv::a8::rows_range(*act, M, static_cast<const int8_t*>(wa.data) + off, scale, G, y, ldy, n0, n1);
+    else
+      gemv::a8::rows_range(*act, M, static_cast<const uint8_t*>(wa.data) + off / 2, scale, G, y, ldy, n0, n1);
+    return;
+  }
   switch (wa.type) {
     case at::kFloat:
       gemv::rows_range(x, M, gemv::Rows<float>{static_cast<const float*>(wa.data) + off, nullptr, K}, y, ldy,
@@ -116,22 +123,12 @@ void rows_any(const float* x, int64_t M, const WeightArg& wa, int64_t m, int64_t
                                                       K}, y, ldy, K, n0, n1);
       break;
     case at::kByte:
-      if (takes_int8_activations(wa, K)) {
-        if (act == nullptr) act = quantized_here(x, M, wa.type, K, G);
-        gemv::a8::rows_range(*act, M, static_cast<const uint8_t*>(wa.data) + off / 2, scale, G, y, ldy, n0, n1);
-      } else {
-        gemv::rows_range(x, M, gemv::Rows<gemv::int4x2>{static_cast<const gemv::int4x2*>(wa.data) + off / 2, scale,
-                                                        G}, y, ldy, K, n0, n1);
-      }
+      gemv::rows_range(x, M, gemv::Rows<gemv::int4x2>{static_cast<const gemv::int4x2*>(wa.data) + off / 2, scale,
+                                                      G}, y, ldy, K, n0, n1);
       break;
     default:
-      if (takes_int8_activations(wa, K)) {
-        if (act == nullptr) act = quantized_here(x, M, wa.type, K, G);
-        gemv::a8::rows_range(*act, M, static_cast<const int8_t*>(wa.data) + off, scale, G, y, ldy, n0, n1);
-      } else {
-        gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
-                         K, n0, n1);
-      }
+      gemv::rows_range(x, M, gemv::Rows<int8_t>{static_cast<const int8_t*>(wa.data) + off, scale, G}, y, ldy,
+                       K, n0, n1);
   }
 }
 

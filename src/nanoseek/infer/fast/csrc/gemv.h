@@ -298,64 +298,100 @@ void rows_streams(const float* x, int64_t K, const W* w, const float* scale, int
     for (int r = 0; r < R; ++r) y[r * ldy + n[j]] = hsum(total[j][r]) + tail[j][r];
 }
 
-// rows_streams over the weight rows [n0, n1). One core reading one weight row after another reaches about
-// half the memory bandwidth it reaches reading several rows at once from different pages (its hardware
-// prefetchers run only so far ahead of each stream): so at one or two activation rows the range is cut into
-// S = 4 equal parts, and row i of every part is read together (n0 + i, n0 + i + q, ...; the < S rows left
-// over one at a time). bf16 and int8 streams, which a core consumes in fewer bytes per vector, are also
-// prefetched narrow_prefetch() bytes ahead (int4, bound by its unpacking, is not: the hints only cost it).
-// More activation rows need more accumulators (S * R * U of the 16 vector registers of AVX2) and consume
-// each weight vector more slowly: there fewer streams and a software prefetch further ahead do better (each
-// choice measured on a 2-core EPYC, 1 and 2 threads, a [2048, 1536] weight per format).
-template <typename W, bool Scaled, int R, int64_t Prefetch>
-void rows_block_at(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
-                   int64_t n0, int64_t n1) {
-  constexpr int S = R <= 2 ? 4 : R <= 4 ? 2 : 1;
-  constexpr int U = R == 1 ? 2 : 1;
+// How a pass over the weight rows [n0, n1) is split, for these loops and gemv_int8act.h's. One core reading
+// one weight row after another reaches about half the memory bandwidth it reaches reading several rows at
+// once from different pages (its hardware prefetchers run only so far ahead of each stream): so at one or two
+// activation rows the range is cut into S = 4 equal parts, and row i of every part is read together (n0 + i,
+// n0 + i + q, ...; the < S rows left over one at a time). bf16 and int8 streams, which a core consumes in
+// fewer bytes per vector, are also prefetched narrow_prefetch() bytes ahead (int4, bound by its unpacking,
+// is not: the hints only cost it). More activation rows need more accumulators (S * R * U of the 16 vector
+// registers of AVX2) and consume each weight vector more slowly: there fewer streams and a software prefetch
+// further ahead do better (each choice measured on a 2-core EPYC, 1 and 2 threads, a [2048, 1536] weight per
+// format).
+template <int V>
+using Int = std::integral_constant<int, V>;
+template <int64_t V>
+using I64 = std::integral_constant<int64_t, V>;
+template <int R>
+constexpr int kStreams = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+
+// pass(Int<S>{}, n) for each S rows n[0..S) read together, then pass(Int<1>{}, &m) for each row left over.
+template <int S, typename Pass>
+inline void in_streams(int64_t n0, int64_t n1, Pass&& pass) {
   const int64_t q = (n1 - n0) / S;
   int64_t n[S];
   for (int64_t i = 0; i < q; ++i) {
     for (int j = 0; j < S; ++j) n[j] = n0 + i + j * q;
-    rows_streams<W, Scaled, R, S, U, Prefetch>(x, K, w, scale, G, y, ldy, n);
+    pass(Int<S>{}, n);
   }
-  for (int64_t m = n0 + S * q; m < n1; ++m)
-    rows_streams<W, Scaled, R, 1, U, Prefetch>(x, K, w, scale, G, y, ldy, &m);
+  for (int64_t m = n0 + S * q; m < n1; ++m) pass(Int<1>{}, &m);
 }
 
-// The distance is a template argument (a run-time distance in the loop slowed even the fp32 rows, which
-// take no hints): the narrow formats' run-time setting picks one of four instantiations.
-template <typename W, bool Scaled, int R>
-void rows_block(const float* x, int64_t K, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
-                int64_t n0, int64_t n1) {
-  constexpr bool narrow = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, int8_t>;
+// f(I64<P>{}) with the prefetch distance P of a pass at R activation rows. The distance is a template
+// argument (a run-time distance in the loop slowed even the fp32 rows, which take no hints): a narrow
+// format's run-time setting at one or two rows picks one of four instantiations.
+template <int R, bool Narrow, typename F>
+inline void with_prefetch(F&& f) {
   if constexpr (R > 2) {
-    rows_block_at<W, Scaled, R, R <= 4 ? 1024 : 2048>(x, K, w, scale, G, y, ldy, n0, n1);
-  } else if constexpr (!narrow) {
-    rows_block_at<W, Scaled, R, 0>(x, K, w, scale, G, y, ldy, n0, n1);
+    f(I64<R <= 4 ? 1024 : 2048>{});
+  } else if constexpr (!Narrow) {
+    f(I64<0>{});
   } else {
     switch (narrow_prefetch()) {
-      case 0: rows_block_at<W, Scaled, R, 0>(x, K, w, scale, G, y, ldy, n0, n1); break;
-      case 1024: rows_block_at<W, Scaled, R, 1024>(x, K, w, scale, G, y, ldy, n0, n1); break;
-      case 2048: rows_block_at<W, Scaled, R, 2048>(x, K, w, scale, G, y, ldy, n0, n1); break;
-      default: rows_block_at<W, Scaled, R, 512>(x, K, w, scale, G, y, ldy, n0, n1);
+      case 0: f(I64<0>{}); break;
+      case 1024: f(I64<1024>{}); break;
+      case 2048: f(I64<2048>{}); break;
+      default: f(I64<512>{});
     }
   }
 }
 
+// f(Int<R>{}) for 1 <= R <= 8 activation rows.
+template <typename F>
+inline void with_rows(int64_t R, F&& f) {
+  switch (R) {
+    case 1: f(Int<1>{}); break;
+    case 2: f(Int<2>{}); break;
+    case 3: f(Int<3>{}); break;
+    case 4: f(Int<4>{}); break;
+    case 5: f(Int<5>{}); break;
+    case 6: f(Int<6>{}); break;
+    case 7: f(Int<7>{}); break;
+    case 8: f(Int<8>{}); break;
+    default: TORCH_CHECK(false, "rows_block: ", R, " rows (1 to 8 expected)");
+  }
+}
+
+// block(m, R, c0, c1) for the M activation rows, at most 8 at once (rows m .. m + R), against the weight rows
+// [n0, n1) of `row_bytes` each: with more than 8 rows the weight rows go in L2-sized chunks that every block
+// of 8 rows uses before the next chunk is read, so the weight is streamed from memory once, not once per block.
+template <typename Block>
+inline void in_row_blocks(int64_t M, int64_t row_bytes, int64_t n0, int64_t n1, Block&& block) {
+  if (M <= 8) {
+    block(0, M, n0, n1);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / row_bytes);  // ~64 KB
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t m = 0; m < M; m += 8) block(m, std::min<int64_t>(8, M - m), c0, c1);
+  }
+}
+
+// R <= 8 rows of x against the weight rows [n0, n1), through rows_streams.
 template <typename W, bool Scaled>
 void rows_block_any(const float* x, int64_t R, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
                     int64_t K, int64_t n0, int64_t n1) {
-  switch (R) {
-    case 1: rows_block<W, Scaled, 1>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 2: rows_block<W, Scaled, 2>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 3: rows_block<W, Scaled, 3>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 4: rows_block<W, Scaled, 4>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 5: rows_block<W, Scaled, 5>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 6: rows_block<W, Scaled, 6>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 7: rows_block<W, Scaled, 7>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    case 8: rows_block<W, Scaled, 8>(x, K, w, scale, G, y, ldy, n0, n1); break;
-    default: TORCH_CHECK(false, "rows_block: ", R, " rows (1 to 8 expected)");
-  }
+  constexpr bool narrow = std::is_same_v<W, at::BFloat16> || std::is_same_v<W, int8_t>;
+  with_rows(R, [&](auto rows) {
+    constexpr int Rc = decltype(rows)::value;
+    with_prefetch<Rc, narrow>([&](auto prefetch) {
+      in_streams<kStreams<Rc>>(n0, n1, [&](auto streams, const int64_t* n) {
+        rows_streams<W, Scaled, Rc, decltype(streams)::value, Rc == 1 ? 2 : 1, decltype(prefetch)::value>(
+            x, K, w, scale, G, y, ldy, n);
+      });
+    });
+  });
 }
 
 // A weight matrix [N, K] as the loops read it: its elements, and for int8 / int4 the per-(row, group) scales.
@@ -366,27 +402,16 @@ struct Rows {
   int64_t G;           // group size (K when unscaled)
 };
 
-// All M rows of x against weight rows [n0, n1); y has row stride ldy. With more than 8 rows the weight
-// rows go in L2-sized chunks that every block of 8 rows uses before the next chunk is read, so the
-// weight is streamed from memory once, not once per block.
+// All M rows of x against weight rows [n0, n1); y has row stride ldy (in blocks of 8 rows: in_row_blocks).
 template <typename W>
 void rows_range(const float* x, int64_t M, const Rows<W>& wt, float* y, int64_t ldy, int64_t K, int64_t n0,
                 int64_t n1) {
-  auto block = [&](const float* xb, int64_t R, float* yb, int64_t c0, int64_t c1) {
+  in_row_blocks(M, row_bytes<W>(K), n0, n1, [&](int64_t m, int64_t R, int64_t c0, int64_t c1) {
     if (wt.scale != nullptr)
-      rows_block_any<W, true>(xb, R, wt.w, wt.scale, wt.G, yb, ldy, K, c0, c1);
+      rows_block_any<W, true>(x + m * K, R, wt.w, wt.scale, wt.G, y + m * ldy, ldy, K, c0, c1);
     else
-      rows_block_any<W, false>(xb, R, wt.w, nullptr, K, yb, ldy, K, c0, c1);
-  };
-  if (M <= 8) {
-    block(x, M, y, n0, n1);
-    return;
-  }
-  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / row_bytes<W>(K));  // ~64 KB
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    const int64_t c1 = std::min(n1, c0 + chunk);
-    for (int64_t m = 0; m < M; m += 8) block(x + m * K, std::min<int64_t>(8, M - m), y + m * ldy, c0, c1);
-  }
+      rows_block_any<W, false>(x + m * K, R, wt.w, nullptr, K, y + m * ldy, ldy, K, c0, c1);
+  });
 }
 
 }  // namespace gemv

@@ -32,11 +32,10 @@ inline int64_t block_size(int64_t G) {
   return 0;
 }
 
-// M activation rows quantized per block: q (int8), q + 128 as unsigned bytes (the VNNI operand), |q| (the
-// vpmaddubsw operand) and one scale per (row, block).
+// M activation rows quantized per block: q (int8) and one scale per (row, block). (The loops derive what
+// their instructions take from q as they load it: q + 128 for vpdpbusd, |q| for vpmaddubsw.)
 struct Act {
   std::vector<int8_t> q;
-  std::vector<uint8_t> biased, magnitude;
   std::vector<float> scale;
   int64_t K = 0, B = 0;
   // For packed int4 weights (prepare_int4): per chunk of C inputs, q of its even inputs then of its odd ones
@@ -49,7 +48,6 @@ struct Act {
 
   struct View {  // rows from m0 on
     const int8_t* q;
-    const uint8_t *biased, *magnitude;
     const float* scale;
     int64_t K, B;
     const int8_t* split;
@@ -59,7 +57,7 @@ struct Act {
   };
   View rows_from(int64_t m0) const {
     const int64_t lanes = C ? K / 8 : 0;
-    return {q.data() + m0 * K, biased.data() + m0 * K, magnitude.data() + m0 * K, scale.data() + m0 * (K / B), K, B,
+    return {q.data() + m0 * K, scale.data() + m0 * (K / B), K, B,
             C ? split.data() + m0 * K : nullptr, C ? lane_offset.data() + m0 * lanes : nullptr,
             C ? lane_scale.data() + m0 * lanes : nullptr, C};
   }
@@ -86,16 +84,13 @@ struct Act {
   void quantize(const float* x, int64_t M, int64_t K_, int64_t B_) {
     K = K_, B = B_;
     const int64_t NB = K / B;
-    q.resize(M * K), biased.resize(M * K), magnitude.resize(M * K), scale.resize(M * NB);
+    q.resize(M * K), scale.resize(M * NB);
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t b = 0; b < NB; ++b) {
-        const int64_t at = r * K + b * B;
-        scale[r * NB + b] = quantize_block(x + at, B, q.data() + at, biased.data() + at, magnitude.data() + at);
-      }
+      for (int64_t b = 0; b < NB; ++b) scale[r * NB + b] = quantize_block(x + r * K + b * B, B, q.data() + r * K + b * B);
   }
 
-  // One block of B (a multiple of 32) inputs: writes q, q + 128 and |q|, returns the scale max|x| / 127.
-  static float quantize_block(const float* x, int64_t B, int8_t* q, uint8_t* biased, uint8_t* magnitude) {
+  // One block of B (a multiple of 32) inputs: writes q, returns the scale max|x| / 127.
+  static float quantize_block(const float* x, int64_t B, int8_t* q) {
     float amax = 0.f;
 #if defined(NANOSEEK_ISA_AVX512)
     __m512 m = _mm512_setzero_ps();
@@ -116,20 +111,15 @@ struct Act {
 #if defined(NANOSEEK_ISA_AVX512)
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
     for (int64_t i = 0; i < B; i += 16) {
       const __m512i v = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(
                                                                       _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv))));
-      const __m128i b8 = _mm512_cvtepi32_epi8(v);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), b8);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(biased + i), _mm_xor_si128(b8, bias));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(magnitude + i), _mm_abs_epi8(b8));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
     }
 #elif defined(NANOSEEK_ISA_AVX2)
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' per-lane interleave
-    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
     for (int64_t i = 0; i < B; i += 32) {
       __m256i v[4];
       for (int j = 0; j < 4; ++j)
@@ -138,15 +128,11 @@ struct Act {
       const __m256i b8 = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])), order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), b8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(biased + i), _mm256_xor_si256(b8, bias));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(magnitude + i), _mm256_abs_epi8(b8));
     }
 #else
     for (int64_t i = 0; i < B; ++i) {
       const int v = static_cast<int>(std::max(-127.f, std::min(127.f, std::nearbyint(x[i] * inv))));
       q[i] = static_cast<int8_t>(v);
-      biased[i] = static_cast<uint8_t>(v + 128);
-      magnitude[i] = static_cast<uint8_t>(v < 0 ? -v : v);
     }
 #endif
     return amax / 127.f;
@@ -197,7 +183,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_vnni(const A
   const int8_t* wr[S];
   __m512 total[S][R];
   start_streams(wr, total, w, n, K);
-  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i ones = _mm512_set1_epi8(1), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = 0; b < NB; ++b) {
     __m512i acc[S][R], wsum[S];
     for (int j = 0; j < S; ++j) {
@@ -208,7 +194,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void streams_vnni(const A
       if (Prefetch > 0)
         for (int j = 0; j < S; ++j) __builtin_prefetch(wr[j] + k + Prefetch, 0, 0);
       __m512i xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_si512(a.biased + r * K + k);
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_xor_si512(_mm512_loadu_si512(a.q + r * K + k), bias);  // q + 128
       for (int j = 0; j < S; ++j) {
         const __m512i wv = _mm512_loadu_si512(wr[j] + k);
         wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv);
@@ -249,7 +235,7 @@ void streams_avx2(const Act::View& a, const int8_t* w, const float* scale, int64
       __m256i qv[R], mv[R];
       for (int r = 0; r < R; ++r) {
         qv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + r * K + k));
-        mv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.magnitude + r * K + k));
+        mv[r] = _mm256_abs_epi8(qv[r]);
       }
       for (int j = 0; j < S; ++j) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
@@ -450,37 +436,6 @@ inline void streams(const Act::View& a, const W* w, const float* scale, int64_t 
   }
 }
 
-// The weight rows [n0, n1) in S-row streams from S equal parts, as gemv::rows_block_at.
-template <typename W, int R, int64_t Prefetch>
-void block_at(const Act::View& a, const W* w, const float* scale, int64_t G, float* y, int64_t ldy, int64_t n0,
-              int64_t n1) {
-  constexpr int S = R <= 2 ? 4 : R <= 4 ? 2 : 1;
-  const int64_t q = (n1 - n0) / S;
-  int64_t n[S];
-  for (int64_t i = 0; i < q; ++i) {
-    for (int j = 0; j < S; ++j) n[j] = n0 + i + j * q;
-    streams<W, R, S, Prefetch>(a, w, scale, G, y, ldy, n);
-  }
-  for (int64_t m = n0 + S * q; m < n1; ++m) streams<W, R, 1, Prefetch>(a, w, scale, G, y, ldy, &m);
-}
-
-// The prefetch distances of gemv::rows_block: narrow_prefetch() at one or two rows, fixed beyond (int4
-// included: with integer sums it is no longer bound by unpacking).
-template <typename W, int R>
-void block(const Act::View& a, const W* w, const float* scale, int64_t G, float* y, int64_t ldy, int64_t n0,
-           int64_t n1) {
-  if constexpr (R > 2) {
-    block_at<W, R, R <= 4 ? 1024 : 2048>(a, w, scale, G, y, ldy, n0, n1);
-  } else {
-    switch (narrow_prefetch()) {
-      case 0: block_at<W, R, 0>(a, w, scale, G, y, ldy, n0, n1); break;
-      case 1024: block_at<W, R, 1024>(a, w, scale, G, y, ldy, n0, n1); break;
-      case 2048: block_at<W, R, 2048>(a, w, scale, G, y, ldy, n0, n1); break;
-      default: block_at<W, R, 512>(a, w, scale, G, y, ldy, n0, n1);
-    }
-  }
-}
-
 // The chunk the int4 loop of this CPU takes for rows of K inputs in groups of G: 128 (AVX-512 VNNI), 64
 // (AVX2, or AVX-512 without VNNI), or 0 (the portable loop, in input order; also where no chunk fits).
 inline int64_t int4_chunk(int64_t K, int64_t G) {
@@ -514,35 +469,24 @@ inline void quantize_for(Act& act, at::ScalarType type, const float* x, int64_t 
 }
 
 // All M rows of `a` (quantize_for the same weights) against weight rows [n0, n1) of int8 or packed int4
-// (uint8_t) weights with scales [N, K / G]. More than 8 rows go in L2-sized weight chunks, as
-// gemv::rows_range.
+// (uint8_t) weights with scales [N, K / G], split as gemv.h's loops split theirs (in_row_blocks, in_streams;
+// int4 prefetched too: with integer sums it is no longer bound by unpacking).
 template <typename W>
 void rows_range(const Act& act, int64_t M, const W* w, const float* scale, int64_t G, float* y, int64_t ldy,
                 int64_t n0, int64_t n1) {
-  auto rows = [&](int64_t m, int64_t R, int64_t c0, int64_t c1) {
+  const int64_t row_bytes = std::is_same_v<W, int8_t> ? act.K : act.K / 2;
+  in_row_blocks(M, row_bytes, n0, n1, [&](int64_t m, int64_t R, int64_t c0, int64_t c1) {
     const Act::View a = act.rows_from(m);
     float* yr = y + m * ldy;
-    switch (R) {
-      case 1: block<W, 1>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 2: block<W, 2>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 3: block<W, 3>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 4: block<W, 4>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 5: block<W, 5>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 6: block<W, 6>(a, w, scale, G, yr, ldy, c0, c1); break;
-      case 7: block<W, 7>(a, w, scale, G, yr, ldy, c0, c1); break;
-      default: block<W, 8>(a, w, scale, G, yr, ldy, c0, c1);
-    }
-  };
-  if (M <= 8) {
-    rows(0, M, n0, n1);
-    return;
-  }
-  const int64_t row_bytes = std::is_same_v<W, int8_t> ? act.K : act.K / 2;
-  const int64_t chunk = std::max<int64_t>(4, (int64_t(64) << 10) / row_bytes);  // ~64 KB of weights
-  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
-    const int64_t c1 = std::min(n1, c0 + chunk);
-    for (int64_t m = 0; m < M; m += 8) rows(m, std::min<int64_t>(8, M - m), c0, c1);
-  }
+    with_rows(R, [&](auto rows) {
+      constexpr int Rc = decltype(rows)::value;
+      with_prefetch<Rc, true>([&](auto prefetch) {
+        in_streams<kStreams<Rc>>(c0, c1, [&](auto streams_, const int64_t* n) {
+          streams<W, Rc, decltype(streams_)::value, decltype(prefetch)::value>(a, w, scale, G, yr, ldy, n);
+        });
+      });
+    });
+  });
 }
 
 }  // namespace gemv::a8
