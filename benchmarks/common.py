@@ -22,23 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fast_dtype(device: str = "cpu") -> torch.dtype:
-    """bf16 where it is fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32.
+    """bf16 where it is fast (CUDA, CPUs with AMX/AVX512-BF16), else fp32: the dtype `train.dtype = "auto"`
+    picks (nanoseek.device.autocast_dtype), decided from the CPU's flags.
 
     On an AVX2-only CPU a bf16 matmul runs at ~0.3 GFLOP/s against ~100 for fp32, so "bf16 autocast" would
-    benchmark the emulation, not either implementation.
+    benchmark the emulation, not either implementation. (A timing of one small matmul per dtype, used
+    before, flipped between runs on a Zen 4 EPYC with AVX512-BF16, so one benchmark took fp32 there and
+    another bf16.)
     """
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    a = torch.randn(512, 512)
-    times = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x = a.to(dt)
-        x @ x
-        t = time.perf_counter()
-        for _ in range(3):
-            x @ x
-        times[dt] = time.perf_counter() - t
-    return torch.bfloat16 if times[torch.bfloat16] < times[torch.float32] else torch.float32
+    from nanoseek.device import autocast_dtype
+
+    return autocast_dtype("auto", torch.device(device)) or torch.float32
 
 
 def alternate(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -136,3 +136,16 @@ def test_gpu_speedrun_on_cuda(tmp_path):
     assert rep["tokens_per_s"] > 0 and rep["mfu"] > 0
     assert rep["machine"]["gpu"] in (out / "report.md").read_text()
     print(f"{rep['machine']['gpu']}: {rep['tokens_per_s']:.0f} tok/s, MFU {rep['mfu']:.1%}; stages {rep['stage_seconds']}")
+
+
+def test_the_benchmarks_fast_dtype_is_what_train_dtype_auto_picks(monkeypatch):
+    """benchmarks.common.fast_dtype follows the CPU's flags as `train.dtype = "auto"` does (a timing, used
+    before, flipped between runs on one machine), and is bf16 on CUDA."""
+    import nanoseek.device
+    from benchmarks.common import fast_dtype
+
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(nanoseek.device, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert fast_dtype("cpu") == want
+        assert (autocast_dtype("auto", torch.device("cpu")) or torch.float32) == want
+    assert fast_dtype("cuda") == torch.bfloat16
