@@ -87,29 +87,11 @@ def write_random(cfg, out: Path, shard_bytes: int = 2 * 1024**3) -> None:
 
 
 # ----------------------------------------------------------------------------- stage 3: decode
-def timed_decode(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """Greedy decoding of the prompts together in the engine: (seconds of the first step: the prefill and
-    one token each; seconds of the new_tokens - 1 steps after it)."""
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
-
-    engine = Engine(model, max_batch_size=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 2,
-                    prefix_caching=False)
-    reqs = [engine.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.0)) for p in prompts]
-    t = time.perf_counter()
-    engine.step()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    while not all(r.done.is_set() for r in reqs):
-        engine.step()
-    return first, time.perf_counter() - t
-
-
 def decode(path: Path, new_tokens: int, rounds: int = 3) -> dict:
     import torch
 
     import nanoseek
-    from benchmarks.common import bandwidth_gbs, int8_activations, median, step_bytes
+    from benchmarks.common import bandwidth_gbs, int8_activations, median, step_bytes, timed_decode
     from nanoseek.infer import fast
 
     t = time.perf_counter()
@@ -121,22 +103,21 @@ def decode(path: Path, new_tokens: int, rounds: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
     for batch in (1, 8):
         prompts = [torch.randint(3, model.config.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
-        first, decode_s = {False: [], True: []}, {False: [], True: []}
+        runs = {False: [], True: []}
         for r in range(rounds + 1):  # the int8 weights alone and with int8 activations, alternately
             for a8 in ((False, True) if r % 2 == 0 else (True, False)):
                 with int8_activations(a8):
-                    f, d = timed_decode(model, prompts, new_tokens)
+                    run = timed_decode(model, prompts, new_tokens)
                 if r:  # round 0 warms up: path calibration per mode, allocator
-                    first[a8].append(f)
-                    decode_s[a8].append(d)
-        steps = new_tokens - 1
+                    runs[a8].append(run)
         for a8 in (False, True):
             key = f"batch_{batch}" + ("_int8_activations" if a8 else "")
-            d = median(decode_s[a8])
-            out[f"{key}_prefill_and_first_step_s"] = round(median(first[a8]), 3)
-            out[f"{key}_tokens_per_s"] = round(batch * steps / d, 2)
-            out[f"{key}_roofline_fraction"] = round(step_bytes(model, batch) * steps / d / 1e9 / bw, 3)
-            out[f"{key}_tokens_per_s_by_round"] = [round(batch * steps / x, 2) for x in decode_s[a8]]
+            tps = [x["decode_tokens"] / x["decode_s"] for x in runs[a8]]
+            steps_per_s = median(tps) / batch  # every row decodes in every step (no stop tokens)
+            out[f"{key}_prefill_and_first_step_s"] = round(median([x["first_step_s"] for x in runs[a8]]), 3)
+            out[f"{key}_tokens_per_s"] = round(median(tps), 2)
+            out[f"{key}_roofline_fraction"] = round(step_bytes(model, batch) * steps_per_s / 1e9 / bw, 3)
+            out[f"{key}_tokens_per_s_by_round"] = [round(x, 2) for x in tps]
     out["step_weight_gb_batch_1"] = round(step_bytes(model, 1) / 1e9, 3)
     out["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return out

@@ -17,7 +17,9 @@
 3. RMSNorm of one 512-wide row: the kernel vs F.rms_norm;
 4. one `bench` decode step (batch 1, kernels on) run on the main thread vs on a second thread: with GNU
    OpenMP the second thread gets its own worker pool, which is why `nanoseek serve` keeps the engine on
-   the main thread.
+   the main thread;
+5. whole decode steps at batch 1 and 8, fp32 and bf16 weights, through each runnable build, alternating
+   (whether the build selected by instruction set is also the fastest for whole steps here).
 
 Run: `.venv/bin/python -m benchmarks.bench_kernels`. Results: benchmarks/results/kernels.json.
 """
@@ -25,6 +27,7 @@ Run: `.venv/bin/python -m benchmarks.bench_kernels`. Results: benchmarks/results
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
-from benchmarks.common import cpu_info, write_result
+from benchmarks.common import cpu_info, median, write_result
 from nanoseek.config import preset
 from nanoseek.infer import fast
 from nanoseek.infer import quant
@@ -135,28 +138,61 @@ def bench_rmsnorm() -> dict:
                    "kernel": round(per_call(lambda: kernels.rms_norm(x, w, 1e-6), 5000) * 1e6, 1)}}
 
 
-def bench_threads(model) -> dict:
-    cache = PagedCache.for_model(model, 4, 64, torch.float32, "cpu")  # the engine's layout: 256 positions
-    table = [[cache.pool.allocate() for _ in range(4)]]
-    zero = torch.zeros(1, dtype=torch.long)
-    model.forward_cached(torch.randint(3, 1000, (1, 32)), cache.view(table, zero, 32))
-    tok = torch.ones(1, 1, dtype=torch.long)
-    result = {}
+def decode_steps(model, batch: int = 1, steps: int = 100):
+    """A function timing `steps` decode steps of `batch` rows (after a 32-token prefill per row and 8
+    warm-up steps) on the engine's paged layout; it returns ms per step."""
+    cache = PagedCache.for_model(model, 4 * batch, 64, torch.float32, "cpu")  # 256 positions per row
+    tables = [[cache.pool.allocate() for _ in range(4)] for _ in range(batch)]
+    zeros = torch.zeros(batch, dtype=torch.long)
+    tok = torch.ones(batch, 1, dtype=torch.long)
 
-    def steps(name: str) -> None:
+    def run() -> float:
         with torch.inference_mode():
+            model.forward_cached(torch.randint(3, 1000, (batch, 32)), cache.view(tables, zeros, 32))
             for p in range(32, 40):
-                model.forward_cached(tok, cache.view(table, torch.tensor([p]), 1))
+                model.forward_cached(tok, cache.view(tables, torch.full((batch,), p), 1))
             t = time.perf_counter()
-            for p in range(40, 140):
-                model.forward_cached(tok, cache.view(table, torch.tensor([p]), 1))
-            result[name] = round((time.perf_counter() - t) / 100 * 1e3, 2)
+            for p in range(40, 40 + steps):
+                model.forward_cached(tok, cache.view(tables, torch.full((batch,), p), 1))
+            return (time.perf_counter() - t) / steps * 1e3
 
-    steps("main_thread_ms")
-    helper = threading.Thread(target=steps, args=("second_thread_ms",))
+    return run
+
+
+def bench_threads(model) -> dict:
+    run = decode_steps(model)
+    result = {"main_thread_ms": round(run(), 2)}
+    helper = threading.Thread(target=lambda: result.__setitem__("second_thread_ms", round(run(), 2)))
     helper.start()
     helper.join()
     return result
+
+
+def bench_isa_steps(models: dict, rounds: int = 3) -> dict:
+    """ms per decode step of each model at batch 1 and 8 through each runnable build's kernels
+    (NANOSEEK_KERNEL_ISA, which the kernels read at every call), the builds alternating over rounds
+    (medians): whether the selected build is also the fastest for whole steps on this CPU."""
+    isas = [isa for isa in build.runnable_isas() if build.load(isa=isa) is not None]
+    before = os.environ.get(build.ISA_ENV)
+    out = {}
+    try:
+        for name, model in models.items():
+            for batch in (1, 8):
+                run = decode_steps(model, batch, steps=30)
+                times = {isa: [] for isa in isas}
+                for r in range(rounds + 1):
+                    for isa in (isas if r % 2 == 0 else isas[::-1]):
+                        os.environ[build.ISA_ENV] = isa
+                        t = run()
+                        if r:  # round 0 warms each build up
+                            times[isa].append(t)
+                out[f"{name}_batch_{batch}_ms"] = {isa: round(median(v), 2) for isa, v in times.items()}
+    finally:
+        if before is None:
+            os.environ.pop(build.ISA_ENV, None)
+        else:
+            os.environ[build.ISA_ENV] = before
+    return out
 
 
 def main(argv=None) -> dict:
@@ -179,6 +215,9 @@ def main(argv=None) -> dict:
                                                         for isa, p in result["prefetch"].items()))
     result["calibration"] = bench_calibration(model)
     result["decode_step_batch_1"] = bench_threads(model)
+    torch.manual_seed(0)
+    bf16 = fast.accelerate(quant.quantize_model(nanoseek.Transformer(preset("bench")).eval(), "bf16"))
+    result["decode_step_by_isa"] = bench_isa_steps({"fp32": model, "bf16": bf16})
     m, e = result["matmul"], result["experts"]
     for rows in (1, 2, 16):
         r = m[f"rows_{rows}_gbs"]
@@ -197,6 +236,9 @@ def main(argv=None) -> dict:
     print(f"RMSNorm 512: F.rms_norm {result['rmsnorm']['us']['F.rms_norm']} us, kernel {result['rmsnorm']['us']['kernel']} us")
     d = result["decode_step_batch_1"]
     print(f"decode step, batch 1: main thread {d['main_thread_ms']} ms, second thread {d['second_thread_ms']} ms")
+    for name, r in result["decode_step_by_isa"].items():
+        print(f"decode step {name} by build: " + ", ".join(f"{isa} {ms} ms" for isa, ms in r.items())
+              + f" (selected: {result['selected_isa']})")
     print(f"wrote {write_result('kernels', result)}")
     return result
 

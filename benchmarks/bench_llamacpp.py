@@ -238,18 +238,10 @@ def llama_worker(gguf: str, threads: int, prompt: list[int], new_tokens: int) ->
 def nanoseek_decode(model, prompt: list[int], new_tokens: int) -> dict:
     """Greedy decode in nanoseek's engine at batch 1; seconds per token after the first step (prefill + one
     decode step), as llama_worker times it."""
-    from nanoseek.infer.engine import Engine
-    from nanoseek.infer.sampling import SamplingParams
+    from benchmarks.common import timed_decode
 
-    engine = Engine(model, max_batch_size=1, max_len=len(prompt) + new_tokens + 2, prefix_caching=False)
-    req = engine.submit(prompt, SamplingParams(max_tokens=new_tokens + 1, temperature=0.0))
-    engine.step()
-    n0 = len(req.output)
-    t = time.perf_counter()
-    while not req.done.is_set():
-        engine.step()
-    dt = time.perf_counter() - t
-    return {"tokens": req.output[:new_tokens], "seconds_per_token": dt / (len(req.output) - n0)}
+    run = timed_decode(model, [prompt], new_tokens + 1)
+    return {"tokens": run["tokens"][0][:new_tokens], "seconds_per_token": run["decode_s"] / run["decode_tokens"]}
 
 
 def llama_bench(root: Path, gguf: Path, threads: int, prompt_len: int, new_tokens: int, reps: int) -> float | None:

@@ -72,6 +72,27 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def timed_decode(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy decoding of the prompts together in nanoseek's engine, each to new_tokens tokens (no stop
+    tokens): the seconds of its first step (the prefill and one token each) apart from the steps after it,
+    the tokens those later steps produced, and each prompt's tokens."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    engine = Engine(model, max_batch_size=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 2,
+                    prefix_caching=False)
+    reqs = [engine.submit(p, SamplingParams(max_tokens=new_tokens, temperature=0.0)) for p in prompts]
+    t = time.perf_counter()
+    engine.step()
+    first = time.perf_counter() - t
+    after_first = sum(len(r.output) for r in reqs)
+    t = time.perf_counter()
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+    return {"first_step_s": first, "decode_s": time.perf_counter() - t,
+            "decode_tokens": sum(len(r.output) for r in reqs) - after_first, "tokens": [list(r.output) for r in reqs]}
+
+
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16",
               "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve", "bf16", "i8mm")
 

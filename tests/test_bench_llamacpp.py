@@ -17,7 +17,7 @@ import torch
 
 import nanoseek
 from benchmarks import bench_llamacpp as bl
-from benchmarks.common import step_bytes, touched_bytes
+from benchmarks.common import step_bytes, timed_decode, touched_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,6 +28,17 @@ def test_touched_bytes_counts_top_k_of_the_experts_at_batch_1():
     assert touched_bytes(100, 800, 16, 4, 10_000) == pytest.approx(900)  # a big batch touches every expert
     assert touched_bytes(100, 0, 0, 0, 1) == 100  # a dense model
 
+
+def test_timed_decode_counts_the_tokens_of_the_steps_after_the_first():
+    """The benchmarks' engine timing (bench_llamacpp, bench_16b): the first step gives one token per prompt,
+    the rest are counted, and the tokens are what greedy decoding gives one prompt at a time."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(nanoseek.preset("tiny")).eval()
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    run = timed_decode(model, prompts, 6)
+    assert run["decode_tokens"] == 2 * 5 and run["first_step_s"] > 0 and run["decode_s"] > 0
+    assert run["tokens"] == [timed_decode(model, [p], 6)["tokens"][0] for p in prompts]
+    assert bl.nanoseek_decode(model, prompts[0], 5)["tokens"] == run["tokens"][0][:5]
 
 def test_step_bytes_of_a_model_and_of_a_gguf_table_follow_the_same_rule():
     cfg = nanoseek.preset("tiny")

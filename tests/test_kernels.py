@@ -217,6 +217,28 @@ def test_decode_block_steps_aside_for_a_hook_added_after_its_first_step(built, p
     assert calls["hook"] == 2 and calls["block"] == 3 * n_layers - 1
 
 
+def test_a_switch_of_the_kernel_isa_gives_the_blocks_plans_of_the_new_build(built, paged_rows, monkeypatch):
+    """A block's plan holds objects of the extension it was made with; after NANOSEEK_KERNEL_ISA names
+    another build, the next decode step makes a plan of that build, with the same logits."""
+    isas = [isa for isa in build.runnable_isas() if build.load(isa=isa) is not None]
+    if len(isas) < 2:
+        pytest.skip("one kernel build runs here")
+    model = fast.accelerate(tiny(hidden_size=128, moe_intermediate_size=128))
+    _, view = paged_rows(model, 1, 16)
+    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
+
+    def decode():
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))[0]
+
+    outs = []
+    for isa in isas[:2]:
+        monkeypatch.setenv(build.ISA_ENV, isa)
+        outs.append(decode())
+        assert all(b.__dict__["_kernel_plan"].extension is build.load(isa=isa) for b in model.layers)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
 def greedy_with_cache(model, prompt, n, dtype):
     """Greedy tokens of one prompt decoded by hand on a reference cache of `dtype`."""
     cache = model.new_cache(1, len(prompt) + n, dtype=dtype)
@@ -292,7 +314,7 @@ def test_kernel_entry_points_check_their_arguments(built):
         return ext.CacheIndex(**{**base, **f})
 
     def weights_with(**f):
-        return kernels.block_weights(**{**dict(zip(plan.names, plan._tensors)), **f})
+        return kernels.block_weights(**{**dict(zip(plan.names, plan.tensors())), **f})
 
     def config_with(**f):
         cfg = ext.BlockConfig()
@@ -318,8 +340,8 @@ def test_kernel_entry_points_check_their_arguments(built):
         (dict(index=index_with(kv_len=9)), "kv_len 9 outside"),
         (dict(index=index_with(block_size=8)), "block_size 8"),
         (dict(index=index_with(bias=torch.zeros(2, 4, 3))), "bias must be"),
-        (dict(weights=weights_with(kv_b_proj=plan._tensors[plan.names.index("kv_b_proj")][:-1])), "kv_b_proj must have shape"),
-        (dict(weights=weights_with(o_proj=plan._tensors[plan.names.index("o_proj")].t())), "o_proj must be contiguous"),
+        (dict(weights=weights_with(kv_b_proj=plan.tensors()[plan.names.index("kv_b_proj")][:-1])), "kv_b_proj must have shape"),
+        (dict(weights=weights_with(o_proj=plan.tensors()[plan.names.index("o_proj")].t())), "o_proj must be contiguous"),
         (dict(weights=kernels.block_weights()), "is not set"),
         (dict(config=config_with(topk_method="top2")), "unknown topk_method"),
         (dict(config=config_with(qk_rope_head_dim=7)), "must be even"),

@@ -132,8 +132,8 @@ def block_inputs(model, layer: int, module=None):
     view = cache.view([[6, 2], [1, 7, 0]], torch.tensor([5, 3]), 1)
     kv, index = view.kernel_cache(layer, block.self_attn.n_heads)
     weights = module.BlockWeights()
-    for name, (d, n) in zip(plan.names, plan.sources):
-        setattr(weights, name, d[n])
+    for name, tensor in zip(plan.names, plan.tensors()):
+        setattr(weights, name, tensor)
     config = module.BlockConfig()
     for name in dir(plan.config):
         if not name.startswith("_") and name != "check":
@@ -162,7 +162,7 @@ def test_malformed_quantized_block_weights_give_one_line_errors(built):  # noqa:
     ext = kernels.load()
     model = quantized("int8")
     _, plan, args, _ = block_inputs(model, 1)
-    tensors = dict(zip(plan.names, (d[n] for d, n in plan.sources)))
+    tensors = dict(zip(plan.names, plan.tensors()))
     q4, s4 = quant.quantize(torch.randn(model.config.hidden_size, 64), "int4", 32)
 
     def call(**change):

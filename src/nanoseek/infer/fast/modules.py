@@ -178,7 +178,11 @@ class _KernelPlan:
         else:
             fields.update(gate_proj=(mlp, "gate_proj", "weight"), up_proj=(mlp, "up_proj", "weight"),
                           down_proj=(mlp, "down_proj", "weight"))
-        self.names, self.sources, self.dtypes = [], [], []
+        # each BlockWeights field: its name, the dict holding its tensor (_parameters or _buffers) and key, and
+        # the dtypes it may have. These and the lists below are what the checks walk with map() and list
+        # equality, in C: a decode step makes them once per block, its caches cold from the weights it
+        # streams, so each Python-level step counts.
+        self.names, self._dicts, self._keys, self.dtypes = [], [], [], []
         for field, (parent, child, tensor) in fields.items():
             m = parent._modules[child]
             quantized = isinstance(m, (QuantLinear, QuantExperts)) and field != "kv_b_proj"
@@ -186,12 +190,15 @@ class _KernelPlan:
             for name, t, dtypes in own:
                 if t in m._parameters or t in m._buffers:  # a scale only where the format has one
                     self.names.append(name)
-                    self.sources.append((m._parameters if t in m._parameters else m._buffers, t))
+                    self._dicts.append(m._parameters if t in m._parameters else m._buffers)
+                    self._keys.append(t)
                     self.dtypes.append(dtypes)
-        # every (parent, child name, child) link the tensors were found through, checked by current()
-        links = containers + [(p, c) for p, c, _ in fields.values()]
-        self.links = [(p._modules, c, p._modules[c]) for p, c in dict.fromkeys(links)]
-        self.modules = [block] + [m for _, _, m in self.links]
+        # every (parent, child name) link the tensors were found through, and the child then: current()
+        links = list(dict.fromkeys(containers + [(p, c) for p, c, _ in fields.values()]))
+        self._children = [p._modules for p, _ in links]
+        self._child_names = [c for _, c in links]
+        self._child_modules = [p._modules[c] for p, c in links]
+        self.modules = [block] + self._child_modules
         self.linear_types = (FastLinear, nn.Linear, QuantLinear)
         self.experts_types = (FastExperts, GroupedExperts, QuantExperts)
         self.linears = [m for m in self.modules if isinstance(m, (nn.Linear, QuantLinear))]
@@ -199,16 +206,11 @@ class _KernelPlan:
         self.moe = mlp if moe else None
         self.attention, self.n_heads = a, a.n_heads
         self.assignments_per_token = max(1, cfg.num_experts_per_tok)
-        # The same checks as lists that map() and list equality walk in C: a decode step makes them once per
-        # block, with its caches cold from the weights it streams, so each Python-level step counts.
-        self._children = [children for children, _, _ in self.links]
-        self._child_names = [name for _, name, _ in self.links]
-        self._child_modules = [child for _, _, child in self.links]
         self._hook_dicts = [d for m in self.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
         self._plain_types = None  # the modules' types when plain() last held
-        self._dicts = [d for d, _ in self.sources]
-        self._keys = [n for _, n in self.sources]
         self._dtypes_ok = None  # the tensors' dtypes when they were last found acceptable
+        # the extension whose classes the config and weights are: a switch of NANOSEEK_KERNEL_ISA makes a new plan
+        self.extension = kernels.load()
         self.config = kernels.block_config(
             hidden_size=cfg.hidden_size, num_attention_heads=a.n_heads, qk_nope_head_dim=a.nope,
             qk_rope_head_dim=a.rope, v_head_dim=a.v_dim, kv_lora_rank=a.kv_rank, q_lora_rank=cfg.q_lora_rank or 0,
@@ -216,7 +218,6 @@ class _KernelPlan:
             num_experts_per_tok=cfg.num_experts_per_tok if moe else 0, n_group=cfg.n_group,
             topk_group=cfg.topk_group, scoring_func=cfg.scoring_func, topk_method=cfg.topk_method,
             norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
-        self._tensors: list = []
         self._impls: list = []
         self._weights = None
 
@@ -247,10 +248,14 @@ class _KernelPlan:
             return True
         return False
 
+    def tensors(self) -> list:
+        """The block's current tensors in `names` order (None where one was deleted)."""
+        return list(map(dict.get, self._dicts, self._keys))
+
     def weights(self):
         """The BlockWeights of the current tensors, or None if one is off the CPU or of a dtype the C++
         block does not take there (fp32 everywhere; bf16 / int8 / uint8 int4 in quantized modules)."""
-        tensors = list(map(dict.get, self._dicts, self._keys))
+        tensors = self.tensors()
         # The C++ tensors behind the parameters (a reload or torch.utils.swap_tensors replaces them; an
         # assignment to .data keeps them but may change the dtype or device).
         try:
@@ -262,7 +267,7 @@ class _KernelPlan:
             return self._weights
         if not all(t.is_cpu and dt in ok for t, dt, ok in zip(tensors, dtypes, self.dtypes)):
             return None
-        self._tensors, self._impls, self._dtypes_ok = tensors, impls, dtypes
+        self._impls, self._dtypes_ok = impls, dtypes  # the BlockWeights keeps these tensors alive
         self._weights = kernels.block_weights(**dict(zip(self.names, tensors)))
         return self._weights
 
@@ -287,7 +292,7 @@ class _DecodeInKernel:
 
     def _decode(self, x, cos, sin, cache, layer):
         plan = self.__dict__.get("_kernel_plan")
-        if plan is None or not plan.current():
+        if plan is None or plan.extension is not kernels.load() or not plan.current():
             # the C++ block is dense MLA (V3.2's SparseMLA runs in torch); a plan needs the kernels built
             if type(self.self_attn) is not MLA or not hasattr(cache, "kernel_cache") or not kernels.usable(x, cos):
                 return None
