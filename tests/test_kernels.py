@@ -185,6 +185,20 @@ def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_ro
     same()
 
 
+def one_row_decode(model, paged_rows):
+    """A function running a 7-token prefill and one decode step of one row (the same 8 random tokens each
+    time, on a paged cache), returning the step's logits."""
+    _, view = paged_rows(model, 1, 16)
+    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
+
+    def decode():
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
+            return model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))[0]
+
+    return decode
+
+
 def test_decode_block_steps_aside_for_a_hook_added_after_its_first_step(built, paged_rows, monkeypatch):
     """A forward hook registered on a module inside a block once its plan exists sends the block back to
     the Python path (the hook sees every decode step); removing it brings the C++ block back."""
@@ -197,13 +211,7 @@ def test_decode_block_steps_aside_for_a_hook_added_after_its_first_step(built, p
         return block_decode(*a)
 
     monkeypatch.setattr(kernels, "block_decode", counted)
-    _, view = paged_rows(model, 1, 16)
-    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
-
-    def decode():
-        with torch.inference_mode():
-            model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
-            return model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))[0]
+    decode = one_row_decode(model, paged_rows)
 
     first = decode()
     n_layers = len(model.layers)
@@ -224,13 +232,7 @@ def test_a_switch_of_the_kernel_isa_gives_the_blocks_plans_of_the_new_build(buil
     if len(isas) < 2:
         pytest.skip("one kernel build runs here")
     model = fast.accelerate(tiny(hidden_size=128, moe_intermediate_size=128))
-    _, view = paged_rows(model, 1, 16)
-    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
-
-    def decode():
-        with torch.inference_mode():
-            model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
-            return model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))[0]
+    decode = one_row_decode(model, paged_rows)
 
     outs = []
     for isa in isas[:2]:
