@@ -510,3 +510,74 @@ def test_prefetch_distance_is_measured_once_recorded_and_forced_by_env(built, tm
         assert "NANOSEEK_PREFETCH='300' ignored" in capsys.readouterr().err
     finally:
         ext.set_narrow_prefetch(before)
+
+
+# ----------------------------------------------------------------------------- the measured choice of build
+def _vector_builds() -> dict:
+    mods = {isa: build.load(isa=isa) for isa in build.KERNELS.candidates()}
+    return {isa: m for isa, m in mods.items() if m is not None}
+
+
+def test_build_choice_is_measured_recorded_and_read_back(tmp_path):
+    """choice.choose times each build on the format's probe weights, records the winner under the CPU's
+    identity, and a second call reads the record instead of measuring."""
+    from nanoseek.infer.fast import choice
+
+    mods = _vector_builds()
+    if len(mods) < 2:
+        pytest.skip("this CPU runs one vector build: nothing to choose")
+    first = choice.choose("bf16", mods, tmp_path, build.cpu_identity(), torch.get_num_threads())
+    assert first["source"] == "measured" and first["isa"] in mods
+    score = first["score"]
+    assert set(score) == set(mods)
+    lowest = min(score, key=score.get)  # the winner, or the flags' first build where the others win by less than TIE
+    assert first["isa"] == lowest or (first["isa"] == next(iter(mods))
+                                      and score[lowest] > score[first["isa"]] * (1 - choice.TIE) - 1e-3)
+    assert len(first["us"]) == 2 * len(choice.ROWS)
+    again = choice.choose("bf16", mods, tmp_path, build.cpu_identity(), torch.get_num_threads())
+    assert again["source"].endswith(".json") and again["isa"] == first["isa"]
+    # another CPU identity has no record yet
+    other = choice.record_path(tmp_path, "another cpu", {i: m.__name__ for i, m in mods.items()})
+    assert not other.exists()
+
+
+def test_prefer_format_selects_the_measured_build_and_env_overrides(monkeypatch):
+    mods = _vector_builds()
+    if len(mods) < 2:
+        pytest.skip("this CPU runs one vector build: nothing to choose")
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    try:
+        kernels.prefer_format("fp32")
+        chosen = build.chosen_by()
+        isa = kernels.isa()
+        assert build.chosen_by()["by"] == "measured" and chosen.get("isa", isa) == isa
+        monkeypatch.setenv(build.ISA_ENV, "portable")
+        assert kernels.isa() == "portable" and build.chosen_by() == {"by": build.ISA_ENV}
+        monkeypatch.delenv(build.ISA_ENV)
+        kernels.prefer_format(None)
+        assert kernels.isa() == build.runnable_isas()[0] and build.chosen_by()["by"] == "cpu flags"
+        with pytest.raises(ValueError, match="unknown weight format"):
+            kernels.prefer_format("fp8")
+    finally:
+        kernels.prefer_format(None)
+
+
+def test_int8_activations_switch_reaches_every_loaded_build():
+    mods = _vector_builds()
+    try:
+        kernels.set_int8_activations(True)
+        assert all(m.int8_activations() for m in mods.values())
+        kernels.set_int8_activations(False)
+        assert not any(m.int8_activations() for m in mods.values())
+    finally:
+        kernels.set_int8_activations(False)
+
+
+def test_accelerate_names_the_model_weight_format():
+    from nanoseek.infer.quant import quantize_model
+
+    model = Transformer(preset("tiny")).eval()
+    assert fast.weight_format(model) == "fp32"
+    assert fast.weight_format(quantize_model(copy.deepcopy(model), "int8")) == "int8"
+    assert fast.weight_format(quantize_model(copy.deepcopy(model), "bf16")) == "bf16"
+    assert fast.weight_format(model.to(torch.bfloat16)) is None

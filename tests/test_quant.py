@@ -22,7 +22,7 @@ import nanoseek
 from nanoseek.config import preset
 from nanoseek.hf import CheckpointError
 from nanoseek.infer import fast, quant
-from nanoseek.infer.fast import build, kernels
+from nanoseek.infer.fast import build, build_cli, kernels
 from nanoseek.model import Transformer
 
 RUNNABLE = build.runnable_isas()
@@ -235,10 +235,10 @@ def test_int8_activations_from_the_environment():
 
 
 @pytest.mark.slow  # a whole extra build (~1.5 min on 2 cores); `make test-slow`
-@pytest.mark.skipif("avx512" in RUNNABLE or not build.compiler_takes("avx512"),
+@pytest.mark.skipif("avx512" in RUNNABLE or not build_cli.compiler_takes("avx512"),
                     reason="the CPU runs AVX-512 (the ISA tests above cover it) or the compiler lacks it")
 def test_the_avx512_build_compiles_on_a_cpu_that_cannot_run_it(tmp_path):
-    objects = build.compile_only("avx512", tmp_path)
+    objects = build_cli.compile_only("avx512", tmp_path)
     assert all(o.is_file() and o.stat().st_size > 0 for o in objects)
 
 

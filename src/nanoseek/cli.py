@@ -43,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "quantize": ("nanoseek.infer.quant_io", "write a checkpoint with int8, int4 or bf16 weights for fast CPU decoding",
                  ()),
     "convert": ("nanoseek.convert", "convert a checkpoint: V3 -> V3.2 (adds freshly initialised DSA indexers)", ()),
-    "build-kernels": ("nanoseek.infer.fast.build", "build the C++ CPU decode kernels now (not on first use); say where",
+    "build-kernels": ("nanoseek.infer.fast.build_cli", "build the C++ CPU decode kernels now (not on first use); say where",
                       ()),
     "speedrun": ("nanoseek.speedrun", "the end-to-end pipeline on the built-in data: tokenizer to RL to export", MODEL),
 }

@@ -57,13 +57,26 @@ def _plain_modules(module: nn.Module, fsdp):
         yield from _plain_modules(child, fsdp)
 
 
+def weight_format(model: nn.Module) -> str | None:
+    """The format the kernels stream this model's weights in: what nanoseek.infer.quant stored them as
+    (bf16 | int8 | int4), fp32 for fp32 linear layers, None where no layer would take the kernels."""
+    stored = getattr(model, "weight_format", None)
+    if isinstance(stored, dict) and stored.get("format") in ("bf16", "int8", "int4"):
+        return stored["format"]
+    if any(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in model.modules()):
+        return "fp32"
+    return None
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Swap in the CPU decode paths, in place; returns the model. A no-op for a model not on the CPU."""
     tensors = list(model.parameters()) + list(model.buffers())
     if not tensors or not all(t.is_cpu for t in tensors):
         return model
-    if any(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in model.modules()):
-        kernels.load()  # build the C++ kernels now (once per machine), not inside the first request
+    fmt = weight_format(model)
+    if fmt is not None:
+        kernels.prefer_format(fmt)  # the build measured fastest for this format on this CPU
+        kernels.load()  # built (and chosen) now, once per machine, not inside the first request
     for module in list(_plain_modules(model, _fsdp_type())):
         fast = SWAPS.get(type(module))
         if fast is not None:

@@ -2,8 +2,10 @@
 
 * Three instruction sets, chosen when the process first loads the kernels: `avx512` (AVX-512 F/BW/VL/DQ,
   16-lane vectors), `avx2` (AVX2 + FMA + F16C, 8 lanes) and `portable` (no -m flags at all: the compiler's
-  baseline, SSE2 on x86 and NEON on ARM). The best one the CPU runs is taken (its flags from
-  /proc/cpuinfo, else `torch.backends.cpu.get_cpu_capability()`); `NANOSEEK_KERNEL_ISA=portable|avx2|avx512`
+  baseline, SSE2 on x86 and NEON on ARM). Once a model is accelerated, the build measured fastest for its
+  weight format on this CPU is taken (nanoseek.infer.fast.choice; wider vectors are not faster everywhere);
+  before that, the best one the CPU runs by its flags (/proc/cpuinfo, else
+  `torch.backends.cpu.get_cpu_capability()`); `NANOSEEK_KERNEL_ISA=portable|avx2|avx512`
   forces one (tests force `portable` to check that path against torch on any machine). A forced ISA the
   CPU cannot run is refused with a one-line message, and the torch paths are used.
 * One build per build key: the SHA-256 of the sources, the torch and Python versions, the machine, the
@@ -89,6 +91,19 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@functools.cache
+def cpu_identity() -> str:
+    """The CPU's model name and flags (/proc/cpuinfo; elsewhere platform's description): what a measured
+    choice of build belongs to."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith(("model name", "Model", "CPU part"))), platform.processor())
+    return f"{model} | {' '.join(sorted(cpu_flags()))}"
 
 
 @functools.cache
@@ -234,7 +249,10 @@ class _Kernels:
                 from .prefetch import configure  # the prefetch distance this machine's memory wants
 
                 self.prefetch = configure(self.module, build_root(), key["name"])
-                _int8_activations_from_env(self.module)
+                if KERNELS.int8_activations is not None:  # set_int8_activations was called before this load
+                    self.module.set_int8_activations(KERNELS.int8_activations)
+                else:
+                    _int8_activations_from_env(self.module)
         return self.module
 
 
@@ -325,30 +343,87 @@ def _read_reason(marker: Path) -> str:
 
 
 class _PerISA:
-    """The process's extensions, one per instruction set; `load()` is the selected one's (the hot path)."""
+    """The process's extensions, one per instruction set; `load()` is the selected one's (the hot path).
+
+    Selected: NANOSEEK_KERNEL_ISA if set; else, once a model's weight format is known (`prefer_format`,
+    which nanoseek.infer.fast.accelerate calls), the build measured fastest for that format here
+    (nanoseek.infer.fast.choice); before that, the best build by CPU flags."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.by_isa: dict[str, _Kernels] = {}
         self.isa_error = ""  # a refused NANOSEEK_KERNEL_ISA, said once
-        self.last: tuple[str | None, _Kernels] | None = None  # (NANOSEEK_KERNEL_ISA as read, its kernels)
+        # (NANOSEEK_KERNEL_ISA as read, the format key) -> its kernels: what the last call selected
+        self.last: tuple[tuple, _Kernels] | None = None
+        self.format: str | None = None  # the weight format of the model last accelerated
+        self.int8_activations: bool | None = None  # set_int8_activations' state (None: from the environment)
+        self.choices: dict[tuple[str, int], dict] = {}  # (format key, threads) -> nanoseek.infer.fast.choice's record
+
+    def format_key(self) -> str | None:
+        if self.format is None:
+            return None
+        from .choice import format_key
+
+        return format_key(self.format, self.int8_activations_on())
+
+    def int8_activations_on(self) -> bool:
+        if self.int8_activations is not None:
+            return self.int8_activations
+        return os.environ.get(INT8_ACTIVATIONS_ENV, "").strip() == "1"
+
+    def prefer_format(self, fmt: str | None) -> None:
+        self.format = fmt
+        self.last = None
+
+    def set_int8_activations(self, on: bool) -> None:
+        """Every build's int8-activation switch, now and at later loads (each extension holds its own)."""
+        self.int8_activations = bool(on)
+        for k in list(self.by_isa.values()):
+            if k.module is not None:
+                k.module.set_int8_activations(bool(on))
+        self.last = None
 
     def get(self, isa: str | None = None) -> _Kernels | None:
         if isa is None:
             forced = os.environ.get(ISA_ENV)
-            if self.last is not None and self.last[0] == forced:  # the hot path: the same choice as last call
+            if self.last is not None and self.last[0] == (forced, self.format):  # the hot path: as last call
                 return self.last[1]
             try:
-                isa = selected_isa()
+                isa = selected_isa() if forced and forced.strip() else self.measured_isa()
             except ISAError as e:
                 if not self.isa_error:
                     self.isa_error = str(e)
                     print(f"nanoseek: {e}; using the torch paths", file=sys.stderr, flush=True)
                 return None
             k = self._kernels(isa)
-            self.last = (forced, k)
+            self.last = ((forced, self.format), k)
             return k
         return self._kernels(isa)
+
+    def candidates(self) -> list[str]:
+        """The builds a measured choice is between: the vector ones this CPU runs (portable only where
+        there is none)."""
+        vector = [isa for isa in runnable_isas() if isa != "portable"]
+        return vector or ["portable"]
+
+    def measured_isa(self) -> str:
+        """The build measured fastest for the preferred format at the current thread count (measuring it
+        now if this machine has no record), or the best by flags where there is nothing to choose."""
+        key = self.format_key()
+        first = runnable_isas()[0]
+        if key is None or not enabled() or len(self.candidates()) < 2:
+            return first
+        threads = torch.get_num_threads()
+        record = self.choices.get((key, threads))
+        if record is None:
+            modules = {isa: m for isa in self.candidates() if (m := self._kernels(isa).load()) is not None}
+            if len(modules) < 2:
+                return next(iter(modules), first)
+            from .choice import choose
+
+            record = choose(key, modules, build_root(), cpu_identity(), threads)
+            self.choices[(key, threads)] = record
+        return record["isa"]
 
     def _kernels(self, isa: str) -> _Kernels:
         k = self.by_isa.get(isa)
@@ -393,108 +468,27 @@ def status(isa: str | None = None) -> dict:
     return {"state": k.state if enabled() else "disabled", "reason": k.reason,
             "path": str(k.path) if k.path else None, "isa": k.isa, "prefetch": k.prefetch,
             "int8_activations": None if k.module is None else {"on": k.module.int8_activations(),
-                                                                "kernel": k.module.int8_activation_kernel()}}
+                                                                "kernel": k.module.int8_activation_kernel()},
+            "chosen_by": chosen_by() if isa is None else "asked for"}
 
 
-def compile_only(isa: str, out_dir: Path) -> list[Path]:
-    """Compile `isa`'s build to object files in out_dir without loading it: checks that this compiler
-    takes a build this CPU cannot run (AVX-512 on an AVX2 machine). Raises CalledProcessError on failure."""
-    import sysconfig
-
-    from torch.utils import cpp_extension
-
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    flags = ["-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-             "-DTORCH_EXTENSION_NAME=nanoseek_compile_check", *CFLAGS, *ISA_FLAGS[isa]]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    objects = []
-    for name in SOURCES:
-        obj = out_dir / (Path(name).stem + f".{isa}.o")
-        subprocess.run([compiler(), *flags, *includes, "-c", str(CSRC / name), "-o", str(obj)], check=True,
-                       capture_output=True, text=True)
-        objects.append(obj)
-    return objects
+def chosen_by() -> dict:
+    """Why the selected build is the one: forced by NANOSEEK_KERNEL_ISA, the best by CPU flags (no model
+    format named yet, or one vector build only), or measured for a weight format (with the record)."""
+    if os.environ.get(ISA_ENV, "").strip():
+        return {"by": ISA_ENV}
+    key = KERNELS.format_key()
+    record = KERNELS.choices.get((key, torch.get_num_threads())) if key else None
+    if record is None:
+        return {"by": "cpu flags", "format": key}
+    return {"by": "measured", "format": key, **record}
 
 
-def compiler_takes(isa: str) -> bool:
-    """Whether the compiler accepts this ISA's -m flags (a one-line probe, not the whole build)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.cpp"
-        src.write_text("int main() { return 0; }\n")
-        try:
-            r = subprocess.run([compiler(), *ISA_FLAGS[isa], str(src), "-o", str(Path(tmp) / "probe")],
-                               capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-    return r.returncode == 0
-
-
-# ----------------------------------------------------------------------------- `nanoseek build-kernels`
-def add_arguments(p) -> None:
-    p.add_argument("--force", action="store_true", help="rebuild even if a build for this key exists")
-    p.add_argument("--isa", choices=list(ISA_FLAGS), default=None,
-                   help=f"the instruction set to build (default: ${ISA_ENV}, else the best this CPU runs); one "
-                        "this CPU cannot run is compiled to check the compiler, not loaded")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run(args) -> int:
-    runnable = runnable_isas()
-    try:
-        isa = args.isa or selected_isa()
-    except ISAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if isa not in runnable:
-        return _compile_check(isa, runnable, args.json)
-    key = build_key(isa)
-    directory = build_root() / key["name"]
-    if args.force and directory.is_dir():
-        shutil.rmtree(directory)
-    if args.force:  # and measure the prefetch distance again
-        from .prefetch import record_path
-
-        record_path(build_root(), key["name"]).unlink(missing_ok=True)
-    module = load(force=True, isa=isa)
-    info_file = directory / "nanoseek_build.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else dict(key)
-    st = status(isa)
-    result = {**info, "ok": module is not None, "directory": str(directory), "library": st["path"],
-              "reason": st["reason"], "disabled_at_run_time": not enabled(), "runnable_isas": runnable,
-              "prefetch": st["prefetch"]}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif module is None:
-        print(f"nanoseek build-kernels: the decode kernels did not build: {result['reason']}", file=sys.stderr)
-    else:
-        print(f"decode kernels: {result['library']}\n  key: torch {key['torch']}, {key['python']}, "
-              f"{key['machine']} {key['isa']}, {key['compiler']}, source {key['source_sha256'][:12]}\n"
-              f"  OpenMP: {info.get('openmp', 'unknown (built by an older nanoseek)')}\n"
-              f"  this CPU runs: {', '.join(runnable)}\n"
-              f"  bf16 / int8 prefetch: {st['prefetch'].get('bytes')} bytes ahead ({st['prefetch'].get('source')}; "
-              f"1-2 row GB/s by distance: {st['prefetch'].get('read_gbs', 'not measured')})\n"
-              f"  int8 activations: {st['int8_activations']['kernel']} loop, "
-              f"{'on' if st['int8_activations']['on'] else 'off'} ({INT8_ACTIVATIONS_ENV}=1 or --int8-activations)")
-        if not enabled():
-            print("  note: NANOSEEK_KERNELS=0 is set, so they stay off at run time")
-    return 0 if module is not None else 1
-
-
-def _compile_check(isa: str, runnable: list[str], as_json: bool) -> int:
-    """`build-kernels --isa X` for an X this CPU cannot run: compile it (not load it) and say so."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            compile_only(isa, Path(tmp))
-            ok, reason = True, ""
-        except subprocess.CalledProcessError as e:
-            ok, reason = False, _last_error_line(e.stderr or "") or "the compiler failed"
-    result = {"isa": isa, "ok": ok, "compiled_only": True, "reason": reason, "runnable_isas": runnable}
-    if as_json:
-        print(json.dumps(result, indent=2))
-    elif ok:
-        print(f"the {isa} build compiles with {compiler()}; this CPU cannot run it (it runs {', '.join(runnable)}), "
-              "so it was not loaded")
-    else:
-        print(f"error: the {isa} build does not compile with {compiler()}: {reason}", file=sys.stderr)
-    return 0 if ok else 1
+def prefer_format(fmt: str | None) -> None:
+    """The weight format the decode kernels will mostly stream (fp32 | bf16 | int8 | int4; None: no
+    preference): the selected build becomes the one measured fastest for it on this CPU (measured at the
+    next kernel call if this machine has no record, building the other instruction set's extension if
+    needed). nanoseek.infer.fast.accelerate calls it with the model's format."""
+    if fmt is not None and fmt not in ("fp32", "bf16", "int8", "int4"):
+        raise ValueError(f"unknown weight format {fmt!r}; choose fp32, bf16, int8 or int4")
+    KERNELS.prefer_format(fmt)

@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from .build import load, status
+from .build import KERNELS, load, prefer_format, status
 
 __all__ = ["load", "status", "usable", "disabled", "op_by_op", "whole_blocks", "rows_matmul", "experts_rows",
            "rms_norm", "read_streams", "block_decode", "block_config", "block_weights", "cache_index", "isa",
            "faster_path", "row_bucket", "PATHS", "int8_activations", "set_int8_activations",
-           "int8_activation_kernel"]
+           "int8_activation_kernel", "prefer_format"]
 
 class _Switch:
     """A process-wide switch that is on inside any open `with switch.on():` block (nested blocks count)."""
@@ -117,8 +117,8 @@ def set_int8_activations(on: bool) -> None:
     Weights whose groups fit no block (fewer than 32 inputs, or not a multiple of 32; int4 rows that are not
     a multiple of 64 inputs on x86) keep the weight-only loop. Raises where the kernels are not available
     (the torch paths have no int8 activations)."""
-    ext = _built()
-    ext.set_int8_activations(bool(on))
+    _built()
+    KERNELS.set_int8_activations(on)  # every loaded build, and those loaded later
 
 
 def int8_activation_kernel() -> str | None:
