@@ -581,3 +581,10 @@ def test_accelerate_names_the_model_weight_format():
     assert fast.weight_format(quantize_model(copy.deepcopy(model), "int8")) == "int8"
     assert fast.weight_format(quantize_model(copy.deepcopy(model), "bf16")) == "bf16"
     assert fast.weight_format(model.to(torch.bfloat16)) is None
+
+
+def test_build_choice_probes_the_groups_quantize_writes():
+    from nanoseek.infer.fast import choice
+    from nanoseek.infer.quant import DEFAULT_GROUPS
+
+    assert choice.GROUPS == DEFAULT_GROUPS

@@ -80,29 +80,30 @@ def compiler() -> str:
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo (Linux), read once per process; empty where that file is absent."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpuinfo_field(*names: str) -> str | None:  # the first line starting with one of the names, after its ':'
+    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith(names)), None)
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo), or an empty set where that file is absent. Read once
     per process: every kernel call asks which instruction set to use."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_field("flags", "Features") or "").split())
 
 
 @functools.cache
 def cpu_identity() -> str:
-    """The CPU's model name and flags (/proc/cpuinfo; elsewhere platform's description): what a measured
+    """The CPU's model name and flags (elsewhere than Linux: platform's description): what a measured
     choice of build belongs to."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                  if ln.startswith(("model name", "Model", "CPU part"))), platform.processor())
+    model = _cpuinfo_field("model name", "Model", "CPU part") or f"{platform.machine()} {platform.processor()}"
     return f"{model} | {' '.join(sorted(cpu_flags()))}"
 
 
@@ -249,10 +250,7 @@ class _Kernels:
                 from .prefetch import configure  # the prefetch distance this machine's memory wants
 
                 self.prefetch = configure(self.module, build_root(), key["name"])
-                if KERNELS.int8_activations is not None:  # set_int8_activations was called before this load
-                    self.module.set_int8_activations(KERNELS.int8_activations)
-                else:
-                    _int8_activations_from_env(self.module)
+                self.module.set_int8_activations(KERNELS.int8_activations_on())
         return self.module
 
 
@@ -353,8 +351,9 @@ class _PerISA:
         self.lock = threading.Lock()
         self.by_isa: dict[str, _Kernels] = {}
         self.isa_error = ""  # a refused NANOSEEK_KERNEL_ISA, said once
-        # (NANOSEEK_KERNEL_ISA as read, the format key) -> its kernels: what the last call selected
-        self.last: tuple[tuple, _Kernels] | None = None
+        # ((NANOSEEK_KERNEL_ISA as read, the format), its kernels, the measured choice behind them or None):
+        # what the last call selected
+        self.last: tuple[tuple, _Kernels, dict | None] | None = None
         self.format: str | None = None  # the weight format of the model last accelerated
         self.int8_activations: bool | None = None  # set_int8_activations' state (None: from the environment)
         self.choices: dict[tuple[str, int], dict] = {}  # (format key, threads) -> nanoseek.infer.fast.choice's record
@@ -367,9 +366,8 @@ class _PerISA:
         return format_key(self.format, self.int8_activations_on())
 
     def int8_activations_on(self) -> bool:
-        if self.int8_activations is not None:
-            return self.int8_activations
-        return os.environ.get(INT8_ACTIVATIONS_ENV, "").strip() == "1"
+        """set_int8_activations' state, else NANOSEEK_INT8_ACTIVATIONS (what each build takes when it loads)."""
+        return self.int8_activations if self.int8_activations is not None else _int8_activations_env()
 
     def prefer_format(self, fmt: str | None) -> None:
         self.format = fmt
@@ -388,15 +386,19 @@ class _PerISA:
             forced = os.environ.get(ISA_ENV)
             if self.last is not None and self.last[0] == (forced, self.format):  # the hot path: as last call
                 return self.last[1]
+            record = None
             try:
-                isa = selected_isa() if forced and forced.strip() else self.measured_isa()
+                if forced and forced.strip():
+                    isa = selected_isa()
+                else:
+                    isa, record = self.measured_isa()
             except ISAError as e:
                 if not self.isa_error:
                     self.isa_error = str(e)
                     print(f"nanoseek: {e}; using the torch paths", file=sys.stderr, flush=True)
                 return None
             k = self._kernels(isa)
-            self.last = ((forced, self.format), k)
+            self.last = ((forced, self.format), k, record)
             return k
         return self._kernels(isa)
 
@@ -406,24 +408,24 @@ class _PerISA:
         vector = [isa for isa in runnable_isas() if isa != "portable"]
         return vector or ["portable"]
 
-    def measured_isa(self) -> str:
-        """The build measured fastest for the preferred format at the current thread count (measuring it
-        now if this machine has no record), or the best by flags where there is nothing to choose."""
+    def measured_isa(self) -> tuple[str, dict | None]:
+        """(build, record): the fastest for the preferred format at these threads (measured now if this
+        machine has no record), or (the best by flags, None) where there is nothing to choose."""
         key = self.format_key()
         first = runnable_isas()[0]
         if key is None or not enabled() or len(self.candidates()) < 2:
-            return first
+            return first, None
         threads = torch.get_num_threads()
         record = self.choices.get((key, threads))
         if record is None:
             modules = {isa: m for isa in self.candidates() if (m := self._kernels(isa).load()) is not None}
             if len(modules) < 2:
-                return next(iter(modules), first)
+                return next(iter(modules), first), None
             from .choice import choose
 
             record = choose(key, modules, build_root(), cpu_identity(), threads)
             self.choices[(key, threads)] = record
-        return record["isa"]
+        return record["isa"], record
 
     def _kernels(self, isa: str) -> _Kernels:
         k = self.by_isa.get(isa)
@@ -443,14 +445,17 @@ KERNELS = _PerISA()
 INT8_ACTIVATIONS_ENV = "NANOSEEK_INT8_ACTIVATIONS"  # 1: int8 / int4 weights take int8 activations
 
 
-def _int8_activations_from_env(module) -> None:
-    """NANOSEEK_INT8_ACTIVATIONS=1 switches int8 activations on when the kernels load (0 or unset: off)."""
+_said_bad_env: set[str] = set()  # values of NANOSEEK_INT8_ACTIVATIONS already refused
+
+
+def _int8_activations_env() -> bool:
+    """NANOSEEK_INT8_ACTIVATIONS=1: int8 activations on (0 or unset: off; anything else said once, and off)."""
     value = os.environ.get(INT8_ACTIVATIONS_ENV, "").strip()
-    if value in ("1", "0"):
-        module.set_int8_activations(value == "1")
-    elif value:
+    if value and value not in ("1", "0") and value not in _said_bad_env:
+        _said_bad_env.add(value)
         print(f"nanoseek: {INT8_ACTIVATIONS_ENV}={value!r} ignored (1 = on, 0 = off); int8 activations stay off",
               file=sys.stderr, flush=True)
+    return value == "1"
 
 
 def load(force: bool = False, isa: str | None = None):
@@ -469,7 +474,7 @@ def status(isa: str | None = None) -> dict:
             "path": str(k.path) if k.path else None, "isa": k.isa, "prefetch": k.prefetch,
             "int8_activations": None if k.module is None else {"on": k.module.int8_activations(),
                                                                 "kernel": k.module.int8_activation_kernel()},
-            "chosen_by": chosen_by() if isa is None else "asked for"}
+            "chosen_by": chosen_by() if isa is None else {"by": "asked for"}}
 
 
 def chosen_by() -> dict:
@@ -477,8 +482,8 @@ def chosen_by() -> dict:
     format named yet, or one vector build only), or measured for a weight format (with the record)."""
     if os.environ.get(ISA_ENV, "").strip():
         return {"by": ISA_ENV}
-    key = KERNELS.format_key()
-    record = KERNELS.choices.get((key, torch.get_num_threads())) if key else None
+    KERNELS.get()  # the selection as the next kernel call makes it
+    key, record = KERNELS.format_key(), KERNELS.last[2] if KERNELS.last else None
     if record is None:
         return {"by": "cpu flags", "format": key}
     return {"by": "measured", "format": key, **record}
@@ -489,6 +494,7 @@ def prefer_format(fmt: str | None) -> None:
     preference): the selected build becomes the one measured fastest for it on this CPU (measured at the
     next kernel call if this machine has no record, building the other instruction set's extension if
     needed). nanoseek.infer.fast.accelerate calls it with the model's format."""
-    if fmt is not None and fmt not in ("fp32", "bf16", "int8", "int4"):
-        raise ValueError(f"unknown weight format {fmt!r}; choose fp32, bf16, int8 or int4")
+    from .choice import WEIGHT_FORMATS
+    if fmt is not None and fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose {', '.join(WEIGHT_FORMATS)}")
     KERNELS.prefer_format(fmt)

@@ -25,9 +25,14 @@ from pathlib import Path
 
 import torch
 
-# the formats a decode step streams its weights in; "-a8": int8 / int4 weights with int8 activations
-FORMATS = ("fp32", "bf16", "int8", "int4", "int8-a8", "int4-a8")
-GROUPS = {"int8": 128, "int4": 32}  # the scale groups nanoseek quantize writes by default
+# the formats a decode step streams its weights in, and their bytes per weight
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+WEIGHT_FORMATS = tuple(ELEMENT_BYTES)
+# the scale groups nanoseek quantize writes by default: nanoseek.infer.quant.DEFAULT_GROUPS (equal, tested; not
+# imported, since quant imports the kernels that import this)
+GROUPS = {"int8": 128, "int4": 32}
+# the keys a choice is measured under ("-a8": int8 / int4 weights with int8 activations)
+FORMATS = WEIGHT_FORMATS + tuple(f"{fmt}-a8" for fmt in GROUPS)
 ROWS = (1, 2, 8)                     # a decode step at batch 1, a two-token verify, a batch of 8
 CACHED_SHAPE = (1536, 512)           # an expert-sized matrix: read from the caches when it repeats
 STREAMED_BYTES = 64 << 20            # per format: far above the L3 of a desktop or small-server CPU
@@ -80,9 +85,8 @@ def probe_weights(key: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """One cached-size and one streamed-size weight in the key's format (constant fills: values do not
     change the speed, and they are cheap to make)."""
     fmt = key.removesuffix("-a8")
-    element_bytes = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[fmt]
     K = 2048
-    shapes = [CACHED_SHAPE, (int(STREAMED_BYTES / (K * element_bytes)), K)]
+    shapes = [CACHED_SHAPE, (int(STREAMED_BYTES / (K * ELEMENT_BYTES[fmt])), K)]
     out = []
     for N, K in shapes:
         if fmt == "fp32":
