@@ -152,6 +152,30 @@ def test_decode_blocks_in_kernels_equal_the_pure_blocks(built, overrides, monkey
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", VARIANTS[:4] + [{"n_routed_experts": 128, "n_group": 8, "topk_group": 3,
+                                                         "moe_intermediate_size": 16}])
+def test_decode_block_routes_ties_as_torch_topk(built, overrides, paged_rows):
+    """The C++ router (csrc/router.h) breaks ties between equal scores, and between equal groups, the way
+    torch.topk does: with a zero router every expert scores the same, and the correction bias repeats a
+    few values, so nearly every choice is a tie (128 experts: torch's partial-sort path, not nth_element)."""
+    pure = tiny(**overrides)
+    with torch.no_grad():
+        for layer in pure.layers[pure.config.first_k_dense_replace:]:
+            layer.mlp.gate.weight.zero_()
+            E = layer.mlp.gate.e_score_correction_bias.numel()
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.25, 0.25, 0.5]).repeat(E // 4))
+    acc = fast.accelerate(copy.deepcopy(pure))
+    ids = torch.randint(0, pure.config.vocab_size, (3, 12))
+    slots = torch.tensor([2, 0, 1])
+    outs = []
+    for model in (acc, pure):
+        _, view = paged_rows(model, 3, 16)
+        with torch.inference_mode():
+            model.forward_cached(ids[:, :10], view(slots, torch.zeros(3, dtype=torch.long), 10))
+            outs.append(model.forward_cached(ids[:, 10:11], view(slots, torch.full((3,), 10), 1))[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
 def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_rows):
     """The C++ block reads the block's current tensors: after load_state_dict, a round trip through bf16
     and a replaced Parameter, its steps still equal the pure model's with the same weights."""

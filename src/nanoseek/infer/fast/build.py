@@ -49,7 +49,7 @@ import torch
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("decode_kernels.cpp", "gemv.cpp")  # compiled, from csrc/; gemv.h is included by both
-HEADERS = ("gemv.h", "gemv_int8act.h")
+HEADERS = ("gemv.h", "gemv_int8act.h", "router.h")
 CFLAGS = ["-O3", "-ffp-contract=fast"]
 # instruction set -> compiler flags, best first. The portable build has no -m flag at all.
 ISA_FLAGS: dict[str, list[str]] = {

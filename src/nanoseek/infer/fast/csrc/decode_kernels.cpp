@@ -10,6 +10,7 @@
 // Every entry point checks the shapes, sizes, dtypes and layouts its loops rely on (TORCH_CHECK raises a
 // RuntimeError that names the argument) before touching a pointer.
 #include "gemv.h"
+#include "router.h"
 #include <torch/python.h>  // pybind11 and its tensor casters (the kernels need only ATen)
 #include <cmath>
 #include <cstring>
@@ -67,7 +68,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
 //
 // The same computation, in the same order, as Block.forward -> MLA.forward/_absorbed -> MoE.forward/Router
 // in the Python model (read those for the why of each line): RMSNorm, rope and the absorbed attention as
-// plain loops, the router as the same ATen ops (so top-k ties break the same way), the matmuls through
+// plain loops, the router as loops that select as torch.topk does (router.h: ties break the same way), the matmuls through
 // rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python costs
 // more than the arithmetic.
 //
@@ -309,12 +310,28 @@ at::Tensor absorbed_attention(const at::Tensor& q, const at::Tensor& q_rope, con
   return out;
 }
 
+// a += b, elementwise, for a fresh contiguous fp32 result `a` of the kernels and b of its shape: the residual
+// adds without an op dispatch each (x + y and y + x are the same floats).
+at::Tensor add_into(at::Tensor a, const at::Tensor& b_in) {
+  const auto b = b_in.contiguous();
+  TORCH_CHECK(a.is_contiguous() && a.sizes() == b.sizes(), "add_into: shapes ", a.sizes(), " and ", b.sizes());
+  float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) ap[i] += bp[i];
+  return a;
+}
+
 // MLP.forward: down(silu(gate(x)) * up(x)), each projection with its scales (if any).
 at::Tensor swiglu(const at::Tensor& x, const std::optional<at::Tensor>& gate,
                      const std::optional<at::Tensor>& gate_s, const std::optional<at::Tensor>& up,
                      const std::optional<at::Tensor>& up_s, const std::optional<at::Tensor>& down,
                      const std::optional<at::Tensor>& down_s) {
-  return lin(at::silu(lin(x, *gate, gate_s)) * lin(x, *up, up_s), *down, down_s);
+  auto g = lin(x, *gate, gate_s).contiguous();
+  const auto u = lin(x, *up, up_s).contiguous();
+  float* gp = g.data_ptr<float>();
+  const float* upp = u.data_ptr<float>();
+  for (int64_t i = 0, n = g.numel(); i < n; ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * upp[i];  // silu(g) * u
+  return lin(g, *down, down_s);
 }
 
 // The checks block_decode relies on: every tensor's dtype, layout and shape against the config, and the
@@ -414,45 +431,40 @@ at::Tensor block_decode(const at::Tensor& x, const at::Tensor& cos, const at::Te
   const auto kv = lin(h, *w.kv_a_proj_with_mqa, w.kv_a_proj_with_mqa_scale);
   const auto latent = rms_norm(kv.narrow(-1, 0, C), *w.kv_a_layernorm, c.rms_norm_eps);
   const auto k_rope = rope(kv.narrow(-1, C, R).unsqueeze(2), cos, sin, c.rope_interleave).squeeze(2);
-  // The new rows first (a token attends to itself), each to its flat row of the paged layer.
-  const auto fresh = at::cat({latent, k_rope}, -1).contiguous();  // [B, T, C + R]
-  const float* fp = fresh.data_ptr<float>();
+  // The new rows first (a token attends to itself), each [latent | rope key] to its flat row of the paged layer.
+  const float* lat = latent.data_ptr<float>();  // both contiguous: rms_norm's and rope's own outputs
+  const float* kr = k_rope.data_ptr<float>();
   float* kvp = kv_layer.data_ptr<float>();
   const int64_t* wr = ix.write_rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * T; ++i) std::memcpy(kvp + wr[i] * (C + R), fp + i * (C + R), (C + R) * sizeof(float));
+  for (int64_t i = 0; i < B * T; ++i) {
+    std::memcpy(kvp + wr[i] * (C + R), lat + i * C, C * sizeof(float));
+    std::memcpy(kvp + wr[i] * (C + R) + C, kr + i * R, R * sizeof(float));
+  }
   const auto bias = ix.bias.has_value() ? ix.bias->contiguous() : at::Tensor();  // may be an expanded view
   const auto attn_out = absorbed_attention(q.contiguous(), q_rope, kv_layer, ix.block_table, ix.kv_len,
                                            *w.kv_b_proj, bias, N, V, c.softmax_scale);
-  auto out = x + lin(attn_out, *w.o_proj, w.o_proj_scale);
+  const auto out = add_into(lin(attn_out, *w.o_proj, w.o_proj_scale), x);
 
   // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
   const auto h2 = rms_norm(out, *w.post_attention_layernorm, c.rms_norm_eps);
   if (!c.moe)
-    return out + swiglu(h2, w.gate_proj, w.gate_proj_scale, w.up_proj, w.up_proj_scale, w.down_proj, w.down_proj_scale);
-  const int64_t K = c.num_experts_per_tok, G = c.n_group;
+    return add_into(swiglu(h2, w.gate_proj, w.gate_proj_scale, w.up_proj, w.up_proj_scale, w.down_proj, w.down_proj_scale), out);
   const auto x_nd = h2.reshape({B * T, D});
-  const auto logits = at::linear(x_nd, *w.router_weight);
-  const auto sc = c.scoring_func == "softmax" ? at::softmax(logits, -1) : at::sigmoid(logits);
-  const bool noaux = c.topk_method == "noaux_tc";
-  auto choice = noaux ? sc + *w.e_score_correction_bias : sc;
-  const int64_t E = sc.size(1);
-  if (G > 1 && c.topk_method != "greedy") {
-    const auto grouped = choice.view({B * T, G, E / G});
-    const auto gs = noaux ? std::get<0>(grouped.topk(2, -1)).sum(-1) : std::get<0>(grouped.max(-1));
-    auto keep = at::zeros_like(gs, gs.options().dtype(at::kBool));
-    keep.scatter_(1, std::get<1>(gs.topk(c.topk_group, -1)), true);
-    choice = grouped.masked_fill(keep.logical_not().unsqueeze(-1), -INFINITY).view({B * T, E});
-  }
-  const auto idx = std::get<1>(choice.topk(K, -1));
-  auto gates = sc.gather(1, idx);
-  if (c.norm_topk_prob) gates = gates / (gates.sum(-1, true) + 1e-20);
-  gates = gates * c.routed_scaling_factor;
-  auto y = experts_rows(x_nd.contiguous(), *w.experts_gate_up_proj, *w.experts_down_proj, idx.contiguous(),
-                        gates.contiguous(), w.experts_gate_up_proj_scale, w.experts_down_proj_scale);
+  RouterSpec spec;
+  spec.top_k = c.num_experts_per_tok, spec.n_group = c.n_group, spec.topk_group = c.topk_group;
+  spec.softmax = c.scoring_func == "softmax", spec.bias = c.topk_method == "noaux_tc";
+  spec.grouped = c.n_group > 1 && c.topk_method != "greedy", spec.top2_groups = spec.bias;
+  spec.norm_topk_prob = c.norm_topk_prob, spec.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+  const auto logits = lin(x_nd, *w.router_weight).contiguous();  // [B * T, E]
+  auto idx = at::empty({B * T, spec.top_k}, x.options().dtype(at::kLong));
+  auto gates = at::empty({B * T, spec.top_k}, x.options());
+  route(logits, w.e_score_correction_bias->data_ptr<float>(), spec, idx.data_ptr<int64_t>(), gates.data_ptr<float>());
+  auto y = experts_rows(x_nd.contiguous(), *w.experts_gate_up_proj, *w.experts_down_proj, idx, gates,
+                        w.experts_gate_up_proj_scale, w.experts_down_proj_scale);
   if (w.shared_gate_proj.has_value())
-    y = y + swiglu(x_nd, w.shared_gate_proj, w.shared_gate_proj_scale, w.shared_up_proj, w.shared_up_proj_scale,
-                   w.shared_down_proj, w.shared_down_proj_scale);
-  return out + y.view({B, T, D});
+    add_into(y, swiglu(x_nd, w.shared_gate_proj, w.shared_gate_proj_scale, w.shared_up_proj, w.shared_up_proj_scale,
+                       w.shared_down_proj, w.shared_down_proj_scale));
+  return add_into(y.view({B, T, D}), out);
 }
 
 // The GIL is released for the duration of each call (they touch no Python object), so the server's HTTP

@@ -243,6 +243,15 @@ at::Tensor experts_rows(const at::Tensor& x, const at::Tensor& w1, const at::Ten
       for (int64_t i = 0; i < M; ++i) std::memcpy(op + as[i] * D, &y[i * D], D * sizeof(float));
     }
   });
-  // Weighted sum over slots, as a [N, 1, K] x [N, K, D] batched product (the same order as the torch path).
-  return at::bmm(gate.unsqueeze(1), out.view({N, K, D})).squeeze(1);
+  // Weighted sum over the slots, slot by slot (a loop: at one token a batched product's dispatch costs more).
+  auto sum = at::zeros({N, D}, x.options());
+  const float* gp = gate.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const float g = gp[n * K + k], *o = op + (n * K + k) * D;
+      float* s = sp + n * D;
+      for (int64_t d = 0; d < D; ++d) s[d] += g * o[d];
+    }
+  return sum;
 }
