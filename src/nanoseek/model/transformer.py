@@ -210,7 +210,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
             x, _ = block(x, cos, sin, cache, layer=i)
-        return self.lm_head(self.norm(_pick(x, logits_at))), x
+        return self.lm_head(self.norm(pick_positions(x, logits_at))), x
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: CacheView, depth: int = 0,
                            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +223,10 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(cache.positions)
         x = mod.combine(hidden, self.embed_tokens(next_ids))
         h, _ = mod(x, cos, sin, cache, layer=self.config.num_hidden_layers + depth)
-        return self.lm_head(mod.shared_head.norm(_pick(h, logits_at))), h
+        return self.lm_head(mod.shared_head.norm(pick_positions(h, logits_at))), h
 
 
-def _pick(h_BTD: torch.Tensor, at_B: torch.Tensor | None) -> torch.Tensor:
+def pick_positions(h_BTD: torch.Tensor, at_B: torch.Tensor | None) -> torch.Tensor:
     """h at one position per row ([B,1,D]), or all of h."""
     if at_B is None:
         return h_BTD

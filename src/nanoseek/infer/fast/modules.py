@@ -22,7 +22,7 @@ from torch import nn
 from nanoseek.model.attention import MLA
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import GroupedExperts, MoE
-from nanoseek.model.transformer import Block, MTPModule
+from nanoseek.model.transformer import Block, MTPModule, Transformer, pick_positions
 
 from . import kernels
 
@@ -279,35 +279,41 @@ def _no_plan():
     return None
 
 
+def block_call(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, cache, layer: int) -> tuple | None:
+    """The arguments after (x, cos, sin) of the kernels.block_decode call that is `block`'s decode step on
+    `cache` (kv_layer, index, weights, config), or None where the block must run in Python (not plain, not
+    dense MLA, too many assignments, weights or cache the C++ block does not take)."""
+    plan = block.__dict__.get("_kernel_plan")
+    if plan is None or plan.extension is not kernels.load() or not plan.current():
+        # the C++ block is dense MLA (V3.2's SparseMLA runs in torch); a plan needs the kernels built
+        if type(block.self_attn) is not MLA or not hasattr(cache, "kernel_cache") or not kernels.usable(x, cos):
+            return None
+        plan = block.__dict__["_kernel_plan"] = _KernelPlan(block)  # built once (again if a part was replaced)
+    if x.shape[0] * x.shape[1] * plan.assignments_per_token > KERNEL_ASSIGNMENTS or not plan.plain():
+        return None
+    kernel_cache = getattr(cache, "kernel_cache", None)
+    weights = plan.weights() if kernel_cache is not None else None
+    where = kernel_cache(layer, plan.n_heads) if weights is not None else None
+    return None if where is None else (*where, weights, plan.config)
+
+
+def decodes_in_kernel(cache, x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """A step on `cache` may run blocks as kernels.block_decode calls: a decode step (not a prefill) at
+    inference, fp32 on the CPU with the kernels built, not inside `kernels.op_by_op()`."""
+    return (cache is not None and not cache.prefill and kernels.whole_blocks() and not torch.is_grad_enabled()
+            and kernels.usable(x, cos))
+
+
 class _DecodeInKernel:
     """A decode step of the block (cache attached, not a prefill) as one kernels.block_decode call: the
     same operations in the same order as Block.forward, without a Python call per op."""
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, aux_alpha: float = 0.0):
-        if cache is not None and not cache.prefill and inference(self, x):
-            out = self._decode(x, cos, sin, cache, layer)
-            if out is not None:
-                return out, None
+        if not self.training and decodes_in_kernel(cache, x, cos):
+            call = block_call(self, x, cos, cache, layer)
+            if call is not None:
+                return kernels.block_decode(x, cos, sin, *call), None
         return super().forward(x, cos, sin, cache, layer, aux_alpha)
-
-    def _decode(self, x, cos, sin, cache, layer):
-        plan = self.__dict__.get("_kernel_plan")
-        if plan is None or plan.extension is not kernels.load() or not plan.current():
-            # the C++ block is dense MLA (V3.2's SparseMLA runs in torch); a plan needs the kernels built
-            if type(self.self_attn) is not MLA or not hasattr(cache, "kernel_cache") or not kernels.usable(x, cos):
-                return None
-            plan = self.__dict__["_kernel_plan"] = _KernelPlan(self)  # built once (again if a part was replaced)
-        if x.shape[0] * x.shape[1] * plan.assignments_per_token > KERNEL_ASSIGNMENTS:
-            return None
-        if not plan.plain() or not kernels.whole_blocks() or not kernels.usable(x, cos):
-            return None
-        kernel_cache = getattr(cache, "kernel_cache", None)
-        weights = plan.weights() if kernel_cache is not None else None
-        where = kernel_cache(layer, plan.n_heads) if weights is not None else None
-        if where is None:
-            return None
-        kv_layer, index = where
-        return kernels.block_decode(x, cos, sin, kv_layer, index, weights, plan.config)
 
 
 class FastBlock(_DecodeInKernel, Block):
@@ -318,6 +324,33 @@ class FastMTPModule(_DecodeInKernel, MTPModule):
     pure = MTPModule
 
 
+class FastTransformer(Transformer):
+    """A decode step runs its blocks back to back as kernels.block_decode calls, with the checks of all of
+    them made before the first: the Python between two blocks runs with the caches cold from the weights
+    the block before streamed, so each block's module call and checks cost several times what they cost
+    warm. Anything else (a prefill, a block that must run in Python, training) is Transformer's own."""
+
+    pure = Transformer
+
+    def forward_cached(self, input_ids, cache, logits_at=None):
+        if self.training or cache.prefill or not input_ids.is_cpu or torch.is_grad_enabled():
+            return super().forward_cached(input_ids, cache, logits_at)
+        cos, sin = self.rotary(cache.positions)
+        x = self.embed_tokens(input_ids)
+        calls = None
+        if decodes_in_kernel(cache, x, cos):  # each block's plan checks its hooks and parts
+            calls = [block_call(b, x, cos, cache, i) if isinstance(b, _DecodeInKernel) else None
+                     for i, b in enumerate(self.layers)]
+        if calls is None or None in calls:
+            for i, block in enumerate(self.layers):
+                x, _ = block(x, cos, sin, cache, layer=i)
+        else:
+            for call in calls:
+                x = kernels.block_decode(x, cos, sin, *call)
+        return self.lm_head(self.norm(pick_positions(x, logits_at))), x
+
+
 # pure class -> fast class, in the order accelerate applies them
 SWAPS: dict[type, type] = {nn.Linear: FastLinear, RMSNorm: FastRMSNorm, GroupedExperts: FastExperts, MoE: FastMoE,
-                           Block: FastBlock, MTPModule: FastMTPModule}
+                           Block: FastBlock, MTPModule: FastMTPModule,
+                           Transformer: FastTransformer}
