@@ -249,6 +249,26 @@ def test_decode_block_steps_aside_for_a_hook_added_after_its_first_step(built, p
     assert calls["hook"] == 2 and calls["block"] == 3 * n_layers - 1
 
 
+def test_a_decode_step_runs_the_blocks_back_to_back_without_their_module_calls(built, paged_rows, monkeypatch):
+    """FastTransformer: with every block able to, a decode step calls kernels.block_decode once per block and
+    no block's forward; a prefill goes through each block's forward."""
+    from nanoseek.infer.fast.modules import FastBlock, FastTransformer
+
+    model = fast.accelerate(tiny(hidden_size=128, moe_intermediate_size=128))
+    assert type(model) is FastTransformer
+    forwards = []
+    block_forward = FastBlock.forward
+    monkeypatch.setattr(FastBlock, "forward", lambda self, *a, **k: forwards.append(1) or block_forward(self, *a, **k))
+    _, view = paged_rows(model, 1, 16)
+    ids, slot = torch.randint(0, model.config.vocab_size, (1, 8)), torch.tensor([0])
+    with torch.inference_mode():
+        model.forward_cached(ids[:, :7], view(slot, torch.zeros(1, dtype=torch.long), 7))
+        assert len(forwards) == len(model.layers)
+        forwards.clear()
+        model.forward_cached(ids[:, 7:], view(slot, torch.full((1,), 7), 1))
+    assert not forwards
+
+
 def test_a_switch_of_the_kernel_isa_gives_the_blocks_plans_of_the_new_build(built, paged_rows, monkeypatch):
     """A block's plan holds objects of the extension it was made with; after NANOSEEK_KERNEL_ISA names
     another build, the next decode step makes a plan of that build, with the same logits."""
