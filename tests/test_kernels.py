@@ -165,15 +165,10 @@ def test_decode_block_routes_ties_as_torch_topk(built, overrides, paged_rows):
             E = layer.mlp.gate.e_score_correction_bias.numel()
             layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.25, 0.25, 0.5]).repeat(E // 4))
     acc = fast.accelerate(copy.deepcopy(pure))
-    ids = torch.randint(0, pure.config.vocab_size, (3, 12))
+    ids = torch.randint(0, pure.config.vocab_size, (3, 11))
     slots = torch.tensor([2, 0, 1])
-    outs = []
-    for model in (acc, pure):
-        _, view = paged_rows(model, 3, 16)
-        with torch.inference_mode():
-            model.forward_cached(ids[:, :10], view(slots, torch.zeros(3, dtype=torch.long), 10))
-            outs.append(model.forward_cached(ids[:, 10:11], view(slots, torch.full((3,), 10), 1))[0])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prefill_then_step(acc, paged_rows, ids, slots),
+                               prefill_then_step(pure, paged_rows, ids, slots), rtol=1e-4, atol=1e-5)
 
 
 def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_rows):
@@ -184,14 +179,9 @@ def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_ro
     ids = torch.randint(0, pure.config.vocab_size, (2, 8))
     slots = torch.tensor([0, 1])
 
-    def step(model):
-        _, view = paged_rows(model, 2, 16)
-        with torch.inference_mode():
-            model.forward_cached(ids[:, :7], view(slots, torch.zeros(2, dtype=torch.long), 7))
-            return model.forward_cached(ids[:, 7:], view(slots, torch.full((2,), 7), 1))[0]
-
     def same():
-        torch.testing.assert_close(step(acc), step(pure), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(prefill_then_step(acc, paged_rows, ids, slots),
+                                   prefill_then_step(pure, paged_rows, ids, slots), rtol=1e-4, atol=1e-5)
 
     same()
     torch.manual_seed(1)
@@ -207,6 +197,16 @@ def test_decode_block_follows_reloaded_cast_and_replaced_weights(built, paged_ro
         model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(w.clone())
         model.layers[1].mlp.experts.gate_up_proj = torch.nn.Parameter(model.layers[1].mlp.experts.gate_up_proj * 2)
     same()
+
+
+def prefill_then_step(model, paged_rows, ids, slots, max_len=16):
+    """The logits of one decode step on the last token of each row of ids [B, T], after a prefill of the
+    others, on a fresh paged cache whose rows `slots` [B] the sequences take."""
+    _, view = paged_rows(model, int(slots.max()) + 1, max_len)
+    B, T = ids.shape
+    with torch.inference_mode():
+        model.forward_cached(ids[:, :-1], view(slots, torch.zeros(B, dtype=torch.long), T - 1))
+        return model.forward_cached(ids[:, -1:], view(slots, torch.full((B,), T - 1), 1))[0]
 
 
 def one_row_decode(model, paged_rows):

@@ -207,10 +207,14 @@ class Transformer(nn.Module):
         position only, and the head over every prompt token is a large share of its FLOPs.
         """
         cos, sin = self.rotary(cache.positions)
-        x = self.embed_tokens(input_ids)
+        x = self.run_blocks(self.embed_tokens(input_ids), cos, sin, cache)
+        return self.lm_head(self.norm(_pick(x, logits_at))), x
+
+    def run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheView) -> torch.Tensor:
+        """The decoder blocks in order over the new tokens' hidden states x [B,T,D], against the cache."""
         for i, block in enumerate(self.layers):
             x, _ = block(x, cos, sin, cache, layer=i)
-        return self.lm_head(self.norm(pick_positions(x, logits_at))), x
+        return x
 
     def mtp_forward_cached(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: CacheView, depth: int = 0,
                            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +227,10 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(cache.positions)
         x = mod.combine(hidden, self.embed_tokens(next_ids))
         h, _ = mod(x, cos, sin, cache, layer=self.config.num_hidden_layers + depth)
-        return self.lm_head(mod.shared_head.norm(pick_positions(h, logits_at))), h
+        return self.lm_head(mod.shared_head.norm(_pick(h, logits_at))), h
 
 
-def pick_positions(h_BTD: torch.Tensor, at_B: torch.Tensor | None) -> torch.Tensor:
+def _pick(h_BTD: torch.Tensor, at_B: torch.Tensor | None) -> torch.Tensor:
     """h at one position per row ([B,1,D]), or all of h."""
     if at_B is None:
         return h_BTD

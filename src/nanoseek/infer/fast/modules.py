@@ -22,7 +22,7 @@ from torch import nn
 from nanoseek.model.attention import MLA
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import GroupedExperts, MoE
-from nanoseek.model.transformer import Block, MTPModule, Transformer, pick_positions
+from nanoseek.model.transformer import Block, MTPModule, Transformer
 
 from . import kernels
 
@@ -282,17 +282,19 @@ def _no_plan():
 def block_call(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, cache, layer: int) -> tuple | None:
     """The arguments after (x, cos, sin) of the kernels.block_decode call that is `block`'s decode step on
     `cache` (kv_layer, index, weights, config), or None where the block must run in Python (not plain, not
-    dense MLA, too many assignments, weights or cache the C++ block does not take)."""
+    dense MLA, too many assignments, weights or cache the C++ block does not take). For a step that
+    decodes_in_kernel allows (so the kernels are built)."""
+    kernel_cache = getattr(cache, "kernel_cache", None)  # the paged cache's; the reference cache has none
+    if kernel_cache is None:
+        return None
     plan = block.__dict__.get("_kernel_plan")
     if plan is None or plan.extension is not kernels.load() or not plan.current():
-        # the C++ block is dense MLA (V3.2's SparseMLA runs in torch); a plan needs the kernels built
-        if type(block.self_attn) is not MLA or not hasattr(cache, "kernel_cache") or not kernels.usable(x, cos):
+        if type(block.self_attn) is not MLA:  # the C++ block is dense MLA (V3.2's SparseMLA runs in torch)
             return None
         plan = block.__dict__["_kernel_plan"] = _KernelPlan(block)  # built once (again if a part was replaced)
     if x.shape[0] * x.shape[1] * plan.assignments_per_token > KERNEL_ASSIGNMENTS or not plan.plain():
         return None
-    kernel_cache = getattr(cache, "kernel_cache", None)
-    weights = plan.weights() if kernel_cache is not None else None
+    weights = plan.weights()
     where = kernel_cache(layer, plan.n_heads) if weights is not None else None
     return None if where is None else (*where, weights, plan.config)
 
@@ -332,22 +334,15 @@ class FastTransformer(Transformer):
 
     pure = Transformer
 
-    def forward_cached(self, input_ids, cache, logits_at=None):
-        if self.training or cache.prefill or not input_ids.is_cpu or torch.is_grad_enabled():
-            return super().forward_cached(input_ids, cache, logits_at)
-        cos, sin = self.rotary(cache.positions)
-        x = self.embed_tokens(input_ids)
-        calls = None
-        if decodes_in_kernel(cache, x, cos):  # each block's plan checks its hooks and parts
+    def run_blocks(self, x, cos, sin, cache):
+        if not self.training and decodes_in_kernel(cache, x, cos):  # each block's plan checks its hooks and parts
             calls = [block_call(b, x, cos, cache, i) if isinstance(b, _DecodeInKernel) else None
                      for i, b in enumerate(self.layers)]
-        if calls is None or None in calls:
-            for i, block in enumerate(self.layers):
-                x, _ = block(x, cos, sin, cache, layer=i)
-        else:
-            for call in calls:
-                x = kernels.block_decode(x, cos, sin, *call)
-        return self.lm_head(self.norm(pick_positions(x, logits_at))), x
+            if None not in calls:
+                for call in calls:
+                    x = kernels.block_decode(x, cos, sin, *call)
+                return x
+        return super().run_blocks(x, cos, sin, cache)
 
 
 # pure class -> fast class, in the order accelerate applies them

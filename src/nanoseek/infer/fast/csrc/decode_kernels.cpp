@@ -67,9 +67,9 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
 // One decoder block of a decode step (a few new tokens against the latent cache), computed in C++.
 //
 // The same computation, in the same order, as Block.forward -> MLA.forward/_absorbed -> MoE.forward/Router
-// in the Python model (read those for the why of each line): RMSNorm, rope and the absorbed attention as
-// plain loops, the router as loops that select as torch.topk does (router.h: ties break the same way), the matmuls through
-// rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python costs
+// in the Python model (read those for the why of each line): RMSNorm, rope, the absorbed attention, SwiGLU
+// and the residual adds as plain loops, the router as loops that select as torch.topk does (router.h: ties
+// break the same way), the matmuls through rows_matmul / experts_rows. At one token a step is ~300 small ops, and issuing them from Python costs
 // more than the arithmetic.
 //
 // The projections and experts may be stored narrow, as nanoseek.infer.quant's QuantLinear / QuantExperts
@@ -448,12 +448,13 @@ at::Tensor block_decode(const at::Tensor& x, const at::Tensor& cos, const at::Te
   // --- feed-forward (MLP, or MoE: Router.forward + routed experts + shared experts)
   const auto h2 = rms_norm(out, *w.post_attention_layernorm, c.rms_norm_eps);
   if (!c.moe)
-    return add_into(swiglu(h2, w.gate_proj, w.gate_proj_scale, w.up_proj, w.up_proj_scale, w.down_proj, w.down_proj_scale), out);
+    return add_into(
+        swiglu(h2, w.gate_proj, w.gate_proj_scale, w.up_proj, w.up_proj_scale, w.down_proj, w.down_proj_scale), out);
   const auto x_nd = h2.reshape({B * T, D});
   RouterSpec spec;
   spec.top_k = c.num_experts_per_tok, spec.n_group = c.n_group, spec.topk_group = c.topk_group;
-  spec.softmax = c.scoring_func == "softmax", spec.bias = c.topk_method == "noaux_tc";
-  spec.grouped = c.n_group > 1 && c.topk_method != "greedy", spec.top2_groups = spec.bias;
+  spec.softmax = c.scoring_func == "softmax", spec.noaux_tc = c.topk_method == "noaux_tc";
+  spec.grouped = c.n_group > 1 && c.topk_method != "greedy";
   spec.norm_topk_prob = c.norm_topk_prob, spec.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
   const auto logits = lin(x_nd, *w.router_weight).contiguous();  // [B * T, E]
   auto idx = at::empty({B * T, spec.top_k}, x.options().dtype(at::kLong));

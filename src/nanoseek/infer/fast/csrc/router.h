@@ -11,9 +11,9 @@
 struct RouterSpec {
   int64_t top_k = 1, n_group = 1, topk_group = 1;
   bool softmax = false;        // scoring_func "softmax", else "sigmoid"
-  bool bias = false;           // noaux_tc: the correction bias is added for the choice (never for the gates)
+  bool noaux_tc = false;       // the correction bias is added for the choice (never for the gates), and a
+                               // group scores as its two best experts (else as its best one)
   bool grouped = false;        // n_group > 1 and a group-limited method: only the topk_group best groups
-  bool top2_groups = false;    // a group scores as its two best experts (noaux_tc), else as its best one
   bool norm_topk_prob = true;
   float routed_scaling_factor = 1.f;
 };
@@ -43,17 +43,18 @@ inline void topk(const float* v, int64_t n, int64_t k, std::vector<Ranked>& q) {
 
 }  // namespace router_detail
 
-// logits [N, E] fp32 contiguous, bias [E] (read when spec.bias) -> idx [N, K] expert ids and gates [N, K].
+// logits [N, E] fp32 contiguous, bias [E] (read when spec.noaux_tc) -> idx [N, K] expert ids and gates [N, K].
 inline void route(const at::Tensor& logits, const float* bias, const RouterSpec& s, int64_t* idx, float* gates) {
   using router_detail::Ranked;
   const int64_t N = logits.size(0), E = logits.size(1), K = s.top_k, G = s.n_group, per = E / G;
   TORCH_CHECK(logits.is_contiguous() && logits.scalar_type() == at::kFloat, "route: fp32 contiguous logits");
   TORCH_CHECK(K >= 1 && K <= E && (!s.grouped || (E % G == 0 && s.topk_group >= 1 && s.topk_group <= G)),
               "route: bad top-k / group sizes");
-  TORCH_CHECK(!(s.grouped && s.top2_groups) || per >= 2, "route: a group of ", per,
+  TORCH_CHECK(!(s.grouped && s.noaux_tc) || per >= 2, "route: a group of ", per,
               " expert(s) has no two best (noaux_tc with n_group = n_routed_experts)");
   const float* lp = logits.data_ptr<float>();
   std::vector<float> scores(E), choice(E), group(G);
+  std::vector<char> keep(G);
   std::vector<Ranked> q;
   for (int64_t n = 0; n < N; ++n) {
     const float* l = lp + n * E;
@@ -66,11 +67,11 @@ inline void route(const at::Tensor& logits, const float* bias, const RouterSpec&
     } else {
       for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-l[e]));
     }
-    for (int64_t e = 0; e < E; ++e) choice[e] = s.bias ? scores[e] + bias[e] : scores[e];
+    for (int64_t e = 0; e < E; ++e) choice[e] = s.noaux_tc ? scores[e] + bias[e] : scores[e];
     if (s.grouped) {
       for (int64_t g = 0; g < G; ++g) {
         const float* c = choice.data() + g * per;
-        if (s.top2_groups) {
+        if (s.noaux_tc) {
           router_detail::topk(c, per, 2, q);
           group[g] = q[0].first + q[1].first;
         } else {  // amax: NaN if any is
@@ -80,7 +81,7 @@ inline void route(const at::Tensor& logits, const float* bias, const RouterSpec&
         }
       }
       router_detail::topk(group.data(), G, s.topk_group, q);
-      std::vector<char> keep(G, 0);
+      std::fill(keep.begin(), keep.end(), 0);
       for (int64_t j = 0; j < s.topk_group; ++j) keep[q[j].second] = 1;
       for (int64_t g = 0; g < G; ++g)
         if (!keep[g]) std::fill(choice.begin() + g * per, choice.begin() + (g + 1) * per, -INFINITY);
